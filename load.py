@@ -58,14 +58,21 @@ def config_from_hf(d: dict, where: str) -> ModelConfig:
     model_type = d.get("model_type")
     try:
         if model_type in HF_LLAMA_FAMILY:
+            # transformers >= 5 writes "rope_parameters" (theta inside); older files rope_theta + rope_scaling
+            rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+            theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+            if rope.get("rope_type", rope.get("type")) in (None, "default"):
+                rope = None
+            for key, ok in (("mlp_bias", False), ("hidden_act", "silu")):
+                if d.get(key, ok) != ok:
+                    raise LoadError(f"{where}: {key}={d[key]!r} is not supported (expected {ok!r})")
             return ModelConfig(
                 vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
                 intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
                 num_attention_heads=d["num_attention_heads"],
                 num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
                 max_position_embeddings=d.get("max_position_embeddings", 4096),
-                norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=d.get("rope_theta", 10000.0),
-                rope_scaling=d.get("rope_scaling"),
+                norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=rope,
                 # Qwen2 always has q/k/v biases (its config has no field for it)
                 attention_bias=d.get("attention_bias", model_type == "qwen2"),
                 tie_word_embeddings=d.get("tie_word_embeddings", False), architecture=model_type)
@@ -191,11 +198,10 @@ def build_model(cfg: ModelConfig, sd: dict, where: str, dtype=torch.float32, dev
 # HF directories
 
 def read_safetensors(path: Path) -> dict:
-    from safetensors import SafetensorsError
     from safetensors.torch import load_file
     try:
         return load_file(str(path))  # mmap-backed: no copy until a tensor is touched
-    except (SafetensorsError, OSError, RuntimeError) as e:
+    except Exception as e:  # safetensors raises its own SafetensorError (not exported), or OSError
         raise LoadError(f"{path}: not a readable safetensors file ({e})") from None
 
 

@@ -184,18 +184,14 @@ class Intervention:
         mask = keep.view(*keep.shape, *([1] * (out.dim() - 2)))
         return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
-    def _delta(self, x, sel, delta):
-        """Return x + delta placed at the selected positions; delta broadcasts to (B, P, ...)."""
+    @staticmethod
+    def _pairs(sel, B, T, device):
+        """The (row, column) pairs to edit, flattened: two LongTensors [N]."""
         if sel is None:
-            return x + delta.unsqueeze(1) if delta.dim() == x.dim() - 1 else x + delta
+            rows = torch.arange(B, device=device).repeat_interleave(T)
+            return rows, torch.arange(T, device=device).repeat(B)
         rows, rel, keep = sel
-        full = torch.zeros_like(x)
-        d = torch.broadcast_to(delta.unsqueeze(1) if delta.dim() == x.dim() - 1 else delta,
-                               (*rows.shape, *x.shape[2:])).to(x.dtype)
-        d = d * keep.view(*keep.shape, *([1] * (d.dim() - 2))).to(x.dtype)
-        # index_put with accumulate so that repeated positions add up, like repeated edits would
-        full = full.index_put((rows, rel.clamp(0, x.shape[1] - 1)), d, accumulate=True)
-        return x + full
+        return rows[keep], rel[keep]
 
     def edit_z(self, layer: int, z, start: int):
         # z: (B, T, H, D)
@@ -205,14 +201,13 @@ class Intervention:
             if layer not in table:
                 continue
             heads, values = table[layer]
-            heads = torch.as_tensor(heads, device=z.device).view(-1)
+            heads = torch.as_tensor(heads, device=z.device).view(-1)           # (k)
             values = values.to(z.device, z.dtype)
             values = values.expand(B, len(heads), D) if values.dim() == 2 else values   # (B, k, D)
-            cur = self._gather(z, sel)[..., heads, :]                    # (B, P, k, D)
-            target = values[:, None] if replace else cur + values[:, None]
-            patch = torch.zeros(B, cur.shape[1], H, D, dtype=z.dtype, device=z.device)
-            patch[:, :, heads] = target - cur                            # change only those heads
-            z = self._delta(z, sel, patch)
+            b, t = self._pairs(sel, B, T, z.device)                              # (N), (N)
+            # out of place (clone + index_put) so autograd still sees the original z
+            z = z.index_put((b[:, None], t[:, None], heads[None, :]), values[b],
+                            accumulate=not replace)
         if layer in self.record_z:
             self.z[layer] = self._gather(z, sel)
         return z
@@ -225,8 +220,9 @@ class Intervention:
             v = self.add_resid[layer].to(x.device, x.dtype)                 # (C) or (B, C)
             v = v.expand(B, C) if v.dim() == 1 else v
             s = torch.as_tensor(self.scale, dtype=x.dtype, device=x.device)
-            v = v * (s.view(-1, 1) if s.dim() == 1 else s)
-            x = self._delta(x, sel, v)
+            v = v * (s.view(-1, 1) if s.dim() == 1 else s)                  # (B, C)
+            b, t = self._pairs(sel, B, T, x.device)
+            x = x.index_put((b, t), v[b], accumulate=True)
         if layer in self.record_resid:
             self.resid[layer] = self._gather(x, sel)
         return x
