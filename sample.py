@@ -1,0 +1,52 @@
+"""
+Chat with a model: `python sample.py --prompt "What is the capital of France?" --temperature 0`
+prints the embedded SmolLM2-135M-Instruct's reply (greedy at temperature 0).
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+from load import LoadError, load_model
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# I/O
+parser.add_argument("--prompt", default="What is the capital of France?", help="the user message")
+parser.add_argument("--system", default=None, help="system prompt (default: the model's own default, if any)")
+parser.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
+# model
+parser.add_argument("--model", default=None, help=".gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
+parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+# sampling
+parser.add_argument("--max_new_tokens", type=int, default=128, help="tokens to generate at most")
+parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+parser.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
+parser.add_argument("--num_samples", type=int, default=1, help="replies to draw")
+parser.add_argument("--seed", type=int, default=1337, help="random seed for sampling")
+args = parser.parse_args()
+
+try:
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+except LoadError as e:
+    sys.exit(f"error: {e}")
+if tok is None:
+    sys.exit(f"error: {args.model}: no tokenizer files (tokenizer.json or encoder.json + vocab.bpe) beside the weights")
+
+if args.raw or tok.chat_format is None:
+    ids = tok.encode(args.prompt)
+else:
+    ids = tok.chat_prompt(args.prompt, system=args.system)
+idx = torch.tensor([ids] * args.num_samples, device=args.device)
+gen = torch.Generator(device=args.device).manual_seed(args.seed)
+t0 = time.time()
+out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                     stop_ids=tok.stop_ids(), generator=gen)
+dt = time.time() - t0
+stop = tok.stop_ids()
+for row in out.tolist():
+    row = row[: next((i for i, t in enumerate(row) if t in stop), len(row))]  # cut at the end of the turn
+    print(tok.decode(row))
+    print("-" * 40)
+print(f"{out.numel()} tokens in {dt:.2f}s ({out.numel() / dt:.1f} tok/s)", file=sys.stderr)
