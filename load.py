@@ -82,7 +82,8 @@ def config_from_hf(d: dict, where: str) -> ModelConfig:
                 vocab_size=d["vocab_size"], hidden_size=C, intermediate_size=d.get("n_inner") or 4 * C,
                 num_hidden_layers=d["n_layer"], num_attention_heads=d["n_head"],
                 max_position_embeddings=d["n_positions"], norm_eps=d.get("layer_norm_epsilon", 1e-5),
-                attention_bias=True, tie_word_embeddings=True, norm="layernorm", position="learned",
+                attention_bias=True, tie_word_embeddings=d.get("tie_word_embeddings", True),
+                norm="layernorm", position="learned",
                 mlp="gelu", bias=True, architecture="gpt2")
     except KeyError as e:
         raise LoadError(f"{where}: config field {e.args[0]!r} is missing") from None
@@ -101,7 +102,7 @@ def config_to_hf(cfg: ModelConfig, tok: Tokenizer | None) -> dict:
                 "n_embd": cfg.hidden_size, "n_inner": cfg.intermediate_size,
                 "n_layer": cfg.num_hidden_layers, "n_head": cfg.num_attention_heads,
                 "n_positions": cfg.max_position_embeddings, "layer_norm_epsilon": cfg.norm_eps,
-                "activation_function": "gelu_new", "tie_word_embeddings": True, **ids}
+                "activation_function": "gelu_new", "tie_word_embeddings": cfg.tie_word_embeddings, **ids}
     d = {"architectures": [HF_LLAMA_FAMILY[cfg.architecture]], "model_type": cfg.architecture,
          "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
          "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
@@ -140,6 +141,8 @@ def gpt2_to_ours(sd: dict, cfg: ModelConfig) -> dict:
             out[q + dst + ".weight"] = sd.pop(p + src + ".weight")
             out[q + dst + ".bias"] = sd.pop(p + src + ".bias")
     # old GPT-2 files carry the causal-mask buffers attn.bias / attn.masked_bias: not weights
+    if not cfg.tie_word_embeddings and "lm_head.weight" in sd:
+        out["lm_head.weight"] = sd.pop("lm_head.weight")  # e.g. from a GGUF with its own output.weight
     leftover = [k for k in sd if not k.endswith(("attn.bias", "attn.masked_bias")) and k != "lm_head.weight"]
     if leftover:
         out.update({k: sd[k] for k in leftover})  # reported as unexpected by the shape check
@@ -162,6 +165,8 @@ def ours_to_gpt2(sd: dict, cfg: ModelConfig) -> dict:
         for dst, src in (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm")):
             out[p + dst + ".weight"] = sd[q + src + ".weight"]
             out[p + dst + ".bias"] = sd[q + src + ".bias"]
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
     return out
 
 
@@ -332,14 +337,14 @@ def gguf_to_ours(sd: dict, cfg: ModelConfig, path) -> dict:
                     out[dst + ".weight"] = sd.pop(b + src + ".weight")
                     out[dst + ".bias"] = sd.pop(b + src + ".bias")
                 continue
-            wq, wk = sd.pop(b + "attn_q.weight"), sd.pop(b + "attn_k.weight")
-            if cfg.architecture == "llama":  # only llama.cpp's llama converter permutes q/k
-                wq, wk = unpermute_rope(wq, H), unpermute_rope(wk, G)
-            out[q + "q_proj.weight"], out[q + "k_proj.weight"] = wq, wk
-            out[q + "v_proj.weight"] = sd.pop(b + "attn_v.weight")
-            if cfg.attention_bias:
-                for s in "qkv":
-                    out[q + f"{s}_proj.bias"] = sd.pop(b + f"attn_{s}.bias")
+            kinds = ("weight", "bias") if cfg.attention_bias else ("weight",)
+            for s, n_heads in (("q", H), ("k", G), ("v", None)):
+                for kind in kinds:
+                    w = sd.pop(b + f"attn_{s}.{kind}")
+                    # only llama.cpp's llama converter permutes q/k rows, and their biases with them
+                    if n_heads and cfg.architecture == "llama":
+                        w = unpermute_rope(w, n_heads)
+                    out[q + f"{s}_proj.{kind}"] = w
             for src, dst in [("attn_output", q + "o_proj"), ("ffn_gate", m + "gate_proj"),
                              ("ffn_up", m + "up_proj"), ("ffn_down", m + "down_proj"),
                              ("attn_norm", l + "input_layernorm"), ("ffn_norm", l + "post_attention_layernorm")]:
