@@ -1,0 +1,253 @@
+"""Instruction tasks: the project's own suite (data/) and loaders for the formats users bring.
+
+A task is a list of (instruction, input, output) examples split into train and test. The suite's
+registry lives in data/tasks.json, written by data/make_tasks.py together with the JSONL files:
+- kind "general": abilities the base model has zero-shot; held out, only evaluated (forgetting).
+- kind "train": the stages of a continual instruction-tuning run; default_sequence() orders them.
+- kind "extra": shipped but in neither list (label tasks the base model fails under bare
+  likelihood ranking; see data/README.md).
+
+User formats (each loader returns a Task; files without a split get a seeded random test fraction):
+- TRACE (Wang et al. 2023, github.com/BeyonderXX/TRACE): a folder with train.json / test.json
+  (eval.json ignored), each a JSON list of {"prompt", "answer"}; the prompt already holds the
+  instruction, so it becomes `instruction` and `input` stays empty.
+- Super-NaturalInstructions (Wang et al. 2022): one task file, a JSON object with "Definition"
+  [str], "Positive Examples" [{"input", "output"}] and "Instances" [{"input", "output": [str, ...]}];
+  the first reference output is the target, the positive examples become `demos`.
+- Alpaca: a JSON list or JSONL of {"instruction", "input", "output"} (input may be missing/empty).
+  The suite's own JSONL is this format plus the optional choices / knowledge_* fields.
+- Function vectors (Todd et al. 2023): a JSON list of {"input", "output"}, no instruction.
+
+Every malformed input raises TaskError (a ValueError) naming the file, the line (JSONL) or item
+index (JSON list), and the field.
+"""
+import json
+import os
+import random
+from dataclasses import dataclass, field
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+REGISTRY = os.path.join(DATA_DIR, "tasks.json")
+
+
+class TaskError(ValueError):
+    pass
+
+
+@dataclass
+class Example:
+    instruction: str
+    input: str
+    output: str
+    choices: list[str] | None = None        # answer set for likelihood-ranked scoring (gold included)
+    knowledge_prompt: str | None = None     # the same fact as plain text, no instruction wording...
+    knowledge_answer: str | None = None     # ...and its continuation (starts with a space)
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str            # "general" (held-out suite), "train" or "extra"
+    metric: str          # "choice" (likelihood-ranked among choices) or "exact_match" (greedy)
+    train: list[Example]
+    test: list[Example]
+    description: str = ""
+    demos: list[Example] = field(default_factory=list)  # fixed demonstrations (SuperNI); else use train
+
+
+def user_prompt(ex: Example) -> str:
+    # One convention everywhere: the instruction, a newline, the input. Either may be empty
+    # (TRACE prompts carry both in `instruction`; function-vector data has no instruction), and
+    # the input alone is exactly the "corrupted" prompt of IV extraction (METHOD.md §2).
+    return "\n".join(s for s in (ex.instruction, ex.input) if s)
+
+
+# --- the project's suite ----------------------------------------------------------------------
+
+def _registry():
+    if not os.path.exists(REGISTRY):
+        raise TaskError(f"{REGISTRY} not found; run `python data/make_tasks.py` to generate the suite")
+    with open(REGISTRY, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def list_tasks() -> dict[str, dict]:
+    return _registry()["tasks"]
+
+
+def default_sequence() -> list[str]:
+    return list(_registry()["default_sequence"])
+
+
+def general_suite() -> list[str]:
+    return [n for n, t in list_tasks().items() if t["kind"] == "general"]
+
+
+def load_task(name_or_path: str, test_fraction: float = 0.2, seed: int = 0) -> Task:
+    """A registry name, or a path to a user file/folder in any format of this module."""
+    tasks = list_tasks()
+    if name_or_path in tasks:
+        meta = tasks[name_or_path]
+        train = _read_jsonl(os.path.join(DATA_DIR, meta["train"]))
+        test = _read_jsonl(os.path.join(DATA_DIR, meta["test"]))
+        return Task(name_or_path, meta["kind"], meta["metric"], train, test, meta["description"])
+    path = name_or_path
+    if not os.path.exists(path):
+        raise TaskError(f"unknown task {name_or_path!r}: not a file or folder, and not one of the "
+                        f"known tasks: {', '.join(tasks)}")
+    if os.path.isdir(path):
+        return load_trace(path)
+    if path.endswith(".jsonl"):
+        return load_alpaca(path, test_fraction, seed)
+    data = _read_json(path)
+    if isinstance(data, dict) and "Instances" in data:
+        return load_superni(path, test_fraction, seed)
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        keys = set(data[0])
+        if {"prompt", "answer"} <= keys:
+            return load_trace(path, test_fraction, seed)
+        if "instruction" in keys:
+            return load_alpaca(path, test_fraction, seed)
+        if {"input", "output"} <= keys:
+            return load_fv(path, test_fraction, seed)
+    raise TaskError(f"{path}: format not recognised (expected TRACE, SuperNI, Alpaca or "
+                    f"function-vector JSON, or JSONL)")
+
+
+# --- user formats -----------------------------------------------------------------------------
+
+def load_trace(path, test_fraction=0.2, seed=0) -> Task:
+    def read(p):
+        return [Example(_field(r, "prompt", p, f"item {i}"), "", _field(r, "answer", p, f"item {i}"))
+                for i, r in enumerate(_read_json_list(p))]
+    if os.path.isdir(path):
+        for split in ("train.json", "test.json"):
+            if not os.path.exists(os.path.join(path, split)):
+                raise TaskError(f"{path}: a TRACE folder needs train.json and test.json; {split} is missing")
+        train, test = read(os.path.join(path, "train.json")), read(os.path.join(path, "test.json"))
+    else:
+        train, test = _split(read(path), path, test_fraction, seed)
+    return _task(path, train, test)
+
+
+def load_superni(path, test_fraction=0.2, seed=0) -> Task:
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise TaskError(f"{path}: a SuperNI task file is a JSON object")
+    definition = _field(data, "Definition", path)
+    definition = definition[0] if isinstance(definition, list) and definition else definition
+    if not isinstance(definition, str):
+        raise TaskError(f"{path}: field 'Definition' must be a string or a list of strings")
+    def ex(r, where):
+        out = _field(r, "output", path, where)
+        if isinstance(out, list):
+            if not out:
+                raise TaskError(f"{path}: {where}: field 'output' is an empty list")
+            out = out[0]  # SuperNI lists all acceptable references; the first is the target
+        return Example(definition, _field(r, "input", path, where), out)
+    instances = _field(data, "Instances", path)
+    examples = [ex(r, f"Instances[{i}]") for i, r in enumerate(instances)]
+    demos = [ex(r, f"Positive Examples[{i}]") for i, r in enumerate(data.get("Positive Examples", []))]
+    # A small answer set (a classification task) doubles as the choices for likelihood scoring.
+    labels = sorted({e.output for e in examples})
+    if len(labels) <= 10:
+        for e in examples:
+            e.choices = labels
+    train, test = _split(examples, path, test_fraction, seed)
+    task = _task(path, train, test)
+    task.demos = demos
+    return task
+
+
+def load_alpaca(path, test_fraction=0.2, seed=0) -> Task:
+    rows = _read_jsonl(path) if path.endswith(".jsonl") else [
+        _example(r, path, f"item {i}") for i, r in enumerate(_read_json_list(path))]
+    # The suite's own layout: x.train.jsonl next to x.test.jsonl is one task with its fixed split.
+    if path.endswith(".train.jsonl") and os.path.exists(path[:-len(".train.jsonl")] + ".test.jsonl"):
+        return _task(path, rows, _read_jsonl(path[:-len(".train.jsonl")] + ".test.jsonl"))
+    return _task(path, *_split(rows, path, test_fraction, seed))
+
+
+def load_fv(path, test_fraction=0.2, seed=0, instruction="") -> Task:
+    examples = []
+    for i, r in enumerate(_read_json_list(path)):
+        out = _field(r, "output", path, f"item {i}")
+        out = out[0] if isinstance(out, list) and out else out
+        examples.append(Example(instruction, str(_field(r, "input", path, f"item {i}")), str(out)))
+    return _task(path, *_split(examples, path, test_fraction, seed))
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def _field(record, key, path, where=None):
+    at = f"{path}: {where}" if where is not None else path
+    if not isinstance(record, dict):
+        raise TaskError(f"{at}: expected a JSON object, got {type(record).__name__}")
+    if key not in record:
+        raise TaskError(f"{at}: missing field {key!r}")
+    return record[key]
+
+
+def _example(r, path, where):
+    return Example(
+        instruction=_field(r, "instruction", path, where),
+        input=r.get("input") or "",
+        output=_field(r, "output", path, where),
+        choices=r.get("choices"),
+        knowledge_prompt=r.get("knowledge_prompt"),
+        knowledge_answer=r.get("knowledge_answer"),
+    )
+
+
+def _read_jsonl(path):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            rows.append(_example(r, path, f"line {lineno}"))
+    if not rows:
+        raise TaskError(f"{path}: no examples (empty task)")
+    return rows
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+
+
+def _read_json_list(path):
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise TaskError(f"{path}: expected a JSON list of examples, got {type(data).__name__}")
+    return data
+
+
+def _split(examples, path, test_fraction, seed):
+    """Seeded random split; the test side gets round(fraction * n), at least 1 (and train keeps 1)."""
+    if not examples:
+        raise TaskError(f"{path}: no examples (empty task)")
+    if len(examples) < 2:
+        raise TaskError(f"{path}: only 1 example; need at least 2 to split train/test")
+    idx = list(range(len(examples)))
+    random.Random(seed).shuffle(idx)
+    n_test = min(max(1, round(test_fraction * len(examples))), len(examples) - 1)
+    return [examples[i] for i in idx[n_test:]], [examples[i] for i in idx[:n_test]]
+
+
+def _task(path, train, test):
+    if not train or not test:
+        raise TaskError(f"{path}: no examples (empty task)")
+    name = os.path.basename(os.path.normpath(path))
+    for suffix in (".train.jsonl", ".jsonl", ".json"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return Task(name, "train", "exact_match", train, test, f"loaded from {path}")

@@ -1,0 +1,217 @@
+"""Tests for tasks.py and data/make_tasks.py. Fast: no model, small fixtures written into tmp_path."""
+import filecmp
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import tasks  # noqa: E402
+from tasks import Example, TaskError  # noqa: E402
+
+
+def write(path, obj):
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj), encoding="utf-8")
+    return str(path)
+
+
+# --- loaders ----------------------------------------------------------------------------------
+
+def test_trace_folder(tmp_path):
+    write(tmp_path / "train.json", [{"prompt": "Classify: good movie", "answer": "A"}] * 3)
+    write(tmp_path / "test.json", [{"prompt": "Classify: bad movie", "answer": "B"}])
+    write(tmp_path / "eval.json", [{"prompt": "ignored", "answer": "C"}])
+    t = tasks.load_task(str(tmp_path))
+    assert (len(t.train), len(t.test)) == (3, 1)
+    assert t.test[0] == Example("Classify: bad movie", "", "B")
+    assert tasks.user_prompt(t.test[0]) == "Classify: bad movie"
+
+
+def test_trace_file_is_split_by_seed(tmp_path):
+    p = write(tmp_path / "t.json", [{"prompt": f"q{i}", "answer": f"a{i}"} for i in range(10)])
+    a, b = tasks.load_trace(p, test_fraction=0.3, seed=1), tasks.load_trace(p, test_fraction=0.3, seed=1)
+    assert len(a.test) == 3 and len(a.train) == 7
+    assert [e.instruction for e in a.test] == [e.instruction for e in b.test]
+    assert not {e.instruction for e in a.test} & {e.instruction for e in a.train}
+    c = tasks.load_trace(p, test_fraction=0.3, seed=2)
+    assert [e.instruction for e in c.test] != [e.instruction for e in a.test]
+
+
+def superni(n=6):
+    return {
+        "Definition": ["Answer yes or no."],
+        "Positive Examples": [{"input": "Is fire hot?", "output": "yes", "explanation": "."}],
+        "Negative Examples": [],
+        "Instances": [{"id": f"t-{i}", "input": f"q{i}", "output": ["yes" if i % 2 else "no", "y"]}
+                      for i in range(n)],
+    }
+
+
+def test_superni(tmp_path):
+    p = write(tmp_path / "task001_yesno.json", superni())
+    t = tasks.load_task(p)
+    assert t.name == "task001_yesno"
+    assert len(t.train) + len(t.test) == 6
+    e = (t.train + t.test)[0]
+    assert e.instruction == "Answer yes or no." and e.output in ("yes", "no")  # first reference
+    assert e.choices == ["no", "yes"]  # small label set becomes the answer set
+    assert t.demos == [Example("Answer yes or no.", "Is fire hot?", "yes")]
+
+
+def test_alpaca_json_and_jsonl(tmp_path):
+    rows = [{"instruction": "Add one.", "input": str(i), "output": str(i + 1)} for i in range(5)]
+    rows.append({"instruction": "Say hi.", "output": "hi"})  # Alpaca omits or empties input
+    t1 = tasks.load_task(write(tmp_path / "a.json", rows))
+    t2 = tasks.load_task(write(tmp_path / "a.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n"))
+    for t in (t1, t2):
+        assert len(t.train) + len(t.test) == 6
+        assert Example("Say hi.", "", "hi") in t.train + t.test
+    assert tasks.user_prompt(Example("Add one.", "4", "5")) == "Add one.\n4"
+
+
+def test_suite_layout_pairs_train_and_test(tmp_path):
+    row = {"instruction": "Copy.", "input": "x", "output": "x", "choices": ["x", "y"]}
+    write(tmp_path / "copy.train.jsonl", json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    write(tmp_path / "copy.test.jsonl", json.dumps({**row, "input": "z", "output": "z"}) + "\n")
+    t = tasks.load_task(str(tmp_path / "copy.train.jsonl"))
+    assert t.name == "copy" and len(t.train) == 2 and t.test[0].input == "z"
+    assert t.train[0].choices == ["x", "y"]
+
+
+def test_fv(tmp_path):
+    p = write(tmp_path / "antonym.json", [{"input": f"w{i}", "output": f"o{i}"} for i in range(5)])
+    t = tasks.load_task(p)
+    assert t.name == "antonym" and len(t.test) == 1 and len(t.train) == 4
+    e = t.test[0]
+    assert e.instruction == "" and tasks.user_prompt(e) == e.input
+
+
+# --- bad input: one clear TaskError naming file, line/item and field -------------------------
+
+def test_malformed_jsonl_line(tmp_path):
+    good = json.dumps({"instruction": "a", "input": "b", "output": "c"})
+    p = write(tmp_path / "bad.jsonl", f"{good}\n{good}\n{{not json\n")
+    with pytest.raises(TaskError, match=r"bad\.jsonl:3: malformed JSON"):
+        tasks.load_task(p)
+
+
+def test_missing_field_jsonl(tmp_path):
+    p = write(tmp_path / "m.jsonl", json.dumps({"instruction": "a", "input": "b", "output": "c"}) + "\n"
+              + json.dumps({"instruction": "a", "input": "b"}) + "\n")
+    with pytest.raises(TaskError, match=r"m\.jsonl: line 2: missing field 'output'"):
+        tasks.load_task(p)
+
+
+@pytest.mark.parametrize("loader,rows,field,where", [
+    (tasks.load_trace, [{"prompt": "p", "answer": "a"}, {"prompt": "p"}], "answer", "item 1"),
+    (tasks.load_alpaca, [{"input": "x", "output": "y"}], "instruction", "item 0"),
+    (tasks.load_fv, [{"input": "x", "output": "y"}, {"output": "y"}], "input", "item 1"),
+])
+def test_missing_field_json(tmp_path, loader, rows, field, where):
+    p = write(tmp_path / "f.json", rows)
+    with pytest.raises(TaskError, match=rf"f\.json: {where}: missing field '{field}'"):
+        loader(p)
+
+
+def test_superni_missing_field(tmp_path):
+    d = superni()
+    del d["Instances"][2]["output"]
+    with pytest.raises(TaskError, match=r"s\.json: Instances\[2\]: missing field 'output'"):
+        tasks.load_superni(write(tmp_path / "s.json", d))
+    del d["Definition"]
+    with pytest.raises(TaskError, match=r"s\.json: missing field 'Definition'"):
+        tasks.load_superni(write(tmp_path / "s.json", d))
+
+
+def test_malformed_json_names_line(tmp_path):
+    p = write(tmp_path / "j.json", '[\n{"input": "x",\n "output": }\n]')
+    with pytest.raises(TaskError, match=r"j\.json:3: malformed JSON"):
+        tasks.load_fv(p)
+
+
+@pytest.mark.parametrize("name,content,loader", [
+    ("e.jsonl", "\n", tasks.load_alpaca),
+    ("e.json", "[]", tasks.load_fv),
+    ("e.json", json.dumps({"Definition": ["d"], "Instances": []}), tasks.load_superni),
+])
+def test_empty_task(tmp_path, name, content, loader):
+    with pytest.raises(TaskError, match=r"e\.jsonl?: no examples"):
+        loader(write(tmp_path / name, content))
+
+
+def test_unknown_name_lists_known_tasks():
+    with pytest.raises(TaskError) as e:
+        tasks.load_task("no_such_task")
+    msg = str(e.value)
+    assert "no_such_task" in msg
+    for name in tasks.list_tasks():
+        assert name in msg
+
+
+def test_unrecognised_format(tmp_path):
+    with pytest.raises(TaskError, match=r"x\.json: format not recognised"):
+        tasks.load_task(write(tmp_path / "x.json", [{"question": "q"}]))
+
+
+def test_task_error_is_value_error():
+    assert issubclass(TaskError, ValueError)
+
+
+# --- the registry and the shipped suite -------------------------------------------------------
+
+REGISTRY = tasks.list_tasks()
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_registered_task(name):
+    t = tasks.load_task(name)
+    assert t.name == name and t.kind in ("general", "train", "extra") and t.metric in ("choice", "exact_match")
+    assert t.train and t.test
+    for e in t.train + t.test:
+        assert e.instruction and e.input and e.output
+        assert e.choices and e.output in e.choices and len(set(e.choices)) == len(e.choices)
+        assert (e.knowledge_prompt is None) == (e.knowledge_answer is None)
+        if e.knowledge_answer is not None:
+            assert e.knowledge_answer.startswith(" ") and e.knowledge_answer.strip() == e.output
+    # Held-out means held out: no test input appears among the task's training inputs.
+    assert not {e.input for e in t.test} & {e.input for e in t.train}
+    assert len({e.input for e in t.test}) == len(t.test)
+
+
+def test_suite_sizes():
+    general = tasks.general_suite()
+    assert len(general) >= 6
+    # Two lists are domain-limited: ~90 countries with one main language, ~100 adjectives.
+    assert all(len(tasks.load_task(n).test) >= (60 if n in ("language", "comparative") else 100)
+               for n in general)
+    train_tasks = [n for n, t in REGISTRY.items() if t["kind"] == "train"]
+    assert len(train_tasks) >= 4
+    for n in train_tasks:
+        t = tasks.load_task(n)
+        assert len(t.train) >= 300 and len(t.test) >= 100 and t.metric == "exact_match"
+    seq = tasks.default_sequence()
+    assert len(seq) == 4 and len(set(seq)) == 4
+    assert all(REGISTRY[n]["kind"] == "train" for n in seq)
+
+
+def test_generator_is_deterministic_and_matches_shipped_files(tmp_path):
+    script = os.path.join(ROOT, "data", "make_tasks.py")
+    for d in ("a", "b"):
+        subprocess.run([sys.executable, script, "--out_dir", str(tmp_path / d)], check=True,
+                       capture_output=True)
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert names == sorted(os.listdir(tmp_path / "b")) and "tasks.json" in names
+    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", names, shallow=False)
+    assert not mismatch and not errors
+    # The committed data/ is exactly what the default seed generates.
+    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tasks.DATA_DIR, names, shallow=False)
+    assert not mismatch and not errors, f"data/ is stale; rerun data/make_tasks.py: {mismatch + errors}"
+    # A different seed gives different splits.
+    subprocess.run([sys.executable, script, "--out_dir", str(tmp_path / "c"), "--seed", "7"],
+                   check=True, capture_output=True)
+    assert not filecmp.cmp(tmp_path / "a" / "antonym.test.jsonl", tmp_path / "c" / "antonym.test.jsonl",
+                           shallow=False)
