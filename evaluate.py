@@ -1,0 +1,805 @@
+"""
+Evaluation: the scores of METHOD.md §5 for one model on a list of tasks, and the continual-learning
+summary (AP, BWT, FWT, forgetting, GP, IP) over the reports written along a training sequence.
+
+Conventions, used everywhere (train.py and extract_iv.py import these, so a prompt is the same list
+of ids whether it is trained on, scored or patched):
+- Prompt (render_prompt): the checkpoint's chat template with its default system prompt; k
+  demonstrations as earlier user/assistant turns, each user turn = instruction + input
+  (tasks.user_prompt); then the example's own user turn and the generation prompt
+  ("<|im_start|>assistant\\n"). The "corrupted" prompt of IV extraction is the same with every user
+  turn reduced to the input alone, so the two differ exactly by the instruction.
+- Answer (answer_ids): the stripped output text encoded on its own, followed by the end-of-turn token
+  (<|im_end|> for ChatML). The end token is part of every score: it separates "cold" from
+  "cold-blooded" when ranking choices, and emitting it is part of answering in the asked format.
+- Knowledge prompt (knowledge_ids): plain text with no chat template; the answer follows after one
+  space. Scores are sums of natural-log probabilities over the answer tokens.
+- Exact match: greedy decoding, cut at the first stop token, compared after normalize_answer, which
+  forgives presentation (whitespace, quotes, a final period, a capitalised first letter) but not
+  format: the form of the answer is what an instruction asks for.
+- k-shot: one fixed set of k demonstrations per task, drawn from its train split by the seed and
+  shared by all test examples (the MMLU convention). Sharing is also what makes k-shot cheap: every
+  prompt of a task then starts with the same ~150 tokens, which are run once (see _run_prompts).
+
+Speed: prompts of one task share a long prefix (system prompt, demonstrations, instruction). It is
+run once and its KV cache reused by every row; each batch then runs only its rows' own suffixes, and
+the same prefill serves choice ranking, the gold answer's log-prob and greedy decoding. Only the
+positions whose next token is scored go through the output layer (49k wide: a fifth of the model's
+FLOPs per position), and that layer runs in fp32 even under bf16 autocast, because bf16 logits are off
+by ~0.1 nats, enough to flip close choices.
+
+CLI: `python evaluate.py` evaluates the embedded SmolLM2-135M-Instruct on the general suite;
+`python evaluate.py --help` lists the flags.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import unicodedata
+
+import torch
+from tqdm import tqdm
+
+from model import KVCache
+
+# ---------------------------------------------------------------------------------------------
+# Metric names. The three chat metrics come zero-shot and, with k_shot > 0, in-context ("_kshot");
+# knowledge_logprob has no chat prompt and so no k-shot form.
+
+CHAT_METRICS = ("exact_match", "choice_accuracy", "instruction_logprob")
+KSHOT_SUFFIX = "_kshot"
+METRICS = CHAT_METRICS + ("knowledge_logprob",) + tuple(m + KSHOT_SUFFIX for m in CHAT_METRICS)
+MAX_LABELS = 10          # a task with at most this many distinct outputs ranks all of them
+N_DISTRACTORS = 9        # otherwise: gold + this many outputs of other examples (see choice_candidates)
+QUOTES = "\"'`*“”‘’"   # stripped around an answer by normalize_answer
+# Task.metric spellings -> our metric names (tasks.py says "choice")
+METRIC_ALIASES = {"choice": "choice_accuracy"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt and answer ids: the one convention (see the module docstring)
+
+def _user_prompt(ex) -> str:
+    # imported here, not at module level, so that evaluate.py can be imported (e.g. by tests that
+    # build their own Task) without loading the task registry and its data files
+    from tasks import user_prompt
+    return user_prompt(ex)
+
+
+def canonical_metric(name: str) -> str:
+    """Our name for a Task.metric value ("choice" -> "choice_accuracy")."""
+    name = METRIC_ALIASES.get(name, name)
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)} (aliases: {METRIC_ALIASES})")
+    return name
+
+
+def render_prompt(tok, ex, shots=(), with_instruction: bool = True, system: str | None = None) -> list[int]:
+    """Chat prompt ids for example `ex`, ending with the generation prompt. `shots` are earlier
+    user/assistant turns; with_instruction=False drops the instruction from every user turn (the
+    corrupted prompt of IV extraction); system=None keeps the template's default system prompt."""
+    def user(e):
+        return _user_prompt(e) if with_instruction else e.input
+
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    for s in shots:
+        messages += [{"role": "user", "content": user(s)}, {"role": "assistant", "content": s.output.strip()}]
+    messages.append({"role": "user", "content": user(ex)})
+    return tok.render_chat(messages, add_generation_prompt=True)
+
+
+def end_of_turn_id(tok) -> int:
+    """The token that closes an assistant turn in the template (not always the eos id: Llama-3
+    Instruct ends turns with <|eot_id|>)."""
+    special = getattr(tok, "special_tokens", {})
+    for name in ("<|im_end|>", "<|eot_id|>"):
+        if name in special:
+            return special[name]
+    return tok.eos_id
+
+
+def answer_ids(tok, text: str) -> list[int]:
+    """The answer as the assistant would write it right after the generation prompt: the stripped
+    text encoded on its own, then the end-of-turn token."""
+    ids = tok.encode(text.strip())
+    if not ids:
+        raise ValueError(f"answer {text!r} tokenizes to nothing")
+    return ids + [end_of_turn_id(tok)]
+
+
+def knowledge_ids(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) for a plain-text knowledge probe, no chat template, no end token.
+
+    BPE attaches a space to the word after it (" Tokyo" is one token, "Tokyo" after a lone " " is
+    not how text is ever tokenized), so the joining space goes with the answer: a prompt ending in a
+    space gives it to the answer; one ending in a newline or an opening bracket/quote gets none."""
+    if not prompt.strip() or not answer.strip():
+        raise ValueError(f"empty knowledge prompt or answer: {prompt!r} -> {answer!r}")
+    if prompt.endswith(" "):
+        prompt = prompt.rstrip(" ")
+    sep = "" if prompt[-1].isspace() or prompt[-1] in "([{\"'“‘" else " "
+    # Llama-2/3 checkpoints expect their bos token before any text; ChatML models (SmolLM2, Qwen2)
+    # have none outside the template
+    bos = [tok.bos_id] if getattr(tok, "chat_format", None) in ("llama2", "llama3") and tok.bos_id is not None else []
+    cont = tok.encode(sep + answer.strip())
+    if not cont:
+        raise ValueError(f"knowledge answer {answer!r} tokenizes to nothing")
+    return bos + tok.encode(prompt), cont
+
+
+def normalize_answer(text: str) -> str:
+    """Exact-match normalisation: forgive presentation, keep format. NFKC; collapse whitespace; drop
+    surrounding quotes, backticks and markdown stars and trailing sentence punctuation (. ! ?); lower
+    the first character (a chat reply capitalises its first word: "Cold." = "cold").
+    Deliberately not SQuAD's normalisation (lower case, no punctuation, no articles): the training
+    tasks test the form of the answer ("TREE MORNING", "Young, Victor", "m-u-s-i-c", "1987-03-18"),
+    and that would accept "tree morning", "Young Victor" or "m u s i c"."""
+    text = " ".join(unicodedata.normalize("NFKC", text).split())
+    prev = None
+    while prev != text:  # peel '"cold."' and 'cold."' alike, in any nesting
+        prev = text
+        text = text.strip(QUOTES).rstrip(".!?").strip()
+    return text[:1].lower() + text[1:]
+
+
+def may_still_match(partial: str, gold: str) -> bool:
+    """False once no continuation of the partial generation can equal `gold` under normalize_answer,
+    so decoding that row can stop (the verdict is already "no match"). Conservative: an undecodable
+    partial character (U+FFFD from half a UTF-8 sequence) always keeps the row going."""
+    if "\ufffd" in partial:
+        return True
+    target = normalize_answer(gold)
+    # what normalize_answer would make of this prefix, leaving its end open: NFKC, collapsed
+    # whitespace, leading quotes/stars stripped, first letter lowered
+    t = " ".join(unicodedata.normalize("NFKC", partial).split()).lstrip(QUOTES + " ")
+    t = t[:1].lower() + t[1:]
+    if len(t) <= len(target):
+        return target.startswith(t)
+    # past the gold's length only the characters normalize_answer strips at the end may follow
+    return t.startswith(target) and all(c in QUOTES + ".!? " for c in t[len(target):])
+
+
+def draw_shots(task, k: int, seed: int = 0) -> list:
+    """The task's k demonstrations, fixed for all its test examples: a seeded sample of task.demos
+    when the task ships its own (SuperNI's positive examples), else of its train split."""
+    if k <= 0:
+        return []
+    pool = list(getattr(task, "demos", None) or task.train)
+    if len(pool) < k:
+        raise ValueError(f"task {task.name!r}: k_shot={k} needs {k} demonstrations, it has {len(pool)} "
+                         f"({'demos' if getattr(task, 'demos', None) else 'train examples'})")
+    return random.Random(seed).sample(pool, k)
+
+
+def _distinct_outputs(task) -> list[str]:
+    # sorted, so the candidate list does not depend on example order
+    return sorted({ex.output.strip() for ex in list(task.train) + list(task.test)})
+
+
+def choice_candidates(task, ex, index: int = 0, seed: int = 0, labels: list[str] | None = None) -> list[str]:
+    """Answers to rank for `ex` (gold included, duplicates removed, order fixed):
+    1. ex.choices when the example has them (the gold must be one of them);
+    2. else the task's distinct outputs (train + test) when there are at most MAX_LABELS of them
+       (classification-like tasks: the label set);
+    3. else the fallback: gold plus N_DISTRACTORS other outputs of the task drawn by (seed, index),
+       i.e. a 10-way choice against plausible answers of the same form, in sorted order."""
+    gold = ex.output.strip()
+    if ex.choices:
+        cands = list(dict.fromkeys(c.strip() for c in ex.choices))
+        if gold not in cands:
+            raise ValueError(f"task {task.name!r}, example {index}: gold {gold!r} is not among its choices {cands}")
+        return cands
+    labels = _distinct_outputs(task) if labels is None else labels
+    if len(labels) <= MAX_LABELS:
+        return labels
+    others = [x for x in labels if x != gold]
+    rng = random.Random(seed * 1_000_003 + index)
+    return sorted([gold] + rng.sample(others, min(N_DISTRACTORS, len(others))))
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: batched prompts with a shared prefix, continuation scoring, greedy decoding
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _logprobs(model, h):
+    """log-softmax over the vocabulary for hidden states h (N, C) -> (N, V), fp32. Autocast is turned
+    off for the output layer: see the module docstring."""
+    w = model.lm_head.weight
+    with torch.autocast(h.device.type, enabled=False):
+        return model.lm_head(h.to(w.dtype)).float().log_softmax(-1)
+
+
+def _fork(cache: KVCache, rows=None) -> KVCache:
+    """A cache that shares the tensors of `cache` (rows=None) or holds a copy of some rows. Updating
+    it concatenates into new tensors, so the original is never changed."""
+    new = KVCache(len(cache.k))
+    for i in range(len(cache.k)):
+        if cache.k[i] is not None:
+            new.k[i] = cache.k[i] if rows is None else cache.k[i][rows]
+            new.v[i] = cache.v[i] if rows is None else cache.v[i][rows]
+    return new
+
+
+def _common_prefix_len(seqs) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+def _prefill(model, suffixes, prefix_cache, prefix_len, pad_side):
+    """Run a batch of prompt suffixes after a shared prefix (already in prefix_cache, batch 1).
+    -> (cache, pad_mask (B, prefix_len + T), hidden at each row's last prompt token (B, C)).
+    Padding sits between the prefix and a left-padded suffix: the model takes positions from the
+    mask, so a row's numbers are those of its unpadded prompt wherever the pads are."""
+    dev = _device(model)
+    B, T = len(suffixes), max(len(s) for s in suffixes)
+    idx = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, prefix_len + T, dtype=torch.bool)
+    mask[:, :prefix_len] = True
+    last = torch.empty(B, dtype=torch.long)
+    for r, s in enumerate(suffixes):
+        if pad_side == "left":
+            idx[r, T - len(s):] = torch.tensor(s)
+            mask[r, prefix_len + T - len(s):] = True
+            last[r] = T - 1
+        else:
+            idx[r, :len(s)] = torch.tensor(s)
+            mask[r, prefix_len:prefix_len + len(s)] = True
+            last[r] = len(s) - 1
+    cache = KVCache(model.n_layers)
+    if prefix_len:
+        # expand() is a view; the first update concatenates into per-row tensors
+        for i in range(model.n_layers):
+            cache.k[i] = prefix_cache.k[i].expand(B, -1, -1, -1)
+            cache.v[i] = prefix_cache.v[i].expand(B, -1, -1, -1)
+    mask = mask.to(dev)
+    h = model(idx.to(dev), pad_mask=mask, cache=cache, return_hidden=True)      # (B, T, C)
+    return cache, mask, h[torch.arange(B, device=dev), last.to(dev)]             # (B, C)
+
+
+def _score_pairs(model, cache, mask, first_lp, prow, cs):
+    """Sum log P(cs[k] | prompt of batch row prow[k]) for a chunk of (row, continuation) pairs.
+    first_lp (B, V) scores every continuation's first token; the rest need one forward of cont[:-1]
+    on top of a copy of the prompt's cache rows (the last token's output predicts nothing we score).
+    -> float64 tensor (len(cs),)."""
+    dev = first_lp.device
+    total = first_lp[torch.tensor(prow, device=dev), torch.tensor([c[0] for c in cs], device=dev)].double()
+    long = [k for k, c in enumerate(cs) if len(c) > 1]      # one-token answers are done already
+    if not long:
+        return total
+    Tc = max(len(cs[k]) for k in long) - 1
+    inp = torch.zeros(len(long), Tc, dtype=torch.long)
+    tgt = torch.zeros(len(long), Tc, dtype=torch.long)
+    cmask = torch.zeros(len(long), Tc, dtype=torch.bool)
+    for q, k in enumerate(long):
+        c = cs[k]
+        inp[q, :len(c) - 1] = torch.tensor(c[:-1])
+        tgt[q, :len(c) - 1] = torch.tensor(c[1:])
+        cmask[q, :len(c) - 1] = True
+    inp, tgt, cmask = inp.to(dev), tgt.to(dev), cmask.to(dev)
+    rows = torch.tensor([prow[k] for k in long], device=dev)
+    # copying the rows' cache (a few MB per row) costs far less than the forward itself
+    sub = _fork(cache, rows)
+    pad_mask = torch.cat([mask[rows], cmask], dim=1)         # (N, prefix + T + Tc): right-padded answers
+    h = model(inp, pad_mask=pad_mask, cache=sub, return_hidden=True)               # (N, Tc, C)
+    lp = _logprobs(model, h[cmask]).gather(1, tgt[cmask][:, None])[:, 0]           # (M,) M scored tokens
+    which = torch.tensor(long, device=dev)[:, None].expand(-1, Tc)[cmask]          # (M,) pair index
+    return total.index_add_(0, which, lp.double())
+
+
+def _greedy(model, cache, mask, last_h, max_new, stop_ids, alive=None):
+    """Greedy decoding from a prefilled batch: Transformer.generate's loop, but starting from our
+    cache, with the fp32 output layer, and dropping rows once they emit a stop token (most answers
+    are a word or two, the budget is the longest one) or once alive(row, tokens) says False (exact
+    match: the row can no longer match). Changes `cache`. -> list of token lists, each ending at its
+    first stop token, at max_new tokens, or where `alive` stopped it."""
+    dev = last_h.device
+    out = [[] for _ in range(last_h.shape[0])]
+    active = list(range(last_h.shape[0]))   # batch rows still generating, in cache-row order
+    logits = _logprobs(model, last_h)
+    for step in range(max_new):
+        nxt = logits.argmax(-1)                                   # (A,)
+        keep = []
+        for k, (r, t) in enumerate(zip(active, nxt.tolist())):
+            out[r].append(t)
+            if t not in stop_ids and (alive is None or alive(r, out[r])):
+                keep.append(k)
+        if not keep or step == max_new - 1:
+            break  # the last token's output is never used: skip that forward
+        if len(keep) < len(active):
+            kt = torch.tensor(keep, device=dev)
+            cache.select_rows(kt)
+            mask, nxt = mask[kt], nxt[kt]
+            active = [active[k] for k in keep]
+        mask = torch.cat([mask, torch.ones(len(active), 1, dtype=torch.bool, device=dev)], 1)
+        logits = _logprobs(model, model(nxt[:, None], pad_mask=mask, cache=cache, return_hidden=True)[:, -1])
+    return out
+
+
+def _add_time(timings, key, t0):
+    if timings is not None:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+    return time.perf_counter()
+
+
+@torch.no_grad()
+def _score_many(model, cache, mask, first_lp, rows, pairs, conts, scores, chunk):
+    """Score (batch row, continuation index) pairs into scores[rows[r]][j], sorted by length and
+    chunked so that a forward pads little."""
+    pairs = sorted(pairs, key=lambda rj: len(conts[rows[rj[0]]][rj[1]]))
+    for c0 in range(0, len(pairs), chunk):
+        part = pairs[c0:c0 + chunk]
+        s = _score_pairs(model, cache, mask, first_lp, [r for r, _ in part],
+                         [conts[rows[r]][j] for r, j in part]).tolist()
+        for (r, j), v in zip(part, s):
+            scores[rows[r]][j] = v
+
+
+def _run_prompts(model, prompts, conts, *, max_new_tokens=0, stop_ids=(), alive=None, prune=False,
+                 batch_size=32, pad_side="left", desc=None, progress=True, timings=None, tag=""):
+    """For each prompt i: the summed log-prob of each continuation in conts[i], and (max_new_tokens
+    > 0) its greedy continuation, cut short where alive(i, tokens) returns False.
+    -> (scores: list[list[float]], gens: list[list[int]] | None).
+
+    prune=True is for ranking against conts[i][0] (the gold): that one is scored exactly, and so is
+    every other that might beat it; one whose first token's log-prob is already below the gold's
+    total cannot (log-probs only fall as tokens are added), so its score is left at that bound.
+    Confident models then score little more than the gold.
+
+    The prompts' longest common prefix runs once (batch 1); prompts are then sorted by length (less
+    padding) and batched; per batch one prefill of the suffixes serves every continuation and the
+    decoding. The batch's (prompt, continuation) pairs are sorted by length and scored in chunks of
+    up to 2 * batch_size rows: few forwards, little padding, wide matrix products."""
+    if pad_side not in ("left", "right"):
+        raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: there is no position to predict the first answer token from")
+    if any(len(c) == 0 for cs in conts for c in cs):
+        raise ValueError("empty continuation")
+    n = len(prompts)
+    scores = [[None] * len(cs) for cs in conts]
+    gens = [None] * n if max_new_tokens else None
+    if n == 0:
+        return scores, gens
+    dev = _device(model)
+    t0 = time.perf_counter()
+    # keep at least one token per row outside the prefix: its hidden state predicts the answer
+    plen = min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
+    prefix_cache = None
+    if plen:
+        prefix_cache = KVCache(model.n_layers)
+        model(torch.tensor([prompts[0][:plen]], device=dev), cache=prefix_cache, return_hidden=True)
+    order = sorted(range(n), key=lambda i: len(prompts[i]))
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    stop_ids = set(stop_ids)
+    for rows in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        t0 = _add_time(timings, tag + "prefill", t0)
+        cache, mask, last_h = _prefill(model, [prompts[i][plen:] for i in rows], prefix_cache, plen, pad_side)
+        t0 = _add_time(timings, tag + "prefill", t0)
+        if any(conts[i] for i in rows):
+            first_lp = _logprobs(model, last_h)                                  # (B, V)
+            pairs = [(r, j) for r, i in enumerate(rows) for j in range(len(conts[i]))]
+            if prune:
+                _score_many(model, cache, mask, first_lp, rows, [(r, j) for r, j in pairs if j == 0],
+                            conts, scores, 2 * batch_size)
+                rest = []
+                for r, j in pairs:
+                    if j > 0:
+                        c = conts[rows[r]][j]
+                        bound = first_lp[r, c[0]].item()
+                        if len(c) == 1 or bound < scores[rows[r]][0]:
+                            scores[rows[r]][j] = bound   # exact (one token) or already beaten
+                        else:
+                            rest.append((r, j))
+                pairs = rest
+            _score_many(model, cache, mask, first_lp, rows, pairs, conts, scores, 2 * batch_size)
+        t0 = _add_time(timings, tag + "score", t0)
+        if max_new_tokens:
+            row_alive = None if alive is None else (lambda r, toks: alive(rows[r], toks))
+            for i, g in zip(rows, _greedy(model, cache, mask, last_h, max_new_tokens, stop_ids, row_alive)):
+                gens[i] = g
+            t0 = _add_time(timings, tag + "generate", t0)
+    return scores, gens
+
+
+def _eval_mode(model):
+    # a context that puts the model in eval mode and restores the caller's mode (train.py evaluates
+    # mid-training; adapters may have dropout)
+    @contextlib.contextmanager
+    def ctx():
+        was = model.training
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was)
+    return ctx()
+
+
+def score_continuations(model, prompts, conts, batch_size: int = 32, pad_side: str = "left",
+                        progress: bool = False) -> list[float]:
+    """Sum log P(conts[i] | prompts[i]) for each pair (natural log), batched. Pairs sharing a prompt
+    share its forward pass, so many answers to one prompt cost one prompt plus their own tokens."""
+    if len(prompts) != len(conts):
+        raise ValueError(f"{len(prompts)} prompts but {len(conts)} continuations")
+    uniq, groups, where = {}, [], []
+    for p, c in zip(prompts, conts):
+        key = tuple(p)
+        if key not in uniq:
+            uniq[key] = len(groups)
+            groups.append([])
+        where.append((uniq[key], len(groups[uniq[key]])))
+        groups[uniq[key]].append(list(c))
+    with _eval_mode(model):
+        scores, _ = _run_prompts(model, [list(k) for k in uniq], groups, batch_size=batch_size,
+                                 pad_side=pad_side, progress=progress, desc="scoring")
+    return [scores[g][j] for g, j in where]
+
+
+def greedy_generate(model, prompts, max_new_tokens: int, stop_ids=(), batch_size: int = 32,
+                    progress: bool = False) -> list[list[int]]:
+    """Greedy continuations of prompts (lists of ids), up to and including the first stop id."""
+    with _eval_mode(model):
+        _, gens = _run_prompts(model, prompts, [[] for _ in prompts], max_new_tokens=max_new_tokens,
+                               stop_ids=stop_ids, batch_size=batch_size, progress=progress, desc="generating")
+    return [_cut(g, stop_ids) for g in gens]
+
+
+def _cut(ids, stop_ids):
+    for k, t in enumerate(ids):
+        if t in stop_ids:
+            return ids[:k + 1]
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-task metrics
+
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def evaluate_task(model, tok, task, n: int | None = None, k_shot: int = 0, metrics=METRICS,
+                  batch_size: int = 32, seed: int = 0, progress: bool = True, timings: dict | None = None) -> dict:
+    """Scores of `model` on the first n test examples of `task` -> {metric: value, "n": count}.
+    `_kshot` metrics are computed only when k_shot > 0; knowledge_logprob only over examples that
+    have a knowledge prompt (absent when none has). `timings`, if given, collects seconds per phase."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
+    test = list(task.test)[:n] if n else list(task.test)
+    if not test:
+        raise ValueError(f"task {task.name!r} has no test examples")
+    golds = []
+    for i, ex in enumerate(test):
+        try:
+            golds.append(answer_ids(tok, ex.output))
+        except ValueError as e:
+            raise ValueError(f"task {task.name!r}, test example {i} (input {ex.input!r}): {e}") from None
+    out = {"n": len(test)}
+    variants = [("", ())]
+    if k_shot > 0 and any(m.endswith(KSHOT_SUFFIX) for m in metrics):
+        variants.append((KSHOT_SUFFIX, draw_shots(task, k_shot, seed)))
+    labels = _distinct_outputs(task)
+    stop = set(tok.stop_ids())
+    with _eval_mode(model):
+        for suffix, shots in variants:
+            want = {m for m in CHAT_METRICS if m + suffix in metrics}
+            if not want:
+                continue
+            prompts = [render_prompt(tok, ex, shots) for ex in test]
+            if "choice_accuracy" in want:
+                # gold first: _run_prompts(prune=True) ranks the others against conts[i][0]
+                conts = []
+                for i, ex in enumerate(test):
+                    gold = ex.output.strip()
+                    others = [x for x in choice_candidates(task, ex, i, seed, labels) if x != gold]
+                    try:
+                        conts.append([golds[i]] + [answer_ids(tok, x) for x in others])
+                    except ValueError as e:
+                        raise ValueError(f"task {task.name!r}, test example {i}: choice {e}") from None
+            elif "instruction_logprob" in want:
+                conts = [[g] for g in golds]
+            else:
+                conts = [[] for _ in test]
+            # room for the longest gold answer and its end token: a model that goes on past the
+            # gold shows at least one extra token, so a truncated ramble never matches
+            max_new = max(len(g) for g in golds) if "exact_match" in want else 0
+            # a row stops decoding once it cannot match its gold any more: the verdict is known, and
+            # a rambling reply ("The opposite of hot is ...") would otherwise run the whole budget
+            alive = lambda i, toks: may_still_match(tok.decode([t for t in toks if t not in stop]), test[i].output)  # noqa: E731
+            scores, gens = _run_prompts(model, prompts, conts, max_new_tokens=max_new, stop_ids=stop, alive=alive,
+                                        prune="choice_accuracy" in want,
+                                        batch_size=batch_size, desc=f"{task.name}{suffix or ' 0-shot'}",
+                                        progress=progress, timings=timings, tag=(suffix or "_0shot")[1:] + "/")
+            if "choice_accuracy" in want:
+                # strictly first: a tie with a wrong answer counts as wrong
+                out["choice_accuracy" + suffix] = _mean(float(all(s[0] > x for x in s[1:])) for s in scores)
+            if "instruction_logprob" in want:
+                out["instruction_logprob" + suffix] = _mean(s[0] for s in scores)
+            if "exact_match" in want:
+                out["exact_match" + suffix] = _mean(
+                    float(normalize_answer(tok.decode([t for t in _cut(g, stop) if t not in stop]))
+                          == normalize_answer(ex.output)) for g, ex in zip(gens, test))
+        if "knowledge_logprob" in metrics:
+            pairs = []
+            for i, ex in enumerate(test):
+                if ex.knowledge_prompt and ex.knowledge_answer:
+                    try:
+                        pairs.append(knowledge_ids(tok, ex.knowledge_prompt, ex.knowledge_answer))
+                    except ValueError as e:
+                        raise ValueError(f"task {task.name!r}, test example {i}: {e}") from None
+            if pairs:
+                scores, _ = _run_prompts(model, [p for p, _ in pairs], [[c] for _, c in pairs],
+                                         batch_size=batch_size, desc=f"{task.name} knowledge",
+                                         progress=progress, timings=timings, tag="knowledge/")
+                out["knowledge_logprob"] = _mean(s[0] for s in scores)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Suites and reports
+
+def autocast(dtype, device_type: str = "cpu"):
+    """Context for --dtype: float32 = plain, bfloat16 = torch.autocast (weights stay fp32)."""
+    if dtype in (None, "float32", torch.float32):
+        return contextlib.nullcontext()
+    if dtype in ("bfloat16", torch.bfloat16):
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+
+
+def resolve_tasks(tasks) -> list:
+    """Task objects from a mix of Tasks and names/paths (tasks.load_task lists the known names when
+    one is unknown). None = the general suite."""
+    import tasks as task_lib
+    if tasks is None:
+        tasks = task_lib.general_suite()
+    return [t if hasattr(t, "test") else task_lib.load_task(t) for t in tasks]
+
+
+def evaluate_suite(model, tok, tasks, *, model_name: str = "model", dtype="float32", progress: bool = True,
+                   timings: dict | None = None, **kw) -> dict:
+    """Evaluate every task -> {"model", "tasks": {name: {metric: value}}, "primary": {name: metric},
+    "settings": {...}}. kw go to evaluate_task (n, k_shot, metrics, batch_size, seed)."""
+    tasks = resolve_tasks(tasks)
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names repeat: {names}")
+    primary = {t.name: canonical_metric(t.metric) for t in tasks}  # fail before any work
+    t0 = time.perf_counter()
+    results = {}
+    with autocast(dtype, _device(model).type):
+        for t in tqdm(tasks, desc="tasks", disable=not progress):
+            results[t.name] = evaluate_task(model, tok, t, progress=progress, timings=timings, **kw)
+    settings = {"n": kw.get("n"), "k_shot": kw.get("k_shot", 0), "seed": kw.get("seed", 0),
+                "batch_size": kw.get("batch_size", 32), "dtype": str(dtype),
+                "metrics": list(kw.get("metrics", METRICS)), "seconds": round(time.perf_counter() - t0, 1)}
+    return {"model": str(model_name), "tasks": results, "primary": primary,
+            "settings": settings}
+
+
+def save_report(report: dict, path) -> None:
+    """Write JSON atomically: a temp file in the same folder, then os.replace, so a reader never sees
+    half a report and a crash leaves the old one."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".report-", suffix=".json.tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def load_report(path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def primary_score(report: dict, task_name: str, kshot: bool = False) -> float:
+    """The value of the task's primary metric (Task.metric) in a report; kshot=True its k-shot form."""
+    if task_name not in report["tasks"]:
+        raise KeyError(f"task {task_name!r} is not in the report (it has: {', '.join(report['tasks'])})")
+    metric = report.get("primary", {}).get(task_name)
+    if metric is None:  # a report written without the "primary" table: ask the task registry
+        import tasks as task_lib
+        metric = task_lib.load_task(task_name).metric
+    key = canonical_metric(metric) + (KSHOT_SUFFIX if kshot else "")
+    if key not in report["tasks"][task_name]:
+        raise KeyError(f"task {task_name!r}: metric {key!r} was not evaluated")
+    return report["tasks"][task_name][key]
+
+
+def cl_metrics(reports: list, train_tasks: list, general_tasks: list = ()) -> dict:
+    """Continual-learning summary (METHOD.md §5) from reports[0] = original model and reports[i] =
+    after stage i (which trained train_tasks[i-1]); fewer stages than tasks = a run in progress.
+
+    R[i][j]: primary score of train task j after stage i (row 0 = original), all train tasks.
+    With n stages and tasks numbered 1..n as learned:
+      AP = mean_{j<=n} R[n][j]
+      BWT = mean_{j<n} (R[n][j] - R[j][j])                        None when n = 1 (nothing before)
+      forgetting[j] = max_{0<=i<n} R[i][j] - R[n][j] for j < n     None for the task just learned
+      FWT = mean_{2<=j<=n} (R[j-1][j] - R[0][j])                   None when n = 1
+    FWT skips j = 1, whose term is 0 by definition (R[0] is both the stage before and the baseline),
+    as in GEM (Lopez-Paz & Ranzato 2017). GP[i] / IP[i]: mean zero-shot / k-shot primary score over
+    the general tasks after stage i; GP_drop = GP[0] - GP[n] (positive = lost ability)."""
+    if len(reports) < 2:
+        raise ValueError("cl_metrics needs the original model's report and at least one stage's")
+    n = len(reports) - 1
+    if n > len(train_tasks):
+        raise ValueError(f"{n} stages but only {len(train_tasks)} train tasks")
+    R = [[primary_score(rep, t) for t in train_tasks] for rep in reports]
+    out = {"stages": n, "train_tasks": list(train_tasks), "general_tasks": list(general_tasks), "R": R,
+           "AP": _mean(R[n][j] for j in range(n)),
+           "BWT": _mean(R[n][j] - R[j + 1][j] for j in range(n - 1)),
+           "FWT": _mean(R[j][j] - R[0][j] for j in range(1, n)),
+           "forgetting": {t: (max(R[i][j] for i in range(n)) - R[n][j] if j < n - 1 else None)
+                          for j, t in enumerate(train_tasks[:n])}}
+    for name, kshot in (("GP", False), ("IP", True)):
+        try:
+            per_stage = [_mean(primary_score(rep, g, kshot) for g in general_tasks) for rep in reports]
+        except KeyError:
+            per_stage = None  # e.g. IP when the reports have no k-shot scores
+        out[name] = per_stage
+        out[name + "_drop"] = (per_stage[0] - per_stage[n]) if per_stage and per_stage[0] is not None else None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing and plotting
+
+def _fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.3f}"
+
+
+def print_table(report: dict, file=None) -> None:
+    """One row per task, one column per metric; the primary metric is marked with *."""
+    cols = [m for m in ("n",) + METRICS if any(m in r for r in report["tasks"].values())]
+    names = list(report["tasks"])
+    w = max([len("task")] + [len(x) for x in names]) + 2
+    widths = [max(len(c) + 1, 8) for c in cols]
+    print("task".ljust(w) + "".join(c.rjust(x + 1) for c, x in zip(cols, widths)), file=file)
+    for name in names:
+        r, primary = report["tasks"][name], report.get("primary", {}).get(name)
+        cells = [(_fmt(r.get(c)) + ("*" if c == primary else " ")).rjust(x + 1) for c, x in zip(cols, widths)]
+        print(name.ljust(w) + "".join(cells), file=file)
+    means = [(_fmt(_mean(r[c] for r in report["tasks"].values() if r.get(c) is not None)) + " ").rjust(x + 1)
+             if c != "n" else "".rjust(x + 1) for c, x in zip(cols, widths)]
+    print("mean".ljust(w) + "".join(means), file=file)
+
+
+def print_cl(cl: dict, file=None) -> None:
+    tasks = cl["train_tasks"]
+    w = max(len(t) for t in tasks) + 2
+    print("R (rows: stage, 0 = original; columns: train task)", file=file)
+    print("stage".ljust(8) + "".join(t.rjust(w) for t in tasks), file=file)
+    for i, row in enumerate(cl["R"]):
+        print(str(i).ljust(8) + "".join(_fmt(v).rjust(w) for v in row), file=file)
+    for k in ("AP", "BWT", "FWT", "GP_drop", "IP_drop"):
+        print(f"{k:8s}{_fmt(cl.get(k))}", file=file)
+    print("forgetting " + ", ".join(f"{t}={_fmt(v)}" for t, v in cl["forgetting"].items()), file=file)
+
+
+def plot_cl(cl: dict, path) -> str | None:
+    """PNG: heat map of R and the GP/IP curves over stages. Returns the path, or None (and draws
+    nothing) when matplotlib is not installed: plots are optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, never a window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    R = cl["R"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    im = a1.imshow(R, aspect="auto", cmap="viridis")
+    a1.set_xticks(range(len(cl["train_tasks"])), cl["train_tasks"], rotation=30, ha="right")
+    a1.set_yticks(range(len(R)), ["orig"] + [f"after {i}" for i in range(1, len(R))])
+    for i, row in enumerate(R):
+        for j, v in enumerate(row):
+            a1.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, ax=a1)
+    a1.set_title(f"R  (AP {_fmt(cl['AP'])}, BWT {_fmt(cl['BWT'])})")
+    for name in ("GP", "IP"):
+        if cl.get(name):
+            a2.plot(range(len(cl[name])), cl[name], marker="o", label=f"{name} (drop {_fmt(cl[name + '_drop'])})")
+    a2.set_xlabel("stage (0 = original)")
+    a2.set_title("general suite")
+    a2.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return os.fspath(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Evaluate a model on tasks (default: the embedded model on "
+                                "the general suite) and print a table; optionally save a JSON report.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("I/O")
+    g.add_argument("--model", default=None, help="checkpoint: a .gguf file or an HF directory "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--out", default=None, help="write the JSON report to this path")
+    g = p.add_argument_group("data")
+    g.add_argument("--tasks", default=None, help="comma-separated task names or task files "
+                   "(default: the general suite)")
+    g.add_argument("--n", type=int, default=100, help="test examples per task, the first n (0 = all)")
+    g.add_argument("--k_shot", type=int, default=3, help="demonstrations for the *_kshot metrics (0 = skip them)")
+    g.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metrics to compute")
+    g.add_argument("--seed", type=int, default=0, help="seed for the demonstrations and fallback distractors")
+    g = p.add_argument_group("system")
+    g.add_argument("--batch_size", type=int, default=32, help="prompts per forward pass")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype: bfloat16 = autocast with fp32 weights and fp32 output layer (a "
+                   "gain on GPUs and on CPUs with AMX/AVX512-BF16; on AVX2-only CPUs ~8x slower than fp32)")
+    g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default). On a "
+                   "machine shared with other jobs use 1: OpenMP threads spin-wait for each other")
+    g.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.n < 0 or args.k_shot < 0 or args.batch_size < 1:
+        p.error("--n and --k_shot must be >= 0, --batch_size >= 1")
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    if bad := [m for m in metrics if m not in METRICS]:
+        p.error(f"unknown metric(s) {bad}; known: {', '.join(METRICS)}")
+    if args.threads < 0:
+        p.error("--threads must be >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("config: " + json.dumps(vars(args)))
+    try:
+        # tasks first: a typo in a task name should fail in a second, not after loading the model
+        tasks = resolve_tasks(None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()])
+        from load import load_model
+        model, tok = load_model(args.model, device=args.device)
+        report = evaluate_suite(model, tok, tasks, model_name=args.model or "SmolLM2-135M-Instruct (embedded)",
+                                dtype=args.dtype, progress=not args.no_progress, n=args.n or None,
+                                k_shot=args.k_shot, metrics=metrics, batch_size=args.batch_size, seed=args.seed)
+    except (ValueError, KeyError, OSError) as e:
+        # bad input (unknown task, unreadable checkpoint, empty task...): one line, no traceback
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"evaluate.py: error: {msg}", file=sys.stderr)
+        return 2
+    print_table(report)
+    print(f"({report['settings']['seconds']} s)")
+    if args.out:
+        save_report(report, args.out)
+        print(f"report written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""Tests for extract_iv.py: the fast exact AIE against Todd's full-forward loop, attribution against
+a finite difference, a hand-built model whose one instruction head must rank first, the IV's
+construction, files, caching, determinism and bad input. Tiny models only; runs in seconds."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import extract_iv as X  # noqa: E402
+from extract_iv import ExtractError, Prompt  # noqa: E402
+from model import Intervention, ModelConfig, Transformer  # noqa: E402
+from tasks import Example, Task  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models are all per-op overhead: a second thread only adds synchronisation, which costs
+    # 10-40x on a shared, loaded machine. Restored afterwards for the other test modules.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---- tiny models and a character tokenizer --------------------------------------------------------
+
+def llama_tiny(seed=0, dtype=torch.float32, vocab=64):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2)
+    # std 0.3: large enough that heads have visible, non-linear effects on the output
+    return Transformer(cfg).init_weights(std=0.3).to(dtype).eval()
+
+
+def gpt2_tiny(seed=0, vocab=64):
+    # learned positions, LayerNorm, biases everywhere: the other code path of the model
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, max_position_embeddings=64, attention_bias=True,
+                      tie_word_embeddings=True, norm="layernorm", position="learned", mlp="gelu", bias=True)
+    m = Transformer(cfg).init_weights(std=0.3)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))     # non-zero biases, so a bias leak would show
+    return m.eval()
+
+
+def random_prompts(n, vocab=64, answer_len=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [Prompt(torch.randint(0, vocab, (5 + 3 * i,), generator=g).tolist(),
+                   torch.randint(0, vocab, (answer_len,), generator=g).tolist(), "") for i in range(n)]
+
+
+class CharTok:
+    """One token per character, ChatML-style turns: enough of tokenizer.Tokenizer for the pipeline."""
+    chars = "\n abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'-\"()"
+    special_tokens = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    bos_id, eos_id, pad_id = 1, 2, 2
+    chat_format = "chatml"
+
+    def encode(self, text):
+        return [3 + self.chars.index(c) for c in text if c in self.chars]
+
+    def decode(self, ids):
+        return "".join(self.chars[i - 3] for i in ids if i >= 3)
+
+    def render_chat(self, messages, add_generation_prompt=True):
+        ids = []
+        for m in messages:
+            ids += [1] + self.encode(f"{m['role']}\n{m['content']}") + [2] + self.encode("\n")
+        return ids + ([1] + self.encode("assistant\n") if add_generation_prompt else [])
+
+    def stop_ids(self):
+        return {0, 2}
+
+
+TOK = CharTok()
+PAIRS = [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"), ("wet", "dry"),
+         ("old", "new"), ("high", "low"), ("rich", "poor"), ("hard", "soft"), ("open", "shut"),
+         ("early", "late"), ("light", "dark"), ("full", "empty"), ("thick", "thin")]
+
+
+def standin_task(name="opp", instruction="Say the opposite."):
+    ex = [Example(instruction=instruction, input=a, output=b) for a, b in PAIRS]
+    return Task(name=name, kind="generate", metric="exact_match", train=ex[:10], test=ex[10:])
+
+
+def char_model(seed=0):
+    return llama_tiny(seed, vocab=3 + len(CharTok.chars))
+
+
+SMALL = dict(n_clean=4, n_corrupt=4, batch_size=4)
+
+
+# ---- the fast exact AIE is Todd's loop, to the float ----------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt2"])
+@pytest.mark.parametrize("effect", ["prob", "logprob"])
+def test_exact_equals_naive(family, effect):
+    model = llama_tiny() if family == "llama_gqa" else gpt2_tiny()
+    L, H, D = model.n_layers, model.config.num_attention_heads, model.config.head_dim
+    prompts = random_prompts(2)
+    z_mean = torch.randn(L, H, D, generator=torch.Generator().manual_seed(2))
+    naive = X.aie_naive(model, prompts, z_mean, effect=effect, progress=False)
+    fast = X.aie_exact(model, prompts, z_mean, effect=effect, progress=False)
+    chunked = X.aie_exact(model, prompts, z_mean, effect=effect, max_rows=5, progress=False)
+    assert naive.abs().max() > 1e-3, "the test model's heads should matter"
+    for got in (fast, chunked):
+        diff = (got - naive).abs().max().item()
+        assert diff <= 1e-5, f"max |fast - naive| = {diff:.2e} (mean {(got - naive).abs().mean():.2e})"
+
+
+def test_attribution_is_the_first_order_term():
+    # Patching z̄_eps = z ± eps (z̄ - z) exactly, the central difference quotient tends to the
+    # attribution estimate dM/dz · (z̄ - z). (fp64 model; RMSNorm still runs in fp32, hence eps 1e-3.)
+    model = llama_tiny(dtype=torch.float64)
+    L, H, D = model.n_layers, model.config.num_attention_heads, model.config.head_dim
+    p = random_prompts(1)[0]
+    z_mean = torch.randn(L, H, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    z = X._corrupted_state(model, p, "prob")["z"]
+    eps = 1e-3
+    plus, minus = (X.aie_exact(model, [p], z + e * (z_mean - z), progress=False).double() for e in (eps, -eps))
+    quotient = (plus - minus) / (2 * eps)
+    attr = X.aie_attribution(model, [p], z_mean, progress=False).double()
+    assert quotient.abs().max() > 1e-4, "the test model's heads should matter"
+    torch.testing.assert_close(attr, quotient, atol=1e-3 * quotient.abs().max().item(), rtol=1e-2)
+
+
+def test_spearman():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert X.spearman(a, a ** 3) == pytest.approx(1.0)
+    assert X.spearman(a, -a) == pytest.approx(-1.0)
+    assert X.spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(0.8660254)
+
+
+# ---- a planted instruction head ---------------------------------------------------------------------
+# Tokens: 0 = bos, 1 = INSTR, 2..9 words, 10 = the answer A. Head 2 of layer 1 attends to INSTR from
+# any position (query from a constant embedding dimension, key only on INSTR) and copies a value that
+# only INSTR has; its o_proj slice writes that into the residual dimension that lm_head reads as A.
+# With INSTR in the prompt P(A) is high; without it the head's z is 0 and A is one token among 16.
+INSTR, ANSWER, PLANT = 1, 10, (1, 2)
+
+
+def planted_model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=16, hidden_size=24, intermediate_size=16, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=4, rope_theta=1e6)
+    m = Transformer(cfg).init_weights(std=0.02)
+    const, D = 23, 4
+    (l, h), g = PLANT, PLANT[1] // 2          # GQA: query heads 2 and 3 share kv head 1
+    att = m.model.layers[l].self_attn
+    with torch.no_grad():
+        m.model.embed_tokens.weight.copy_(torch.eye(16, 24))
+        m.model.embed_tokens.weight[:, const] = 1.0           # every token: a constant direction
+        m.lm_head.weight.copy_(torch.eye(16, 24))             # logit of t = normalised residual[t]
+        att.q_proj.weight[h * D:(h + 1) * D] = 0
+        # head dim 1 pairs with dim 3 at RoPE frequency theta^(-1/2) = 1e-3 rad/position: the score
+        # barely depends on distance, so the head finds INSTR wherever it is
+        att.q_proj.weight[h * D + 1, const] = 20.0
+        att.k_proj.weight[g * D:(g + 1) * D] = 0
+        att.k_proj.weight[g * D + 1, INSTR] = 1.0
+        att.v_proj.weight[g * D:(g + 1) * D] = 0
+        att.v_proj.weight[g * D + 0, INSTR] = 1.0
+        att.o_proj.weight[:, h * D:(h + 1) * D] = 0
+        att.o_proj.weight[ANSWER, h * D + 0] = 4.0
+    return m.eval()
+
+
+def planted_prompts():
+    words = range(2, 10)
+    clean = [Prompt([0, INSTR, w], [ANSWER], "") for w in words] + \
+            [Prompt([0, w, INSTR, 11 - w], [ANSWER], "") for w in words]
+    corrupt = [Prompt([0, w], [ANSWER], "") for w in words] + [Prompt([0, w, 11 - w], [ANSWER], "") for w in words]
+    return clean, corrupt
+
+
+@pytest.mark.parametrize("method", ["exact", "attribution"])
+def test_planted_head_ranks_first(method):
+    model = planted_model()
+    clean, corrupt = planted_prompts()
+    sc_clean = X.score_prompts(model, clean, record_z=True)
+    sc_corrupt = X.score_prompts(model, corrupt)
+    assert sc_clean["p_first"].mean() > 0.5 > 0.2 > sc_corrupt["p_first"].mean(), "the circuit is not planted"
+    z_mean = sc_clean["z"].mean(0)
+    fn = X.aie_exact if method == "exact" else X.aie_attribution
+    aie = fn(model, corrupt, z_mean, progress=False)
+    ranked = X.top_heads(aie, 3)
+    assert ranked[0] == PLANT, f"ranking {ranked}, AIE\n{aie}"
+    second = aie.flatten().sort(descending=True).values[1]
+    assert aie[PLANT] > 10 * max(second.item(), 1e-4)
+    # the IV from that head alone restores the answer on corrupted prompts
+    iv = X.build_iv(model, z_mean, [PLANT])
+    restored = X.score_prompts(model, corrupt, add=(PLANT[0], iv))
+    assert restored["p_first"].mean() > 0.5
+
+
+# ---- the IV ---------------------------------------------------------------------------------------
+
+def test_build_iv_is_heads_through_w_o_without_bias():
+    model = gpt2_tiny()
+    L, H, D = model.n_layers, model.config.num_attention_heads, model.config.head_dim
+    z_mean = torch.randn(L, H, D)
+    heads = [(2, 1), (0, 3)]
+    iv = X.build_iv(model, z_mean, heads)
+    want = sum(model.model.layers[l].self_attn.o_proj.weight[:, h * D:(h + 1) * D] @ z_mean[l, h]
+               for l, h in heads)
+    torch.testing.assert_close(iv, want.detach())
+
+
+def test_defaults_scale_with_the_model():
+    assert X.default_top_k(32 * 32) == 10 and X.default_top_k(30 * 9) == 3 and X.default_top_k(16) == 3
+    assert X.default_layer(32) == 9 and X.default_layer(30) == 9 and X.default_layer(4) == 1
+    aie = torch.tensor([[0.1, 0.5], [0.3, -1.0]])
+    assert X.top_heads(aie, 2) == [(0, 1), (1, 0)]
+
+
+# ---- the pipeline, files and caching ----------------------------------------------------------------
+
+def test_extract_is_deterministic_and_round_trips(tmp_path):
+    model, task = char_model(), standin_task()
+    a = X.extract_iv(model, TOK, task, progress=False, seed=3, model_id="tiny", **SMALL)
+    b = X.extract_iv(model, TOK, task, progress=False, seed=3, model_id="tiny", **SMALL)
+    assert torch.equal(a["iv"], b["iv"]) and torch.equal(a["aie"], b["aie"]) and a["heads"] == b["heads"]
+    L, H = model.n_layers, model.config.num_attention_heads
+    assert a["aie"].shape == (L, H) and a["iv"].shape == (model.config.hidden_size,)
+    assert len(a["heads"]) == X.default_top_k(L * H) and a["layer"] == X.default_layer(L)
+    m = a["meta"]
+    assert (m["task"], m["model"], m["n_clean"], m["n_corrupt"]) == ("opp", "tiny", 4, 4)
+    json.dumps(m)   # the metadata must be plain JSON
+    path = X.save_iv(a, tmp_path / "sub" / "opp.safetensors")
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []   # no temp left
+    # the heatmap is optional: written beside the file with matplotlib, skipped without
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    assert path.with_suffix(".png").is_file() == has_mpl
+    iv, layer, meta = X.load_iv(path, model)
+    assert torch.equal(iv, a["iv"]) and layer == a["layer"] and meta == m
+    # the IV is what the model adds
+    out = model(torch.tensor([[1, 5, 7]]), intervention=Intervention(pos=torch.tensor([2]), add_resid={layer: iv}))
+    assert torch.isfinite(out).all()
+
+
+def test_get_iv_caches_on_weights_and_settings(tmp_path, monkeypatch):
+    model, task = char_model(), standin_task()
+    monkeypatch.setattr(X, "load_task_by_name", lambda name: task)
+    path = tmp_path / "opp.safetensors"
+    first = X.get_iv(model, TOK, "opp", path, progress=False, **SMALL)
+    calls = []
+    real = X.extract_iv
+    monkeypatch.setattr(X, "extract_iv", lambda *a, **k: calls.append(k) or real(*a, **k))
+    again = X.get_iv(model, TOK, "opp", path, progress=False, **{**SMALL, "batch_size": 2})
+    assert calls == [] and torch.equal(again["iv"], first["iv"])      # batch size: not part of the key
+    X.get_iv(model, TOK, "opp", path, progress=False, **{**SMALL, "seed": 1})
+    assert len(calls) == 1                                             # other settings: re-extracted
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.01)           # "fine-tuned" weights
+    X.get_iv(model, TOK, "opp", path, progress=False, **{**SMALL, "seed": 1})
+    assert len(calls) == 2
+    X.load_iv(path, model)      # load_iv itself accepts changed weights of the same architecture
+
+
+def test_load_iv_rejects_another_model(tmp_path):
+    a = X.extract_iv(char_model(), TOK, standin_task(), progress=False, **SMALL)
+    path = X.save_iv(a, tmp_path / "opp.safetensors")
+    other = llama_tiny(vocab=100)
+    with pytest.raises(ExtractError, match="opp.safetensors"):
+        X.load_iv(path, other)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ExtractError, match="bad.safetensors"):
+        X.load_iv(bad, other)
+    with pytest.raises(ExtractError, match="missing.safetensors"):
+        X.load_iv(tmp_path / "missing.safetensors", other)
+
+
+def test_universal_shares_heads():
+    model = char_model()
+    t1, t2 = standin_task("a"), standin_task("b", "Give the antonym.")
+    res = X.extract_universal(model, TOK, [t1, t2], progress=False, **SMALL)
+    assert res["a"]["heads"] == res["b"]["heads"]
+    torch.testing.assert_close(res["a"]["aie"], (res["a"]["aie_task"] + res["b"]["aie_task"]) / 2)
+    assert not torch.equal(res["a"]["iv"], res["b"]["iv"])
+    assert res["a"]["meta"]["universal"] == ["a", "b"]
+
+
+def test_corruptions():
+    task = standin_task()
+    s = X.Settings(shots=3, corrupt="shuffled", **SMALL)
+    import random
+    cor = X.corrupted_prompts(TOK, task, task.train[:4], s, random.Random(0))
+    text = TOK.decode(cor[0].ids)
+    assert "opposite" not in text          # no instruction
+    pairs = dict(PAIRS)
+    # every demonstration's answer was moved to another input
+    demos = text.split("user\n")[1:-1]
+    assert len(demos) == 3 and all(pairs[d.split("\n")[0]] != d.split("assistant\n")[1].split("\n")[0]
+                                   for d in (x + "" for x in demos))
+    s = X.Settings(corrupt="mismatched", **SMALL)
+    other = standin_task("t2", "Spell the word.")
+    cor = X.corrupted_prompts(TOK, task, task.train[:2], s, random.Random(0), other)
+    assert "Spell the word." in TOK.decode(cor[0].ids) and cor[0].answer == TOK.encode("cold") + [2]
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+
+def test_bad_settings_fail_clearly():
+    model, task = char_model(), standin_task()
+    with pytest.raises(ExtractError, match="layer=4 is out of range"):
+        X.extract_iv(model, TOK, task, layer=4, progress=False, **SMALL)
+    with pytest.raises(ExtractError, match="at least"):
+        X.Settings(n_clean=1)
+    with pytest.raises(ExtractError, match="shots >= 2"):
+        X.Settings(corrupt="shuffled")
+    tiny = Task(name="tiny", kind="generate", metric="exact_match", train=task.train[:2], test=[])
+    with pytest.raises(ExtractError, match="too few"):
+        X.extract_iv(model, TOK, tiny, progress=False, **SMALL)
+
+
+def test_cli(tmp_path, monkeypatch, capsys):
+    # unknown task and bad numbers: exit 2, one line, before any model is loaded
+    assert X.main(["--task", "no_such_task_xyz"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown task 'no_such_task_xyz'" in err and len(err.splitlines()) == 1
+    assert X.main(["--task", "antonym", "--n_clean", "1"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    # the rest with a tiny model in place of the embedded one
+    import load
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: (char_model(), TOK))
+    monkeypatch.setattr(X, "load_task_by_name", lambda name: standin_task(name))
+    assert X.main(["--task", "opp", "--layer", "9", "--quiet"]) == 2
+    assert "layer=9 is out of range" in capsys.readouterr().err
+    out = tmp_path / "opp.safetensors"
+    assert X.main(["--task", "opp", "--out", str(out), "--n_clean", "4", "--n_corrupt", "4", "--check",
+                   "--n_check", "4", "--sweep_layers", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert out.is_file() and "corrupted+iv@1" in printed and "heads (" in printed
