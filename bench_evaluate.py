@@ -2,11 +2,21 @@
 Time a full evaluation of the embedded model on the general suite (every metric, k-shot included)
 and show where the time goes. Not a test: numbers depend on the machine and its load.
 
-    python bench_evaluate.py                       # bf16 autocast, 100 examples per task, k = 3
-    python bench_evaluate.py --compare             # also fp32: time and agreement of every metric
-    python bench_evaluate.py --per_metric          # also each metric alone (what it costs by itself)
+    python bench_evaluate.py                              # fp32, 1 thread, 100 examples per task, k = 3
+    python bench_evaluate.py --dtype bfloat16 --compare   # bf16 autocast vs fp32: time and agreement
+    python bench_evaluate.py --per_metric                 # also each metric alone (its cost by itself)
 
-The goal it checks: >= 6 tasks x >= 100 examples, all metrics, in <= 120 s on a 2-core CPU.
+The goal it checks: >= 6 tasks x ~100 examples, all metrics, in <= 120 s on a 2-core CPU. Besides
+wall time it prints CPU seconds: on a machine shared with other jobs the wall time also counts the
+time others held the cores, while CPU seconds / threads approximates an idle machine.
+
+What was found on the project's 2-core AVX2 machine (shared by ~5 jobs, load average ~6):
+- 1 thread: ~120 CPU-s for 530 examples x 7 metrics (~185 s wall at that load).
+- 2 threads are far slower under load: OpenMP threads spin-wait for each other, ~15 ms per small
+  matmul (OMP_WAIT_POLICY=PASSIVE removes the spinning; the two threads then cost ~20% extra CPU).
+- bf16 autocast is ~4x slower than fp32 there (its matmuls ~8x: without AVX512-BF16/AMX they are
+  emulated), and not exact: on 40 examples per task, 3 of 12 choice-accuracy cells moved by one
+  example (log-probs by up to 0.11 nats). Use it on GPUs, and check agreement with --compare.
 """
 import argparse
 import json
@@ -50,10 +60,12 @@ def main():
     g.add_argument("--k_shot", type=int, default=3, help="demonstrations for the k-shot metrics")
     g = p.add_argument_group("system")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype of the main run")
-    g.add_argument("--batch_size", type=int, default=16, help="prompts per forward pass")
-    g.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch default; 1 on a shared machine: OpenMP threads spin-wait for each other)")
+    g.add_argument("--batch_size", type=int, default=32, help="prompts per forward pass")
+    g.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default; on a "
+                   "shared machine 1 is fastest: OpenMP threads spin-wait for each other)")
     g = p.add_argument_group("extra runs")
-    g.add_argument("--compare", action="store_true", help="also run fp32 and report agreement with --dtype")
+    g.add_argument("--compare", action="store_true", help="also run fp32 and report agreement with --dtype "
+                   "(use with --dtype bfloat16)")
     g.add_argument("--per_metric", action="store_true", help="also time each metric on its own")
     g.add_argument("--out", default=None, help="write all numbers to this JSON file")
     g.add_argument("--no_progress", action="store_true", help="hide progress bars")

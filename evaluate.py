@@ -17,16 +17,23 @@ of ids whether it is trained on, scored or patched):
 - Exact match: greedy decoding, cut at the first stop token, compared after normalize_answer, which
   forgives presentation (whitespace, quotes, a final period, a capitalised first letter) but not
   format: the form of the answer is what an instruction asks for.
-- k-shot: one fixed set of k demonstrations per task, drawn from its train split by the seed and
-  shared by all test examples (the MMLU convention). Sharing is also what makes k-shot cheap: every
-  prompt of a task then starts with the same ~150 tokens, which are run once (see _run_prompts).
+- k-shot: one fixed set of k demonstrations per task (a seeded sample of its own demos, else of its
+  train split), shared by all test examples (the MMLU convention). Sharing is also what makes k-shot
+  cheap: every prompt of a task then starts with the same ~130 tokens, which are run once.
 
-Speed: prompts of one task share a long prefix (system prompt, demonstrations, instruction). It is
-run once and its KV cache reused by every row; each batch then runs only its rows' own suffixes, and
-the same prefill serves choice ranking, the gold answer's log-prob and greedy decoding. Only the
-positions whose next token is scored go through the output layer (49k wide: a fifth of the model's
-FLOPs per position), and that layer runs in fp32 even under bf16 autocast, because bf16 logits are off
-by ~0.1 nats, enough to flip close choices.
+Speed (all exact: the numbers equal a plain per-example loop; tests check each shortcut):
+- Prompts of one task share a long prefix (system prompt, demonstrations, instruction). It runs
+  once and its KV cache serves every row; a batch then runs only its rows' own suffixes, and that
+  one prefill serves choice ranking, the gold's log-prob and greedy decoding.
+- Answers are scored on top of the prompt cache, all (prompt, answer) pairs of a batch sorted by
+  length; only positions whose next token is scored go through the 49k-wide output layer, in fp32
+  even under bf16 autocast (bf16 logits are off by ~0.1 nats, enough to flip close choices).
+- Ranking prunes: log-probs only fall as tokens are added, so an answer whose first token is
+  already less likely than the whole gold cannot outrank it and is not scored further.
+- Greedy decoding starts from the gold's teacher-forced pass: while the argmax agrees with the gold
+  the reply is the gold; at the first disagreement the reply usually can no longer match
+  (may_still_match) and needs no decoding at all. Rows still open decode token by token and stop
+  as soon as they cannot match.
 
 CLI: `python evaluate.py` evaluates the embedded SmolLM2-135M-Instruct on the general suite;
 `python evaluate.py --help` lists the flags.
@@ -36,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import sys
@@ -276,12 +282,15 @@ def _score_pairs(model, cache, mask, first_lp, prow, cs):
     """Sum log P(cs[k] | prompt of batch row prow[k]) for a chunk of (row, continuation) pairs.
     first_lp (B, V) scores every continuation's first token; the rest need one forward of cont[:-1]
     on top of a copy of the prompt's cache rows (the last token's output predicts nothing we score).
-    -> float64 tensor (len(cs),)."""
+    -> (float64 tensor (len(cs),), per pair the argmax token at each of its positions: what greedy
+    decoding would pick there, given the continuation so far)."""
     dev = first_lp.device
-    total = first_lp[torch.tensor(prow, device=dev), torch.tensor([c[0] for c in cs], device=dev)].double()
+    prow_t = torch.tensor(prow, device=dev)
+    total = first_lp[prow_t, torch.tensor([c[0] for c in cs], device=dev)].double()
+    greedy = [[t] for t in first_lp[prow_t].argmax(-1).tolist()]
     long = [k for k, c in enumerate(cs) if len(c) > 1]      # one-token answers are done already
     if not long:
-        return total
+        return total, greedy
     Tc = max(len(cs[k]) for k in long) - 1
     inp = torch.zeros(len(long), Tc, dtype=torch.long)
     tgt = torch.zeros(len(long), Tc, dtype=torch.long)
@@ -297,9 +306,12 @@ def _score_pairs(model, cache, mask, first_lp, prow, cs):
     sub = _fork(cache, rows)
     pad_mask = torch.cat([mask[rows], cmask], dim=1)         # (N, prefix + T + Tc): right-padded answers
     h = model(inp, pad_mask=pad_mask, cache=sub, return_hidden=True)               # (N, Tc, C)
-    lp = _logprobs(model, h[cmask]).gather(1, tgt[cmask][:, None])[:, 0]           # (M,) M scored tokens
+    logp = _logprobs(model, h[cmask])                                              # (M, V) M scored tokens
+    lp = logp.gather(1, tgt[cmask][:, None])[:, 0]                                 # (M,)
     which = torch.tensor(long, device=dev)[:, None].expand(-1, Tc)[cmask]          # (M,) pair index
-    return total.index_add_(0, which, lp.double())
+    for k, t in zip(which.tolist(), logp.argmax(-1).tolist()):                     # in position order
+        greedy[k].append(t)
+    return total.index_add_(0, which, lp.double()), greedy
 
 
 def _greedy(model, cache, mask, last_h, max_new, stop_ids, alive=None):
@@ -337,19 +349,37 @@ def _add_time(timings, key, t0):
     return time.perf_counter()
 
 
-@torch.no_grad()
-def _score_many(model, cache, mask, first_lp, rows, pairs, conts, scores, chunk):
+def _score_many(model, cache, mask, first_lp, rows, pairs, conts, scores, chunk, greedy=None):
     """Score (batch row, continuation index) pairs into scores[rows[r]][j], sorted by length and
-    chunked so that a forward pads little."""
+    chunked so that a forward pads little; greedy[rows[r]] gets the argmax tokens along conts[.][0]."""
     pairs = sorted(pairs, key=lambda rj: len(conts[rows[rj[0]]][rj[1]]))
     for c0 in range(0, len(pairs), chunk):
         part = pairs[c0:c0 + chunk]
-        s = _score_pairs(model, cache, mask, first_lp, [r for r, _ in part],
-                         [conts[rows[r]][j] for r, j in part]).tolist()
-        for (r, j), v in zip(part, s):
+        s, g = _score_pairs(model, cache, mask, first_lp, [r for r, _ in part],
+                            [conts[rows[r]][j] for r, j in part])
+        for (r, j), v, gj in zip(part, s.tolist(), g):
             scores[rows[r]][j] = v
+            if j == 0 and greedy is not None:
+                greedy[rows[r]] = gj
 
 
+def _greedy_from_gold(gold, argmax, max_new, stop_ids, alive):
+    """Greedy decoding read off the gold's teacher-forced pass: argmax[k] is the greedy token after
+    gold[:k]. While greedy agrees with the gold it walks the gold; at the first disagreement its
+    reply is gold[:k] + argmax[k]. -> the reply when that settles it (it reproduced the gold through
+    its end token, hit a stop token, ran out of budget, or can no longer match), else None: the row
+    needs real decoding (e.g. "Cold" where the gold says "cold")."""
+    toks = []
+    for want, got in zip(gold, argmax):
+        toks.append(got)
+        if got in stop_ids or len(toks) >= max_new or (alive is not None and not alive(toks)):
+            return toks
+        if got != want:
+            return None
+    return None  # a gold without a stop token (not produced by answer_ids): decode for real
+
+
+@torch.no_grad()
 def _run_prompts(model, prompts, conts, *, max_new_tokens=0, stop_ids=(), alive=None, prune=False,
                  batch_size=32, pad_side="left", desc=None, progress=True, timings=None, tag=""):
     """For each prompt i: the summed log-prob of each continuation in conts[i], and (max_new_tokens
@@ -360,6 +390,8 @@ def _run_prompts(model, prompts, conts, *, max_new_tokens=0, stop_ids=(), alive=
     every other that might beat it; one whose first token's log-prob is already below the gold's
     total cannot (log-probs only fall as tokens are added), so its score is left at that bound.
     Confident models then score little more than the gold.
+    With max_new_tokens and conts[i][0] given, greedy decoding starts from the gold's teacher-forced
+    pass (_greedy_from_gold); only rows it leaves open are decoded token by token.
 
     The prompts' longest common prefix runs once (batch 1); prompts are then sorted by length (less
     padding) and batched; per batch one prefill of the suffixes serves every continuation and the
@@ -391,12 +423,13 @@ def _run_prompts(model, prompts, conts, *, max_new_tokens=0, stop_ids=(), alive=
         t0 = _add_time(timings, tag + "prefill", t0)
         cache, mask, last_h = _prefill(model, [prompts[i][plen:] for i in rows], prefix_cache, plen, pad_side)
         t0 = _add_time(timings, tag + "prefill", t0)
+        greedy = {}   # prompt index -> argmax tokens along its gold (conts[i][0])
         if any(conts[i] for i in rows):
             first_lp = _logprobs(model, last_h)                                  # (B, V)
             pairs = [(r, j) for r, i in enumerate(rows) for j in range(len(conts[i]))]
             if prune:
                 _score_many(model, cache, mask, first_lp, rows, [(r, j) for r, j in pairs if j == 0],
-                            conts, scores, 2 * batch_size)
+                            conts, scores, 2 * batch_size, greedy)
                 rest = []
                 for r, j in pairs:
                     if j > 0:
@@ -407,12 +440,24 @@ def _run_prompts(model, prompts, conts, *, max_new_tokens=0, stop_ids=(), alive=
                         else:
                             rest.append((r, j))
                 pairs = rest
-            _score_many(model, cache, mask, first_lp, rows, pairs, conts, scores, 2 * batch_size)
+            _score_many(model, cache, mask, first_lp, rows, pairs, conts, scores, 2 * batch_size, greedy)
         t0 = _add_time(timings, tag + "score", t0)
         if max_new_tokens:
-            row_alive = None if alive is None else (lambda r, toks: alive(rows[r], toks))
-            for i, g in zip(rows, _greedy(model, cache, mask, last_h, max_new_tokens, stop_ids, row_alive)):
+            todo = []   # batch rows that need token-by-token decoding
+            for r, i in enumerate(rows):
+                g = None
+                if i in greedy:
+                    g = _greedy_from_gold(conts[i][0], greedy[i], max_new_tokens, stop_ids,
+                                          None if alive is None else (lambda toks, i=i: alive(i, toks)))
+                if g is None:
+                    todo.append(r)
                 gens[i] = g
+            if todo:
+                sel = torch.tensor(todo, device=dev)
+                row_alive = None if alive is None else (lambda q, toks: alive(rows[todo[q]], toks))
+                outs = _greedy(model, _fork(cache, sel), mask[sel], last_h[sel], max_new_tokens, stop_ids, row_alive)
+                for r, g in zip(todo, outs):
+                    gens[rows[r]] = g
             t0 = _add_time(timings, tag + "generate", t0)
     return scores, gens
 
@@ -514,10 +559,8 @@ def evaluate_task(model, tok, task, n: int | None = None, k_shot: int = 0, metri
                         conts.append([golds[i]] + [answer_ids(tok, x) for x in others])
                     except ValueError as e:
                         raise ValueError(f"task {task.name!r}, test example {i}: choice {e}") from None
-            elif "instruction_logprob" in want:
+            else:  # the gold alone: its log-prob, and the pass exact match's decoding starts from
                 conts = [[g] for g in golds]
-            else:
-                conts = [[] for _ in test]
             # room for the longest gold answer and its end token: a model that goes on past the
             # gold shows at least one extra token, so a truncated ramble never matches
             max_new = max(len(g) for g in golds) if "exact_match" in want else 0
@@ -745,12 +788,12 @@ def build_parser():
                                 "the general suite) and print a table; optionally save a JSON report.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("I/O")
-    g.add_argument("--model", default=None, help="checkpoint: a .gguf file or an HF directory "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--model", default=None, help="checkpoint: a .gguf file or an HF directory; "
+                   "none = the embedded SmolLM2-135M-Instruct")
     g.add_argument("--out", default=None, help="write the JSON report to this path")
     g = p.add_argument_group("data")
-    g.add_argument("--tasks", default=None, help="comma-separated task names or task files "
-                   "(default: the general suite)")
+    g.add_argument("--tasks", default=None, help="comma-separated task names or task files; "
+                   "none = the general suite")
     g.add_argument("--n", type=int, default=100, help="test examples per task, the first n (0 = all)")
     g.add_argument("--k_shot", type=int, default=3, help="demonstrations for the *_kshot metrics (0 = skip them)")
     g.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metrics to compute")
@@ -759,7 +802,8 @@ def build_parser():
     g.add_argument("--batch_size", type=int, default=32, help="prompts per forward pass")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype: bfloat16 = autocast with fp32 weights and fp32 output layer (a "
-                   "gain on GPUs and on CPUs with AMX/AVX512-BF16; on AVX2-only CPUs ~8x slower than fp32)")
+                   "gain on GPUs and on CPUs with AMX/AVX512-BF16; on AVX2-only CPUs ~4x slower than fp32; "
+                   "close choices can flip, see bench_evaluate.py --compare)")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default). On a "
                    "machine shared with other jobs use 1: OpenMP threads spin-wait for each other")

@@ -1,6 +1,7 @@
 """Tests for evaluate.py: the batched scoring engine against a plain per-example loop, metrics on
 models whose log-probabilities are known in closed form, the continual-learning summary on a
 hand-made matrix, and bad input. All models are tiny and random or hand-set; runs in seconds."""
+import importlib.util
 import json
 import math
 import os
@@ -170,6 +171,26 @@ def test_pruned_ranking_decides_like_full_scoring():
     assert n_pruned > 0  # the case under test occurred
 
 
+def test_decoding_from_the_gold_equals_plain_decoding():
+    # exact match reads greedy replies off the gold's teacher-forced pass where it can; the replies
+    # must be those of token-by-token decoding, for golds greedy follows to a stop token, follows
+    # partly, or leaves at once, with and without an early-stop rule
+    model = tiny_model(seed=12)
+    prompts = [[7, 8] + [9 + i, 20 + 3 * i] for i in range(8)]
+    _, free = E._run_prompts(model, prompts, [[] for _ in prompts], max_new_tokens=6, progress=False)
+    stop = {free[0][2], free[1][1]}                       # stop tokens greedy really emits
+    plain_kw = dict(max_new_tokens=6, stop_ids=stop, batch_size=3, progress=False)
+    for alive in (None, lambda i, toks: len(toks) < 2 + i % 3):
+        _, plain = E._run_prompts(model, prompts, [[] for _ in prompts], alive=alive, **plain_kw)
+        own = [g if g[-1] in stop else g + [2] for g in plain]
+        golds = {"own reply": own, "last token changed": [g[:-1] + [(g[-1] + 1) % V] for g in own],
+                 "unrelated": [[5, 6, 2] for _ in own]}
+        for what, gold in golds.items():
+            _, guided = E._run_prompts(model, prompts, [[g] for g in gold], alive=alive, **plain_kw)
+            assert guided == plain, f"{what} (alive={alive is not None}): {guided} != {plain}"
+    assert any(g[-1] in stop for g in plain)  # the stop-token path was exercised
+
+
 @pytest.mark.parametrize("odd_one", [True, False])
 def test_greedy_generate_matches_model_generate(odd_one):
     model = tiny_model(seed=7)
@@ -280,9 +301,10 @@ def test_choice_accuracy_and_instruction_logprob_by_hand():
 
 def test_exact_match_by_hand():
     model, _ = bigram_model(TABLE)  # greedy from "\n": c (6) -> a (6) -> <|im_end|>: "ca"
-    test = [Example("i", "x", "Ca."), Example("i", "y", '"ca"'), Example("i", "z", "CA"), Example("i", "w", "cab")]
+    test = [Example("i", "x", "Ca."), Example("i", "y", '"ca"'), Example("i", "z", "CA"), Example("i", "w", "cab"),
+            Example("i", "v", "ca")]
     out = E.evaluate_task(model, TOK, make_task(test, metric="exact_match"), metrics=("exact_match",), progress=False)
-    assert out["exact_match"] == pytest.approx(0.5)
+    assert out["exact_match"] == pytest.approx(3 / 5)
     # gold "c" alone gives room for 2 tokens: the model's "ca" still shows it went on past "c"
     out = E.evaluate_task(model, TOK, make_task([Example("i", "z", "c")]), metrics=("exact_match",), progress=False)
     assert out["exact_match"] == 0.0
@@ -317,6 +339,17 @@ def test_kshot_metrics_use_fixed_demonstrations():
     # a task that ships its own demonstrations (SuperNI) draws from those, not from train
     task.demos = [Example("Copy.", "zz", "zz"), Example("Copy.", "yy", "yy")]
     assert sorted(ex.input for ex in E.draw_shots(task, 2, seed=3)) == ["yy", "zz"]
+
+
+def test_no_autograd_graph_is_built():
+    # evaluation must not record autograd graphs (memory and time), whatever the caller's grad mode
+    model = tiny_model()
+    grad_modes, forward = [], model.forward
+    model.forward = lambda *a, **k: (grad_modes.append(torch.is_grad_enabled()), forward(*a, **k))[1]
+    task = make_task([Example("Copy.", "ab", "ab", choices=["ab", "ba"])], [Example("Copy.", "cd", "cd")])
+    E.evaluate_task(model, TOK, task, k_shot=1, progress=False)
+    E.score_continuations(model, [[5, 6]], [[7, 8]])
+    assert grad_modes and not any(grad_modes), grad_modes
 
 
 def test_choice_candidates_fallback():
@@ -391,16 +424,17 @@ def test_report_roundtrip_and_table(tmp_path, capsys):
     assert "copy" in out and "choice_accuracy" in out and "*" in out
 
 
-def test_plot_cl_png_or_skip(tmp_path):
+def test_plot_cl_png_or_skip(tmp_path, monkeypatch):
     cl = E.cl_metrics([report({"A": 0.1, "B": 0.2}, {"g": 0.5}, {"g": 0.6}),
                        report({"A": 0.9, "B": 0.3}, {"g": 0.4}, {"g": 0.6})], ["A", "B"], ["g"])
     path = E.plot_cl(cl, tmp_path / "cl.png")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         assert path is None and not (tmp_path / "cl.png").exists()
     else:
         assert (tmp_path / "cl.png").read_bytes()[:4] == b"\x89PNG"
+    # without matplotlib: nothing drawn, no error
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert E.plot_cl(cl, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
 # ---- bad input ------------------------------------------------------------------------------------

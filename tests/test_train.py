@@ -1,0 +1,399 @@
+"""Tests of train.py and lora.py on a tiny random model (byte-level tokenizer, 3 layers, d_model 32)
+and tiny tasks in JSONL files, so every run takes a second or two.
+
+What is checked: the α schedule; the guided KL is zero exactly when the trained model equals the
+reference with the IV at α = 1 (and not otherwise); guidance with λ = 0 and α0 = 0 is bit-identical
+to plain training; a run interrupted (Ctrl-C, or a crash after a --save_every checkpoint) and resumed
+ends with bit-identical weights and reports; DDP on 2 CPU processes equals 1 process with the same
+global batch; LoRA merge equals the unmerged forward; bad input exits with status 2 and one line,
+touching nothing; a NaN loss stops with status 3 and keeps the last good checkpoint.
+"""
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lora  # noqa: E402
+import train  # noqa: E402
+from load import load_model, read_safetensors, save_hf  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+from tokenizer import GPT2_PATTERN, Tokenizer  # noqa: E402
+
+
+# ---- fixtures: a tiny model directory, tiny tasks, IV files -------------------------------------
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny matrices gain nothing from a second thread, and on a busy machine OpenMP's spin-waiting
+    # makes two threads ~100x slower; restored for the other test modules
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def byte_tokenizer() -> Tokenizer:
+    """256 byte tokens + the three ChatML control tokens: the chat format of SmolLM2, a vocab of 259."""
+    ranks = {bytes([b]): b for b in range(256)}
+    special = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
+    return Tokenizer(ranks, special, GPT2_PATTERN, merges=[], bos_id=257, eos_id=258, pad_id=258)
+
+
+def tiny_model(hidden=32, seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=259, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, rope_theta=10000.0)
+    return Transformer(cfg).init_weights()
+
+
+WORDS = ["cat", "dog", "sun", "red", "box", "hat", "pen", "cup", "map", "owl", "fig", "jam"]
+
+
+def write_task(folder: Path, name: str, fn, seed: int, n_train=24, n_test=6) -> str:
+    """A task in the suite's own layout, <name>.train.jsonl + <name>.test.jsonl (tasks.load_task)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_train + n_test):
+        w = rng.choice(WORDS) + rng.choice(WORDS)[: rng.randint(0, 3)]   # varied lengths -> padding
+        rows.append(json.dumps({"instruction": f"Task {name}: do it.", "input": w, "output": fn(w)}))
+    (folder / f"{name}.train.jsonl").write_text("\n".join(rows[:n_train]) + "\n")
+    (folder / f"{name}.test.jsonl").write_text("\n".join(rows[n_train:]) + "\n")
+    return str(folder / f"{name}.train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    save_hf(tiny_model(), byte_tokenizer(), root / "tiny")
+    tasks = [write_task(root, "a", str.upper, 1), write_task(root, "b", lambda w: w[::-1], 2)]
+    general = write_task(root, "g", lambda w: w[0], 3)
+    # IVs of the tiny model: real extraction, then scaled up to norm 1 (a random tiny model's IV is
+    # tiny), so that adding it visibly changes the logits
+    import extract_iv
+    from tasks import load_task
+    model, tok = load_model(root / "tiny")
+    ivs = {}
+    for name, path in zip("ab", tasks):
+        r = extract_iv.extract_iv(model, tok, load_task(path), n_clean=4, n_corrupt=4,
+                                  top_k=2, layer=1, progress=False)
+        r["iv"] = r["iv"] / r["iv"].norm()
+        ivs[name] = str(extract_iv.save_iv(r, root / "ivs" / f"{name}.safetensors"))
+    # an IV of another model (d_model 48) for the bad-input test
+    other = tiny_model(hidden=48)
+    r = extract_iv.extract_iv(other, tok, load_task(tasks[0]), n_clean=4, n_corrupt=4,
+                              top_k=2, layer=1, progress=False)
+    foreign = str(extract_iv.save_iv(r, root / "ivs" / "foreign.safetensors"))
+    return {"root": root, "model": str(root / "tiny"), "tasks": ",".join(tasks), "general": general,
+            "ivs": ivs, "foreign_iv": foreign}
+
+
+def base_args(env, out_dir, *extra):
+    return ["--model", env["model"], "--tasks", env["tasks"], "--general", "none", "--out_dir", str(out_dir),
+            "--max_steps", "4", "--batch_size", "4", "--micro_batch", "2", "--lr", "3e-3", "--warmup", "1",
+            "--dtype", "fp32", "--eval_n", "0", "--log_every", "2", *extra]
+
+
+def iv_args(env):
+    return ["--iv_file", f"a={env['ivs']['a']}", "--iv_file", f"b={env['ivs']['b']}"]
+
+
+def final_weights(out_dir) -> dict:
+    return read_safetensors(Path(out_dir) / "stage-2" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict, exact=True, atol=0.0):
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    if exact:
+        assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ, max |diff| = {worst:.3e}"
+    else:
+        assert worst <= atol, f"max |diff| = {worst:.3e} > {atol}"
+    return worst
+
+
+def run_main(argv, callback=None):
+    return train.main(argv, step_callback=callback)
+
+
+# ---- schedules ------------------------------------------------------------------------------------
+
+def test_alpha_schedule():
+    total = 5
+    a = [train.alpha_at(s, total, 1.0) for s in range(total)]
+    assert a == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])          # linear, α0 first, exactly 0 last
+    assert train.alpha_at(total - 1, total, 2.0) == 0.0
+    assert [train.alpha_at(s, total, 0.7, "constant") for s in range(total)] == [0.7] * total
+    assert train.alpha_at(0, 1, 0.5) == 0.5                          # a one-step task keeps α0
+    cfg = {"lr": 1.0, "min_lr_ratio": 0.1, "warmup": 2, "lr_schedule": "cosine"}
+    lrs = [train.lr_at(s, 10, cfg) for s in range(10)]
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0]) and lrs[-1] == pytest.approx(0.1)
+    assert all(x >= y for x, y in zip(lrs[2:], lrs[3:]))           # monotone after warmup
+
+
+def test_collate_targets_answer_tokens_only():
+    tok = byte_tokenizer()
+    items = [train.Item([1, 2, 3, 10, 11, 258], 3, 0), train.Item([1, 2, 20, 258], 2, 1)]
+    b = train.collate(items, tok.pad_id, "cpu")
+    assert b["idx"].tolist() == [[1, 2, 3, 10, 11], [1, 2, 20, 258, 258]]       # inputs = ids[:-1], right-padded
+    assert b["targets"].tolist() == [[-100, -100, 10, 11, 258], [-100, 20, 258, -100, -100]]
+    assert b["last"].tolist() == [2, 1]                        # the last prompt token predicts the answer
+    assert b["pad_mask"].tolist() == [[True] * 5, [True] * 3 + [False] * 2]
+    assert b["n_tokens"] == 8 and b["task"].tolist() == [0, 1]
+
+
+# ---- the guided loss ------------------------------------------------------------------------------
+
+def guided_batch(tok):
+    items = [train.Item(tok.chat_prompt(f"say {w}") + tok.encode(w.upper()) + [258],
+                        len(tok.chat_prompt(f"say {w}")), i % 2) for i, w in enumerate(["cat", "doggo", "owl"])]
+    return train.collate(items, tok.pad_id, "cpu")
+
+
+@pytest.mark.parametrize("positions", ["last", "answer"])
+def test_kl_zero_iff_model_equals_reference_with_iv(positions):
+    tok = byte_tokenizer()
+    model = tiny_model()
+    batch = guided_batch(tok)
+    lm = train.LossModule(model)
+    lm.set_reference(train.frozen_copy(model))
+    g = lm.guidance
+    g.ivs = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    g.ivs = g.ivs / g.ivs.norm(dim=1, keepdim=True)
+    g.layers = torch.tensor([1, 1])
+    g.train_iv, g.ref_iv, g.kl_weight, g.kl_positions = True, True, 1.0, positions
+    n = (float((batch["targets"] != -100).sum()), float(len(batch["idx"])))
+
+    def kl(alpha, ref_iv=True):
+        g.alpha, g.ref_iv = alpha, ref_iv
+        return float(lm(batch, n)[1]["kl"])
+
+    assert abs(kl(1.0)) < 1e-6, "same weights, IV at α=1 on both sides: KL must vanish"
+    assert kl(0.0) > 1e-4, "no IV in the trained model but IV in the reference: KL must be positive"
+    assert kl(1.0, ref_iv=False) > 1e-4
+    assert abs(kl(0.0, ref_iv=False)) < 1e-6
+
+
+def test_kl_zero_with_lora_reference_adapters_off():
+    # with LoRA the reference is the same module with its adapters off: fresh adapters (B = 0)
+    # change nothing, so the KL is zero at α = 1; after B moves it is not
+    tok = byte_tokenizer()
+    model = tiny_model()
+    lora.add_lora(model, r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj"))
+    batch = guided_batch(tok)
+    lm = train.LossModule(model)
+    g = lm.guidance
+    g.ivs, g.layers = torch.ones(2, 32) / 32 ** 0.5, torch.tensor([2, 2])
+    g.train_iv, g.ref_iv, g.kl_weight, g.alpha = True, True, 1.0, 1.0
+    n = (float((batch["targets"] != -100).sum()), float(len(batch["idx"])))
+    assert abs(float(lm(batch, n)[1]["kl"])) < 1e-6
+    with torch.no_grad():
+        for m in lora.lora_layers(model).values():
+            m.lora_B.normal_(std=0.5)
+    assert float(lm(batch, n)[1]["kl"]) > 1e-4
+
+
+# ---- runs -------------------------------------------------------------------------------------------
+
+def test_guided_with_zero_weights_equals_plain(env, tmp_path):
+    run_main(base_args(env, tmp_path / "plain"))
+    run_main(base_args(env, tmp_path / "zero", "--guided", "--kl_weight", "0", "--iv_alpha0", "0", *iv_args(env)))
+    assert_same_weights(final_weights(tmp_path / "plain"), final_weights(tmp_path / "zero"))
+    # the comparison can fail: real guidance does change the weights
+    run_main(base_args(env, tmp_path / "guided", "--guided", *iv_args(env)))
+    with pytest.raises(AssertionError):
+        assert_same_weights(final_weights(tmp_path / "plain"), final_weights(tmp_path / "guided"))
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("variant", ["full-guided", "lora-guided"])
+def test_resume_is_bit_exact(env, tmp_path, variant, monkeypatch):
+    extra = ["--guided", *iv_args(env), "--save_every", "3"]
+    if variant.startswith("lora"):
+        # dropout makes the RNG state part of what must be restored
+        extra += ["--lora_r", "4", "--lora_dropout", "0.2", "--lora_targets", "q_proj,v_proj,down_proj",
+                  "--kl_positions", "answer"]
+    else:
+        # the reference of task 2 is read back from task 1's checkpoint; replay and the head-MSE
+        # term run too
+        extra += ["--kl_ref", "previous", "--replay", "0.5", "--head_mse_weight", "0.1"]
+    extra += ["--eval_n", "2", "--general", env["general"], "--eval_k_shot", "1"]
+    ref = run_main(base_args(env, tmp_path / "ref", *extra))
+
+    # 1) Ctrl-C in task 2 after step 1: a checkpoint is saved at that step boundary
+    def ctrl_c(stage, step, model):
+        if (stage, step) == (1, 1):
+            raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        run_main(base_args(env, tmp_path / "int", *extra), ctrl_c)
+    assert e.value.code == 130
+    assert train.read_state(tmp_path / "int" / "last")["step"] == 1
+    # 2) a crash in task 1 at step 4: only the --save_every checkpoint of step 3 is there
+    def crash(stage, step, model):
+        if (stage, step) == (0, 4):
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        run_main(base_args(env, tmp_path / "crash", *extra), crash)
+    assert train.read_state(tmp_path / "crash" / "last")["step"] == 3
+
+    # 3) Ctrl-C while evaluating task 1 (the 2nd evaluation): the trained task is saved before merging
+    calls = []
+    real_eval = train.evaluate_stage
+    def eval_ctrl_c(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_eval(*a, **kw)
+    monkeypatch.setattr(train, "evaluate_stage", eval_ctrl_c)
+    with pytest.raises(SystemExit):
+        run_main(base_args(env, tmp_path / "eval", *extra))
+    monkeypatch.setattr(train, "evaluate_stage", real_eval)
+    st = train.read_state(tmp_path / "eval" / "last")
+    assert (st["stage_done"], st["step"]) == (0, 4)
+
+    for name in ("int", "crash", "eval"):
+        res = run_main(base_args(env, tmp_path / name, *extra, "--resume"))
+        assert_same_weights(final_weights(tmp_path / "ref"), final_weights(tmp_path / name))
+        # the same scores at every stage (the reports' "settings" hold wall-clock seconds)
+        assert [r["tasks"] for r in res["stages"]] == [r["tasks"] for r in ref["stages"]]
+        assert res["metrics"] == ref["metrics"]
+    assert set(ref["metrics"]) == {"AP", "BWT", "FWT", "GP_drop", "IP_drop"}
+    assert len(ref["stages"]) == 3 and set(ref["stages"][0]["tasks"]) == {"a", "b", "g"}
+    saved = json.loads((tmp_path / "ref" / "results.json").read_text())
+    assert set(saved) >= {"config", "stages", "metrics"}
+    if variant.startswith("lora"):
+        # the checkpoint is a plain HF model (adapters merged) plus the adapter in PEFT layout
+        assert (tmp_path / "ref" / "stage-2" / "adapter_config.json").exists() is False  # merged
+        assert (tmp_path / "int" / "last").exists() is False   # superseded by the stage checkpoint
+
+
+def test_ddp_and_fsdp_equal_one_process(env, tmp_path):
+    """2 CPU processes (gloo) with the same global batch (4 = 2 ranks x 1 micro-batch of 2) as one
+    process (2 micro-batches of 2). Both torchrun launches run while the 1-process references train
+    in this process: interpreter start-up dominates, and overlapping it halves the wall time."""
+    flags = {"ddp": ["--guided", *iv_args(env), "--max_steps", "3"],
+             "fsdp": ["--guided", *iv_args(env), "--max_steps", "3", "--lora_r", "4", "--lora_dropout", "0",
+                      "--no-lora_merge"]}
+    environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    procs = {}
+    for mode, extra in flags.items():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "train.py"), *base_args(env, tmp_path / f"{mode}-2", *extra),
+               *(["--fsdp"] if mode == "fsdp" else [])]
+        procs[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       env=environ, cwd=ROOT)
+    for mode, extra in flags.items():
+        run_main(base_args(env, tmp_path / f"{mode}-1", *extra))
+    for mode, p in procs.items():
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+        worst = assert_same_weights(final_weights(tmp_path / f"{mode}-1"), final_weights(tmp_path / f"{mode}-2"),
+                                    exact=False, atol=1e-6)
+        print(f"{mode} (2 processes) vs 1 process: max |diff| {worst:.2e}")
+
+
+def test_lora_merge_equals_unmerged_forward():
+    torch.manual_seed(0)
+    model = tiny_model()
+    x = torch.randint(0, 259, (2, 11))
+    base_out = model(x)
+    lora.add_lora(model, r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj", "o_proj", "gate_proj"))
+    # only the adapters train, and the unchanged Parameter objects keep the tied/HF names
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n in dict(model.named_parameters()) if ".lora_" in n}
+    with torch.no_grad():
+        for m in lora.lora_layers(model).values():
+            m.lora_B.normal_(std=0.3)
+    unmerged = model(x)
+    with lora.adapters_off(model):
+        assert torch.equal(model(x), base_out)                      # adapters off = the base model
+    exported = lora.merged_state_dict(model)
+    assert lora.merge(model) == 4 * 3 and not lora.has_lora(model)
+    merged = model(x)
+    diff = float((merged - unmerged).detach().abs().max())
+    assert diff < 1e-5, f"merged vs unmerged forward: max |diff| {diff:.2e}"
+    assert float((merged - base_out).detach().abs().max()) > 1e-3, "the adapters must have changed the model"
+    for k, v in model.state_dict().items():
+        assert torch.equal(exported[k], v), k
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+
+def expect_exit(argv, capsys, code=2, callback=None):
+    """Run, expect exit status `code`, and return the error line: the one line of stderr for bad
+    input; after training has started, the last line (progress bars come before it)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(argv, callback)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == code, err[-5:]
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0], err[-5:]
+    if code == 2:
+        assert len(err) == 1, err
+    return errors[0]
+
+
+def tree_digest(path: Path) -> dict:
+    return {str(p.relative_to(path)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_bad_inputs(env, tmp_path, capsys):
+    out = tmp_path / "bad"
+    args = base_args(env, out)
+    msg = expect_exit([*args[:2], "--tasks", "no_such_task", *args[4:]], capsys)
+    assert "no_such_task" in msg
+    expect_exit([*args[:2], "--tasks", " , ", *args[4:]], capsys)
+    msg = expect_exit(args + ["--guided", *iv_args(env), "--iv_layer", "3"], capsys)
+    assert "out of range" in msg
+    msg = expect_exit(args + ["--guided", "--iv_file", f"a={env['foreign_iv']}", "--iv_file", f"b={env['ivs']['b']}"],
+                      capsys)
+    assert "foreign.safetensors" in msg
+    assert not out.exists(), "a rejected run must not create its out_dir"
+
+    # a finished run, then: no --resume, changed flags, corrupt checkpoints -> exit 2, nothing changes
+    run_main(args)
+    before = tree_digest(out)
+    assert "--resume" in expect_exit(args, capsys)
+    assert "lr" in expect_exit([*args, "--resume", "--lr", "1e-4"], capsys)
+    state = out / "stage-2" / "train_state.pt"
+    good = state.read_bytes()
+    state.write_bytes(good[:100])
+    before = tree_digest(out)
+    assert "corrupt" in expect_exit([*args, "--resume"], capsys)
+    assert tree_digest(out) == before
+    state.write_bytes(good)
+    weights = out / "stage-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    before = tree_digest(out)
+    assert "model.safetensors" in expect_exit([*args, "--resume"], capsys)
+    assert tree_digest(out) == before
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, tmp_path, capsys):
+    def poison(stage, step, model):
+        if (stage, step) == (1, 3):
+            with torch.no_grad():
+                model.model.layers[0].mlp.up_proj.weight.fill_(float("nan"))
+    out = tmp_path / "nan"
+    msg = expect_exit(base_args(env, out, "--save_every", "2"), capsys, code=3, callback=poison)
+    assert "nan" in msg and str(out / "last") in msg
+    st = train.read_state(out / "last")
+    assert (st["stage_done"], st["step"]) == (1, 2)
+    w = read_safetensors(out / "last" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in w.values())
+    assert not (out / "stage-2").exists()
