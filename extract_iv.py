@@ -286,19 +286,8 @@ def aie_naive(model, prompts: list[Prompt], z_mean, *, effect="prob", progress=T
 
 def _suffix_inputs(model: Transformer, ids: torch.Tensor, start: int):
     """Embedding (1, U, C), RoPE tables and attention mask for tokens `ids` [U] at absolute positions
-    start.. after a cached prefix of `start` tokens: the first steps of Transformer.forward, written
-    out so that blocks can be run one by one."""
-    U = ids.shape[0]
-    pos, mask = model._positions_and_mask(1, U, start, None, ids.device)
-    x = model.model.embed_tokens(ids[None])
-    rope = None
-    if model.config.position == "learned":
-        x = x + model.model.embed_positions(pos)
-    else:
-        freqs = pos[..., None].float() * model.inv_freq                  # (1, U, D/2)
-        emb = torch.cat([freqs, freqs], dim=-1)                            # (1, U, D)
-        rope = (emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None])   # (1, 1, U, D)
-    return x, rope, mask
+    start.. after a cached prefix of `start` tokens, so that blocks can be run one by one."""
+    return model.embed(ids[None], start)
 
 
 @torch.no_grad()

@@ -405,13 +405,11 @@ class Transformer(nn.Module):
         mask = mask | (torch.arange(S, device=device)[None, None, :] == q_idx[None])
         return pos, mask[:, None]                                             # (B, 1, T, S)
 
-    def forward(self, idx, targets=None, *, pad_mask=None, cache: KVCache | None = None,
-                intervention: Intervention | None = None, return_hidden=False):
-        """idx (B, T) token ids -> logits (B, T, V) at every position, and with targets (B, T)
-        (targets[b, t] = the token after idx[b, t]; -100 = ignored, e.g. prompt tokens) also the
-        mean cross-entropy over non-ignored targets."""
+    def embed(self, idx, start: int = 0, pad_mask=None):
+        """The inputs of block 0 for tokens idx (B, T) at absolute positions start.. (after `start`
+        cached tokens): embeddings x (B, T, C), RoPE tables (None for learned positions) and the
+        attention mask. Public so that code running blocks one by one (extract_iv.py) shares it."""
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
         pos, mask = self._positions_and_mask(B, T, start, pad_mask, idx.device)
         x = self.model.embed_tokens(idx)                                      # (B, T, C)
         rope = None
@@ -421,6 +419,15 @@ class Transformer(nn.Module):
             freqs = pos[..., None].float() * self.inv_freq                    # (B, T, D/2)
             emb = torch.cat([freqs, freqs], dim=-1)                           # (B, T, D)
             rope = (emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None])  # (B, 1, T, D)
+        return x, rope, mask
+
+    def forward(self, idx, targets=None, *, pad_mask=None, cache: KVCache | None = None,
+                intervention: Intervention | None = None, return_hidden=False):
+        """idx (B, T) token ids -> logits (B, T, V) at every position, and with targets (B, T)
+        (targets[b, t] = the token after idx[b, t]; -100 = ignored, e.g. prompt tokens) also the
+        mean cross-entropy over non-ignored targets."""
+        start = cache.length if cache is not None else 0
+        x, rope, mask = self.embed(idx, start, pad_mask)
         iv = intervention
         for i, block in enumerate(self.model.layers):
             x = block(x, rope, mask, cache, i, iv, start)
