@@ -24,7 +24,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 
@@ -70,11 +69,11 @@ def make_batch(tok, args, device):
     return train.collate(items, tok.pad_id, device), name
 
 
-def setting(model, kind: str, layer: int, iv: torch.Tensor, lora_r: int):
+def setting(model, kind: str, layer: int, iv: torch.Tensor, lora_r: int, copy_model: bool = True):
     """A LossModule + optimizer for one setting: plain | guided | lora | lora-guided. Guided = the
     defaults of `train.py --guided`: α·IV in the trained model (α = 0.5, mid-task), KL at the last
     prompt token against the reference + IV (a frozen copy; with LoRA the adapters-off base)."""
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model) if copy_model else model
     if kind.startswith("lora"):
         lora.add_lora(model, lora_r, 2 * lora_r, 0.1, ("q_proj", "v_proj"))
     lm = train.LossModule(model)
@@ -98,13 +97,22 @@ def our_step(lm, opt, params, batch, amp):
     opt.zero_grad(set_to_none=True)
 
 
-def hf_setup(model, tok, batch, device):
-    """transformers' LlamaForCausalLM with our weights, and the batch in its label convention."""
+def hf_model_dir(model_arg):
+    """An HF directory holding the weights: --model itself, or the cache load.py converts the
+    embedded GGUF into (filled by any earlier load_model call)."""
+    from load import default_gguf_path, gguf_cache_path, load_model
+    if model_arg is not None and os.path.isdir(model_arg):
+        return model_arg
+    path = gguf_cache_path(default_gguf_path() if model_arg is None else __import__("pathlib").Path(model_arg))
+    if not (path / "config.json").is_file():
+        load_model(model_arg)
+    return str(path)
+
+
+def hf_setup(model_dir, batch, device):
+    """transformers' LlamaForCausalLM with the same weights, and the batch in its label convention."""
     from transformers import LlamaForCausalLM
-    from load import save_hf
-    with tempfile.TemporaryDirectory() as d:
-        save_hf(model, tok, d)
-        hf = LlamaForCausalLM.from_pretrained(d, torch_dtype=torch.float32).to(device)
+    hf = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).to(device)
     hf.train()
     # HF shifts labels inside: labels[t] is predicted from position t-1, so ours (targets[t] = token
     # after idx[t]) move one to the right
@@ -131,32 +139,55 @@ def sync(device):
 
 # ---- memory ------------------------------------------------------------------------------------------
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+def rss_mb(field: str = "VmHWM") -> float:
+    """VmHWM = peak resident memory of this process, VmRSS = current. Read from /proc: getrusage's
+    ru_maxrss survives execve on Linux, so a child started by a big parent would report the parent's
+    peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024                       # kB -> MB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # elsewhere: best effort
+
+
+@torch.no_grad()
+def touch(model):
+    # page in mmap-backed weights (safetensors loads lazily), so that "loaded" counts all of them
+    for p in model.parameters():
+        p.sum()
 
 
 def memory_child(args):
     """One setting in a fresh process: RSS after loading vs peak RSS after 3 steps (CPU)."""
     from extract_iv import default_layer
     from load import load_model
+    from tokenizer import Tokenizer
     device = torch.device(args.device)
+    amp = amp_ctx(args, device)
+    if args._memory_child == "hf":
+        # transformers' model only: loaded straight from the HF directory, ours never built
+        model_dir = hf_model_dir(args.model)
+        batch, _ = make_batch(Tokenizer.from_hf_dir(model_dir), args, device)
+        hf, opt, inputs = hf_setup(model_dir, batch, device)
+        touch(hf)
+        base = rss_mb("VmRSS")
+        for _ in range(3):
+            hf_step(hf, opt, inputs, amp)
+        print(json.dumps({"loaded_mb": base, "peak_mb": rss_mb("VmHWM")}))
+        return
     model, tok = load_model(args.model, device=device)
     batch, _ = make_batch(tok, args, device)
     layer = default_layer(model.n_layers)
     iv = torch.randn(model.config.hidden_size, device=device)
-    base = peak_rss_mb()
-    amp = amp_ctx(args, device)
-    if args._memory_child == "hf":
-        hf, opt, inputs = hf_setup(model, tok, batch, device)
-        del model
-        for _ in range(3):
-            hf_step(hf, opt, inputs, amp)
-    else:
-        lm, opt, params = setting(model, args._memory_child, layer, iv, args.lora_r)
-        del model   # the setting holds its own copy
-        for _ in range(3):
-            our_step(lm, opt, params, batch, amp)
-    print(json.dumps({"loaded_mb": base, "peak_mb": peak_rss_mb()}))
+    touch(model)
+    base = rss_mb("VmRSS")
+    lm, opt, params = setting(model, args._memory_child, layer, iv, args.lora_r, copy_model=False)
+    for _ in range(3):
+        our_step(lm, opt, params, batch, amp)
+    print(json.dumps({"loaded_mb": base, "peak_mb": rss_mb("VmHWM")}))
 
 
 def measure_memory(args, kinds):
@@ -206,6 +237,10 @@ def main(argv=None):
     from extract_iv import default_layer
     from load import load_model
     device = torch.device(args.device)
+    mem = {}
+    if not args.no_memory and device.type != "cuda":
+        # before this process loads anything: the children then share the machine with a small parent
+        mem = measure_memory(args, ["plain", "guided", "lora", "lora-guided"] + ([] if args.no_hf else ["hf"]))
     model, tok = load_model(args.model, device=device)
     batch, task = make_batch(tok, args, device)
     n_tok = int(batch["pad_mask"].sum()) if batch["pad_mask"] is not None else batch["idx"].numel()
@@ -223,7 +258,7 @@ def main(argv=None):
     kinds = ["plain", "guided", "lora", "lora-guided"]
     runs = {k: (lambda s: (lambda: our_step(*s, batch, amp)))(setting(model, k, layer, iv, args.lora_r)) for k in kinds}
     if not args.no_hf:
-        hf, hf_opt, inputs = hf_setup(model, tok, batch, device)
+        hf, hf_opt, inputs = hf_setup(hf_model_dir(args.model), batch, device)
         runs["hf"] = lambda: hf_step(hf, hf_opt, inputs, amp)
     times = {k: [] for k in runs}
     for k, f in runs.items():     # warm-up: allocator, autocast caches, lazy inits
@@ -255,7 +290,6 @@ def main(argv=None):
     # ---- 2: memory -----------------------------------------------------------------------------------
     if not args.no_memory:
         print("\npeak memory (fresh process per setting; RSS on CPU)")
-        mem = {}
         if device.type == "cuda":
             for k in ("plain", "guided", "lora", "lora-guided"):
                 torch.cuda.empty_cache()
@@ -265,19 +299,16 @@ def main(argv=None):
                     our_step(*s, batch, amp)
                 mem[k] = {"peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
                 del s
-        else:
-            mem = measure_memory(args, ["plain", "guided", "lora", "lora-guided"] + ([] if args.no_hf else ["hf"]))
         for k, m in mem.items():
             extra = f"  (loaded: {m['loaded_mb']:.0f} MB, training adds {m['peak_mb'] - m['loaded_mb']:.0f} MB)" \
                 if "loaded_mb" in m else ""
             print(f"  {k:12s} peak {m['peak_mb']:8.0f} MB{extra}")
         res["memory_mb"] = mem
-        # activation cost per (token x layer x channel) from the LoRA run: what LoRA adds beyond its
-        # loaded weights is activations (+ the deep copy of the weights the setting makes, removed here)
+        # activation cost per (token x layer x channel) from the LoRA run: what LoRA training adds to
+        # the loaded weights is activations and their gradients (the adapters' state is ~MBs)
         if "lora" in mem and "loaded_mb" in mem["lora"]:
-            n_params = sum(p.numel() for p in model.parameters())
             C, L = model.config.hidden_size, model.n_layers
-            act = (mem["lora"]["peak_mb"] - mem["lora"]["loaded_mb"]) * 2 ** 20 - 4 * n_params
+            act = (mem["lora"]["peak_mb"] - mem["lora"]["loaded_mb"]) * 2 ** 20
             per = max(act, 0) / (n_tok * L * C)
             res["act_bytes_per_token_layer_channel"] = per
             for tokens in (n_tok, 8 * 512):
