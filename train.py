@@ -77,9 +77,17 @@ class Diverged(TrainError):
 # Command line. Flags are grouped as in nanochat; `--guided` and `--quick` are presets that only
 # change defaults, so every value they set can still be overridden.
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    # "(default: None)" says nothing for flags whose default depends on --guided/--quick: their help
+    # text spells the defaults out instead
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("presets")
     g.add_argument("--guided", action="store_true",
                    help="IV-guided training: sets --iv_alpha0 1, --kl_weight 1, --kl_iv (METHOD.md §4)")
@@ -114,22 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--tasks", default=None,
-                   help="comma-separated training sequence: task names or .jsonl/.json files "
-                        "(default: tasks.default_sequence())")
+                   help="comma-separated training sequence: registry names or task files in any format "
+                        "tasks.load_task reads (default: tasks.default_sequence())")
     g.add_argument("--general", default=None,
                    help="comma-separated general-ability suite, or 'none' (default: tasks.general_suite())")
-    g.add_argument("--max_train", type=int, default=None, help="at most this many training examples per task")
+    g.add_argument("--max_train", type=int, default=None, help="at most this many training examples per task (default 320; 24 under --quick)")
     g.add_argument("--max_len", type=int, default=256,
                    help="longest training sequence in tokens; longer prompts lose their start")
     g.add_argument("--replay", type=float, default=0.0,
                    help="mix in FRACTION x (task size) examples drawn from the earlier tasks")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=float, default=None, help="epochs per task (fractions allowed)")
+    g.add_argument("--epochs", type=float, default=None, help="epochs per task, fractions allowed (default 1)")
     g.add_argument("--max_steps", type=int, default=0, help="optimizer steps per task; overrides --epochs")
-    g.add_argument("--batch_size", type=int, default=None, help="examples per optimizer step (all ranks)")
+    g.add_argument("--batch_size", type=int, default=None, help="examples per optimizer step, all ranks together (default 8)")
     g.add_argument("--micro_batch", type=int, default=None,
-                   help="examples per forward pass per rank; batch_size/(micro_batch x ranks) = accumulation")
+                   help="examples per forward pass per rank (default 8); batch_size / (micro_batch x ranks) = "
+                        "gradient accumulation steps")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-5 full, 3e-4 LoRA)")
     g.add_argument("--lr_schedule", default="cosine", choices=["cosine", "linear", "constant"],
                    help="decay after warmup, restarted for every task")
@@ -143,11 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("guidance (METHOD.md §4; --guided sets the first three)")
     g.add_argument("--iv_alpha0", type=float, default=None,
-                   help="starting scale of the IV added in the trained model (0 = no intervention)")
+                   help="starting scale α_0 of the IV added in the trained model (default 0; 1 with --guided)")
     g.add_argument("--kl_weight", type=float, default=None,
-                   help="λ of the KL term; without --guided this is the KL-to-reference baseline")
+                   help="λ of the KL term (default 0; 1 with --guided); without --guided, the KL-to-reference "
+                        "baseline")
     g.add_argument("--kl_iv", action=argparse.BooleanOptionalAction, default=None,
-                   help="add the IV to the KL reference (--no-kl_iv: the reference without the IV)")
+                   help="add the IV to the KL reference (default: with --guided); --no-kl_iv: the reference "
+                        "without the IV (ablation)")
     g.add_argument("--alpha_schedule", default="linear", choices=["linear", "constant"],
                    help="α_t over a task's steps: linear from α_0 to 0, or constant α_0 (ablation)")
     g.add_argument("--kl_temp", type=float, default=2.0, help="softmax temperature τ of both KL sides")
@@ -156,25 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kl_ref", default="original", choices=["original", "previous"],
                    help="the frozen reference: the model before any training, or after the previous task")
     g.add_argument("--kl_min", type=float, default=0.0,
-                   help="count a row's KL only when above this (the sibling code uses 0.1)")
+                   help="count a row's KL only when above this (default 0 = always; the sibling code uses 0.1)")
     g.add_argument("--head_mse_weight", type=float, default=0.0,
-                   help="weight of the sibling paper's MSE between the top heads' z and the reference's")
+                   help="weight of the sibling paper's MSE between the top heads' z and the reference's "
+                        "(default 0 = off)")
     g.add_argument("--iv_layer", type=int, default=None,
-                   help="inject after this layer (0-based); default: the layer the IV was extracted for")
-    g.add_argument("--iv_dir", default="ivs", help="IV cache: <iv_dir>/<model tag>/<task>.safetensors, "
-                   "the layout extract_iv.py writes")
+                   help="inject after this block (0-based); default: the IV's own (extract_iv: 0.3 x depth)")
+    g.add_argument("--iv_dir", default=None, help="IV cache: <iv_dir>/<model tag>/<task>.safetensors, "
+                   "the layout extract_iv.py writes (default ivs, ivs/quick under --quick)")
     g.add_argument("--iv_method", default="exact", choices=["exact", "attribution"],
                    help="AIE computation of the IV extraction (extract_iv.py)")
-    g.add_argument("--iv_n_clean", type=int, default=100, help="clean prompts averaged into the heads' mean z")
-    g.add_argument("--iv_n_corrupt", type=int, default=25, help="corrupted prompts averaged into the AIE")
+    g.add_argument("--iv_n_clean", type=int, default=None, help="clean prompts averaged into the heads' mean z "
+                   "(default 100, 20 under --quick)")
+    g.add_argument("--iv_n_corrupt", type=int, default=None, help="corrupted prompts averaged into the AIE "
+                   "(default 25, 8 under --quick)")
     g.add_argument("--iv_top_k", type=int, default=None, help="heads in the IV (default: extract_iv's)")
     g.add_argument("--iv_file", action="append", default=[], metavar="TASK=PATH",
                    help="use this IV file for TASK instead of extracting one (repeatable)")
 
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval_n", type=int, default=None, help="test examples per task and stage; 0 = no evaluation")
+    g.add_argument("--eval_n", type=int, default=None, help="test examples per task and stage (default 40; 8 under --quick); 0 = no evaluation")
     g.add_argument("--eval_k_shot", type=int, default=None,
-                   help="demonstrations for the in-context (IP) score of the general suite")
+                   help="demonstrations for the in-context (IP) score of the general suite (default 3)")
     g.add_argument("--eval_batch", type=int, default=16, help="prompts per forward pass in evaluation")
     g.add_argument("--eval_metrics", default="needed", choices=["needed", "all"],
                    help="needed: each task's primary score (+ k-shot for the general suite) and the "
@@ -193,8 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 # defaults that depend on the presets: (plain, --guided) and (normal, --quick)
 GUIDED_DEFAULTS = {"iv_alpha0": (0.0, 1.0), "kl_weight": (0.0, 1.0), "kl_iv": (False, True)}
-SIZE_DEFAULTS = {"max_train": (400, 24), "epochs": (1.0, 1.0), "batch_size": (8, 8),
-                 "micro_batch": (8, 8), "eval_n": (40, 8), "eval_k_shot": (3, 3)}
+# Budget of the defaults (fp32 on a 2-core AVX2 CPU, ~120 tok/s training, ~3.5 s per step of 8 plain,
+# ~4.6 s guided, ~55 s per evaluation stage at eval_n 40): 4 tasks x 40 steps + 5 evaluations =
+# ~14 min plain, ~17 min guided + ~6.5 min for the first extraction of the 4 IVs (then cached).
+# --quick: 4 x 3 steps + 5 evaluations of 8 examples = ~2.5 min, + ~1.5 min for its lighter IVs.
+SIZE_DEFAULTS = {"max_train": (320, 24), "epochs": (1.0, 1.0), "batch_size": (8, 8),
+                 "micro_batch": (8, 8), "eval_n": (40, 8), "eval_k_shot": (3, 3),
+                 "iv_n_clean": (100, 20), "iv_n_corrupt": (25, 8), "iv_dir": ("ivs", os.path.join("ivs", "quick"))}
 # flags that may differ between a run and its --resume (they do not change the numbers)
 RESUME_FREE = {"resume", "overwrite", "save_every", "log_every", "wandb", "wandb_project", "num_threads"}
 

@@ -1,12 +1,14 @@
 """Tests of train.py and lora.py on a tiny random model (byte-level tokenizer, 3 layers, d_model 32)
-and tiny tasks in JSONL files, so every run takes a second or two.
+and tiny tasks in the suite's file layout, so every run takes a second or two.
 
-What is checked: the α schedule; the guided KL is zero exactly when the trained model equals the
-reference with the IV at α = 1 (and not otherwise); guidance with λ = 0 and α0 = 0 is bit-identical
-to plain training; a run interrupted (Ctrl-C, or a crash after a --save_every checkpoint) and resumed
-ends with bit-identical weights and reports; DDP on 2 CPU processes equals 1 process with the same
-global batch; LoRA merge equals the unmerged forward; bad input exits with status 2 and one line,
-touching nothing; a NaN loss stops with status 3 and keeps the last good checkpoint.
+What is checked: the α and lr schedules; collation (loss on answer tokens only); the guided KL is
+zero exactly when the trained model equals the reference with the IV at α = 1 (and not otherwise),
+also with a LoRA reference (adapters off); guidance with λ = 0 and α0 = 0 is bit-identical to plain
+training; a run interrupted (Ctrl-C in training or in evaluation, or a crash after a --save_every
+checkpoint) and resumed ends with bit-identical weights and scores, for full fine-tuning and LoRA;
+DDP and FSDP (LoRA) on 2 CPU processes equal 1 process with the same global batch; LoRA merge
+equals the unmerged forward; bad input exits with status 2 and one line, touching nothing; a NaN
+loss stops with status 3 and keeps the last good checkpoint.
 """
 import hashlib
 import json
