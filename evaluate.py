@@ -45,6 +45,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -59,12 +60,15 @@ from model import KVCache
 # Metric names. The three chat metrics come zero-shot and, with k_shot > 0, in-context ("_kshot");
 # knowledge_logprob has no chat prompt and so no k-shot form.
 
-CHAT_METRICS = ("exact_match", "choice_accuracy", "instruction_logprob")
+CHAT_METRICS = ("exact_match", "reply_contains", "choice_accuracy", "instruction_logprob")
 KSHOT_SUFFIX = "_kshot"
 METRICS = CHAT_METRICS + ("knowledge_logprob",) + tuple(m + KSHOT_SUFFIX for m in CHAT_METRICS)
 MAX_LABELS = 10          # a task with at most this many distinct outputs ranks all of them
 N_DISTRACTORS = 9        # otherwise: gold + this many outputs of other examples (see choice_candidates)
 QUOTES = "\"'`*“”‘’"   # stripped around an answer by normalize_answer
+# reply_contains: the greedy reply's budget. A chat model answers in a sentence ("The capital of
+# Peru is Lima."); 32 tokens hold one, and decoding stops as soon as the answer has appeared.
+REPLY_TOKENS = 32
 # Task.metric spellings -> our metric names (tasks.py says "choice")
 METRIC_ALIASES = {"choice": "choice_accuracy"}
 
@@ -170,6 +174,25 @@ def may_still_match(partial: str, gold: str) -> bool:
         return target.startswith(t)
     # past the gold's length only the characters normalize_answer strips at the end may follow
     return t.startswith(target) and all(c in QUOTES + ".!? " for c in t[len(target):])
+
+
+def reply_contains(reply: str, gold: str, final: bool = True) -> bool:
+    """Does the greedy reply state the gold answer? True when normalize_answer(gold) occurs in the
+    reply as whole words ("London" in "The capital of the United Kingdom is London."), its first
+    letter in either case, the rest case-sensitive (as exact match). This is the instruction-following
+    score of the general suite: it accepts the model's own sentence style, and it fails a reply in
+    some other task's format ("UNITED KINGDOM", "Kingdom United", "UK"), which is how fine-tuning
+    on new formats shows up in a small chat model while the ranking of answers (choice_accuracy,
+    knowledge) stays put. final=False is for a reply still being decoded: the match must then be
+    followed by a character, so "London" in "... is London" does not count before the next token
+    shows whether it was "Londoner"."""
+    g = normalize_answer(gold)
+    if not g:
+        return False
+    reply = " ".join(unicodedata.normalize("NFKC", reply).split())
+    first = re.escape(g[0].lower()) + "|" + re.escape(g[0].upper())
+    end = r"(?!\w)" if final else r"(?=\W)"
+    return re.search(r"(?<!\w)(?:" + first + ")" + re.escape(g[1:]) + end, reply) is not None
 
 
 def draw_shots(task, k: int, seed: int = 0) -> list:
@@ -549,6 +572,22 @@ def evaluate_task(model, tok, task, n: int | None = None, k_shot: int = 0, metri
             if not want:
                 continue
             prompts = [render_prompt(tok, ex, shots) for ex in test]
+            if "reply_contains" in want:
+                # its own pass: a longer budget, and a row stops once its answer has appeared.
+                # Decoding still starts from the gold's teacher-forced pass (a reply that is
+                # the gold contains it).
+                def not_yet(i, toks):
+                    return not reply_contains(tok.decode([t for t in toks if t not in stop]), test[i].output, final=False)
+                _, gens = _run_prompts(model, prompts, [[g] for g in golds], max_new_tokens=REPLY_TOKENS,
+                                       stop_ids=stop, alive=not_yet, batch_size=batch_size,
+                                       desc=f"{task.name}{suffix or ' 0-shot'} reply", progress=progress,
+                                       timings=timings, tag=(suffix or "_0shot")[1:] + "/reply/")
+                out["reply_contains" + suffix] = _mean(
+                    float(reply_contains(tok.decode([t for t in _cut(g, stop) if t not in stop]), ex.output))
+                    for g, ex in zip(gens, test))
+                want.discard("reply_contains")
+                if not want:
+                    continue
             if "choice_accuracy" in want:
                 # gold first: _run_prompts(prune=True) ranks the others against conts[i][0]
                 conts = []
@@ -706,6 +745,13 @@ def cl_metrics(reports: list, train_tasks: list, general_tasks: list = ()) -> di
             per_stage = None  # e.g. IP when the reports have no k-shot scores
         out[name] = per_stage
         out[name + "_drop"] = (per_stage[0] - per_stage[n]) if per_stage and per_stage[0] is not None else None
+    # the general suite under every other metric the reports share (METHOD.md §1: e.g.
+    # choice_accuracy and knowledge_logprob, the knowledge side, next to the primary score)
+    out["general"] = {}
+    if general_tasks:
+        shared = set.intersection(*(set(rep["tasks"][g]) for rep in reports for g in general_tasks)) - {"n"}
+        for m in sorted(shared):
+            out["general"][m] = [_mean(rep["tasks"][g][m] for g in general_tasks) for rep in reports]
     return out
 
 

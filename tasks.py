@@ -48,7 +48,7 @@ class Example:
 class Task:
     name: str
     kind: str            # "general" (held-out suite), "train" or "extra"
-    metric: str          # "choice" (likelihood-ranked among choices) or "exact_match" (greedy)
+    metric: str          # primary score: "choice" (likelihood-ranked), "exact_match" or "reply_contains" (greedy)
     train: list[Example]
     test: list[Example]
     description: str = ""

@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro_batch", type=int, default=None,
                    help="examples per forward pass per rank (default 8); batch_size / (micro_batch x ranks) = "
                         "gradient accumulation steps")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-5 full, 3e-4 LoRA)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4 full, as in the sibling code; 3e-4 LoRA)")
     g.add_argument("--lr_schedule", default="cosine", choices=["cosine", "linear", "constant"],
                    help="decay after warmup, restarted for every task")
     g.add_argument("--min_lr_ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_k_shot", type=int, default=None,
                    help="demonstrations for the in-context (IP) score of the general suite (default 3)")
     g.add_argument("--eval_batch", type=int, default=16, help="prompts per forward pass in evaluation")
+    g.add_argument("--stage0_cache", default=None, metavar="PATH",
+                   help="reuse the original model's evaluation from this JSON file when model, tasks and "
+                   "evaluation flags match (written there otherwise): runs of one study share it")
     g.add_argument("--eval_metrics", default="needed", choices=["needed", "all"],
                    help="needed: each task's primary score (+ k-shot for the general suite) and the "
                         "instruction/knowledge log-probs; all: every metric of evaluate.py")
@@ -215,7 +218,8 @@ SIZE_DEFAULTS = {"max_train": (320, 24), "epochs": (1.0, 1.0), "batch_size": (8,
                  "micro_batch": (8, 8), "eval_n": (40, 8), "eval_k_shot": (3, 3),
                  "iv_n_clean": (100, 20), "iv_n_corrupt": (25, 8), "iv_dir": ("ivs", os.path.join("ivs", "quick"))}
 # flags that may differ between a run and its --resume (they do not change the numbers)
-RESUME_FREE = {"resume", "overwrite", "save_every", "log_every", "wandb", "wandb_project", "num_threads"}
+RESUME_FREE = {"resume", "overwrite", "save_every", "log_every", "wandb", "wandb_project", "num_threads",
+               "stage0_cache"}
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
@@ -228,7 +232,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         if cfg[k] is None:
             cfg[k] = quick if cfg["quick"] else normal
     if cfg["lr"] is None:
-        cfg["lr"] = 3e-4 if cfg["lora_r"] > 0 else 3e-5
+        cfg["lr"] = 3e-4 if cfg["lora_r"] > 0 else 1e-4
     if cfg["out_dir"] is None:
         cfg["out_dir"] = os.path.join("runs", ("guided" if cfg["guided"] else "plain") + ("-quick" if cfg["quick"] else ""))
     if cfg["max_steps"] == 0 and cfg["quick"]:
@@ -754,7 +758,7 @@ def set_rng_state(st: dict):
 
 def eval_metrics(task, general: bool, cfg) -> tuple:
     """What a stage report needs of one task (--eval_metrics needed): its primary score; for the
-    general suite also the primary score in-context (IP) and the knowledge log-prob; everywhere
+    general suite also the primary score in-context (IP), choice accuracy and the knowledge log-prob; everywhere
     the instruction log-prob (METHOD.md §1: instruction vs knowledge). 'all' = every metric."""
     import evaluate
     if cfg["eval_metrics"] == "all":
@@ -762,7 +766,8 @@ def eval_metrics(task, general: bool, cfg) -> tuple:
     primary = evaluate.canonical_metric(task.metric)
     out = [primary, "instruction_logprob"]
     if general:
-        out.append("knowledge_logprob")
+        # knowledge side (METHOD.md §1): the ranking of answers and the plain-text log-prob
+        out += ["choice_accuracy", "knowledge_logprob"]
         if cfg["eval_k_shot"] > 0:
             out += [primary + evaluate.KSHOT_SUFFIX, "instruction_logprob" + evaluate.KSHOT_SUFFIX]
     return tuple(dict.fromkeys(out))
@@ -1000,12 +1005,31 @@ def train(cfg: dict, step_callback=None) -> dict:
     return run.results
 
 
+def stage0_key(run: Run) -> dict:
+    """What the original model's report depends on: the model (config + a weight fingerprint), the
+    tasks and the evaluation flags. --stage0_cache reuses a saved report only when all agree."""
+    from extract_iv import weight_fingerprint
+    keys = ("model", "model_dtype", "eval_n", "eval_k_shot", "eval_metrics", "dtype", "device")
+    return {"cfg": {k: run.cfg[k] for k in keys}, "weights": weight_fingerprint(run.model),
+            "train_tasks": [t.name for t in run.train_tasks], "general": [t.name for t in run.general]}
+
+
 def evaluate_and_record(run: Run, label: str):
     """Evaluate on rank 0 (the others wait; under FSDP every rank runs the same evaluation, since
     each forward gathers the shards of all ranks), append the report, recompute the metrics, print
     the tables and rewrite results.json."""
-    if run.d.main or run.cfg["fsdp"]:
+    cache = run.cfg.get("stage0_cache") if label.startswith("stage 0") else None
+    key = stage0_key(run) if cache else None
+    report = None
+    if cache and os.path.exists(cache):
+        with open(cache, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved.get("key") == key:
+            report = saved["report"]
+    if report is None and (run.d.main or run.cfg["fsdp"]):
         report = evaluate_stage(run.model, run.tok, run.train_tasks, run.general, run.cfg, label, run.amp_dtype)
+        if cache and run.d.main:
+            write_json_atomic(Path(cache), {"key": key, "report": report})
     if run.d.main:
         r = run.results
         r["stages"].append(report)

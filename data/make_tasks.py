@@ -272,15 +272,15 @@ def make_time_12h(rng):
 
 # name -> (maker, kind, metric, description)
 TASKS = {
-    "antonym": (make_antonym, "general", "choice", "word -> its opposite (hot -> cold)"),
-    "capital": (make_capital, "general", "choice", "country -> capital city (Japan -> Tokyo)"),
-    "plural": (make_plural, "general", "choice", "singular noun -> plural (child -> children)"),
-    "past_tense": (make_past_tense, "general", "choice", "verb -> simple past (go -> went)"),
-    "comparative": (make_comparative, "general", "choice", "adjective -> comparative (big -> bigger)"),
+    "antonym": (make_antonym, "general", "reply_contains", "word -> its opposite (hot -> cold)"),
+    "capital": (make_capital, "general", "reply_contains", "country -> capital city (Japan -> Tokyo)"),
+    "plural": (make_plural, "general", "reply_contains", "singular noun -> plural (child -> children)"),
+    "past_tense": (make_past_tense, "general", "reply_contains", "verb -> simple past (go -> went)"),
+    "comparative": (make_comparative, "general", "reply_contains", "adjective -> comparative (big -> bigger)"),
     "category": (make_category, "extra", "choice",
                  "word -> animal, fruit, color, sport or vehicle"),
     "sentiment": (make_sentiment, "extra", "choice", "short review -> positive or negative"),
-    "language": (make_language, "general", "choice", "country -> main language (Brazil -> Portuguese)"),
+    "language": (make_language, "general", "reply_contains", "country -> main language (Brazil -> Portuguese)"),
     "uppercase": (make_uppercase, "train", "exact_match", "2-3 words -> UPPER CASE"),
     "reverse_words": (make_reverse_words, "train", "exact_match", "3-4 words -> reversed order"),
     "acronym": (make_acronym, "train", "exact_match", "3-4 words -> first letters (RAR)"),

@@ -30,7 +30,8 @@ class CharTok:
 
     def decode(self, ids):
         names = {i: t for t, i in self.special_tokens.items()}
-        return "".join(names[i] if i < 3 else self.chars[i - 3] for i in ids)
+        # ids past the alphabet (a random model may emit them) decode as U+FFFD, like stray bytes
+        return "".join(names[i] if i < 3 else (self.chars + "\ufffd" * V)[i - 3] for i in ids)
 
     def render_chat(self, messages, add_generation_prompt=True):
         ids = []
@@ -310,6 +311,45 @@ def test_exact_match_by_hand():
     assert out["exact_match"] == 0.0
 
 
+def test_reply_contains_rule():
+    assert E.reply_contains("The capital of the United Kingdom is London.", "London")
+    assert E.reply_contains("london", "London") and E.reply_contains("Cold.", "cold")
+    assert E.reply_contains('The plural of "soldier" is "soldiers."', "soldiers")
+    assert E.reply_contains("it is more  boring now", "more boring")     # whitespace collapsed
+    assert not E.reply_contains("UNITED KINGDOM", "London")            # another task's format
+    assert not E.reply_contains("LONDON", "London")                    # case kept after the first letter
+    assert not E.reply_contains("Londoner", "London") and not E.reply_contains("moreboring", "more boring")
+    # while decoding, a match at the very end is not settled until a following character shows
+    assert not E.reply_contains("is London", "London", final=False)
+    assert E.reply_contains("is London.", "London", final=False)
+
+
+def test_reply_contains_equals_naive_generation():
+    # reply_contains decodes with an early stop once the answer has appeared: the verdict must be the
+    # one read off each example's full greedy reply from Transformer.generate
+    model = tiny_model(seed=5)
+    inputs = ["ab", "cde", "f", "ghij", "kl", "mno", "p", "qrs"]
+    stop = TOK.stop_ids()
+    replies = []
+    for w in inputs:
+        prompt = E.render_prompt(TOK, Example("Say it.", w, "x"))
+        out = model.generate(torch.tensor([prompt]), E.REPLY_TOKENS, stop_ids=stop)[0].tolist()
+        replies.append(TOK.decode([t for t in E._cut(out, stop) if t not in stop]))
+    # golds: a word the reply really contains (as whole words or not), or something absent
+    golds = []
+    for i, r in enumerate(replies):
+        words = [x for x in r.replace("\ufffd", " ").split() if x.strip(".,:;?!'\"-")]
+        part = r[1:4] if "\ufffd" not in r[1:4] and r[1:4].strip() else ""
+        golds.append(words[0] if words and i % 2 == 0 else (part if i % 3 == 1 and part else "zzqq"))
+    test = [Example("Say it.", w, g) for w, g in zip(inputs, golds)]
+    want = sum(E.reply_contains(r, g) for r, g in zip(replies, golds)) / len(test)
+    for bs in (1, 3):
+        out = E.evaluate_task(model, TOK, make_task(test, metric="reply_contains"), metrics=("reply_contains",),
+                              batch_size=bs, progress=False)
+        assert out["reply_contains"] == pytest.approx(want), (replies, golds)
+    assert 0 < want < 1, (replies, golds)  # both verdicts exercised
+
+
 def test_knowledge_logprob_by_hand():
     model, L = bigram_model(TABLE)
     test = [Example("i", "x", "ca", knowledge_prompt="it is", knowledge_answer="ca"),
@@ -392,6 +432,9 @@ def test_cl_metrics_by_hand():
     assert cl["forgetting"]["C"] is None
     assert cl["GP"] == pytest.approx([0.5, 0.4, 0.35, 0.25])
     assert cl["GP_drop"] == pytest.approx(0.25) and cl["IP_drop"] == pytest.approx(0.6 - 0.45)
+    # every metric the general reports share, per stage (here the primary ones themselves)
+    assert cl["general"]["exact_match"] == pytest.approx(cl["GP"])
+    assert cl["general"]["exact_match_kshot"] == pytest.approx(cl["IP"])
     # one stage: nothing learned before it, so BWT, FWT and forgetting are undefined
     one = E.cl_metrics(reports[:2], ["A", "B", "C"], ["g1"])
     assert one["AP"] == pytest.approx(0.8) and one["BWT"] is None and one["FWT"] is None

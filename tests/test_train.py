@@ -399,3 +399,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, tmp_path, capsys):
     w = read_safetensors(out / "last" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in w.values())
     assert not (out / "stage-2").exists()
+
+
+def test_stage0_cache_reused_only_when_settings_match(env, tmp_path, monkeypatch):
+    # a study's runs share the original model's evaluation: the first run writes it, a run with the
+    # same model/tasks/eval flags reads it back (no evaluation), one with other eval flags recomputes
+    cache = tmp_path / "stage0.json"
+    args = ["--general", env["general"], "--eval_n", "3", "--eval_k_shot", "0", "--stage0_cache", str(cache)]
+    first = run_main([*base_args(env, tmp_path / "r1"), *args])
+    assert cache.is_file()
+    calls = []
+    real = train.evaluate_stage
+    monkeypatch.setattr(train, "evaluate_stage", lambda *a, **k: calls.append(a[-2]) or real(*a, **k))
+    second = run_main([*base_args(env, tmp_path / "r2", "--seed", "5"), *args])
+    assert not any(label.startswith("stage 0") for label in calls) and len(calls) == 2
+    assert second["stages"][0] == first["stages"][0]
+    calls.clear()
+    run_main([*base_args(env, tmp_path / "r3"), *args[:-2], "--stage0_cache", str(cache), "--eval_n", "2"])
+    assert calls[0].startswith("stage 0")       # --eval_n changed: the cached report does not apply
