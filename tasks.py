@@ -64,6 +64,8 @@ def user_prompt(ex: Example) -> str:
 
 # --- the project's suite ----------------------------------------------------------------------
 
+METRICS = ("choice", "exact_match", "reply_contains")   # what evaluate.py can use as a task's score
+
 def _registry():
     if not os.path.exists(REGISTRY):
         raise TaskError(f"{REGISTRY} not found; run `python data/make_tasks.py` to generate the suite")
@@ -88,6 +90,9 @@ def load_task(name_or_path: str, test_fraction: float = 0.2, seed: int = 0) -> T
     tasks = list_tasks()
     if name_or_path in tasks:
         meta = tasks[name_or_path]
+        if meta.get("metric") not in METRICS:
+            raise TaskError(f"{REGISTRY}: task {name_or_path!r} has metric {meta.get('metric')!r}; "
+                            f"expected one of {', '.join(METRICS)}")
         train = _read_jsonl(os.path.join(DATA_DIR, meta["train"]))
         test = _read_jsonl(os.path.join(DATA_DIR, meta["test"]))
         return Task(name_or_path, meta["kind"], meta["metric"], train, test, meta["description"])
