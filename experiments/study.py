@@ -163,21 +163,27 @@ def analysis(threads: int) -> str:
         prompts = [X._prompt(tok, ex) for ex in task.test[:n]]
         add = (layer, alpha * iv) if alpha else None
         lp = float(X.score_prompts(model, prompts, add=add)["logprob"].mean())
-        stop = set(tok.stop_ids())
         hits = 0
+        for p, reply in zip(prompts, replies(model, prompts, add)):
+            hits += (E.reply_contains(reply, p.text) if task.kind == "general"
+                     else E.normalize_answer(reply) == E.normalize_answer(p.text))
+        return {"score": hits / len(prompts), "logprob": lp}
+
+    @torch.no_grad()
+    def replies(model, prompts, add=None):
+        """Greedy replies (up to evaluate.REPLY_TOKENS tokens), optionally with add = (layer, vector)
+        added to the residual stream at the last prompt token."""
+        stop, out_text = set(tok.stop_ids()), []
         for i in range(0, len(prompts), 16):
             batch = prompts[i:i + 16]
             idx, mask = X._pad_left([p.ids for p in batch])
             iv_arg = Intervention(pos=torch.full((len(batch),), idx.shape[1] - 1),
                                   add_resid={add[0]: add[1]}) if add else None
             out = model.generate(idx, E.REPLY_TOKENS, stop_ids=stop, pad_mask=mask, intervention=iv_arg)
-            for r, p in enumerate(batch):
+            for r in range(len(batch)):
                 ids = E._cut(out[r].tolist(), stop)
-                reply = tok.decode([t for t in ids if t not in stop])
-                ok = (E.reply_contains(reply, p.text) if task.kind == "general"
-                      else E.normalize_answer(reply) == E.normalize_answer(p.text))
-                hits += ok
-        return {"score": hits / len(prompts), "logprob": lp}
+                out_text.append(tok.decode([t for t in ids if t not in stop]))
+        return out_text
 
     all_tasks = {n: T.load_task(n) for n in train_names + general}
     for run in ("plain-s0", "guided-s0"):
@@ -226,7 +232,31 @@ def analysis(threads: int) -> str:
                     rows[n][f"finetuned+iv*{a:g}"] = add_back(final, t, iv, a, N_ANALYSIS)
             res[key] = rows
             save()
+        # (d) format or content? The general suite's replies along the stages, scored by
+        # reply_contains and by the same rule ignoring case: a reply in the training task's
+        # capitals ("SOLDIER") states the answer in the wrong format
+        key = f"format/{run}"
+        if key not in res:
+            rows = []
+            for s in range(len(stages)):
+                model = orig if s == 0 else load_model(str(d / f"stage-{s}"))[0]
+                for n in general:
+                    t = all_tasks[n]
+                    prompts = [X._prompt(tok, ex) for ex in t.test[:N_ANALYSIS]]
+                    reps = replies(model, prompts)
+                    rows.append({"stage": s, "task": n,
+                                 "reply_contains": mean(E.reply_contains(r, p.text) for r, p in zip(reps, prompts)),
+                                 "ignoring_case": mean(E.reply_contains(r.lower(), p.text.lower())
+                                                       for r, p in zip(reps, prompts)),
+                                 "examples": [[p.text.strip(), r] for p, r in list(zip(prompts, reps))[:3]]})
+            res[key] = rows
+            save()
     return "analysis: done"
+
+
+def mean(xs) -> float:
+    xs = [float(x) for x in xs]
+    return sum(xs) / len(xs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,6 +511,25 @@ def markdown(study: dict, runs: dict, a: dict, plots: list[str]) -> str:
             if vals:
                 L.append(f"| {m} | {label} | " + " | ".join(f"{100 * v:.1f}" if pct else f"{v:.2f}" for v in vals) + " |")
     L += ["", "Knowledge vs instruction (METHOD.md §1): log-probs are natural-log sums over the gold answer.", ""]
+    fm = {run: a.get(f"format/{run}") for run in ("plain-s0", "guided-s0") if a.get(f"format/{run}")}
+    if fm:
+        L += ["## Format or content? (seed 0, general suite, greedy replies)", "",
+              "`reply_contains` requires the answer in the model's own casing; ignoring case also accepts a "
+              f"reply in a training format's capitals. Mean over the general tasks, {N_ANALYSIS} test prompts each.", "",
+              "| run | score | " + " | ".join(f"stage {i}" for i in range(5)) + " |", "|---|---|" + "---|" * 5]
+        for run, rows in fm.items():
+            for k in ("reply_contains", "ignoring_case"):
+                per = [mean(r[k] for r in rows if r["stage"] == st) for st in range(5)]
+                L.append(f"| {run} | {k} | " + " | ".join(f"{100 * v:.1f}" for v in per) + " |")
+        L += ["", "Replies of plain-s0 (first test prompt of each general task) after each stage:", "",
+              "| task | gold | " + " | ".join(f"stage {i}" for i in range(5)) + " |", "|---|---|" + "---|" * 5]
+        rows = fm.get("plain-s0", [])
+        for n in general_suite():
+            ex = [r["examples"][0] for r in sorted((r for r in rows if r["task"] == n), key=lambda r: r["stage"])]
+            if ex:
+                cell = lambda t: "`" + t.replace("|", "/").replace("\n", " ")[:40] + "`"
+                L.append(f"| {n} | {ex[0][0]} | " + " | ".join(cell(e[1]) for e in ex) + " |")
+        L.append("")
     if study["grid"]:
         L += ["## Sensitivity of guided training (seed 0)", "",
               "| setting | GP drop | IP drop | AP | BWT | new_task |", "|---|---|---|---|---|---|"]
