@@ -11,8 +11,10 @@ The study of issue #6 on the embedded model, end to end and resumable:
    instruction_logprob after every stage, from the runs' own stage reports.
 3. IV analyses (METHOD.md §3) on the plain and guided seed-0 runs: cosine between the last-prompt-token
    hidden state after layer l and the task's IV vs the task's score along the stages; IVs re-extracted
-   from the fine-tuned model vs the original ones (cosine, head overlap); the original IV added back
-   into the fine-tuned model and the share of the lost score it recovers.
+   from the fine-tuned model vs the original ones (cosine, head overlap; noise floor: the original
+   model's IVs extracted again from other prompts); the original IV added back
+   into the fine-tuned model and the share of the lost score it recovers; the general suite's replies
+   along the stages scored with and without case (format overlay or lost content?).
 4. Sensitivity of guided training to lambda, layer l and alpha0 (one seed).
 
 Size: 160 training examples per task (20 steps of 8), 20 test examples per task and stage, so that the
@@ -128,7 +130,6 @@ def analysis(threads: int) -> str:
     train_names = T.default_sequence()
     general = list(T.general_suite())
     orig, tok = load_model(None)
-    L = orig.n_layers
     ivdir = RAW / "ivs"
 
     def iv_for(model, name, tag, **settings):
@@ -186,6 +187,18 @@ def analysis(threads: int) -> str:
         return out_text
 
     all_tasks = {n: T.load_task(n) for n in train_names + general}
+    # the noise floor of (b): the same extraction from the original model on other prompts (seed 1)
+    key = "reextracted/original-seed1"
+    if key not in res:
+        rows = {}
+        for n in general:
+            new, old = iv_for(orig, n, "original-seed1", seed=1, **ANALYSIS_IV), gen_iv[n]
+            rows[n] = {"cos": float(torch.nn.functional.cosine_similarity(new["iv"], old["iv"], dim=0)),
+                       "norm_ratio": float(new["iv"].norm() / old["iv"].norm()),
+                       "head_overlap": len(set(map(tuple, new["heads"])) & set(map(tuple, old["heads"]))) / len(old["heads"]),
+                       "aie_corr": X.spearman(new["aie"].flatten(), old["aie"].flatten())}
+        res[key] = rows
+        save()
     for run in ("plain-s0", "guided-s0"):
         d = RUNS / run
         if not (d / "stage-4").is_dir():
@@ -350,6 +363,13 @@ def summarise_analysis(a: dict) -> dict:
             for alpha in ALPHAS:
                 rec = recovery(ab, f"finetuned+iv*{alpha:g}")
                 out[f"recovery_alpha{alpha:g}/{run}"] = rec
+    floor = a.get("reextracted/original-seed1")
+    re_ = a.get("reextracted/plain-s0")
+    if floor and re_:
+        gen = list(floor)
+        for k in ("cos", "head_overlap"):
+            out[f"general_{k}/original-seed1"] = sum(floor[n][k] for n in gen) / len(gen)
+            out[f"general_{k}/plain-s0"] = sum(re_[n][k] for n in gen) / len(gen)
     return out
 
 
@@ -549,6 +569,11 @@ def markdown(study: dict, runs: dict, a: dict, plots: list[str]) -> str:
             if f"reextracted_cos_mean/{run}" in s:
                 L.append(f"- {run}: IV re-extracted from the final model vs the original: mean cosine "
                          f"{s[f'reextracted_cos_mean/{run}']:.2f}, mean top-head overlap {s[f'head_overlap_mean/{run}']:.2f}")
+                if "general_cos/original-seed1" in s:
+                    L.append(f"  - general tasks only: cosine {s['general_cos/plain-s0']:.2f}, head overlap "
+                             f"{s['general_head_overlap/plain-s0']:.2f}; noise floor, the original model's IV "
+                             f"extracted again from other prompts (seed 1): cosine {s['general_cos/original-seed1']:.2f}, "
+                             f"head overlap {s['general_head_overlap/original-seed1']:.2f}")
             for alpha in ALPHAS:
                 rec = s.get(f"recovery_alpha{alpha:g}/{run}")
                 if rec and rec["pooled"] is not None:
