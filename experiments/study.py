@@ -287,8 +287,12 @@ def mean_std(xs):
 def summarise(r: dict) -> dict:
     cl = r["cl"]
     R, n = cl["R"], len(cl["train_tasks"])
+    g = cl.get("general", {})
+    delta = lambda k: g[k][-1] - g[k][0] if g.get(k) else None     # final stage - original model
     return {"AP": cl["AP"], "BWT": cl["BWT"], "FWT": cl["FWT"], "GP_drop": cl["GP_drop"], "IP_drop": cl["IP_drop"],
             "new_task": sum(R[j + 1][j] for j in range(n)) / n,
+            "instr_lp_change": delta("instruction_logprob"), "knowl_lp_change": delta("knowledge_logprob"),
+            "choice_change": delta("choice_accuracy"),
             "GP": cl["GP"], "IP": cl["IP"], "general": cl.get("general", {}), "R": R}
 
 
@@ -307,7 +311,7 @@ def report() -> str:
             runs[name] = summarise(json.loads(p.read_text()))
     if not runs:
         return "report: no finished runs yet"
-    keys = ("GP_drop", "IP_drop", "AP", "BWT", "FWT", "new_task")
+    keys = ("GP_drop", "IP_drop", "AP", "BWT", "FWT", "new_task", "choice_change", "instr_lp_change", "knowl_lp_change")
     study = {"size": SIZE, "seeds": list(SEEDS), "methods": {}, "grid": {}}
     for m in METHODS:
         rs = [runs[f"{m}-s{s}"] for s in SEEDS if f"{m}-s{s}" in runs]
@@ -508,7 +512,15 @@ def markdown(study: dict, runs: dict, a: dict, plots: list[str]) -> str:
     for m, v in study["methods"].items():
         L.append(f"| {m} | {v['n_seeds']} | " + " | ".join(fmt(v[k]["mean"], v[k]["std"]) for k in
                                                           ("GP_drop", "IP_drop", "AP", "BWT", "FWT", "new_task")) + " |")
-    L += ["", "new_task = mean over tasks of the score right after learning it (R[j][j]); AP = mean final score.", ""]
+    L += ["", "new_task = mean over tasks of the score right after learning it (R[j][j]); AP = mean final score.", "",
+          "Knowledge vs instruction on the general suite, final stage minus original model (mean ± std over seeds):", "",
+          "| method | choice accuracy (points) | instruction_logprob (nats) | knowledge_logprob (nats) |", "|---|---|---|---|"]
+    for m, v in study["methods"].items():
+        if v.get("instr_lp_change", {}).get("mean") is not None:
+            L.append(f"| {m} | {fmt(v['choice_change']['mean'], v['choice_change']['std'])} | "
+                     f"{fmt(v['instr_lp_change']['mean'], v['instr_lp_change']['std'], pct=False)} | "
+                     f"{fmt(v['knowl_lp_change']['mean'], v['knowl_lp_change']['std'], pct=False)} |")
+    L.append("")
     g = study.get("goal")
     if g:
         L += ["## The goal", "",
