@@ -17,8 +17,9 @@ The study of issue #6 on the embedded model, end to end and resumable:
    along the stages scored with and without case (format overlay or lost content?).
 4. Sensitivity of guided training to lambda, layer l and alpha0 (one seed).
 
-Size: 160 training examples per task (20 steps of 8), 20 test examples per task and stage, so that the
-whole study fits in about 90 minutes on a 2-core CPU with two 1-thread workers. Everything lands in
+Size: 160 training examples per task (20 steps of 8), 20 test examples per task and stage, chosen for
+a 2-core CPU with two 1-thread workers: the 12 method runs and the analyses took 106 minutes, the 6 grid
+runs 75 more (measured with other work sharing the machine). Everything lands in
 runs/study/ (checkpoints, logs; not in git) and results/ (raw JSON, report, plots). A run that was cut
 off resumes from its last checkpoint (train.py --resume); a finished one is skipped. Larger runs:
 change the SIZE flags below (and delete runs/study) - nothing else depends on them.
