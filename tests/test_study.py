@@ -59,6 +59,8 @@ def test_summary_goal_and_report(dirs):
     assert g["GP_drop"]["mean"] == pytest.approx(0.15)
     assert out["methods"]["kl_only"]["n_seeds"] == 1 and out["methods"]["kl_only"]["AP"]["std"] == 0.0
     assert "iv_only" not in out["methods"]                 # nothing finished: left out, not zero
+    assert p["instr_lp_change"]["mean"] == pytest.approx(4.0)   # -9 at stage 0 -> -5 at the end
+    assert p["knowl_lp_change"]["mean"] == 0.0 and p["choice_change"]["mean"] == 0.0
     goal = out["goal"]
     assert goal["forgetting_ratio"] == pytest.approx(0.15 / 0.4)
     assert goal["new_task_diff"] == pytest.approx(-0.01)
@@ -97,3 +99,42 @@ def test_run_flags_and_names():
     assert study.run_flags("guided-s2")[-2:] == ["--seed", "2"] and "--guided" in study.run_flags("guided-s2")
     assert "--no-kl_iv" in study.run_flags("kl_only-s1")
     assert study.run_flags("guided_lambda3-s0")[-4:-2] == ["--kl_weight", "3"]
+
+
+def test_format_section_in_report(dirs):
+    write(dirs, "plain-s0", fake_run(0.0, 0.9))
+    rows = [{"stage": st, "task": "antonym", "reply_contains": 0.5 if st == 0 else 0.0,
+             "ignoring_case": 0.5 if st == 0 else 0.25, "examples": [["cold", f"reply {st}"]]} for st in range(5)]
+    (dirs / "study" / "analysis.json").write_text(json.dumps({"format/plain-s0": rows}))
+    md = (study.report(), (dirs / "study.md").read_text())[1]
+    assert "| plain-s0 | ignoring_case | 50.0 | 25.0 | 25.0 | 25.0 | 25.0 |" in md
+    assert "| antonym | cold | `reply 0` | `reply 1`" in md
+
+
+def test_learnability_summary(tmp_path, monkeypatch):
+    """experiments/learnability.py with train.py replaced by a stub that writes a results.json:
+    the summary keeps before/after from the CL matrix, and a finished task is not run again."""
+    spec = importlib.util.spec_from_file_location("learnability", ROOT / "experiments" / "learnability.py")
+    lm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lm)
+    monkeypatch.setattr(lm, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(lm, "OUT", tmp_path / "learnability.json")
+    calls = []
+
+    class Done:
+        returncode = 0
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out_dir") + 1])
+        (out / "results.json").write_text(json.dumps({"cl": {"R": [[0.1], [0.85]]}}))
+        (out / "stage-1").mkdir()
+        return Done()
+
+    monkeypatch.setattr(lm.subprocess, "run", fake_run)
+    assert lm.main(["--tasks", "uppercase,acronym", "--steps", "7"]) == 0
+    summary = json.loads((tmp_path / "learnability.json").read_text())
+    assert summary["acronym@7"]["before"] == 0.1 and summary["acronym@7"]["after"] == 0.85
+    assert len(calls) == 2 and "--max_steps" in calls[0] and calls[0][calls[0].index("--max_steps") + 1] == "7"
+    assert not (tmp_path / "runs" / "acronym@7" / "stage-1").exists()     # checkpoints removed
+    assert lm.main(["--tasks", "acronym", "--steps", "7"]) == 0 and len(calls) == 2   # skipped
