@@ -178,15 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iv_method", default="exact", choices=["exact", "attribution"],
                    help="AIE computation of the IV extraction (extract_iv.py)")
     g.add_argument("--iv_n_clean", type=int, default=None, help="clean prompts averaged into the heads' mean z "
-                   "(default 100, 20 under --quick)")
+                   "(default 100, 12 under --quick)")
     g.add_argument("--iv_n_corrupt", type=int, default=None, help="corrupted prompts averaged into the AIE "
-                   "(default 25, 8 under --quick)")
+                   "(default 25, 4 under --quick)")
     g.add_argument("--iv_top_k", type=int, default=None, help="heads in the IV (default: extract_iv's)")
     g.add_argument("--iv_file", action="append", default=[], metavar="TASK=PATH",
                    help="use this IV file for TASK instead of extracting one (repeatable)")
 
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval_n", type=int, default=None, help="test examples per task and stage (default 40; 8 under --quick); 0 = no evaluation")
+    g.add_argument("--eval_n", type=int, default=None, help="test examples per task and stage (default 40; 5 under --quick); 0 = no evaluation")
     g.add_argument("--eval_k_shot", type=int, default=None,
                    help="demonstrations for the in-context (IP) score of the general suite (default 3)")
     g.add_argument("--eval_batch", type=int, default=16, help="prompts per forward pass in evaluation")
@@ -215,8 +215,8 @@ GUIDED_DEFAULTS = {"iv_alpha0": (0.0, 1.0), "kl_weight": (0.0, 1.0), "kl_iv": (F
 # ~14 min plain, ~17 min guided + ~6.5 min for the first extraction of the 4 IVs (then cached).
 # --quick: 4 x 3 steps + 5 evaluations of 8 examples = ~2.5 min, + ~1.5 min for its lighter IVs.
 SIZE_DEFAULTS = {"max_train": (320, 24), "epochs": (1.0, 1.0), "batch_size": (8, 8),
-                 "micro_batch": (8, 8), "eval_n": (40, 8), "eval_k_shot": (3, 3),
-                 "iv_n_clean": (100, 20), "iv_n_corrupt": (25, 8), "iv_dir": ("ivs", os.path.join("ivs", "quick"))}
+                 "micro_batch": (8, 8), "eval_n": (40, 5), "eval_k_shot": (3, 3),
+                 "iv_n_clean": (100, 12), "iv_n_corrupt": (25, 4), "iv_dir": ("ivs", os.path.join("ivs", "quick"))}
 # flags that may differ between a run and its --resume (they do not change the numbers)
 RESUME_FREE = {"resume", "overwrite", "save_every", "log_every", "wandb", "wandb_project", "num_threads",
                "stage0_cache"}

@@ -45,16 +45,6 @@ class CharTok:
         return {0, 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the models here are tiny: a second OpenMP thread only adds synchronisation (milliseconds per op
-    # on a busy machine); restored afterwards for the other test modules
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TOK = CharTok()
 V = 80  # >= 3 + len(CharTok.chars)
 

@@ -16,16 +16,6 @@ from model import Intervention, ModelConfig, Transformer  # noqa: E402
 from tasks import Example, Task  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are all per-op overhead: a second thread only adds synchronisation, which costs
-    # 10-40x on a shared, loaded machine. Restored afterwards for the other test modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- tiny models and a character tokenizer --------------------------------------------------------
 
 def llama_tiny(seed=0, dtype=torch.float32, vocab=64):

@@ -33,16 +33,6 @@ from tokenizer import GPT2_PATTERN, Tokenizer  # noqa: E402
 
 # ---- fixtures: a tiny model directory, tiny tasks, IV files -------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matrices gain nothing from a second thread, and on a busy machine OpenMP's spin-waiting
-    # makes two threads ~100x slower; restored for the other test modules
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def byte_tokenizer() -> Tokenizer:
     """256 byte tokens + the three ChatML control tokens: the chat format of SmolLM2, a vocab of 259."""
     ranks = {bytes([b]): b for b in range(256)}
