@@ -11,7 +11,9 @@ wall time it prints CPU seconds: on a machine shared with other jobs the wall ti
 time others held the cores, while CPU seconds / threads approximates an idle machine.
 
 What was found on the project's 2-core AVX2 machine (shared by ~5 jobs, load average ~6):
-- 1 thread: ~120 CPU-s for 530 examples x 7 metrics (~185 s wall at that load).
+- 1 thread: ~120 CPU-s for 530 examples x 7 metrics (~185 s wall at that load), before reply_contains.
+- With reply_contains (0-shot and k-shot greedy replies of up to 32 tokens), 9 metrics, 2 threads,
+  idle machine: 255 s wall, 140 s of it in the reply passes (95 s the 0-shot replies).
 - 2 threads are far slower under load: OpenMP threads spin-wait for each other, ~15 ms per small
   matmul (OMP_WAIT_POLICY=PASSIVE removes the spinning; the two threads then cost ~20% extra CPU).
 - bf16 autocast is ~4x slower than fp32 there (its matmuls ~8x: without AVX512-BF16/AMX they are
