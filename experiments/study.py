@@ -193,11 +193,7 @@ def analysis(threads: int) -> str:
     if key not in res:
         rows = {}
         for n in general:
-            new, old = iv_for(orig, n, "original-seed1", seed=1, **ANALYSIS_IV), gen_iv[n]
-            rows[n] = {"cos": float(torch.nn.functional.cosine_similarity(new["iv"], old["iv"], dim=0)),
-                       "norm_ratio": float(new["iv"].norm() / old["iv"].norm()),
-                       "head_overlap": len(set(map(tuple, new["heads"])) & set(map(tuple, old["heads"]))) / len(old["heads"]),
-                       "aie_corr": X.spearman(new["aie"].flatten(), old["aie"].flatten())}
+            rows[n] = compare_ivs(iv_for(orig, n, "original-seed1", seed=1, **ANALYSIS_IV), gen_iv[n])
         res[key] = rows
         save()
     for run in ("plain-s0", "guided-s0"):
@@ -225,13 +221,8 @@ def analysis(threads: int) -> str:
                 settings = ANALYSIS_IV if n in general else {"method": "exact", "n_clean": 100, "n_corrupt": 25}
                 new = iv_for(final, n, run, **settings)
                 old = (train_iv | gen_iv)[n]
-                k = len(old["heads"])
-                rows[n] = {"cos": float(torch.nn.functional.cosine_similarity(new["iv"], old["iv"], dim=0)),
-                           "norm_ratio": float(new["iv"].norm() / old["iv"].norm()),
-                           "head_overlap": len(set(map(tuple, new["heads"])) & set(map(tuple, old["heads"]))) / k,
-                           "aie_corr": X.spearman(new["aie"].flatten(), old["aie"].flatten()),
-                           "heads_original": [list(h) for h in old["heads"]],
-                           "heads_finetuned": [list(h) for h in new["heads"]]}
+                rows[n] = compare_ivs(new, old) | {"heads_original": [list(h) for h in old["heads"]],
+                                                   "heads_finetuned": [list(h) for h in new["heads"]]}
             res[key] = rows
             save()
         # (c) the original IV added back into the fine-tuned model
@@ -268,6 +259,18 @@ def analysis(threads: int) -> str:
     return "analysis: done"
 
 
+def compare_ivs(new: dict, old: dict) -> dict:
+    """Two extractions of one task's IV (extract_iv.get_iv dicts): cosine, norm ratio, the share of
+    the old top heads among the new ones, and the Spearman correlation of their AIE maps."""
+    import torch
+    import extract_iv as X
+    shared = set(map(tuple, new["heads"])) & set(map(tuple, old["heads"]))
+    return {"cos": float(torch.nn.functional.cosine_similarity(new["iv"], old["iv"], dim=0)),
+            "norm_ratio": float(new["iv"].norm() / old["iv"].norm()),
+            "head_overlap": len(shared) / len(old["heads"]),
+            "aie_corr": X.spearman(new["aie"].flatten(), old["aie"].flatten())}
+
+
 def mean(xs) -> float:
     xs = [float(x) for x in xs]
     return sum(xs) / len(xs)
@@ -294,7 +297,7 @@ def summarise(r: dict) -> dict:
             "new_task": sum(R[j + 1][j] for j in range(n)) / n,
             "instr_lp_change": delta("instruction_logprob"), "knowl_lp_change": delta("knowledge_logprob"),
             "choice_change": delta("choice_accuracy"),
-            "GP": cl["GP"], "IP": cl["IP"], "general": cl.get("general", {}), "R": R}
+            "GP": cl["GP"], "IP": cl["IP"], "general": g, "R": R}
 
 
 def fmt(m, sd=None, pct=True):

@@ -6,14 +6,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# tests use tiny batches: with 2 OpenMP threads on a shared 2-core machine every small matmul
-# waits for the other thread (measured 10x slower), so one thread is both faster and steadier
-torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Every test starts on one thread (a test or CLI under test may have changed it)."""
+    """Every test starts on one thread (a test or a CLI under test may have changed it): tests use
+    tiny batches, and with 2 OpenMP threads on a shared 2-core machine every small matmul waits for
+    the other thread (measured 10x slower), so one thread is both faster and steadier."""
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(1)
