@@ -240,12 +240,18 @@ def _device(model):
     return next(model.parameters()).device
 
 
-def _logprobs(model, h):
-    """log-softmax over the vocabulary for hidden states h (N, C) -> (N, V), fp32. Autocast is turned
-    off for the output layer: see the module docstring."""
+def _logits(model, h):
+    """Output-layer logits for hidden states h (N, C) -> (N, V), fp32. Autocast is turned off for
+    the output layer: see the module docstring."""
     w = model.lm_head.weight
     with torch.autocast(h.device.type, enabled=False):
-        return model.lm_head(h.to(w.dtype)).float().log_softmax(-1)
+        return model.lm_head(h.to(w.dtype)).float()
+
+
+def _logprobs(model, h):
+    """log-softmax over the vocabulary for hidden states h (N, C) -> (N, V), fp32. (Greedy decoding
+    needs only the argmax, which the logits have: it skips the softmax.)"""
+    return _logits(model, h).log_softmax(-1)
 
 
 def _fork(cache: KVCache, rows=None) -> KVCache:
@@ -346,7 +352,8 @@ def _greedy(model, cache, mask, last_h, max_new, stop_ids, alive=None):
     dev = last_h.device
     out = [[] for _ in range(last_h.shape[0])]
     active = list(range(last_h.shape[0]))   # batch rows still generating, in cache-row order
-    logits = _logprobs(model, last_h)
+    cache.headroom = max_new                 # room for the whole reply: each step writes in place
+    logits = _logits(model, last_h)
     for step in range(max_new):
         nxt = logits.argmax(-1)                                   # (A,)
         keep = []
@@ -362,7 +369,7 @@ def _greedy(model, cache, mask, last_h, max_new, stop_ids, alive=None):
             mask, nxt = mask[kt], nxt[kt]
             active = [active[k] for k in keep]
         mask = torch.cat([mask, torch.ones(len(active), 1, dtype=torch.bool, device=dev)], 1)
-        logits = _logprobs(model, model(nxt[:, None], pad_mask=mask, cache=cache, return_hidden=True)[:, -1])
+        logits = _logits(model, model(nxt[:, None], pad_mask=mask, cache=cache, return_hidden=True)[:, -1])
     return out
 
 
@@ -572,22 +579,6 @@ def evaluate_task(model, tok, task, n: int | None = None, k_shot: int = 0, metri
             if not want:
                 continue
             prompts = [render_prompt(tok, ex, shots) for ex in test]
-            if "reply_contains" in want:
-                # its own pass: a longer budget, and a row stops once its answer has appeared.
-                # Decoding still starts from the gold's teacher-forced pass (a reply that is
-                # the gold contains it).
-                def not_yet(i, toks):
-                    return not reply_contains(tok.decode([t for t in toks if t not in stop]), test[i].output, final=False)
-                _, gens = _run_prompts(model, prompts, [[g] for g in golds], max_new_tokens=REPLY_TOKENS,
-                                       stop_ids=stop, alive=not_yet, batch_size=batch_size,
-                                       desc=f"{task.name}{suffix or ' 0-shot'} reply", progress=progress,
-                                       timings=timings, tag=(suffix or "_0shot")[1:] + "/reply/")
-                out["reply_contains" + suffix] = _mean(
-                    float(reply_contains(tok.decode([t for t in _cut(g, stop) if t not in stop]), ex.output))
-                    for g, ex in zip(gens, test))
-                want.discard("reply_contains")
-                if not want:
-                    continue
             if "choice_accuracy" in want:
                 # gold first: _run_prompts(prune=True) ranks the others against conts[i][0]
                 conts = []
@@ -600,12 +591,23 @@ def evaluate_task(model, tok, task, n: int | None = None, k_shot: int = 0, metri
                         raise ValueError(f"task {task.name!r}, test example {i}: choice {e}") from None
             else:  # the gold alone: its log-prob, and the pass exact match's decoding starts from
                 conts = [[g] for g in golds]
-            # room for the longest gold answer and its end token: a model that goes on past the
-            # gold shows at least one extra token, so a truncated ramble never matches
-            max_new = max(len(g) for g in golds) if "exact_match" in want else 0
-            # a row stops decoding once it cannot match its gold any more: the verdict is known, and
-            # a rambling reply ("The opposite of hot is ...") would otherwise run the whole budget
-            alive = lambda i, toks: may_still_match(tok.decode([t for t in toks if t not in stop]), test[i].output)  # noqa: E731
+            # One greedy reply per prompt serves both generation metrics: greedy decoding is
+            # deterministic, so exact match's reply is the first tokens of reply_contains's.
+            # exact_match: room for the longest gold answer and its end token (a model that goes on
+            # past the gold shows at least one extra token, so a truncated ramble never matches);
+            # reply_contains: REPLY_TOKENS, a sentence.
+            em_budget = max(len(g) for g in golds) if "exact_match" in want else 0
+            rc_budget = REPLY_TOKENS if "reply_contains" in want else 0
+            max_new = max(em_budget, rc_budget)
+
+            def alive(i, toks):
+                # a row decodes on while either metric's verdict is open: exact match until the
+                # reply can no longer match its gold (a rambling "The opposite of hot is ..." would
+                # otherwise run the whole budget), reply_contains until the answer has appeared
+                text = tok.decode([t for t in toks if t not in stop])
+                return ((len(toks) < em_budget and may_still_match(text, test[i].output))
+                        or (len(toks) < rc_budget and not reply_contains(text, test[i].output, final=False)))
+
             scores, gens = _run_prompts(model, prompts, conts, max_new_tokens=max_new, stop_ids=stop, alive=alive,
                                         prune="choice_accuracy" in want,
                                         batch_size=batch_size, desc=f"{task.name}{suffix or ' 0-shot'}",
@@ -617,8 +619,12 @@ def evaluate_task(model, tok, task, n: int | None = None, k_shot: int = 0, metri
                 out["instruction_logprob" + suffix] = _mean(s[0] for s in scores)
             if "exact_match" in want:
                 out["exact_match" + suffix] = _mean(
-                    float(normalize_answer(tok.decode([t for t in _cut(g, stop) if t not in stop]))
+                    float(normalize_answer(tok.decode([t for t in _cut(g[:em_budget], stop) if t not in stop]))
                           == normalize_answer(ex.output)) for g, ex in zip(gens, test))
+            if "reply_contains" in want:
+                out["reply_contains" + suffix] = _mean(
+                    float(reply_contains(tok.decode([t for t in _cut(g[:rc_budget], stop) if t not in stop]), ex.output))
+                    for g, ex in zip(gens, test))
         if "knowledge_logprob" in metrics:
             pairs = []
             for i, ex in enumerate(test):

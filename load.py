@@ -298,7 +298,7 @@ def read_gguf(path: Path):
                           head_dim=field(f"{arch}.attention.key_length", None),
                           norm_eps=field(f"{arch}.attention.layer_norm_rms_epsilon"),
                           rope_theta=field(f"{arch}.rope.freq_base", 10000.0), rope_scaling=scaling,
-                          attention_bias=f"blk.0.attn_q.bias" in names,
+                          attention_bias="blk.0.attn_q.bias" in names,
                           tie_word_embeddings="output.weight" not in names)
 
     sd = {}

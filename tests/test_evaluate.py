@@ -320,24 +320,41 @@ def test_reply_contains_equals_naive_generation():
     model = tiny_model(seed=5)
     inputs = ["ab", "cde", "f", "ghij", "kl", "mno", "p", "qrs"]
     stop = TOK.stop_ids()
-    replies = []
+    replies, full = [], []
     for w in inputs:
         prompt = E.render_prompt(TOK, Example("Say it.", w, "x"))
         out = model.generate(torch.tensor([prompt]), E.REPLY_TOKENS, stop_ids=stop)[0].tolist()
+        full.append(out)
         replies.append(TOK.decode([t for t in E._cut(out, stop) if t not in stop]))
-    # golds: a word the reply really contains (as whole words or not), or something absent
+    # golds: a word the reply really contains (as whole words or not), something absent, or the
+    # whole reply (an exact match)
     golds = []
     for i, r in enumerate(replies):
         words = [x for x in r.replace("\ufffd", " ").split() if x.strip(".,:;?!'\"-")]
         part = r[1:4] if "\ufffd" not in r[1:4] and r[1:4].strip() else ""
-        golds.append(words[0] if words and i % 2 == 0 else (part if i % 3 == 1 and part else "zzqq"))
+        whole = r if r.strip() and all(c in TOK.chars for c in r) and len(r.strip()) < E.REPLY_TOKENS else ""
+        golds.append(whole if i % 4 == 3 and whole else
+                     words[0] if words and i % 2 == 0 else (part if i % 3 == 1 and part else "zzqq"))
     test = [Example("Say it.", w, g) for w, g in zip(inputs, golds)]
     want = sum(E.reply_contains(r, g) for r, g in zip(replies, golds)) / len(test)
+    # exact match reads the same greedy reply, cut at its budget: the longest gold + end token
+    budget = max(len(E.answer_ids(TOK, g)) for g in golds)
+    em = [E.normalize_answer(TOK.decode([t for t in E._cut(out[:budget], stop) if t not in stop]))
+          == E.normalize_answer(g) for out, g in zip(full, golds)]
+    want_em = sum(em) / len(test)
     for bs in (1, 3):
         out = E.evaluate_task(model, TOK, make_task(test, metric="reply_contains"), metrics=("reply_contains",),
                               batch_size=bs, progress=False)
         assert out["reply_contains"] == pytest.approx(want), (replies, golds)
+        # one decoding pass serves both generation metrics (and rides on choice ranking's pass):
+        # each verdict must be the one it gets alone
+        both = E.evaluate_task(model, TOK, make_task(test, metric="reply_contains"),
+                               metrics=("reply_contains", "exact_match", "choice_accuracy"), batch_size=bs,
+                               progress=False)
+        assert both["reply_contains"] == pytest.approx(want), (replies, golds)
+        assert both["exact_match"] == pytest.approx(want_em), (replies, golds)
     assert 0 < want < 1, (replies, golds)  # both verdicts exercised
+    assert want_em > 0, (replies, golds)
 
 
 def test_knowledge_logprob_by_hand():

@@ -201,19 +201,44 @@ def test_set_z_changes_only_that_head(tiny):
     assert torch.equal(z[others], z0[others])
 
 
-def test_kv_cache_decoding_equals_full_forward(tiny):
+@pytest.mark.parametrize("headroom", [0, 2, 16])   # cat; in place with reallocation; in place throughout
+def test_kv_cache_decoding_equals_full_forward(tiny, headroom):
     idx = torch.randint(0, 97, (2, 14))
     mask = torch.ones(2, 14, dtype=torch.bool)
     mask[1, :3] = False                                                # left padding in row 1
     with torch.no_grad():
         full = tiny(idx, pad_mask=mask)
-        cache = KVCache(tiny.n_layers)
+        cache = KVCache(tiny.n_layers, headroom=headroom)
         parts = [tiny(idx[:, :8], pad_mask=mask[:, :8], cache=cache)]
         parts.append(tiny(idx[:, 8:11], pad_mask=mask[:, :11], cache=cache))   # a multi-token chunk
         for t in range(11, 14):
             parts.append(tiny(idx[:, t:t + 1], pad_mask=mask[:, :t + 1], cache=cache))
         inc = torch.cat(parts, 1)
     assert_close(inc[mask], full[mask], 1e-5, "KV cache vs full forward")
+
+
+def test_kv_cache_never_writes_into_tensors_it_did_not_allocate(tiny):
+    # evaluate.py shares one prompt cache between many forks (an expanded prefix, copies of rows):
+    # growing in place must not change what another cache or a caller still holds
+    idx = torch.randint(0, 97, (3, 9))
+    with torch.no_grad():
+        base = KVCache(tiny.n_layers, headroom=8)
+        tiny(idx[:, :4], cache=base)
+        tiny(idx[:, 4:5], cache=base)                # base now has a buffer with room to spare
+        held = [k.clone() for k in base.k]
+        fork = KVCache(tiny.n_layers, headroom=8)
+        fork.k, fork.v = list(base.k), list(base.v)  # shares base's views, as evaluate._fork does
+        a = tiny(idx[:, 5:7], cache=fork)[:, -1]
+        b = tiny(idx[:, 5:6], cache=base)[:, -1]     # base grows in place into its own room
+        assert all(torch.equal(k[:, :, :5], h) for k, h in zip(base.k, held))
+        assert torch.equal(fork.k[0][:, :, :5], held[0])
+        full = tiny(idx[:, :7])
+        assert_close(a, full[:, 6], 1e-5, "fork after base grew")
+        assert_close(b, full[:, 5], 1e-5, "base after the fork grew")
+        # dropping rows keeps the rest, and the room
+        base.select_rows(torch.tensor([2, 0]))
+        c = tiny(idx[[2, 0], 6:7], cache=base)[:, -1]
+        assert_close(c, full[[2, 0], 6], 1e-5, "after select_rows")
 
 
 def test_generate_greedy_equals_uncached_argmax(tiny):
