@@ -62,7 +62,7 @@ def main():
     g.add_argument("--k_shot", type=int, default=3, help="demonstrations for the k-shot metrics")
     g = p.add_argument_group("system")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype of the main run")
-    g.add_argument("--batch_size", type=int, default=32, help="prompts per forward pass")
+    g.add_argument("--batch_size", type=int, default=E.BATCH_SIZE, help="prompts per forward pass")
     g.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default; on a "
                    "shared machine 1 is fastest: OpenMP threads spin-wait for each other)")
     g = p.add_argument_group("extra runs")

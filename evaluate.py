@@ -33,7 +33,9 @@ Speed (all exact: the numbers equal a plain per-example loop; tests check each s
 - Greedy decoding starts from the gold's teacher-forced pass: while the argmax agrees with the gold
   the reply is the gold; at the first disagreement the reply usually can no longer match
   (may_still_match) and needs no decoding at all. Rows still open decode token by token and stop
-  as soon as they cannot match.
+  as soon as every verdict is settled. One greedy reply serves both exact_match and reply_contains.
+- Decoding is continuously batched (_Decoder): rows of all tasks wait in one pool and step
+  together, so the few that ramble to the budget never step alone; the KV cache grows in place.
 
 CLI: `python evaluate.py` evaluates the embedded SmolLM2-135M-Instruct on the general suite;
 `python evaluate.py --help` lists the flags.
@@ -50,6 +52,7 @@ import sys
 import tempfile
 import time
 import unicodedata
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -69,6 +72,10 @@ QUOTES = "\"'`*“”‘’"   # stripped around an answer by normalize_answer
 # reply_contains: the greedy reply's budget. A chat model answers in a sentence ("The capital of
 # Peru is Lima."); 32 tokens hold one, and decoding stops as soon as the answer has appeared.
 REPLY_TOKENS = 32
+# Prompts per batch, and rows per decoding step. On a 2-core CPU fewer, wider matrix products win
+# (bench_evaluate.py: 64 -> 128 saves ~10%), and a task's 100 prompts prefill as one batch. Memory:
+# for a 7B model a k-shot pool of 128 rows holds ~15 GB of KV cache; pass a smaller batch_size there.
+BATCH_SIZE = 128
 # Task.metric spellings -> our metric names (tasks.py says "choice")
 METRIC_ALIASES = {"choice": "choice_accuracy"}
 
@@ -343,34 +350,123 @@ def _score_pairs(model, cache, mask, first_lp, prow, cs):
     return total.index_add_(0, which, lp.double()), greedy
 
 
-def _greedy(model, cache, mask, last_h, max_new, stop_ids, alive=None):
-    """Greedy decoding from a prefilled batch: Transformer.generate's loop, but starting from our
-    cache, with the fp32 output layer, and dropping rows once they emit a stop token (most answers
-    are a word or two, the budget is the longest one) or once alive(row, tokens) says False (exact
-    match: the row can no longer match). Changes `cache`. -> list of token lists, each ending at its
-    first stop token, at max_new tokens, or where `alive` stopped it."""
-    dev = last_h.device
-    out = [[] for _ in range(last_h.shape[0])]
-    active = list(range(last_h.shape[0]))   # batch rows still generating, in cache-row order
-    cache.headroom = max_new                 # room for the whole reply: each step writes in place
-    logits = _logits(model, last_h)
-    for step in range(max_new):
-        nxt = logits.argmax(-1)                                   # (A,)
-        keep = []
-        for k, (r, t) in enumerate(zip(active, nxt.tolist())):
-            out[r].append(t)
-            if t not in stop_ids and (alive is None or alive(r, out[r])):
+class _Decoder:
+    """Greedy decoding of rows from many prompt batches at once (continuous batching).
+
+    A decoding step of the embedded model on a 2-core CPU costs about 100 ms + 3.5 ms per row: the
+    fixed part (every weight read once, ~30 x 20 small ops) dominates small batches. Decoding each
+    prompt batch alone, the few rows that ramble to the budget would step alone for many steps. So
+    rows wait in a pool, from any batch or task, and step together once there are min_rows of
+    them (finish() steps the rest). Rows of different prompt lengths share one left-padded cache
+    (KVCache.stack); positions come from the pad mask, so each row computes what it would alone.
+
+    Like Transformer.generate, but starting from our prefilled caches, with the fp32 output layer,
+    and ending each row at its first stop token, at its budget, or once alive(tokens) is False
+    (its verdict is settled). The reply (token list) goes to sink[index]."""
+
+    @dataclass
+    class Row:
+        tokens: list            # the reply so far; its last token is the row's next input
+        budget: int             # most tokens to generate
+        alive: object           # callable(tokens) -> False once the verdict is settled, or None
+        sink: list              # where the reply goes when done: sink[index] = tokens
+        index: int
+        done: bool = False
+
+    def __init__(self, model, stop_ids, min_rows: int, timings=None):
+        self.model, self.stop, self.min_rows, self.timings = model, set(stop_ids), max(1, min_rows), timings
+        self.cache = self.mask = self.nxt = None    # pooled rows: cache (A, G, S, D), mask (A, S), next input (A,)
+        self.rows = []                              # a Row per pooled row (done ones ride along: see step)
+        self.queued = []                            # batches waiting to join: (cache, batch rows, mask, Rows)
+
+    def _ends(self, row) -> bool:
+        t = row.tokens
+        return t[-1] in self.stop or len(t) >= row.budget or (row.alive is not None and not row.alive(t))
+
+    def _deliver(self, row):
+        row.sink[row.index] = row.tokens
+        row.done = True
+
+    @torch.no_grad()
+    def add(self, cache, mask, last_h, rows, sel):
+        """Queue batch rows sel (LongTensor) of a prefilled batch: cache, its pad mask, and the hidden
+        state of each selected row's last prompt token last_h (len(sel), C); rows[k] = (budget,
+        alive or None, sink, index) for sel[k]. Steps while min_rows or more rows wait."""
+        t0 = time.perf_counter()
+        first = _logits(self.model, last_h).argmax(-1).tolist()
+        new, keep = [], []
+        for k, ((budget, alive, sink, index), t) in enumerate(zip(rows, first)):
+            row = self.Row([t], budget, alive, sink, index)
+            if self._ends(row):
+                self._deliver(row)      # answered in one token: never enters the pool
+            else:
+                new.append(row)
                 keep.append(k)
-        if not keep or step == max_new - 1:
-            break  # the last token's output is never used: skip that forward
-        if len(keep) < len(active):
-            kt = torch.tensor(keep, device=dev)
-            cache.select_rows(kt)
-            mask, nxt = mask[kt], nxt[kt]
-            active = [active[k] for k in keep]
-        mask = torch.cat([mask, torch.ones(len(active), 1, dtype=torch.bool, device=dev)], 1)
-        logits = _logits(model, model(nxt[:, None], pad_mask=mask, cache=cache, return_hidden=True)[:, -1])
-    return out
+        if new:
+            # joined to the pool only when it steps: batches queued in between are copied once
+            self.queued.append((cache, sel.to(mask.device)[torch.tensor(keep, device=mask.device)], mask, new))
+        _add_time(self.timings, "generate", t0)
+        while self._live() >= self.min_rows:
+            self.step()
+
+    def _join(self):
+        """Move the queued rows into the pool (one copy of the pool, dropping its finished rows)."""
+        live = [k for k, r in enumerate(self.rows) if not r.done]
+        parts, masks, nxts, rows = [], [], [], []
+        if live:
+            lt = torch.tensor(live, device=self.mask.device)
+            parts.append((self.cache, lt))
+            masks.append(self.mask[lt])
+            nxts.append(self.nxt[lt])
+            rows += [self.rows[k] for k in live]
+        for cache, sel, mask, new in self.queued:
+            parts.append((cache, sel))
+            masks.append(mask[sel])
+            nxts.append(torch.tensor([r.tokens[-1] for r in new], device=mask.device))
+            rows += new
+        S = max(m.shape[1] for m in masks)
+        # room for the longest budget: every later step writes in place
+        self.cache = KVCache.stack(parts, headroom=max(r.budget for r in rows))
+        self.mask = torch.cat([torch.cat([m.new_zeros(m.shape[0], S - m.shape[1]), m], 1) for m in masks])
+        self.nxt = torch.cat(nxts)
+        self.rows, self.queued = rows, []
+
+    def _live(self) -> int:
+        return sum(not r.done for r in self.rows) + sum(len(q[3]) for q in self.queued)
+
+    @torch.no_grad()
+    def step(self):
+        """One token for every pooled row."""
+        t0 = time.perf_counter()
+        if self.queued:
+            self._join()
+        dev = self.mask.device
+        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.bool, device=dev)], 1)
+        h = self.model(self.nxt[:, None], pad_mask=self.mask, cache=self.cache, return_hidden=True)[:, -1]
+        self.nxt = _logits(self.model, h).argmax(-1)                     # (A,)
+        for row, t in zip(self.rows, self.nxt.tolist()):
+            if not row.done:
+                row.tokens.append(t)
+                if self._ends(row):
+                    self._deliver(row)
+        # finished rows ride along (their tokens are ignored) until a quarter of the pool has
+        # finished: dropping rows copies the whole cache
+        live = [k for k, r in enumerate(self.rows) if not r.done]
+        if len(live) <= 3 * len(self.rows) // 4:
+            if live:
+                lt = torch.tensor(live, device=dev)
+                self.cache.select_rows(lt)
+                self.mask, self.nxt = self.mask[lt], self.nxt[lt]
+                self.rows = [self.rows[k] for k in live]
+            else:
+                self.cache = self.mask = self.nxt = None
+                self.rows = []
+        _add_time(self.timings, "generate", t0)
+
+    def finish(self):
+        """Decode every pooled row to its end."""
+        while self._live():
+            self.step()
 
 
 def _add_time(timings, key, t0):
@@ -411,10 +507,12 @@ def _greedy_from_gold(gold, argmax, max_new, stop_ids, alive):
 
 @torch.no_grad()
 def _run_prompts(model, prompts, conts, *, max_new_tokens=0, stop_ids=(), alive=None, prune=False,
-                 batch_size=32, pad_side="left", desc=None, progress=True, timings=None, tag=""):
+                 batch_size=32, pad_side="left", desc=None, progress=True, timings=None, tag="", decoder=None):
     """For each prompt i: the summed log-prob of each continuation in conts[i], and (max_new_tokens
     > 0) its greedy continuation, cut short where alive(i, tokens) returns False.
     -> (scores: list[list[float]], gens: list[list[int]] | None).
+    With a shared `decoder` (_Decoder), rows that need decoding may still be in its pool on return:
+    their gens[i] are filled in by decoder.finish().
 
     prune=True is for ranking against conts[i][0] (the gold): that one is scored exactly, and so is
     every other that might beat it; one whose first token's log-prob is already below the gold's
@@ -449,6 +547,9 @@ def _run_prompts(model, prompts, conts, *, max_new_tokens=0, stop_ids=(), alive=
     order = sorted(range(n), key=lambda i: len(prompts[i]))
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     stop_ids = set(stop_ids)
+    own_decoder = max_new_tokens and decoder is None
+    if own_decoder:
+        decoder = _Decoder(model, stop_ids, batch_size, timings)
     for rows in tqdm(batches, desc=desc, disable=not progress, leave=False):
         t0 = _add_time(timings, tag + "prefill", t0)
         cache, mask, last_h = _prefill(model, [prompts[i][plen:] for i in rows], prefix_cache, plen, pad_side)
@@ -473,22 +574,22 @@ def _run_prompts(model, prompts, conts, *, max_new_tokens=0, stop_ids=(), alive=
             _score_many(model, cache, mask, first_lp, rows, pairs, conts, scores, 2 * batch_size, greedy)
         t0 = _add_time(timings, tag + "score", t0)
         if max_new_tokens:
-            todo = []   # batch rows that need token-by-token decoding
+            todo, todo_rows = [], []   # batch rows that need token-by-token decoding
             for r, i in enumerate(rows):
+                row_alive = None if alive is None else (lambda toks, i=i: alive(i, toks))
                 g = None
                 if i in greedy:
-                    g = _greedy_from_gold(conts[i][0], greedy[i], max_new_tokens, stop_ids,
-                                          None if alive is None else (lambda toks, i=i: alive(i, toks)))
+                    g = _greedy_from_gold(conts[i][0], greedy[i], max_new_tokens, stop_ids, row_alive)
                 if g is None:
                     todo.append(r)
+                    todo_rows.append((max_new_tokens, row_alive, gens, i))
                 gens[i] = g
             if todo:
                 sel = torch.tensor(todo, device=dev)
-                row_alive = None if alive is None else (lambda q, toks: alive(rows[todo[q]], toks))
-                outs = _greedy(model, _fork(cache, sel), mask[sel], last_h[sel], max_new_tokens, stop_ids, row_alive)
-                for r, g in zip(todo, outs):
-                    gens[rows[r]] = g
-            t0 = _add_time(timings, tag + "generate", t0)
+                decoder.add(cache, mask, last_h[sel], todo_rows, sel)
+            t0 = time.perf_counter()
+    if own_decoder:
+        decoder.finish()
     return scores, gens
 
 
@@ -550,11 +651,34 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+TASK_DEFAULTS = {"n": None, "k_shot": 0, "metrics": METRICS, "batch_size": BATCH_SIZE, "seed": 0}
+
+
 def evaluate_task(model, tok, task, n: int | None = None, k_shot: int = 0, metrics=METRICS,
-                  batch_size: int = 32, seed: int = 0, progress: bool = True, timings: dict | None = None) -> dict:
+                  batch_size: int = BATCH_SIZE, seed: int = 0, progress: bool = True, timings: dict | None = None) -> dict:
     """Scores of `model` on the first n test examples of `task` -> {metric: value, "n": count}.
     `_kshot` metrics are computed only when k_shot > 0; knowledge_logprob only over examples that
     have a knowledge prompt (absent when none has). `timings`, if given, collects seconds per phase."""
+    decoders = _decoders(model, tok, batch_size, timings)
+    with _eval_mode(model):
+        finish = _start_task(model, tok, task, decoders, n=n, k_shot=k_shot, metrics=metrics,
+                             batch_size=batch_size, seed=seed, progress=progress, timings=timings)
+        for d in decoders.values():
+            d.finish()
+    return finish()
+
+
+def _decoders(model, tok, batch_size, timings):
+    # one pool per prompt kind: k-shot prompts are ~4x longer, and a pool pads every row to its
+    # longest prompt
+    return {"": _Decoder(model, tok.stop_ids(), batch_size, timings),
+            KSHOT_SUFFIX: _Decoder(model, tok.stop_ids(), batch_size, timings)}
+
+
+def _start_task(model, tok, task, decoders, *, n, k_shot, metrics, batch_size, seed, progress, timings):
+    """evaluate_task up to its replies: every score is computed, and the rows that need greedy
+    decoding are queued in decoders[metric suffix] (shared across tasks by evaluate_suite). -> a
+    function that, once every decoder has finished, returns the task's scores."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
@@ -573,6 +697,7 @@ def evaluate_task(model, tok, task, n: int | None = None, k_shot: int = 0, metri
         variants.append((KSHOT_SUFFIX, draw_shots(task, k_shot, seed)))
     labels = _distinct_outputs(task)
     stop = set(tok.stop_ids())
+    replies = []   # (metric suffix, gens, exact match's budget, reply_contains's), read once decoded
     with _eval_mode(model):
         for suffix, shots in variants:
             want = {m for m in CHAT_METRICS if m + suffix in metrics}
@@ -611,20 +736,15 @@ def evaluate_task(model, tok, task, n: int | None = None, k_shot: int = 0, metri
             scores, gens = _run_prompts(model, prompts, conts, max_new_tokens=max_new, stop_ids=stop, alive=alive,
                                         prune="choice_accuracy" in want,
                                         batch_size=batch_size, desc=f"{task.name}{suffix or ' 0-shot'}",
-                                        progress=progress, timings=timings, tag=(suffix or "_0shot")[1:] + "/")
+                                        progress=progress, timings=timings, tag=(suffix or "_0shot")[1:] + "/",
+                                        decoder=decoders[suffix])
             if "choice_accuracy" in want:
                 # strictly first: a tie with a wrong answer counts as wrong
                 out["choice_accuracy" + suffix] = _mean(float(all(s[0] > x for x in s[1:])) for s in scores)
             if "instruction_logprob" in want:
                 out["instruction_logprob" + suffix] = _mean(s[0] for s in scores)
-            if "exact_match" in want:
-                out["exact_match" + suffix] = _mean(
-                    float(normalize_answer(tok.decode([t for t in _cut(g[:em_budget], stop) if t not in stop]))
-                          == normalize_answer(ex.output)) for g, ex in zip(gens, test))
-            if "reply_contains" in want:
-                out["reply_contains" + suffix] = _mean(
-                    float(reply_contains(tok.decode([t for t in _cut(g[:rc_budget], stop) if t not in stop]), ex.output))
-                    for g, ex in zip(gens, test))
+            if em_budget or rc_budget:
+                replies.append((suffix, gens, em_budget, rc_budget))
         if "knowledge_logprob" in metrics:
             pairs = []
             for i, ex in enumerate(test):
@@ -638,7 +758,20 @@ def evaluate_task(model, tok, task, n: int | None = None, k_shot: int = 0, metri
                                          batch_size=batch_size, desc=f"{task.name} knowledge",
                                          progress=progress, timings=timings, tag="knowledge/")
                 out["knowledge_logprob"] = _mean(s[0] for s in scores)
-    return out
+
+    def text(g, budget):
+        return tok.decode([t for t in _cut(g[:budget], stop) if t not in stop])
+
+    def finish():
+        for suffix, gens, em_budget, rc_budget in replies:
+            if em_budget:
+                out["exact_match" + suffix] = _mean(
+                    float(normalize_answer(text(g, em_budget)) == normalize_answer(ex.output)) for g, ex in zip(gens, test))
+            if rc_budget:
+                out["reply_contains" + suffix] = _mean(float(reply_contains(text(g, rc_budget), ex.output))
+                                                       for g, ex in zip(gens, test))
+        return {k: out[k] for k in ["n"] + [m for m in METRICS if m in out]}   # in METRICS order
+    return finish
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,12 +805,18 @@ def evaluate_suite(model, tok, tasks, *, model_name: str = "model", dtype="float
         raise ValueError(f"task names repeat: {names}")
     primary = {t.name: canonical_metric(t.metric) for t in tasks}  # fail before any work
     t0 = time.perf_counter()
-    results = {}
-    with autocast(dtype, _device(model).type):
+    # decoders shared by all tasks: rows still decoding from one task step together with the next's
+    decoders = _decoders(model, tok, kw.get("batch_size", BATCH_SIZE), timings)
+    finish = {}
+    with autocast(dtype, _device(model).type), _eval_mode(model):
         for t in tqdm(tasks, desc="tasks", disable=not progress):
-            results[t.name] = evaluate_task(model, tok, t, progress=progress, timings=timings, **kw)
+            finish[t.name] = _start_task(model, tok, t, decoders, **{**TASK_DEFAULTS, **kw},
+                                         progress=progress, timings=timings)
+        for d in decoders.values():
+            d.finish()
+    results = {name: f() for name, f in finish.items()}
     settings = {"n": kw.get("n"), "k_shot": kw.get("k_shot", 0), "seed": kw.get("seed", 0),
-                "batch_size": kw.get("batch_size", 32), "dtype": str(dtype),
+                "batch_size": kw.get("batch_size", BATCH_SIZE), "dtype": str(dtype),
                 "metrics": list(kw.get("metrics", METRICS)), "seconds": round(time.perf_counter() - t0, 1)}
     return {"model": str(model_name), "tasks": results, "primary": primary,
             "settings": settings}
@@ -854,7 +993,8 @@ def build_parser():
     g.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metrics to compute")
     g.add_argument("--seed", type=int, default=0, help="seed for the demonstrations and fallback distractors")
     g = p.add_argument_group("system")
-    g.add_argument("--batch_size", type=int, default=32, help="prompts per forward pass")
+    g.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="prompts per forward pass, and rows per "
+                   "decoding step (lower it for big models: the k-shot replies' KV cache grows with it)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype: bfloat16 = autocast with fp32 weights and fp32 output layer (a "
                    "gain on GPUs and on CPUs with AMX/AVX512-BF16; on AVX2-only CPUs ~4x slower than fp32; "

@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_n", type=int, default=None, help="test examples per task and stage (default 40; 5 under --quick); 0 = no evaluation")
     g.add_argument("--eval_k_shot", type=int, default=None,
                    help="demonstrations for the in-context (IP) score of the general suite (default 3)")
-    g.add_argument("--eval_batch", type=int, default=16, help="prompts per forward pass in evaluation")
+    g.add_argument("--eval_batch", type=int, default=128,
+                   help="prompts per forward pass and rows per decoding step in evaluation (evaluate.py's "
+                   "default; lower it for big models)")
     g.add_argument("--stage0_cache", default=None, metavar="PATH",
                    help="reuse the original model's evaluation from this JSON file when model, tasks and "
                    "evaluation flags match (written there otherwise): runs of one study share it")

@@ -357,6 +357,55 @@ def test_reply_contains_equals_naive_generation():
     assert want_em > 0, (replies, golds)
 
 
+def test_shared_decoder_pools_prompt_groups_exactly():
+    # the decoder pool joins rows of separately prefilled groups (tasks) whose prompts differ in
+    # length: a left-padded cache under a False mask. Every reply must equal plain generation.
+    model = tiny_model(seed=5)
+    stop = TOK.stop_ids()
+    g = torch.Generator().manual_seed(3)
+    groups = []
+    for prefix_len, n in ((4, 5), (30, 4)):
+        prefix = torch.randint(3, V, (prefix_len,), generator=g).tolist()
+        groups.append([prefix + torch.randint(3, V, (int(torch.randint(1, 6, (1,), generator=g)),),
+                                              generator=g).tolist() for _ in range(n)])
+    want = [[E._cut(model.generate(torch.tensor([p]), 12, stop_ids=stop)[0].tolist(), stop) for p in ps] for ps in groups]
+    assert len({len(w) for ws in want for w in ws}) > 1   # rows end at different steps
+    for bs in (2, 64):   # pools that step while groups arrive; one pool holding everything
+        dec = E._Decoder(model, stop, bs)
+        gens = [E._run_prompts(model, ps, [[] for _ in ps], max_new_tokens=12, stop_ids=stop, batch_size=bs,
+                               progress=False, decoder=dec)[1] for ps in groups]
+        dec.finish()
+        assert [[E._cut(x, stop) for x in gs] for gs in gens] == want, bs
+
+
+def test_pooled_decoding_across_tasks_equals_naive_generation():
+    # evaluate_suite decodes rows of all tasks in shared pools (continuous batching): tasks whose
+    # prompts differ in length, in pools smaller and larger than a task, must give every verdict
+    # that each example's own full greedy reply gives
+    model = tiny_model(seed=5)
+    stop = TOK.stop_ids()
+    specs = {"short": ("Say.", ["ab", "cde", "f", "gh", "kl"]),
+             "long": ("Say it again and again please.", ["mno", "p", "qrs", "tu", "vw", "xyz", "a"])}
+    tasks, want = [], {}
+    for name, (instr, inputs) in specs.items():
+        test = []
+        for j, w in enumerate(inputs):
+            out = model.generate(torch.tensor([E.render_prompt(TOK, Example(instr, w, "x"))]), E.REPLY_TOKENS,
+                                 stop_ids=stop)[0].tolist()
+            reply = TOK.decode([t for t in E._cut(out, stop) if t not in stop])
+            words = [x for x in reply.replace("\ufffd", " ").split() if all(c in TOK.chars for c in x)]
+            test.append(Example(instr, w, words[0] if words and j % 2 == 0 else "zzqq"))
+        tasks.append(make_task(test, name=name, metric="reply_contains"))
+        want[name] = [E.reply_contains(TOK.decode([t for t in E._cut(model.generate(
+            torch.tensor([E.render_prompt(TOK, ex)]), E.REPLY_TOKENS, stop_ids=stop)[0].tolist(), stop) if t not in stop]),
+            ex.output) for ex in test]
+    assert 0 < sum(map(sum, want.values())) < sum(map(len, want.values()))   # both verdicts exercised
+    for bs in (2, 64):
+        rep = E.evaluate_suite(model, TOK, tasks, metrics=("reply_contains",), batch_size=bs, progress=False)
+        for name, verdicts in want.items():
+            assert rep["tasks"][name]["reply_contains"] == pytest.approx(sum(verdicts) / len(verdicts)), (name, bs)
+
+
 def test_knowledge_logprob_by_hand():
     model, L = bigram_model(TABLE)
     test = [Example("i", "x", "ca", knowledge_prompt="it is", knowledge_answer="ca"),
