@@ -373,8 +373,9 @@ class _Decoder:
         index: int
         done: bool = False
 
-    def __init__(self, model, stop_ids, min_rows: int, timings=None):
+    def __init__(self, model, stop_ids, min_rows: int, timings=None, progress: bool = False):
         self.model, self.stop, self.min_rows, self.timings = model, set(stop_ids), max(1, min_rows), timings
+        self.progress = progress
         self.cache = self.mask = self.nxt = None    # pooled rows: cache (A, G, S, D), mask (A, S), next input (A,)
         self.rows = []                              # a Row per pooled row (done ones ride along: see step)
         self.queued = []                            # batches waiting to join: (cache, batch rows, mask, Rows)
@@ -465,8 +466,12 @@ class _Decoder:
 
     def finish(self):
         """Decode every pooled row to its end."""
-        while self._live():
-            self.step()
+        steps = max([r.budget - len(r.tokens) for r in self.rows if not r.done] +
+                    [r.budget - 1 for q in self.queued for r in q[3]] + [0])
+        with tqdm(total=steps, desc="last replies", disable=not self.progress or not steps, leave=False) as bar:
+            while self._live():
+                self.step()
+                bar.update()
 
 
 def _add_time(timings, key, t0):
@@ -659,7 +664,7 @@ def evaluate_task(model, tok, task, n: int | None = None, k_shot: int = 0, metri
     """Scores of `model` on the first n test examples of `task` -> {metric: value, "n": count}.
     `_kshot` metrics are computed only when k_shot > 0; knowledge_logprob only over examples that
     have a knowledge prompt (absent when none has). `timings`, if given, collects seconds per phase."""
-    decoders = _decoders(model, tok, batch_size, timings)
+    decoders = _decoders(model, tok, batch_size, timings, progress)
     with _eval_mode(model):
         finish = _start_task(model, tok, task, decoders, n=n, k_shot=k_shot, metrics=metrics,
                              batch_size=batch_size, seed=seed, progress=progress, timings=timings)
@@ -668,11 +673,10 @@ def evaluate_task(model, tok, task, n: int | None = None, k_shot: int = 0, metri
     return finish()
 
 
-def _decoders(model, tok, batch_size, timings):
+def _decoders(model, tok, batch_size, timings, progress=False):
     # one pool per prompt kind: k-shot prompts are ~4x longer, and a pool pads every row to its
     # longest prompt
-    return {"": _Decoder(model, tok.stop_ids(), batch_size, timings),
-            KSHOT_SUFFIX: _Decoder(model, tok.stop_ids(), batch_size, timings)}
+    return {suffix: _Decoder(model, tok.stop_ids(), batch_size, timings, progress) for suffix in ("", KSHOT_SUFFIX)}
 
 
 def _start_task(model, tok, task, decoders, *, n, k_shot, metrics, batch_size, seed, progress, timings):
@@ -806,7 +810,7 @@ def evaluate_suite(model, tok, tasks, *, model_name: str = "model", dtype="float
     primary = {t.name: canonical_metric(t.metric) for t in tasks}  # fail before any work
     t0 = time.perf_counter()
     # decoders shared by all tasks: rows still decoding from one task step together with the next's
-    decoders = _decoders(model, tok, kw.get("batch_size", BATCH_SIZE), timings)
+    decoders = _decoders(model, tok, kw.get("batch_size", BATCH_SIZE), timings, progress)
     finish = {}
     with autocast(dtype, _device(model).type), _eval_mode(model):
         for t in tqdm(tasks, desc="tasks", disable=not progress):
