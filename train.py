@@ -213,10 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
 # defaults that depend on the presets: (plain, --guided) and (normal, --quick)
 GUIDED_DEFAULTS = {"iv_alpha0": (0.0, 1.0), "kl_weight": (0.0, 1.0), "kl_iv": (False, True)}
 # Budget of the defaults, measured in a fresh clone on a 2-core AVX2 CPU (fp32, 2 threads): guided
-# ~4.3 s per step of 8 (plain ~3.5), a stage evaluation 1-3 min (greedy replies dominate), the 4
-# IVs ~4.5 min on first use (then cached): `python train.py` 19.7 min, --guided 26.5 min. --quick:
-# 4 x 3 steps, 5 evaluations of 5 examples, lighter IVs: 267 s guided (each evaluation ~30 s, bound
-# by decoding 32-token replies, which costs about the same for 5 rows as for 8).
+# ~4.3 s per step of 8 (plain ~3.5), a stage evaluation ~1 min, the 4 IVs ~4.5 min on first use
+# (then cached): `python train.py` 15.0 min, --guided 21.5 min. --quick: 4 x 3 steps, 5
+# evaluations of 5 examples, lighter IVs: 224 s guided, 147 s plain (each evaluation ~20 s, bound by
+# decoding 32-token replies, which costs about the same for 5 rows as for 8).
 SIZE_DEFAULTS = {"max_train": (320, 24), "epochs": (1.0, 1.0), "batch_size": (8, 8),
                  "micro_batch": (8, 8), "eval_n": (40, 5), "eval_k_shot": (3, 3),
                  "iv_n_clean": (100, 12), "iv_n_corrupt": (25, 4), "iv_dir": ("ivs", os.path.join("ivs", "quick"))}
