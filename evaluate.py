@@ -656,21 +656,29 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-TASK_DEFAULTS = {"n": None, "k_shot": 0, "metrics": METRICS, "batch_size": BATCH_SIZE, "seed": 0}
-
-
 def evaluate_task(model, tok, task, n: int | None = None, k_shot: int = 0, metrics=METRICS,
                   batch_size: int = BATCH_SIZE, seed: int = 0, progress: bool = True, timings: dict | None = None) -> dict:
     """Scores of `model` on the first n test examples of `task` -> {metric: value, "n": count}.
     `_kshot` metrics are computed only when k_shot > 0; knowledge_logprob only over examples that
     have a knowledge prompt (absent when none has). `timings`, if given, collects seconds per phase."""
+    return _evaluate_tasks(model, tok, [task], n=n, k_shot=k_shot, metrics=metrics, batch_size=batch_size,
+                           seed=seed, progress=progress, timings=timings)[task.name]
+
+
+def _evaluate_tasks(model, tok, tasks, *, batch_size: int = BATCH_SIZE, progress: bool = True,
+                    timings: dict | None = None, **kw) -> dict:
+    """{task name: evaluate_task's scores}. The decoders are shared by all tasks: rows still
+    decoding from one task step together with the next's. kw: n, k_shot, metrics, seed."""
+    kw = {"n": None, "k_shot": 0, "metrics": METRICS, "seed": 0, **kw}
     decoders = _decoders(model, tok, batch_size, timings, progress)
+    finish = {}
     with _eval_mode(model):
-        finish = _start_task(model, tok, task, decoders, n=n, k_shot=k_shot, metrics=metrics,
-                             batch_size=batch_size, seed=seed, progress=progress, timings=timings)
+        for t in tqdm(tasks, desc="tasks", disable=not progress or len(tasks) == 1):
+            finish[t.name] = _start_task(model, tok, t, decoders, batch_size=batch_size, progress=progress,
+                                         timings=timings, **kw)
         for d in decoders.values():
             d.finish()
-    return finish()
+    return {name: f() for name, f in finish.items()}
 
 
 def _decoders(model, tok, batch_size, timings, progress=False):
@@ -680,9 +688,9 @@ def _decoders(model, tok, batch_size, timings, progress=False):
 
 
 def _start_task(model, tok, task, decoders, *, n, k_shot, metrics, batch_size, seed, progress, timings):
-    """evaluate_task up to its replies: every score is computed, and the rows that need greedy
-    decoding are queued in decoders[metric suffix] (shared across tasks by evaluate_suite). -> a
-    function that, once every decoder has finished, returns the task's scores."""
+    """evaluate_task up to its replies (the model already in eval mode): every score is computed,
+    and the rows that need greedy decoding are queued in decoders[metric suffix]. -> a function
+    that, once every decoder has finished, returns the task's scores."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
@@ -702,66 +710,65 @@ def _start_task(model, tok, task, decoders, *, n, k_shot, metrics, batch_size, s
     labels = _distinct_outputs(task)
     stop = set(tok.stop_ids())
     replies = []   # (metric suffix, gens, exact match's budget, reply_contains's), read once decoded
-    with _eval_mode(model):
-        for suffix, shots in variants:
-            want = {m for m in CHAT_METRICS if m + suffix in metrics}
-            if not want:
-                continue
-            prompts = [render_prompt(tok, ex, shots) for ex in test]
-            if "choice_accuracy" in want:
-                # gold first: _run_prompts(prune=True) ranks the others against conts[i][0]
-                conts = []
-                for i, ex in enumerate(test):
-                    gold = ex.output.strip()
-                    others = [x for x in choice_candidates(task, ex, i, seed, labels) if x != gold]
-                    try:
-                        conts.append([golds[i]] + [answer_ids(tok, x) for x in others])
-                    except ValueError as e:
-                        raise ValueError(f"task {task.name!r}, test example {i}: choice {e}") from None
-            else:  # the gold alone: its log-prob, and the pass exact match's decoding starts from
-                conts = [[g] for g in golds]
-            # One greedy reply per prompt serves both generation metrics: greedy decoding is
-            # deterministic, so exact match's reply is the first tokens of reply_contains's.
-            # exact_match: room for the longest gold answer and its end token (a model that goes on
-            # past the gold shows at least one extra token, so a truncated ramble never matches);
-            # reply_contains: REPLY_TOKENS, a sentence.
-            em_budget = max(len(g) for g in golds) if "exact_match" in want else 0
-            rc_budget = REPLY_TOKENS if "reply_contains" in want else 0
-            max_new = max(em_budget, rc_budget)
-
-            def alive(i, toks):
-                # a row decodes on while either metric's verdict is open: exact match until the
-                # reply can no longer match its gold (a rambling "The opposite of hot is ..." would
-                # otherwise run the whole budget), reply_contains until the answer has appeared
-                text = tok.decode([t for t in toks if t not in stop])
-                return ((len(toks) < em_budget and may_still_match(text, test[i].output))
-                        or (len(toks) < rc_budget and not reply_contains(text, test[i].output, final=False)))
-
-            scores, gens = _run_prompts(model, prompts, conts, max_new_tokens=max_new, stop_ids=stop, alive=alive,
-                                        prune="choice_accuracy" in want,
-                                        batch_size=batch_size, desc=f"{task.name}{suffix or ' 0-shot'}",
-                                        progress=progress, timings=timings, tag=(suffix or "_0shot")[1:] + "/",
-                                        decoder=decoders[suffix])
-            if "choice_accuracy" in want:
-                # strictly first: a tie with a wrong answer counts as wrong
-                out["choice_accuracy" + suffix] = _mean(float(all(s[0] > x for x in s[1:])) for s in scores)
-            if "instruction_logprob" in want:
-                out["instruction_logprob" + suffix] = _mean(s[0] for s in scores)
-            if em_budget or rc_budget:
-                replies.append((suffix, gens, em_budget, rc_budget))
-        if "knowledge_logprob" in metrics:
-            pairs = []
+    for suffix, shots in variants:
+        want = {m for m in CHAT_METRICS if m + suffix in metrics}
+        if not want:
+            continue
+        prompts = [render_prompt(tok, ex, shots) for ex in test]
+        if "choice_accuracy" in want:
+            # gold first: _run_prompts(prune=True) ranks the others against conts[i][0]
+            conts = []
             for i, ex in enumerate(test):
-                if ex.knowledge_prompt and ex.knowledge_answer:
-                    try:
-                        pairs.append(knowledge_ids(tok, ex.knowledge_prompt, ex.knowledge_answer))
-                    except ValueError as e:
-                        raise ValueError(f"task {task.name!r}, test example {i}: {e}") from None
-            if pairs:
-                scores, _ = _run_prompts(model, [p for p, _ in pairs], [[c] for _, c in pairs],
-                                         batch_size=batch_size, desc=f"{task.name} knowledge",
-                                         progress=progress, timings=timings, tag="knowledge/")
-                out["knowledge_logprob"] = _mean(s[0] for s in scores)
+                gold = ex.output.strip()
+                others = [x for x in choice_candidates(task, ex, i, seed, labels) if x != gold]
+                try:
+                    conts.append([golds[i]] + [answer_ids(tok, x) for x in others])
+                except ValueError as e:
+                    raise ValueError(f"task {task.name!r}, test example {i}: choice {e}") from None
+        else:  # the gold alone: its log-prob, and the pass exact match's decoding starts from
+            conts = [[g] for g in golds]
+        # One greedy reply per prompt serves both generation metrics: greedy decoding is
+        # deterministic, so exact match's reply is the first tokens of reply_contains's.
+        # exact_match: room for the longest gold answer and its end token (a model that goes on
+        # past the gold shows at least one extra token, so a truncated ramble never matches);
+        # reply_contains: REPLY_TOKENS, a sentence.
+        em_budget = max(len(g) for g in golds) if "exact_match" in want else 0
+        rc_budget = REPLY_TOKENS if "reply_contains" in want else 0
+        max_new = max(em_budget, rc_budget)
+
+        def alive(i, toks):
+            # a row decodes on while either metric's verdict is open: exact match until the
+            # reply can no longer match its gold (a rambling "The opposite of hot is ..." would
+            # otherwise run the whole budget), reply_contains until the answer has appeared
+            text = tok.decode([t for t in toks if t not in stop])
+            return ((len(toks) < em_budget and may_still_match(text, test[i].output))
+                    or (len(toks) < rc_budget and not reply_contains(text, test[i].output, final=False)))
+
+        scores, gens = _run_prompts(model, prompts, conts, max_new_tokens=max_new, stop_ids=stop, alive=alive,
+                                    prune="choice_accuracy" in want,
+                                    batch_size=batch_size, desc=f"{task.name}{suffix or ' 0-shot'}",
+                                    progress=progress, timings=timings, tag=(suffix or "_0shot")[1:] + "/",
+                                    decoder=decoders[suffix])
+        if "choice_accuracy" in want:
+            # strictly first: a tie with a wrong answer counts as wrong
+            out["choice_accuracy" + suffix] = _mean(float(all(s[0] > x for x in s[1:])) for s in scores)
+        if "instruction_logprob" in want:
+            out["instruction_logprob" + suffix] = _mean(s[0] for s in scores)
+        if em_budget or rc_budget:
+            replies.append((suffix, gens, em_budget, rc_budget))
+    if "knowledge_logprob" in metrics:
+        pairs = []
+        for i, ex in enumerate(test):
+            if ex.knowledge_prompt and ex.knowledge_answer:
+                try:
+                    pairs.append(knowledge_ids(tok, ex.knowledge_prompt, ex.knowledge_answer))
+                except ValueError as e:
+                    raise ValueError(f"task {task.name!r}, test example {i}: {e}") from None
+        if pairs:
+            scores, _ = _run_prompts(model, [p for p, _ in pairs], [[c] for _, c in pairs],
+                                     batch_size=batch_size, desc=f"{task.name} knowledge",
+                                     progress=progress, timings=timings, tag="knowledge/")
+            out["knowledge_logprob"] = _mean(s[0] for s in scores)
 
     def text(g, budget):
         return tok.decode([t for t in _cut(g[:budget], stop) if t not in stop])
@@ -809,16 +816,8 @@ def evaluate_suite(model, tok, tasks, *, model_name: str = "model", dtype="float
         raise ValueError(f"task names repeat: {names}")
     primary = {t.name: canonical_metric(t.metric) for t in tasks}  # fail before any work
     t0 = time.perf_counter()
-    # decoders shared by all tasks: rows still decoding from one task step together with the next's
-    decoders = _decoders(model, tok, kw.get("batch_size", BATCH_SIZE), timings, progress)
-    finish = {}
-    with autocast(dtype, _device(model).type), _eval_mode(model):
-        for t in tqdm(tasks, desc="tasks", disable=not progress):
-            finish[t.name] = _start_task(model, tok, t, decoders, **{**TASK_DEFAULTS, **kw},
-                                         progress=progress, timings=timings)
-        for d in decoders.values():
-            d.finish()
-    results = {name: f() for name, f in finish.items()}
+    with autocast(dtype, _device(model).type):
+        results = _evaluate_tasks(model, tok, tasks, progress=progress, timings=timings, **kw)
     settings = {"n": kw.get("n"), "k_shot": kw.get("k_shot", 0), "seed": kw.get("seed", 0),
                 "batch_size": kw.get("batch_size", BATCH_SIZE), "dtype": str(dtype),
                 "metrics": list(kw.get("metrics", METRICS)), "seconds": round(time.perf_counter() - t0, 1)}
