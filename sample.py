@@ -26,6 +26,13 @@ parser.add_argument("--top_k", type=int, default=50, help="sample among the k mo
 parser.add_argument("--num_samples", type=int, default=1, help="replies to draw")
 parser.add_argument("--seed", type=int, default=1337, help="random seed for sampling")
 args = parser.parse_args()
+for ok, msg in [(args.num_samples >= 1, f"--num_samples {args.num_samples}: must be >= 1"),
+                (args.max_new_tokens >= 1, f"--max_new_tokens {args.max_new_tokens}: must be >= 1"),
+                (args.temperature >= 0 and args.temperature != float("inf"),
+                 f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)"),
+                (args.top_k >= 0, f"--top_k {args.top_k}: must be >= 0 (0 = all tokens)")]:
+    if not ok:
+        parser.error(msg)      # one line and exit status 2, before the model loads
 
 try:
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)

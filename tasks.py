@@ -103,6 +103,8 @@ def load_task(name_or_path: str, test_fraction: float = 0.2, seed: int = 0) -> T
     if os.path.isdir(path):
         return load_trace(path)
     if path.endswith(".jsonl"):
+        if _is_fv_jsonl(path):
+            return load_fv(path, test_fraction, seed)
         return load_alpaca(path, test_fraction, seed)
     data = _read_json(path)
     if isinstance(data, dict) and "Instances" in data:
@@ -123,7 +125,7 @@ def load_task(name_or_path: str, test_fraction: float = 0.2, seed: int = 0) -> T
 
 def load_trace(path, test_fraction=0.2, seed=0) -> Task:
     def read(p):
-        return [Example(_field(r, "prompt", p, f"item {i}"), "", _field(r, "answer", p, f"item {i}"))
+        return [Example(_text(r, "prompt", p, f"item {i}"), "", _text(r, "answer", p, f"item {i}", numbers_ok=True))
                 for i, r in enumerate(_read_json_list(p))]
     if os.path.isdir(path):
         for split in ("train.json", "test.json"):
@@ -149,7 +151,9 @@ def load_superni(path, test_fraction=0.2, seed=0) -> Task:
             if not out:
                 raise TaskError(f"{path}: {where}: field 'output' is an empty list")
             out = out[0]  # SuperNI lists all acceptable references; the first is the target
-        return Example(definition, _field(r, "input", path, where), out)
+        if not isinstance(out, str) or not out.strip():
+            raise TaskError(f"{path}: {where}: field 'output' must be a non-empty string")
+        return Example(definition, _text(r, "input", path, where, empty_ok=True), out)
     instances = _field(data, "Instances", path)
     examples = [ex(r, f"Instances[{i}]") for i, r in enumerate(instances)]
     demos = [ex(r, f"Positive Examples[{i}]") for i, r in enumerate(data.get("Positive Examples", []))]
@@ -175,10 +179,13 @@ def load_alpaca(path, test_fraction=0.2, seed=0) -> Task:
 
 def load_fv(path, test_fraction=0.2, seed=0, instruction="") -> Task:
     examples = []
-    for i, r in enumerate(_read_json_list(path)):
+    records = ([r for _, r in _jsonl_records(path)] if str(path).endswith(".jsonl") else _read_json_list(path))
+    for i, r in enumerate(records):
         out = _field(r, "output", path, f"item {i}")
-        out = out[0] if isinstance(out, list) and out else out
-        examples.append(Example(instruction, str(_field(r, "input", path, f"item {i}")), str(out)))
+        if isinstance(out, list):   # several acceptable answers: the first is the target
+            out = out[0] if out else ""
+        out = _text({"output": out}, "output", path, f"item {i}", numbers_ok=True)
+        examples.append(Example(instruction, _text(r, "input", path, f"item {i}", numbers_ok=True), out))
     return _task(path, *_split(examples, path, test_fraction, seed))
 
 
@@ -193,39 +200,72 @@ def _field(record, key, path, where=None):
     return record[key]
 
 
+def _text(record, key, path, where=None, *, empty_ok=False, numbers_ok=False) -> str:
+    """A string field, checked: a wrong type or an empty answer is one TaskError naming file, item
+    and field, here, instead of an AttributeError deep in training."""
+    v = _field(record, key, path, where)
+    if numbers_ok and isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = str(v)
+    at = f"{path}: {where}: " if where is not None else f"{path}: "
+    if not isinstance(v, str):
+        raise TaskError(f"{at}field {key!r} must be a string, got {type(v).__name__}")
+    if not empty_ok and not v.strip():
+        raise TaskError(f"{at}field {key!r} is empty")
+    return v
+
+
 def _example(r, path, where):
+    inp = r.get("input") if isinstance(r, dict) else None
+    if inp is not None and not isinstance(inp, str):
+        raise TaskError(f"{path}: {where}: field 'input' must be a string, got {type(inp).__name__}")
     return Example(
-        instruction=_field(r, "instruction", path, where),
-        input=r.get("input") or "",
-        output=_field(r, "output", path, where),
+        instruction=_text(r, "instruction", path, where, empty_ok=True),
+        input=inp or "",
+        output=_text(r, "output", path, where),
         choices=r.get("choices"),
         knowledge_prompt=r.get("knowledge_prompt"),
         knowledge_answer=r.get("knowledge_answer"),
     )
 
 
-def _read_jsonl(path):
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            rows.append(_example(r, path, f"line {lineno}"))
-    if not rows:
+def _read_text(path) -> str:
+    # utf-8-sig: a byte-order mark, as some editors write, is not part of the JSON
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise TaskError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
+
+
+def _jsonl_records(path) -> list[tuple[int, dict]]:
+    out = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+    if not out:
         raise TaskError(f"{path}: no examples (empty task)")
-    return rows
+    return out
+
+
+def _read_jsonl(path):
+    return [_example(r, path, f"line {lineno}") for lineno, r in _jsonl_records(path)]
+
+
+def _is_fv_jsonl(path) -> bool:
+    """{"input", "output"} lines with no "instruction": a function-vector task written as JSONL."""
+    r = _jsonl_records(path)[0][1]
+    return isinstance(r, dict) and "instruction" not in r and {"input", "output"} <= set(r)
 
 
 def _read_json(path):
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise TaskError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
 
 
 def _read_json_list(path):

@@ -215,3 +215,40 @@ def test_generator_is_deterministic_and_matches_shipped_files(tmp_path):
                    check=True, capture_output=True)
     assert not filecmp.cmp(tmp_path / "a" / "antonym.test.jsonl", tmp_path / "c" / "antonym.test.jsonl",
                            shallow=False)
+
+
+# ---- users' files: wrong types, encodings, FV lines (one TaskError naming file, item and field) -----
+
+@pytest.mark.parametrize("name,content,where,what", [
+    ("a.json", [{"instruction": "Say it.", "input": "x", "output": 5}] * 3, "item 0", "must be a string, got int"),
+    ("a.json", [{"instruction": "Say it.", "input": "x", "output": "  "}] * 3, "item 0", "'output' is empty"),
+    ("a.jsonl", [{"instruction": "Say it.", "input": ["x"], "output": "y"}] * 3, "line 1", "'input' must be a string"),
+    ("t.json", [{"prompt": "2+2?", "answer": ["4"]}] * 3, "item 0", "'answer' must be a string, got list"),
+    ("fv.json", [{"input": "x", "output": {"a": 1}}] * 3, "item 0", "'output' must be a string, got dict"),
+])
+def test_wrong_types_name_file_item_and_field(tmp_path, name, content, where, what):
+    p = tmp_path / name
+    p.write_text("\n".join(json.dumps(r) for r in content) if name.endswith(".jsonl") else json.dumps(content))
+    with pytest.raises(TaskError) as e:
+        tasks.load_task(str(p))
+    msg = str(e.value)
+    assert str(p) in msg and where in msg and what in msg and len(msg.splitlines()) == 1
+
+
+def test_encodings(tmp_path):
+    rows = [{"instruction": "Say it.", "input": f"x{i}", "output": "y"} for i in range(3)]
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    assert len(tasks.load_task(str(bom)).train) == 2                 # a byte-order mark is accepted
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(json.dumps(rows).replace("x0", "caf\u00e9").encode("latin-1"))
+    with pytest.raises(TaskError, match=r"latin\.json: not UTF-8 text"):
+        tasks.load_task(str(latin))
+
+
+def test_fv_jsonl(tmp_path):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("\n".join(json.dumps({"input": f"w{i}", "output": f"W{i}"}) for i in range(10)) + "\n")
+    t = tasks.load_task(str(p))
+    assert len(t.train) + len(t.test) == 10 and all(e.instruction == "" for e in t.train)
+    assert {e.output for e in t.train + t.test} == {f"W{i}" for i in range(10)}
