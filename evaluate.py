@@ -204,14 +204,20 @@ def reply_contains(reply: str, gold: str, final: bool = True) -> bool:
 
 def draw_shots(task, k: int, seed: int = 0) -> list:
     """The task's k demonstrations, fixed for all its test examples: a seeded sample of task.demos
-    when the task ships its own (SuperNI's positive examples), else of its train split."""
+    when the task ships its own (SuperNI's positive examples), topped up from its train split when
+    it ships fewer than k (a real SuperNI task has 2); with fewer than k in all, all of them, and a
+    note on stderr saying so."""
     if k <= 0:
         return []
-    pool = list(getattr(task, "demos", None) or task.train)
-    if len(pool) < k:
-        raise ValueError(f"task {task.name!r}: k_shot={k} needs {k} demonstrations, it has {len(pool)} "
-                         f"({'demos' if getattr(task, 'demos', None) else 'train examples'})")
-    return random.Random(seed).sample(pool, k)
+    rng = random.Random(seed)
+    demos = list(getattr(task, "demos", None) or [])
+    shots = rng.sample(demos, min(k, len(demos)))
+    if len(shots) < k:
+        shots += rng.sample(list(task.train), min(k - len(shots), len(task.train)))
+    if len(shots) < k:
+        print(f"note: task {task.name!r} has {len(shots)} demonstrations in all; k_shot={k} uses those "
+              f"{len(shots)}", file=sys.stderr)
+    return shots
 
 
 def _distinct_outputs(task) -> list[str]:
@@ -845,6 +851,21 @@ def save_report(report: dict, path) -> None:
         raise
 
 
+def check_writable(path) -> None:
+    """Raise OSError naming `path` unless a report can be written there: the nearest existing
+    folder must take a file (a test file, created and removed at once; nothing else is created)."""
+    p = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    try:
+        if not os.path.isdir(p):
+            raise NotADirectoryError(20, "Not a directory")
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        raise OSError(f"{path}: cannot write here ({e.strerror or e})") from None
+
+
 def load_report(path) -> dict:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -1025,6 +1046,8 @@ def main(argv=None) -> int:
     try:
         # tasks first: a typo in a task name should fail in a second, not after loading the model
         tasks = resolve_tasks(None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()])
+        if args.out:
+            check_writable(args.out)        # not after a whole evaluation
         from load import load_model
         model, tok = load_model(args.model, device=args.device)
         report = evaluate_suite(model, tok, tasks, model_name=args.model or "SmolLM2-135M-Instruct (embedded)",
@@ -1038,7 +1061,11 @@ def main(argv=None) -> int:
     print_table(report)
     print(f"({report['settings']['seconds']} s)")
     if args.out:
-        save_report(report, args.out)
+        try:
+            save_report(report, args.out)
+        except OSError as e:
+            print(f"evaluate.py: error: {args.out}: cannot write the report ({e.strerror or e})", file=sys.stderr)
+            return 2
         print(f"report written to {args.out}")
     return 0
 

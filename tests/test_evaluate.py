@@ -435,6 +435,17 @@ def test_kshot_metrics_use_fixed_demonstrations():
     # a task that ships its own demonstrations (SuperNI) draws from those, not from train
     task.demos = [Example("Copy.", "zz", "zz"), Example("Copy.", "yy", "yy")]
     assert sorted(ex.input for ex in E.draw_shots(task, 2, seed=3)) == ["yy", "zz"]
+    # a real SuperNI task ships 2: k = 3 takes both and one train example
+    three = E.draw_shots(task, 3, seed=3)
+    assert len(three) == 3 and {"yy", "zz"} <= {ex.input for ex in three}
+
+
+def test_fewer_demonstrations_than_k_uses_them_all_and_says_so(capsys):
+    model = tiny_model()
+    task = make_task([Example("i", "x", "ab")])
+    out = E.evaluate_task(model, TOK, task, k_shot=3, progress=False)
+    assert "instruction_logprob_kshot" in out
+    assert "k_shot=3 uses those" in capsys.readouterr().err
 
 
 def test_no_autograd_graph_is_built():
@@ -558,8 +569,6 @@ def test_other_bad_inputs():
         E.evaluate_task(model, TOK, task, metrics=("choice_accuracy",), progress=False)
     with pytest.raises(ValueError, match="unknown metric"):
         E.evaluate_task(model, TOK, task, metrics=("accuracy",), progress=False)
-    with pytest.raises(ValueError, match="k_shot=3 needs 3 demonstrations, it has 0"):
-        E.evaluate_task(model, TOK, make_task([Example("i", "x", "ab")]), k_shot=3, progress=False)
     with pytest.raises(ValueError, match="empty continuation"):
         E.score_continuations(model, [[5, 6]], [[]])
     with pytest.raises(ValueError, match="empty prompt"):
@@ -579,3 +588,13 @@ def test_cli_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         E.main(["--metrics", "accuracy"])
     assert e.value.code == 2
+
+
+def test_unwritable_out_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import load
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert E.main(["--tasks", "antonym", "--out", str(blocker / "report.json"), "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(blocker / "report.json") in err[0] and "cannot write" in err[0]
