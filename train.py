@@ -172,13 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the sibling paper's MSE between the top heads' z and the reference's "
                         "(default 0 = off)")
     g.add_argument("--iv_layer", type=int, default=None,
-                   help="inject after this block (0-based); default: the IV's own (extract_iv: 0.3 x depth)")
-    g.add_argument("--iv_dir", default=None, help="IV cache: <iv_dir>/<model tag>/<task>.safetensors, "
+                   help="inject after this block (0-based); default: the IV's own (extract_iv.py's default, "
+                        "chosen on a dev split)")
+    g.add_argument("--iv_dir", default=None, help="IV cache: <iv_dir>/<model tag>/<task>.safetensors "
+                   "(<name>-<data hash> for a task file), "
                    "the layout extract_iv.py writes (default ivs, ivs/quick under --quick)")
     g.add_argument("--iv_method", default="exact", choices=["exact", "attribution"],
                    help="AIE computation of the IV extraction (extract_iv.py)")
     g.add_argument("--iv_n_clean", type=int, default=None, help="clean prompts averaged into the heads' mean z "
-                   "(default 100, 12 under --quick)")
+                   "(default 50, 12 under --quick)")
     g.add_argument("--iv_n_corrupt", type=int, default=None, help="corrupted prompts averaged into the AIE "
                    "(default 25, 4 under --quick)")
     g.add_argument("--iv_top_k", type=int, default=None, help="heads in the IV (default: extract_iv's)")
@@ -219,10 +221,13 @@ GUIDED_DEFAULTS = {"iv_alpha0": (0.0, 1.0), "kl_weight": (0.0, 1.0), "kl_iv": (F
 # decoding 32-token replies, which costs about the same for 5 rows as for 8).
 SIZE_DEFAULTS = {"max_train": (320, 24), "epochs": (1.0, 1.0), "batch_size": (8, 8),
                  "micro_batch": (8, 8), "eval_n": (40, 5), "eval_k_shot": (3, 3),
-                 "iv_n_clean": (100, 12), "iv_n_corrupt": (25, 4), "iv_dir": ("ivs", os.path.join("ivs", "quick"))}
+                 "iv_n_clean": (50, 12), "iv_n_corrupt": (25, 4), "iv_dir": ("ivs", os.path.join("ivs", "quick"))}
 # flags that may differ between a run and its --resume (they do not change the numbers)
 RESUME_FREE = {"resume", "overwrite", "save_every", "log_every", "wandb", "wandb_project", "num_threads",
-               "stage0_cache"}
+               "stage0_cache", "out_dir"}   # out_dir: a moved or copied run resumes where it now is
+# what a run writes before its first checkpoint: a folder holding only these was a start that died
+# early (killed, or stopped by an error), and a rerun may start over in it
+RUN_START_FILES = {"train_config.json", "log.txt", "results.json"}
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
@@ -342,11 +347,9 @@ def load_task_list(spec: str | None, default_fn: str, what: str) -> list:
             names = [s.strip() for s in spec.split(",") if s.strip()]
         if not names and what == "training":
             raise TrainError("the training sequence is empty (--tasks)")
-        registered = set(task_lib.list_tasks())
         out = []
         for name in names:
             task = task_lib.load_task(name)
-            task.registered = name in registered   # IV caching goes by registry name (see prepare_ivs)
             out.append(task)
     except (KeyError, ValueError, OSError) as e:
         raise TrainError(f"{what} tasks: {e.args[0] if e.args else e}") from None
@@ -628,13 +631,11 @@ def prepare_ivs(cfg, model, tok, train_tasks) -> dict:
                 iv, layer, meta = extract_iv.load_iv(files[task.name], model)
             else:
                 tag = extract_iv.model_tag(cfg["model"])
-                cache = Path(cfg["iv_dir"]) / tag / f"{task.name}.safetensors"
+                cache = Path(cfg["iv_dir"]) / tag / extract_iv.iv_filename(task)
                 settings = {"method": cfg["iv_method"], "n_clean": cfg["iv_n_clean"],
                             "n_corrupt": cfg["iv_n_corrupt"], "top_k": cfg["iv_top_k"], "layer": cfg["iv_layer"]}
-                # registry tasks go by name (get_iv caches by name); a task from a file is passed
-                # as the object and extracted afresh
-                d = extract_iv.get_iv(model, tok, task.name if task.registered else task, cache,
-                                      model_id=tag, progress=True, **settings)
+                # reused only when made from these weights, this task's data and these settings
+                d = extract_iv.get_iv(model, tok, task, cache, model_id=tag, progress=True, **settings)
                 iv, layer, meta = d["iv"], d["layer"], d.get("meta", {})
         except (ValueError, KeyError, OSError) as e:
             msg = str(e.args[0] if e.args else e)

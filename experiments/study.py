@@ -137,10 +137,10 @@ def analysis(threads: int) -> str:
         return X.get_iv(model, tok, name, ivdir / tag / f"{name}.safetensors", model_id=tag, progress=False,
                         **settings)
 
-    # IVs of the original model: the training tasks' are train.py's (ivs/, 100 clean / 25 corrupted
+    # IVs of the original model: the training tasks' are train.py's (ivs/, 50 clean / 25 corrupted
     # prompts), the general tasks' are made here
     train_iv = {n: X.get_iv(orig, tok, n, ROOT / "ivs" / X.model_tag(None) / f"{n}.safetensors", progress=False,
-                            method="exact", n_clean=100, n_corrupt=25) for n in train_names}
+                            method="exact", n_clean=50, n_corrupt=25) for n in train_names}
     gen_iv = {n: iv_for(orig, n, "original", **ANALYSIS_IV) for n in general}
     layer = next(iter(train_iv.values()))["layer"]
 

@@ -203,8 +203,10 @@ def test_build_iv_is_heads_through_w_o_without_bias():
 
 
 def test_defaults_scale_with_the_model():
-    assert X.default_top_k(32 * 32) == 10 and X.default_top_k(30 * 9) == 3 and X.default_top_k(16) == 3
-    assert X.default_layer(32) == 9 and X.default_layer(30) == 9 and X.default_layer(4) == 1
+    # the embedded model's defaults are the dev sweep's choice: K = 40 after block 17
+    assert X.default_top_k(30 * 9) == 40 and X.default_layer(30) == 17
+    assert X.default_top_k(32 * 32) == 152 and X.default_top_k(16) == 3
+    assert X.default_layer(32) == 18 and X.default_layer(4) == 2 and X.default_layer(1) == 0
     aie = torch.tensor([[0.1, 0.5], [0.3, -1.0]])
     assert X.top_heads(aie, 2) == [(0, 1), (1, 0)]
 
@@ -279,7 +281,7 @@ def test_universal_shares_heads():
 
 def test_corruptions():
     task = standin_task()
-    s = X.Settings(shots=3, corrupt="shuffled", **SMALL)
+    s = X.Settings(shots=3, corrupt="shuffled", format="chat", **SMALL)
     import random
     cor = X.corrupted_prompts(TOK, task, task.train[:4], s, random.Random(0))
     text = TOK.decode(cor[0].ids)
@@ -289,7 +291,7 @@ def test_corruptions():
     demos = text.split("user\n")[1:-1]
     assert len(demos) == 3 and all(pairs[d.split("\n")[0]] != d.split("assistant\n")[1].split("\n")[0]
                                    for d in (x + "" for x in demos))
-    s = X.Settings(corrupt="mismatched", **SMALL)
+    s = X.Settings(corrupt="mismatched", format="chat", **SMALL)
     other = standin_task("t2", "Spell the word.")
     cor = X.corrupted_prompts(TOK, task, task.train[:2], s, random.Random(0), other)
     assert "Spell the word." in TOK.decode(cor[0].ids) and cor[0].answer == TOK.encode("cold") + [2]
@@ -304,10 +306,21 @@ def test_bad_settings_fail_clearly():
     with pytest.raises(ExtractError, match="at least"):
         X.Settings(n_clean=1)
     with pytest.raises(ExtractError, match="shots >= 2"):
-        X.Settings(corrupt="shuffled")
+        X.Settings(corrupt="shuffled", shots=1)
+    with pytest.raises(ExtractError, match="'auto'"):
+        X.Settings(layer="last")
     tiny = Task(name="tiny", kind="generate", metric="exact_match", train=task.train[:2], test=[])
     with pytest.raises(ExtractError, match="too few"):
         X.extract_iv(model, TOK, tiny, progress=False, **SMALL)
+
+
+def big_task(name="up3"):
+    # 60 three-letter words -> upper case: enough training examples for a dev split of 12
+    words = ["".join(c) for c in zip("abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyzabcdefgh",
+                                     "defghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyzabcdefghijk",
+                                     "mnopqrstuvwxyzabcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrst")]
+    ex = [Example(instruction="Write it in capitals.", input=w, output=w.upper()) for w in words]
+    return Task(name=name, kind="train", metric="exact_match", train=ex[:48], test=ex[48:])
 
 
 def test_cli(tmp_path, monkeypatch, capsys):
@@ -320,11 +333,156 @@ def test_cli(tmp_path, monkeypatch, capsys):
     # the rest with a tiny model in place of the embedded one
     import load
     monkeypatch.setattr(load, "load_model", lambda *a, **k: (char_model(), TOK))
-    monkeypatch.setattr(X, "load_task_by_name", lambda name: standin_task(name))
-    assert X.main(["--task", "opp", "--layer", "9", "--quiet"]) == 2
+    monkeypatch.setattr(X, "load_task_by_name", lambda name: big_task(name))
+    assert X.main(["--task", "up3", "--layer", "9", "--quiet"]) == 2
     assert "layer=9 is out of range" in capsys.readouterr().err
-    out = tmp_path / "opp.safetensors"
-    assert X.main(["--task", "opp", "--out", str(out), "--n_clean", "4", "--n_corrupt", "4", "--check",
-                   "--n_check", "4", "--sweep_layers", "--quiet"]) == 0
+    out, report = tmp_path / "up3.safetensors", tmp_path / "rep" / "check.json"
+    assert X.main(["--task", "up3", "--out", str(out), "--n_clean", "4", "--n_corrupt", "4", "--shots", "2",
+                   "--check", "--n_check", "4", "--sweep", "--report", str(report), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert out.is_file() and "corrupted+iv@1" in printed and "heads (" in printed
+    assert out.is_file() and "query alone + IV" in printed and "heads (" in printed and "best:" in printed
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert out.with_suffix(".sweep.png").is_file()
+    rep = json.loads(report.read_text())
+    for key in ("task", "layer", "heads", "clean_accuracy", "corrupted_accuracy", "iv_accuracy", "accuracy_gain",
+                "restored_accuracy", "restored_logprob", "n"):
+        assert key in rep, key
+    assert rep["task"] == "up3" and rep["n"] == 4 and rep["layer"] == X.default_layer(4)
+    assert rep["accuracy_gain"] == pytest.approx(rep["iv_accuracy"] - rep["corrupted_accuracy"])
+    # layer auto: the sweep's choice is the IV's layer and K
+    assert X.main(["--task", "up3", "--out", str(out), "--n_clean", "4", "--n_corrupt", "4", "--shots", "2",
+                   "--layer", "auto", "--quiet"]) == 0
+    _, layer, meta = X.load_iv(out, char_model())
+    assert meta["chosen_by_sweep"]["layer"] == layer and meta["settings"]["layer"] == "auto"
+    assert meta["top_k"] in X.K_GRID
+
+
+# ---- the plain prompt form, the sweep's fast path, the check's guard ----------------------------------
+
+def test_plain_prompt_form():
+    ex = Example(instruction="Say the opposite.", input="hot", output="cold")
+    demo = Example(instruction="Say the opposite.", input="up", output="down")
+    p = X._plain_prompt(TOK, ex, [demo])
+    assert TOK.decode(p.ids) == "Q: Say the opposite.\nup\nA: down\n\nQ: Say the opposite.\nhot\nA:"
+    assert p.answer == TOK.encode(" cold\n")
+    q = X._plain_prompt(TOK, ex, with_instruction=False)
+    assert TOK.decode(q.ids) == "Q: hot\nA:"
+    s = X.Settings()
+    assert (s.format, s.corrupt, s.shots, s.effect) == ("plain", "query_only", 10, "auto")
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt2"])
+def test_steered_logits_equal_full_forward(family):
+    # the sweep's suffix-only recomputation = a full forward with the vector added after the block
+    model = llama_tiny() if family == "llama_gqa" else gpt2_tiny()
+    p = random_prompts(3)[2]
+    st = X._corrupted_state(model, p, "logprob")
+    L, C, T = model.n_layers, model.config.hidden_size, len(p.ids)
+    layers = sorted([0, 0, 1, L - 2, L - 1, L - 1])
+    vecs = torch.randn(len(layers), C, generator=torch.Generator().manual_seed(4))
+    got = X._steered_logits(model, st, layers, vecs)
+    idx = torch.tensor([p.ids + p.answer[:-1]])
+    for n, (l, v) in enumerate(zip(layers, vecs)):
+        want = model(idx, intervention=Intervention(pos=torch.tensor([T - 1]), add_resid={l: v}))[0, T - 1:]
+        assert (want - model(idx)[0, T - 1:]).abs().max() > 1e-2, "the vector should change the logits"
+        torch.testing.assert_close(got[n], want, atol=5e-5, rtol=1e-4)
+
+
+def test_restored_share_and_its_noise_guard():
+    clean, cor = torch.tensor([-1.0, -1.5, -0.5, -1.2]), torch.tensor([-5.0, -6.0, -4.5, -5.5])
+    r, note = X.gap_or_none(clean, cor, torch.tensor([-3.0, -4.0, -2.5, -3.0]))
+    assert r == pytest.approx((-3.125 + 5.25) / (-1.05 + 5.25)) and "±" in note
+    # a gap smaller than twice its standard error is not a ratio worth printing
+    r, note = X.gap_or_none(torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 1.0, 0.0]),
+                            torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    assert r is None and "within noise" in note
+    r, _ = X.gap_or_none(torch.zeros(5), torch.zeros(5), torch.ones(5))
+    assert r is None
+
+
+# ---- the planted head under the default pipeline -----------------------------------------------------
+# A tokenizer onto the planted model's 16 tokens: "!" is INSTR, letters a-h are words, " *" is the
+# answer token. The default pipeline builds 10-shot "Q: !\nb\nA: *" prompts and query-only "Q: b\nA:".
+
+class PlantTok:
+    table = {"!": INSTR, **{c: 2 + i for i, c in enumerate("abcdefgh")}, "\n": 11, " ": 12, ":": 13,
+             "Q": 14, "A": 15}
+    special_tokens = {}
+    bos_id = eos_id = 0
+    chat_format = "chatml"
+
+    def encode(self, text):
+        ids, i = [], 0
+        while i < len(text):
+            if text.startswith(" *", i):
+                ids.append(ANSWER)
+                i += 2
+            else:
+                ids.append(self.table[text[i]])
+                i += 1
+        return ids
+
+    def decode(self, ids):
+        inv = {v: k for k, v in self.table.items()} | {ANSWER: " *"}
+        return "".join(inv.get(i, "") for i in ids)
+
+    def stop_ids(self):
+        return {0}
+
+
+def test_planted_head_ranks_first_under_the_defaults():
+    ex = [Example(instruction="!", input=c, output="*") for c in "abcdefgh" * 4]
+    task = Task(name="plant", kind="train", metric="exact_match", train=ex[:24], test=ex[24:])
+    model, tok = planted_model(), PlantTok()
+    s = X.Settings(n_clean=8, n_corrupt=8).resolve(model)
+    med = X.mediation(model, tok, task, s, progress=False)
+    assert med["effect"] == "prob" and med["info"]["clean_p_first"] > 0.5
+    assert X.top_heads(med["aie"], 1)[0] == PLANT, med["aie"]
+    r = X.extract_iv(model, tok, task, progress=False, n_clean=8, n_corrupt=8)
+    assert r["heads"][0] == PLANT
+    res = X.check_iv(model, tok, task, r["iv"], r["layer"], n=8, progress=False)
+    assert res["corrupted"]["top1"] == 0 and res["iv"]["top1"] == 1 and res["restored_logprob"] > 0.5
+
+
+# ---- task files ---------------------------------------------------------------------------------------
+
+def fv_file(tmp_path):
+    # a function-vector file (no instruction): the project's own pairs, lower -> upper case
+    words = big_task().train + big_task().test
+    path = tmp_path / "data" / "caps.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps([{"input": e.input, "output": e.output} for e in words]))
+    return path
+
+
+def test_file_task_extract_check_and_reuse(tmp_path, monkeypatch, capsys):
+    import load
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: (char_model(), TOK))
+    path = fv_file(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = ["--task", str(path), "--n_clean", "4", "--n_corrupt", "4", "--shots", "2", "--quiet"]
+    assert X.main(args + ["--check", "--n_check", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "restored share of the logprob gap" in out
+    task = X.load_task_by_name(str(path))
+    ivs = list((tmp_path / "ivs").rglob("*.safetensors"))
+    assert [p.name for p in ivs] == [f"caps-{X.task_fingerprint(task)}.safetensors"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["caps.json"]      # nothing beside the data
+    calls = []
+    monkeypatch.setattr(X, "extract_iv", lambda *a, **k: calls.append(1))
+    assert X.main(args + ["--reuse"]) == 0
+    assert calls == [] and "(reused)" in capsys.readouterr().out
+    # other data under the same name is a different cache file
+    path.write_text(json.dumps([{"input": e.input, "output": e.output[::-1]} for e in big_task().train]))
+    assert X.iv_filename(X.load_task_by_name(str(path))) != ivs[0].name
+
+
+def test_identical_prompts_are_an_error(tmp_path, monkeypatch, capsys):
+    import load
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: (char_model(), TOK))
+    path = fv_file(tmp_path)
+    assert X.main(["--task", str(path), "--shots", "0", "--n_clean", "4", "--n_corrupt", "4", "--quiet",
+                   "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "identical" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.safetensors").exists()

@@ -1,0 +1,78 @@
+"""
+The instruction vectors of the embedded model under extract_iv.py's defaults, checked on held-out
+test examples: for every general task, every default training task and the function-vector file
+data/examples/category_fv.json, what `python extract_iv.py --task T --check --report ...` prints.
+
+    python experiments/iv_check.py             # -> results/iv_check.json and a markdown table
+    python experiments/iv_check.py --threads 2
+
+IVs are cached where train.py looks for them (ivs/<model>/), so a later `train.py --guided` reuses them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import extract_iv as X  # noqa: E402
+import tasks as T  # noqa: E402
+from evaluate import save_report  # noqa: E402
+
+FV_FILE = ROOT / "data" / "examples" / "category_fv.json"
+
+
+def table(res: dict) -> str:
+    def f(v, fmt="{:.2f}"):
+        return "—" if v is None else fmt.format(v)
+    lines = ["| task | layer | K | effect | clean acc | query acc | +IV acc | gain | clean logP | query logP | "
+             "+IV logP | restored logP | restored acc |", "|" + "---|" * 13]
+    for name, r in res["tasks"].items():
+        lines.append(f"| {name} | {r['layer']} | {r['top_k']} | {r['effect']} | {f(r['clean_accuracy'])} | "
+                     f"{f(r['corrupted_accuracy'])} | {f(r['iv_accuracy'])} | {f(r['accuracy_gain'], '{:+.2f}')} | "
+                     f"{f(r['clean_logprob'])} | {f(r['corrupted_logprob'])} | {f(r['iv_logprob'])} | "
+                     f"{f(r['restored_logprob'])} | {f(r['restored_accuracy'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", default=None, help="comma-separated (default: general suite, default sequence, FV file)")
+    ap.add_argument("--n_check", type=int, default=50, help="held-out test examples per task")
+    ap.add_argument("--out", default=str(ROOT / "results" / "iv_check.json"), help="JSON written here")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    from load import load_model
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.tasks.split(",") if args.tasks else T.general_suite() + T.default_sequence() + [str(FV_FILE)]
+    model, tok = load_model()
+    model.eval()
+    tag = X.model_tag(None)
+    out = Path(args.out)
+    res = {"settings": X.Settings().resolve(model).key(), "n_check": args.n_check, "tasks": {}}
+    for name in names:
+        task = X.load_task_by_name(name)
+        t0 = time.perf_counter()
+        r = X.get_iv(model, tok, task, ROOT / "ivs" / tag / X.iv_filename(task), model_id=tag, progress=False)
+        chk = X.check_iv(model, tok, task, r["iv"], r["layer"], n=args.n_check, progress=False)
+        rep = X.check_report(chk, r, task.name)
+        rep["seconds"] = round(time.perf_counter() - t0, 1)
+        rep["clean_top1_extraction"] = r["meta"].get("clean_top1_all")
+        res["tasks"][task.name] = rep
+        print(f"{task.name}: clean {rep['clean_accuracy']:.2f} query {rep['corrupted_accuracy']:.2f} "
+              f"+IV {rep['iv_accuracy']:.2f}; restored logP {rep['restored_logprob']}, acc "
+              f"{rep['restored_accuracy']} ({rep['seconds']} s)", flush=True)
+        save_report(res, out)
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
