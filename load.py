@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -371,7 +372,8 @@ def save_hf(model: Transformer, tok: Tokenizer | None, out_dir, extra_files: dic
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    # the pid in the name lets a later run tell a crashed writer's leftovers from a live one's
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
         cfg = model.config
         sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -386,11 +388,62 @@ def save_hf(model: Transformer, tok: Tokenizer | None, out_dir, extra_files: dic
         for name, content in (extra_files or {}).items():
             data = content if isinstance(content, bytes) else json.dumps(content, indent=2).encode()
             (tmp / name).write_bytes(data)
+        ordinary_permissions(tmp)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def ordinary_permissions(folder: Path):
+    """mkdtemp makes a 0700 folder: give it, and what is in it, the permissions a plain mkdir /
+    open would (umask applied), so that others on a shared machine can read a checkpoint."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for p in folder.iterdir():
+        if p.is_file():
+            os.chmod(p, 0o666 & ~umask)
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)?")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True       # someone else's live process
+    return True
+
+
+def clean_leftovers(folder) -> list[str]:
+    """Remove what crashed writers of save_hf / replace_dir / atomic JSON writes left in `folder`:
+    temporaries `.<name>.tmp-<pid>...` and swapped-out copies `.<name>.old-<pid>` whose process is
+    gone (a name without a pid is from an older version of this code, and also stale). A swapped-out
+    copy whose replacement never arrived is the only complete one: it is moved back, not deleted.
+    -> one line per thing done."""
+    folder = Path(folder)
+    done = []
+    if not folder.is_dir():
+        return done
+    for p in sorted(folder.iterdir()):
+        m = _LEFTOVER.match(p.name)
+        if not m or (m["pid"] and _alive(int(m["pid"]))):
+            continue
+        target = folder / m["name"]
+        if m["kind"] == "old" and not target.exists():
+            os.replace(p, target)
+            done.append(f"restored {target} from an interrupted swap ({p.name})")
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        done.append(f"removed stale {p}")
+    return done
 
 
 def replace_dir(new: Path, dst: Path):

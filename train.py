@@ -49,6 +49,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from load import LoadError, load_model, save_hf
+from load import LoadError, clean_leftovers, load_model, save_hf
 from model import Intervention, Transformer
 
 
@@ -246,6 +247,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
     if cfg["max_steps"] == 0 and cfg["quick"]:
         cfg["max_steps"] = 3
     checks = [
+        (all(math.isfinite(v) for v in cfg.values() if isinstance(v, float)),
+         "numeric flags must be finite: " + ", ".join(f"--{k} {v}" for k, v in cfg.items()
+                                                      if isinstance(v, float) and not math.isfinite(v))),
         (cfg["batch_size"] > 0 and cfg["micro_batch"] > 0, "--batch_size and --micro_batch must be positive"),
         (cfg["max_len"] >= 8, "--max_len must be at least 8"),
         (cfg["lr"] > 0, "--lr must be positive"),
@@ -261,6 +265,18 @@ def resolve_config(args: argparse.Namespace) -> dict:
         (not (cfg["fsdp"] and cfg["lora_r"] > 0 and cfg["lora_merge"]),
          "--fsdp with LoRA needs --no-lora_merge (merging would swap modules inside the sharded model)"),
         (cfg["max_train"] is None or cfg["max_train"] > 0, "--max_train must be positive"),
+        (cfg["num_threads"] >= 0, f"--num_threads {cfg['num_threads']}: must be >= 1 (0 = torch's default)"),
+        (cfg["eval_n"] >= 0, f"--eval_n {cfg['eval_n']}: must be >= 0 (0 = no evaluation)"),
+        (cfg["save_every"] >= 0, f"--save_every {cfg['save_every']}: must be >= 0 (0 = only at stage ends)"),
+        (cfg["log_every"] >= 1, f"--log_every {cfg['log_every']}: must be >= 1"),
+        (cfg["max_steps"] >= 0, f"--max_steps {cfg['max_steps']}: must be >= 0 (0 = from --epochs)"),
+        (cfg["eval_k_shot"] >= 0 and cfg["eval_batch"] >= 1, "--eval_k_shot must be >= 0 and --eval_batch >= 1"),
+        (cfg["warmup"] >= 0, f"--warmup {cfg['warmup']}: must be >= 0"),
+        (0 <= cfg["min_lr_ratio"] <= 1, f"--min_lr_ratio {cfg['min_lr_ratio']}: must be in [0, 1]"),
+        (cfg["weight_decay"] >= 0 and cfg["grad_clip"] >= 0, "--weight_decay and --grad_clip must be >= 0"),
+        (cfg["iv_alpha0"] >= 0 and cfg["kl_min"] >= 0, "--iv_alpha0 and --kl_min must be >= 0"),
+        (all(cfg[k] is None or cfg[k] >= 1 for k in ("iv_n_clean", "iv_n_corrupt", "iv_top_k")),
+         "--iv_n_clean, --iv_n_corrupt and --iv_top_k must be >= 1"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -695,7 +711,11 @@ def save_checkpoint(path: Path, model: Transformer, tok, cfg: dict, state: dict,
         sd, adapters = lora.split_state_dict(sd, lora.scale_of(model))
         extra["adapter_model.safetensors"] = st_save(adapters, metadata={"format": "pt"})
         extra["adapter_config.json"] = lora.adapter_config(model, cfg["model"])
-    save_hf(_Export(model.config, sd), tok, path, extra_files=extra)
+    try:
+        save_hf(_Export(model.config, sd), tok, path, extra_files=extra)
+    except OSError as e:   # a full disk's error names no file: say which checkpoint failed
+        raise TrainError(f"{path}: cannot write the checkpoint ({e.strerror or e}); the previous "
+                         f"checkpoint is kept") from None
 
 
 def read_state(path: Path) -> dict:
@@ -706,13 +726,20 @@ def read_state(path: Path) -> dict:
                          f"({type(e).__name__})") from None
 
 
-def newest_checkpoint(out_dir: Path) -> Path | None:
-    """The checkpoint furthest along, by (tasks done, steps into the next task)."""
+def newest_checkpoint(out_dir: Path, notes: list | None = None) -> Path | None:
+    """The checkpoint furthest along, by (tasks done, steps into the next task), among those whose
+    training state loads: an unreadable one is skipped (and named in `notes`), so that one damaged
+    file falls back to the previous checkpoint instead of blocking the resume."""
     best, key = None, None
     for p in [*out_dir.glob("stage-*"), out_dir / "last"]:
         if not (p / "train_state.pt").is_file():
             continue
-        st = read_state(p)
+        try:
+            st = read_state(p)
+        except TrainError as e:
+            if notes is not None:
+                notes.append(f"skipped {p}: {e}")
+            continue
         k = (st["stage_done"], st["step"])
         if key is None or k > key:
             best, key = p, k
@@ -736,10 +763,29 @@ def load_weights_into(model: Transformer, path: Path):
             v.copy_(theirs[k])
 
 
+def check_writable(out_dir: Path):
+    """Fail before the model loads, with the path, if out_dir cannot be created or written: the
+    nearest existing folder must take a file (a test file, created and removed at once)."""
+    p = out_dir
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise TrainError(f"--out_dir {out_dir}: {p} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        raise TrainError(f"--out_dir {out_dir}: cannot write in {p} ({e.strerror or e})") from None
+
+
 def write_json_atomic(path: Path, obj):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise TrainError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 def rng_state() -> dict:
@@ -834,8 +880,11 @@ class Logger:
     def line(self, text: str, echo: bool = True):
         if not self.enabled:
             return
-        with open(self.file, "a") as f:
-            f.write(text + "\n")
+        try:
+            with open(self.file, "a") as f:
+                f.write(text + "\n")
+        except OSError as e:
+            raise TrainError(f"{self.file}: cannot write ({e.strerror or e})") from None
         if echo:
             from tqdm import tqdm
             tqdm.write(text)
@@ -849,26 +898,42 @@ class Logger:
 # Ctrl-C: the first one asks the loop to stop after the current optimizer step and save; a second
 # one interrupts at once (the last checkpoint is then kept).
 
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM") if hasattr(signal, n))
+TERMINATED = {"by": None}     # the signal that stopped the run (main() turns it into the exit status)
+
+
 class StopFlag:
+    """SIGTERM (what job schedulers send before a kill) is handled exactly like Ctrl-C."""
+
     def __init__(self):
         self.requested = False
-        self._old = None
+        self._old = {}
 
     def __enter__(self):
-        if hasattr(signal, "SIGINT") and threading_main():
-            self._old = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handle)
+        if threading_main():
+            for sig in STOP_SIGNALS:
+                self._old[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        TERMINATED["by"] = signum
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: stopping after this step and saving a checkpoint (again to abort now)", file=sys.stderr)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step and saving a checkpoint (again to abort now)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _terminate(signum, frame):
+    # outside the training loop (loading, evaluation) SIGTERM interrupts like Ctrl-C, so that the
+    # code that saves on KeyboardInterrupt runs for it too
+    TERMINATED["by"] = signum
+    raise KeyboardInterrupt
 
 
 def threading_main() -> bool:
@@ -920,14 +985,32 @@ def train(cfg: dict, step_callback=None) -> dict:
         raise TrainError(f"--batch_size {cfg['batch_size']} must be a multiple of --micro_batch "
                          f"{cfg['micro_batch']} x {d.world} process(es)")
     amp_dtype = resolve_amp(cfg, d.device)
+    check_writable(out_dir)
+    notes = clean_leftovers(out_dir) if d.main else []    # before looking for checkpoints: a swap
+    barrier(d)                                            # cut short may have to be moved back
     resume_from, state = None, None
+    ckpt = newest_checkpoint(out_dir, notes) if out_dir.is_dir() else None
+    entries = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() else set()
+    early_death = ckpt is None and entries and entries <= RUN_START_FILES   # nothing to resume
+    for line in notes:
+        print(line, file=sys.stderr)
     if cfg["resume"]:
-        resume_from = newest_checkpoint(out_dir) if out_dir.is_dir() else None
-        if resume_from is None:
-            raise TrainError(f"--resume: no checkpoint in {out_dir}")
-        check_resume_config(resume_from, cfg)
-        state = read_state(resume_from)
-    elif out_dir.exists() and any(out_dir.iterdir()) and not cfg["overwrite"]:
+        if ckpt is None and entries and not early_death:
+            raise TrainError(f"--resume: no readable checkpoint in {out_dir}" +
+                             (f" ({notes[-1]})" if notes else ""))
+        if ckpt is None:
+            print(f"--resume: no checkpoint in {out_dir} yet: starting from the beginning", file=sys.stderr)
+        else:
+            resume_from = ckpt
+            check_resume_config(resume_from, cfg)
+            state = read_state(resume_from)
+            if state["stage_done"] == len(train_tasks) and state["step"] == 0:
+                # a finished run is left exactly as it is
+                print(f"{out_dir}: this run is finished ({len(train_tasks)} tasks); nothing to resume, "
+                      f"nothing changed. Results: {out_dir / 'results.json'}", file=sys.stderr)
+                res = out_dir / "results.json"
+                return json.loads(res.read_text()) if res.is_file() else {"config": cfg, "stages": state["stages"]}
+    elif entries and not early_death and not cfg["overwrite"]:
         raise TrainError(f"{out_dir} already holds a run: pass --resume to continue it or --overwrite")
     try:
         model, tok = load_model(cfg["model"], dtype=torch.bfloat16 if cfg["model_dtype"] == "bf16" else torch.float32,
@@ -952,7 +1035,8 @@ def train(cfg: dict, step_callback=None) -> dict:
 
     # ---- from here on we write ------------------------------------------------------------------
     if d.main:
-        if cfg["overwrite"] and not cfg["resume"]:
+        if (cfg["overwrite"] and not cfg["resume"]) or early_death:
+            # what an earlier run wrote here (an early death left only its start files)
             for p in [*out_dir.glob("stage-*"), out_dir / "last", out_dir / "results.json", out_dir / "log.txt"]:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1343,6 +1427,8 @@ def fmt_time(s: float) -> str:
 
 def main(argv=None, step_callback=None) -> dict:
     args = build_parser().parse_args(argv)
+    TERMINATED["by"] = None
+    old = signal.signal(signal.SIGTERM, _terminate) if hasattr(signal, "SIGTERM") and threading_main() else None
     try:
         cfg = resolve_config(args)
         return train(cfg, step_callback=step_callback)
@@ -1350,8 +1436,12 @@ def main(argv=None, step_callback=None) -> dict:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130)
+        sig = TERMINATED["by"] or signal.SIGINT
+        print("terminated" if sig != signal.SIGINT else "interrupted", file=sys.stderr)
+        raise SystemExit(128 + int(sig))       # 130 after Ctrl-C, 143 after SIGTERM
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

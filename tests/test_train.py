@@ -14,6 +14,9 @@ import hashlib
 import json
 import os
 import random
+import shutil
+import signal
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -357,19 +360,26 @@ def test_bad_inputs(env, tmp_path, capsys):
     assert "foreign.safetensors" in msg
     assert not out.exists(), "a rejected run must not create its out_dir"
 
-    # a finished run, then: no --resume, changed flags, corrupt checkpoints -> exit 2, nothing changes
+    # a finished run: no --resume or changed flags -> exit 2; --resume -> nothing to do, nothing changed
     run_main(args)
     before = tree_digest(out)
     assert "--resume" in expect_exit(args, capsys)
     assert "lr" in expect_exit([*args, "--resume", "--lr", "1e-4"], capsys)
+    capsys.readouterr()
+    res = run_main([*args, "--resume"])
+    assert "finished" in capsys.readouterr().err and tree_digest(out) == before
+    assert res == json.loads((out / "results.json").read_text()) and "cl" in res or res["metrics"] == {}
+    # one unreadable training state: resume falls back to the checkpoint before it, says so, and
+    # redoes the lost stage bit-exactly
+    final = final_weights(out)
     state = out / "stage-2" / "train_state.pt"
-    good = state.read_bytes()
-    state.write_bytes(good[:100])
-    before = tree_digest(out)
-    assert "corrupt" in expect_exit([*args, "--resume"], capsys)
-    assert tree_digest(out) == before
-    state.write_bytes(good)
-    weights = out / "stage-2" / "model.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    run_main([*args, "--resume"])
+    assert f"skipped {out / 'stage-2'}" in capsys.readouterr().err
+    assert_same_weights(final_weights(out), final)
+    # unreadable weights in the checkpoint to resume from: exit 2 naming the file, nothing changed
+    shutil.rmtree(out / "stage-2")
+    weights = out / "stage-1" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     before = tree_digest(out)
     assert "model.safetensors" in expect_exit([*args, "--resume"], capsys)
@@ -407,3 +417,159 @@ def test_stage0_cache_reused_only_when_settings_match(env, tmp_path, monkeypatch
     calls.clear()
     run_main([*base_args(env, tmp_path / "r3"), *args[:-2], "--stage0_cache", str(cache), "--eval_n", "2"])
     assert calls[0].startswith("stage 0")       # --eval_n changed: the cached report does not apply
+
+
+# ---- users' files and real failures --------------------------------------------------------------
+
+def test_finished_run_results_survive_resume(env, tmp_path, capsys):
+    # with evaluation: results.json holds metrics and cl, and --resume must not rewrite it
+    out = tmp_path / "fin"
+    args = base_args(env, out, "--eval_n", "2", "--general", env["general"], "--eval_k_shot", "0")
+    ref = run_main(args)
+    before = tree_digest(out)
+    again = run_main([*args, "--resume"])
+    assert tree_digest(out) == before and again["metrics"] == ref["metrics"] and "cl" in again
+
+
+def test_leftovers_of_crashed_writers_are_cleaned(env, tmp_path, capsys):
+    out = tmp_path / "left"
+    args = base_args(env, out, "--save_every", "2")
+    def crash(stage, step, model):
+        if (stage, step) == (1, 3):
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        run_main(args, crash)
+    dead = 999_999_999                      # no such process
+    (out / f".last.tmp-{dead}-abc").mkdir()
+    (out / f".last.tmp-{dead}-abc" / "model.safetensors").write_bytes(b"half")
+    (out / ".stage-1.tmp-legacyname").mkdir()              # an older version's name, no pid
+    (out / f".results.json.tmp-{dead}").write_text("{")
+    live = out / f".last.tmp-{os.getpid()}-xyz"             # a live writer's: kept
+    live.mkdir()
+    # a swap cut between its two renames: the only complete copy of `last` is the .old one
+    os.replace(out / "last", out / f".last.old-{dead}")
+    capsys.readouterr()
+    run_main([*args, "--resume"])
+    err = capsys.readouterr().err
+    assert "restored" in err and "removed stale" in err
+    names = {p.name for p in out.iterdir()}
+    assert names == {"stage-1", "stage-2", "results.json", "log.txt", "train_config.json", live.name}, names
+    ref = run_main(base_args(env, tmp_path / "ref", "--save_every", "2"))
+    assert_same_weights(final_weights(out), final_weights(tmp_path / "ref"))
+    assert ref is not None
+
+
+def test_moved_run_resumes(env, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "moved"
+    def ctrl_c(stage, step, model):
+        if (stage, step) == (1, 1):
+            raise KeyboardInterrupt
+    with pytest.raises(SystemExit):
+        run_main(base_args(env, a), ctrl_c)
+    shutil.copytree(a, b)
+    run_main(base_args(env, b, "--resume"))
+    run_main(base_args(env, tmp_path / "ref"))
+    assert_same_weights(final_weights(b), final_weights(tmp_path / "ref"))
+
+
+def test_early_death_leaves_a_folder_a_rerun_can_use(env, tmp_path, capsys):
+    out = tmp_path / "early"
+    out.mkdir()
+    (out / "train_config.json").write_text("{}")            # what a run killed before its first
+    (out / "log.txt").write_text("config: ...\n")          # checkpoint leaves
+    run_main(base_args(env, out))                           # a plain rerun starts over
+    assert (out / "stage-2").is_dir() and "config: ..." not in (out / "log.txt").read_text()
+    shutil.rmtree(out)
+    out.mkdir()
+    (out / "train_config.json").write_text("{}")
+    capsys.readouterr()
+    run_main(base_args(env, out, "--resume"))               # so does --resume, and says so
+    assert "starting from the beginning" in capsys.readouterr().err and (out / "stage-2").is_dir()
+    # a folder with someone else's files is never taken over
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert "already holds" in expect_exit(base_args(env, other), capsys)
+    assert "no readable checkpoint" in expect_exit(base_args(env, other, "--resume"), capsys)
+    assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
+
+
+def test_sigterm_saves_a_resumable_checkpoint(env, tmp_path):
+    # a real process, a real SIGTERM (what a job scheduler sends before it kills)
+    out = tmp_path / "term"
+    flag = tmp_path / "started"
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import train\n"
+            f"def cb(stage, step, model):\n"
+            f"    open({str(flag)!r}, 'w').close()\n"
+            f"    time.sleep(0.2)\n"
+            f"train.main({base_args(env, out, '--max_steps', '40')!r}, step_callback=cb)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        if flag.exists():
+            break
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-500:]
+    assert "SIGTERM: stopping after this step" in err and "terminated" in err
+    st = train.read_state(out / "last")
+    assert st["step"] >= 1
+    run_main(base_args(env, out, "--max_steps", "40", "--resume"))
+    run_main(base_args(env, tmp_path / "ref", "--max_steps", "40"))
+    assert_same_weights(final_weights(out), final_weights(tmp_path / "ref"))
+
+
+def test_unwritable_out_dir_and_full_disk(env, tmp_path, capsys, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    import tempfile as tf
+    real = tf.TemporaryFile
+    def refuse(*a, dir=None, **k):
+        if dir is not None and Path(dir) == ro:
+            raise PermissionError(13, "Permission denied")
+        return real(*a, dir=dir, **k)
+    monkeypatch.setattr(train.tempfile, "TemporaryFile", refuse)
+    msg = expect_exit(base_args(env, ro / "run"), capsys)
+    assert "cannot write in" in msg and str(ro) in msg and not (ro / "run").exists()
+    monkeypatch.setattr(train.tempfile, "TemporaryFile", real)
+    # a full disk while a checkpoint is written: one line naming the checkpoint, no temporaries left
+    import load as L
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(L, "save_file", full, raising=False)
+    import safetensors.torch as st
+    monkeypatch.setattr(st, "save_file", full)
+    out = tmp_path / "full"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(base_args(env, out))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and last.startswith("error: ") and str(out / "stage-1") in last
+    assert "No space left on device" in last
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_checkpoints_have_ordinary_permissions(env, tmp_path):
+    out = tmp_path / "perm"
+    run_main(base_args(env, out))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "stage-1").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (out / "stage-1" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("flag,value,what", [
+    ("--num_threads", "-1", "--num_threads"), ("--eval_n", "-1", "--eval_n"),
+    ("--save_every", "-1", "--save_every"), ("--lr", "inf", "finite"), ("--kl_temp", "nan", "finite"),
+    ("--log_every", "0", "--log_every"),
+])
+def test_flags_are_validated_at_parse_time(env, tmp_path, capsys, flag, value, what):
+    out = tmp_path / "flags"
+    assert what in expect_exit(base_args(env, out, flag, value), capsys)
+    assert not out.exists()
+
+
+def test_sample_flags_are_validated(capsys):
+    for flag, value in (("--num_samples", "0"), ("--temperature", "-1"), ("--max_new_tokens", "0")):
+        r = subprocess.run([sys.executable, str(ROOT / "sample.py"), flag, value], capture_output=True, text=True)
+        assert r.returncode == 2 and f"{flag} " in r.stderr.strip().splitlines()[-1], r.stderr
