@@ -64,8 +64,8 @@ KINDS = ("heads", "resid")
 EFFECTS = ("auto", "prob", "logprob")
 K_GRID = (3, 5, 10, 20, 40)     # top-K values the sweep tries (those <= the model's head count)
 # effect="auto" ranks heads by P(first answer token) when the clean prompts give it at least this much
-# more mean probability than the corrupted ones (real mass, and not there already: date_iso's first
-# token, a digit of the year, is as likely without the instruction), else by log P(whole answer)
+# more mean probability than the corrupted ones (real mass that the corruption removes: a head's
+# effect on a token nobody predicts, or one predicted anyway, is noise), else by log P(whole answer)
 AUTO_PROB_MIN = 0.3
 
 
@@ -845,6 +845,9 @@ def save_iv(result: dict, path) -> Path:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt", "iv_meta": json.dumps(result["meta"])})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)      # mkstemp's 0600 would hide the file from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -11,7 +11,6 @@ IVs are cached where train.py looks for them (ivs/<model>/), so a later `train.p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

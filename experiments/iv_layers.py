@@ -74,7 +74,8 @@ def plot(summary: dict, path: Path):
         ax.set_title(f"heads ranked by {'P(first token)' if effect == 'prob' else 'log P(answer)'}", fontsize=9)
         ax.set_xlabel("vector added after block")
     axes[0].set_ylabel("restored share of the log-P gap\n(mean over the general tasks, dev split)")
-    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -226,6 +226,9 @@ def test_extract_is_deterministic_and_round_trips(tmp_path):
     json.dumps(m)   # the metadata must be plain JSON
     path = X.save_iv(a, tmp_path / "sub" / "opp.safetensors")
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []   # no temp left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask                             # readable by others
     # the heatmap is optional: written beside the file with matplotlib, skipped without
     has_mpl = importlib.util.find_spec("matplotlib") is not None
     assert path.with_suffix(".png").is_file() == has_mpl
