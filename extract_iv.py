@@ -975,13 +975,16 @@ def gap_or_none(clean: torch.Tensor, cor: torch.Tensor, x_iv: torch.Tensor) -> t
     return (float(x_iv.double().mean()) - float(cor.double().mean())) / gap, f"gap {gap:+.3f} ± {se:.3f} (se)"
 
 
-def check_iv(model, tok, task, iv, layer, *, n=50, settings=None, generate=True, progress=True) -> dict:
+def check_iv(model, tok, task, iv, layer, *, n=50, settings=None, generate=True, progress=True,
+             chat=True) -> dict:
     """Scores on n held-out test examples (demonstrations from the training examples) under three
     conditions: clean (the extraction form: k-shot with the instruction), corrupted (the query alone,
     zero-shot, whatever corruption ranked the heads) and corrupted + IV after block `layer`.
     Per condition: first-token accuracy, P(first answer token), log P(answer), greedy exact match
     and reply_contains; then the restored shares of the log-P and accuracy gaps (None when a gap is
-    within noise)."""
+    within noise). chat: also the zero-shot chat prompt with the instruction, without and with the
+    IV: the form train.py adds it to and evaluate.py scores (a model that answers it in a sentence
+    is right by reply_contains, not by first-token accuracy)."""
     task = load_task_by_name(task) if isinstance(task, str) else task
     s = Settings(**(settings or {}))
     if not task.test:
@@ -994,6 +997,9 @@ def check_iv(model, tok, task, iv, layer, *, n=50, settings=None, generate=True,
     conds = {"clean": (clean_prompts(tok, task, examples, s, rng, pool=pool_ex), None),
              "corrupted": ([render(tok, ex, s, with_instruction=False) for ex in examples], None)}
     conds["iv"] = (conds["corrupted"][0], (layer, iv))
+    if chat and getattr(tok, "chat_format", None) is not None:
+        conds["chat"] = ([_prompt(tok, ex) for ex in examples], None)
+        conds["chat_iv"] = (conds["chat"][0], (layer, iv))
     res, raw = {}, {}
     for name, (prompts, add) in tqdm(conds.items(), desc="check", disable=not progress, leave=False):
         sc = score_prompts(model, prompts, add=add, batch_size=s.batch_size)
@@ -1001,7 +1007,8 @@ def check_iv(model, tok, task, iv, layer, *, n=50, settings=None, generate=True,
         res[name] = {"top1": float(sc["top1"].float().mean()), "p_first": float(sc["p_first"].mean()),
                      "logprob": float(sc["logprob"].mean())}
         if generate:
-            reps = replies(model, tok, prompts, s, add, batch_size=s.batch_size)
+            form = dataclasses.replace(s, format="chat") if name.startswith("chat") else s
+            reps = replies(model, tok, prompts, form, add, batch_size=s.batch_size)
             res[name]["exact"] = sum(normalize_answer(r) == normalize_answer(ex.output)
                                      for r, ex in zip(reps, examples)) / len(examples)
             res[name]["contains"] = sum(reply_contains(r, ex.output) for r, ex in zip(reps, examples)) / len(examples)
@@ -1024,8 +1031,8 @@ def check_report(res: dict, r: dict, task_name: str) -> dict:
            "restored_accuracy": res["restored_accuracy"], "restored_logprob": res["restored_logprob"],
            "gap_accuracy": res["gap_accuracy"], "gap_logprob": res["gap_logprob"],
            "iv_norm": float(r["iv"].norm())}
-    for cond in ("clean", "corrupted", "iv"):
-        for k, v in res[cond].items():
+    for cond in ("clean", "corrupted", "iv", "chat", "chat_iv"):
+        for k, v in res.get(cond, {}).items():
             if k != "top1":
                 out[f"{cond}_{k}"] = v
     return out
@@ -1033,12 +1040,13 @@ def check_report(res: dict, r: dict, task_name: str) -> dict:
 
 def format_check(res: dict) -> str:
     lines = [f"check on {res['n']} held-out test examples (IV after block {res['layer']})",
-             f"{'condition':<16} {'top1':>6} {'P(first)':>9} {'logP(ans)':>10} {'exact':>6} {'contains':>9}"]
-    labels = {"clean": "clean (k-shot)", "corrupted": "query alone", "iv": "query alone + IV"}
-    for name in ("clean", "corrupted", "iv"):
+             f"{'condition':<18} {'top1':>6} {'P(first)':>9} {'logP(ans)':>10} {'exact':>6} {'contains':>9}"]
+    labels = {"clean": "clean (k-shot)", "corrupted": "query alone", "iv": "query alone + IV",
+              "chat": "chat, 0-shot", "chat_iv": "chat, 0-shot + IV"}
+    for name in (c for c in labels if c in res):
         v = res[name]
         gen = f"{v['exact']:6.2f} {v['contains']:9.2f}" if "exact" in v else ""
-        lines.append(f"{labels[name]:<16} {v['top1']:6.2f} {v['p_first']:9.3f} {v['logprob']:10.2f} {gen}")
+        lines.append(f"{labels[name]:<18} {v['top1']:6.2f} {v['p_first']:9.3f} {v['logprob']:10.2f} {gen}")
     for metric in ("logprob", "accuracy"):
         r = res[f"restored_{metric}"]
         lines.append(f"restored share of the {metric} gap: " + (f"{r:.2f} ({res[f'gap_{metric}']})" if r is not None

@@ -215,11 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # defaults that depend on the presets: (plain, --guided) and (normal, --quick)
 GUIDED_DEFAULTS = {"iv_alpha0": (0.0, 1.0), "kl_weight": (0.0, 1.0), "kl_iv": (False, True)}
-# Budget of the defaults, measured in a fresh clone on a 2-core AVX2 CPU (fp32, 2 threads): guided
-# ~4.3 s per step of 8 (plain ~3.5), a stage evaluation ~1 min, the 4 IVs ~4.5 min on first use
-# (then cached): `python train.py` 15.0 min, --guided 21.5 min. --quick: 4 x 3 steps, 5
-# evaluations of 5 examples, lighter IVs: 224 s guided, 147 s plain (each evaluation ~20 s, bound by
-# decoding 32-token replies, which costs about the same for 5 rows as for 8).
+# Budget of the defaults: 4 tasks x 40 steps of 8, 5 stage evaluations (~1 min each), the 4 IVs
+# extracted once from 10-shot prompts (then cached). --quick: 4 x 3 steps, 5 evaluations of 5
+# examples, IVs from 12 clean / 4 corrupted prompts. The README has the measured run times.
 SIZE_DEFAULTS = {"max_train": (320, 24), "epochs": (1.0, 1.0), "batch_size": (8, 8),
                  "micro_batch": (8, 8), "eval_n": (40, 5), "eval_k_shot": (3, 3),
                  "iv_n_clean": (50, 12), "iv_n_corrupt": (25, 4), "iv_dir": ("ivs", os.path.join("ivs", "quick"))}

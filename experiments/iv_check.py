@@ -29,14 +29,15 @@ FV_FILE = ROOT / "data" / "examples" / "category_fv.json"
 
 def table(res: dict) -> str:
     def f(v, fmt="{:.2f}"):
-        return "—" if v is None else fmt.format(v)
-    lines = ["| task | layer | K | effect | clean acc | query acc | +IV acc | gain | clean logP | query logP | "
-             "+IV logP | restored logP | restored acc |", "|" + "---|" * 13]
+        return "—" if v is None else fmt.format(v).replace("-", "−")
+    lines = ["| task | clean acc | query acc | +IV acc | gain | clean log P | query log P | +IV log P | restored log P | "
+             "restored acc | chat log P → +IV | chat reply_contains → +IV |", "|" + "---|" * 12]
     for name, r in res["tasks"].items():
-        lines.append(f"| {name} | {r['layer']} | {r['top_k']} | {r['effect']} | {f(r['clean_accuracy'])} | "
-                     f"{f(r['corrupted_accuracy'])} | {f(r['iv_accuracy'])} | {f(r['accuracy_gain'], '{:+.2f}')} | "
-                     f"{f(r['clean_logprob'])} | {f(r['corrupted_logprob'])} | {f(r['iv_logprob'])} | "
-                     f"{f(r['restored_logprob'])} | {f(r['restored_accuracy'])} |")
+        chat = (f"{f(r.get('chat_logprob'))} → {f(r.get('chat_iv_logprob'))} | "
+                f"{f(r.get('chat_contains'))} → {f(r.get('chat_iv_contains'))}")
+        lines.append(f"| {name} | {f(r['clean_accuracy'])} | {f(r['corrupted_accuracy'])} | {f(r['iv_accuracy'])} | "
+                     f"{f(r['accuracy_gain'], '{:+.2f}')} | {f(r['clean_logprob'])} | {f(r['corrupted_logprob'])} | "
+                     f"{f(r['iv_logprob'])} | {f(r['restored_logprob'])} | {f(r['restored_accuracy'])} | {chat} |")
     return "\n".join(lines)
 
 

@@ -344,6 +344,7 @@ def test_cli(tmp_path, monkeypatch, capsys):
                    "--check", "--n_check", "4", "--sweep", "--report", str(report), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert out.is_file() and "query alone + IV" in printed and "heads (" in printed and "best:" in printed
+    assert "chat, 0-shot + IV" in printed          # the form train.py adds the IV to
     if importlib.util.find_spec("matplotlib") is not None:
         assert out.with_suffix(".sweep.png").is_file()
     rep = json.loads(report.read_text())
@@ -352,6 +353,7 @@ def test_cli(tmp_path, monkeypatch, capsys):
         assert key in rep, key
     assert rep["task"] == "up3" and rep["n"] == 4 and rep["layer"] == X.default_layer(4)
     assert rep["accuracy_gain"] == pytest.approx(rep["iv_accuracy"] - rep["corrupted_accuracy"])
+    assert {"chat_logprob", "chat_iv_logprob", "chat_iv_contains"} <= set(rep)
     # layer auto: the sweep's choice is the IV's layer and K
     assert X.main(["--task", "up3", "--out", str(out), "--n_clean", "4", "--n_corrupt", "4", "--shots", "2",
                    "--layer", "auto", "--quiet"]) == 0
@@ -412,7 +414,7 @@ class PlantTok:
              "Q": 14, "A": 15}
     special_tokens = {}
     bos_id = eos_id = 0
-    chat_format = "chatml"
+    chat_format = None         # no chat template: --check skips its chat-form rows
 
     def encode(self, text):
         ids, i = [], 0
