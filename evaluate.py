@@ -1,5 +1,5 @@
 """
-Evaluation: the scores of METHOD.md §5 for one model on a list of tasks, and the continual-learning
+Evaluation: the scores of docs/method.md §5 for one model on a list of tasks, and the continual-learning
 summary (AP, BWT, FWT, forgetting, GP, IP) over the reports written along a training sequence.
 
 Conventions, used everywhere (train.py and extract_iv.py import these, so a prompt is the same list
@@ -886,7 +886,7 @@ def primary_score(report: dict, task_name: str, kshot: bool = False) -> float:
 
 
 def cl_metrics(reports: list, train_tasks: list, general_tasks: list = ()) -> dict:
-    """Continual-learning summary (METHOD.md §5) from reports[0] = original model and reports[i] =
+    """Continual-learning summary (docs/method.md §5) from reports[0] = original model and reports[i] =
     after stage i (which trained train_tasks[i-1]); fewer stages than tasks = a run in progress.
 
     R[i][j]: primary score of train task j after stage i (row 0 = original), all train tasks.
@@ -917,7 +917,7 @@ def cl_metrics(reports: list, train_tasks: list, general_tasks: list = ()) -> di
             per_stage = None  # e.g. IP when the reports have no k-shot scores
         out[name] = per_stage
         out[name + "_drop"] = (per_stage[0] - per_stage[n]) if per_stage and per_stage[0] is not None else None
-    # the general suite under every other metric the reports share (METHOD.md §1: e.g.
+    # the general suite under every other metric the reports share (docs/method.md §1: e.g.
     # choice_accuracy and knowledge_logprob, the knowledge side, next to the primary score)
     out["general"] = {}
     if general_tasks:

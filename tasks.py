@@ -58,7 +58,7 @@ class Task:
 def user_prompt(ex: Example) -> str:
     # One convention everywhere: the instruction, a newline, the input. Either may be empty
     # (TRACE prompts carry both in `instruction`; function-vector data has no instruction), and
-    # the input alone is exactly the "corrupted" prompt of IV extraction (METHOD.md §2).
+    # the input alone is exactly the "corrupted" prompt of IV extraction (docs/method.md §2).
     return "\n".join(s for s in (ex.instruction, ex.input) if s)
 
 

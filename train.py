@@ -2,10 +2,10 @@
 Continual instruction tuning, plain or guided by instruction vectors (IVs).
 
 Tasks T_1..T_n are fine-tuned one after another; after every task the model is evaluated on every
-training task and on a general-ability suite, and the continual-learning metrics of METHOD.md §5
+training task and on a general-ability suite, and the continual-learning metrics of docs/method.md §5
 (AP, BWT, FWT, GP/IP drop) are written to out_dir/results.json.
 
-IV-guided training (METHOD.md §4; the IV paper is Jiang et al., arXiv 2406.12227, the sibling code
+IV-guided training (docs/method.md §4; the IV paper is Jiang et al., arXiv 2406.12227, the sibling code
 GangweiJiang/FvForgetting), per training task T_j with instruction vector θ_j extracted from the
 model *before any training*:
   1. progressive intervention: α_t·θ_j is added to the residual stream after layer ℓ at the last
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("presets")
     g.add_argument("--guided", action="store_true",
-                   help="IV-guided training: sets --iv_alpha0 1, --kl_weight 1, --kl_iv (METHOD.md §4)")
+                   help="IV-guided training: sets --iv_alpha0 1, --kl_weight 1, --kl_iv (docs/method.md §4)")
     g.add_argument("--quick", action="store_true",
                    help="a run of a few minutes: few training/eval examples, one short epoch per task")
 
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm; 0 = off")
     g.add_argument("--seed", type=int, default=0, help="seed of data order, replay sampling and LoRA init")
 
-    g = p.add_argument_group("guidance (METHOD.md §4; --guided sets the first three)")
+    g = p.add_argument_group("guidance (docs/method.md §4; --guided sets the first three)")
     g.add_argument("--iv_alpha0", type=float, default=None,
                    help="starting scale α_0 of the IV added in the trained model (default 0; 1 with --guided)")
     g.add_argument("--kl_weight", type=float, default=None,
@@ -807,14 +807,14 @@ def set_rng_state(st: dict):
 def eval_metrics(task, general: bool, cfg) -> tuple:
     """What a stage report needs of one task (--eval_metrics needed): its primary score; for the
     general suite also the primary score in-context (IP), choice accuracy and the knowledge log-prob; everywhere
-    the instruction log-prob (METHOD.md §1: instruction vs knowledge). 'all' = every metric."""
+    the instruction log-prob (docs/method.md §1: instruction vs knowledge). 'all' = every metric."""
     import evaluate
     if cfg["eval_metrics"] == "all":
         return tuple(evaluate.METRICS)
     primary = evaluate.canonical_metric(task.metric)
     out = [primary, "instruction_logprob"]
     if general:
-        # knowledge side (METHOD.md §1): the ranking of answers and the plain-text log-prob
+        # knowledge side (docs/method.md §1): the ranking of answers and the plain-text log-prob
         out += ["choice_accuracy", "knowledge_logprob"]
         if cfg["eval_k_shot"] > 0:
             out += [primary + evaluate.KSHOT_SUFFIX, "instruction_logprob" + evaluate.KSHOT_SUFFIX]

@@ -11,7 +11,7 @@ Two kinds of task (see data/README.md):
 
 Every record is {"instruction", "input", "output", "choices", "knowledge_prompt", "knowledge_answer"}.
 `choices` always holds the gold output plus distractors, for likelihood-ranked scoring. The
-knowledge_* fields ask the same fact as plain text with no instruction wording (METHOD.md §1); they are
+knowledge_* fields ask the same fact as plain text with no instruction wording (docs/method.md §1); they are
 null where a task has no such fact. knowledge_answer starts with a space because it continues a
 sentence, while `output` is the first thing the assistant says.
 

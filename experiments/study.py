@@ -7,9 +7,9 @@ The study of issue #6 on the embedded model, end to end and resumable:
 1. Continual instruction tuning on the default sequence with four methods x three seeds:
    plain fine-tuning, KL-only (KL to the original model, no IV), IV-only (progressive IV
    intervention, no KL) and IV-guided (both). Every run is one `train.py` process.
-2. Knowledge vs instruction (METHOD.md §1): the general suite's knowledge_logprob and
+2. Knowledge vs instruction (docs/method.md §1): the general suite's knowledge_logprob and
    instruction_logprob after every stage, from the runs' own stage reports.
-3. IV analyses (METHOD.md §3) on the plain and guided seed-0 runs: cosine between the last-prompt-token
+3. IV analyses (docs/method.md §3) on the plain and guided seed-0 runs: cosine between the last-prompt-token
    hidden state after layer l and the task's IV vs the task's score along the stages; IVs re-extracted
    from the fine-tuned model vs the original ones (cosine, head overlap; noise floor: the original
    model's IVs extracted again from other prompts); the original IV added back
@@ -45,7 +45,7 @@ OUT = ROOT / "results"
 RAW = OUT / "study"                       # raw JSON per run and analysis, plots
 SEEDS = (0, 1, 2)
 SIZE = ["--max_train", "160", "--lr", "1e-4", "--eval_n", "20", "--eval_k_shot", "3"]
-METHODS = {                                # METHOD.md §4 and the baselines of issue #5
+METHODS = {                                # docs/method.md §4 and the baselines of issue #5
     "plain": [],
     "kl_only": ["--kl_weight", "1", "--no-kl_iv"],
     "iv_only": ["--iv_alpha0", "1"],
@@ -546,7 +546,7 @@ def markdown(study: dict, runs: dict, a: dict, plots: list[str]) -> str:
         for label, vals, pct in rows:
             if vals:
                 L.append(f"| {m} | {label} | " + " | ".join(f"{100 * v:.1f}" if pct else f"{v:.2f}" for v in vals) + " |")
-    L += ["", "Knowledge vs instruction (METHOD.md §1): log-probs are natural-log sums over the gold answer.", ""]
+    L += ["", "Knowledge vs instruction (docs/method.md §1): log-probs are natural-log sums over the gold answer.", ""]
     fm = {run: a.get(f"format/{run}") for run in ("plain-s0", "guided-s0") if a.get(f"format/{run}")}
     if fm:
         L += ["## Format or content? (seed 0, general suite, greedy replies)", "",
@@ -577,7 +577,7 @@ def markdown(study: dict, runs: dict, a: dict, plots: list[str]) -> str:
         L.append("")
     s = study["analysis_summary"]
     if s:
-        L += ["## IV analyses (METHOD.md §3)", ""]
+        L += ["## IV analyses (docs/method.md §3)", ""]
         for run in ("plain-s0", "guided-s0"):
             if f"cos_score_pearson/{run}" in s:
                 L.append(f"- {run}: Pearson r between cos(hidden, IV) and score over tasks × stages: "
