@@ -1113,7 +1113,7 @@ def parse_args(argv=None):
     g.add_argument("--n_check", type=int, default=50, help="held-out test examples for --check")
     g.add_argument("--report", help="with --check: write the check as JSON here")
     g.add_argument("--sweep", action="store_true", help="print restored shares per layer x K on the dev "
-                   "split (heads and resid) and plot them beside the IV file (<out>.sweep.png)")
+                   "split (heads and resid) and plot them beside the IV file (<out>.sweep.png, with matplotlib)")
     g = ap.add_argument_group("system")
     g.add_argument("--batch_size", type=int, default=16, help="prompts per forward")
     g.add_argument("--max_rows", type=int, default=512, help="patched rows per batch (exact method and sweep)")
