@@ -30,7 +30,7 @@ import time
 import torch
 
 import evaluate as E
-from load import load_model
+from ivft.load import load_model
 
 
 def run(model, tok, tasks, args, dtype, metrics=E.METRICS):

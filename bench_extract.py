@@ -52,7 +52,7 @@ def timed(fn):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from load import load_model
+    from ivft.load import load_model
     if args.threads:
         torch.set_num_threads(args.threads)
     task = X.load_task_by_name(args.task)

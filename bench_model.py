@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from load import load_model, save_hf
+from ivft.load import load_model, save_hf
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--batch", type=int, default=8, help="sequences per batch")

@@ -29,7 +29,7 @@ from contextlib import nullcontext
 
 import torch
 
-import lora
+from ivft import lora
 import train
 
 # Llama-2-7B's shape (the paper's model): used for the memory estimate
@@ -61,7 +61,7 @@ def build_parser():
 # ---- the workload -------------------------------------------------------------------------------
 
 def make_batch(tok, args, device):
-    import tasks
+    from ivft import tasks
     name = args.task or tasks.default_sequence()[0]
     task = tasks.load_task(name)
     cfg = {"max_len": 256}
@@ -100,7 +100,7 @@ def our_step(lm, opt, params, batch, amp):
 def hf_model_dir(model_arg):
     """An HF directory holding the weights: --model itself, or the cache load.py converts the
     embedded GGUF into (filled by any earlier load_model call)."""
-    from load import default_gguf_path, gguf_cache_path, load_model
+    from ivft.load import default_gguf_path, gguf_cache_path, load_model
     if model_arg is not None and os.path.isdir(model_arg):
         return model_arg
     path = gguf_cache_path(default_gguf_path() if model_arg is None else __import__("pathlib").Path(model_arg))
@@ -163,8 +163,8 @@ def touch(model):
 def memory_child(args):
     """One setting in a fresh process: RSS after loading vs peak RSS after 3 steps (CPU)."""
     from extract_iv import default_layer
-    from load import load_model
-    from tokenizer import Tokenizer
+    from ivft.load import load_model
+    from ivft.tokenizer import Tokenizer
     device = torch.device(args.device)
     amp = amp_ctx(args, device)
     if args._memory_child == "hf":
@@ -235,7 +235,7 @@ def main(argv=None):
     if args._memory_child:
         return memory_child(args)
     from extract_iv import default_layer
-    from load import load_model
+    from ivft.load import load_model
     device = torch.device(args.device)
     mem = {}
     if not args.no_memory and device.type != "cuda":

@@ -86,7 +86,7 @@ METRIC_ALIASES = {"choice": "choice_accuracy"}
 def _user_prompt(ex) -> str:
     # imported here, not at module level, so that evaluate.py can be imported (e.g. by tests that
     # build their own Task) without loading the task registry and its data files
-    from tasks import user_prompt
+    from ivft.tasks import user_prompt
     return user_prompt(ex)
 
 
@@ -806,7 +806,7 @@ def autocast(dtype, device_type: str = "cpu"):
 def resolve_tasks(tasks) -> list:
     """Task objects from a mix of Tasks and names/paths (tasks.load_task lists the known names when
     one is unknown). None = the general suite."""
-    import tasks as task_lib
+    from ivft import tasks as task_lib
     if tasks is None:
         tasks = task_lib.general_suite()
     return [t if hasattr(t, "test") else task_lib.load_task(t) for t in tasks]
@@ -877,7 +877,7 @@ def primary_score(report: dict, task_name: str, kshot: bool = False) -> float:
         raise KeyError(f"task {task_name!r} is not in the report (it has: {', '.join(report['tasks'])})")
     metric = report.get("primary", {}).get(task_name)
     if metric is None:  # a report written without the "primary" table: ask the task registry
-        import tasks as task_lib
+        from ivft import tasks as task_lib
         metric = task_lib.load_task(task_name).metric
     key = canonical_metric(metric) + (KSHOT_SUFFIX if kshot else "")
     if key not in report["tasks"][task_name]:
@@ -1048,7 +1048,7 @@ def main(argv=None) -> int:
         tasks = resolve_tasks(None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()])
         if args.out:
             check_writable(args.out)        # not after a whole evaluation
-        from load import load_model
+        from ivft.load import load_model
         model, tok = load_model(args.model, device=args.device)
         report = evaluate_suite(model, tok, tasks, model_name=args.model or "SmolLM2-135M-Instruct (embedded)",
                                 dtype=args.dtype, progress=not args.no_progress, n=args.n or None,

@@ -153,7 +153,7 @@ class Settings:
 
 def load_task_by_name(name: str):
     """A registry task or a user task file (tasks.load_task); its errors become one-line ExtractErrors."""
-    from tasks import load_task
+    from ivft.tasks import load_task
     try:
         return load_task(name)
     except (ValueError, OSError) as e:      # tasks.TaskError is a ValueError
@@ -170,7 +170,7 @@ def task_fingerprint(task) -> str:
 
 
 def is_registered(task) -> bool:
-    from tasks import list_tasks
+    from ivft.tasks import list_tasks
     try:
         return task.name in list_tasks() and task.description == list_tasks()[task.name].get("description")
     except ValueError:
@@ -212,7 +212,7 @@ def _plain_prompt(tok, ex, shots=(), with_instruction=True) -> Prompt:
     token is rarely its first; after k such blocks it writes the answer itself (README: clean
     first-token accuracy). The answer keeps its leading space, as it has inside the text, and ends
     with the newline that closes every demonstration."""
-    from tasks import user_prompt
+    from ivft.tasks import user_prompt
 
     def q(e):
         return user_prompt(e) if with_instruction else e.input
@@ -287,7 +287,7 @@ def _other_task(task, s: Settings):
         return None
     if s.mismatch_task is not None:
         return load_task_by_name(s.mismatch_task)
-    from tasks import list_tasks
+    from ivft.tasks import list_tasks
     names = [n for n in list_tasks() if n != task.name]
     if not names:
         raise ExtractError("corrupt=mismatched needs a second task to borrow an instruction from")
@@ -1143,7 +1143,7 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    from load import LoadError, load_model
+    from ivft.load import LoadError, load_model
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = {k: getattr(args, k) for k in ("n_clean", "n_corrupt", "n_dev", "shots", "format", "corrupt",

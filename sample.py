@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from load import LoadError, load_model
+from ivft.load import LoadError, load_model
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # I/O

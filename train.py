@@ -59,8 +59,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lora
-from load import LoadError, clean_leftovers, load_model, save_hf
+from ivft import lora
+from ivft.load import LoadError, clean_leftovers, load_model, save_hf
 from model import Intervention, Transformer
 
 
@@ -351,7 +351,7 @@ def barrier(d: Dist):
 def load_task_list(spec: str | None, default_fn: str, what: str) -> list:
     """Tasks from a comma-separated list of registry names or files (any format tasks.load_task
     reads: the suite's x.train.jsonl + x.test.jsonl, Alpaca, TRACE, SuperNI); None = the default."""
-    import tasks as task_lib
+    from ivft import tasks as task_lib
     try:
         if spec is None:
             names = list(getattr(task_lib, default_fn)())
@@ -747,7 +747,7 @@ def newest_checkpoint(out_dir: Path, notes: list | None = None) -> Path | None:
 def load_weights_into(model: Transformer, path: Path):
     """Copy the weights of the HF checkpoint at `path` into `model` (same config). Read through
     load.py, which undoes the export's per-family layout (e.g. GPT-2's fused Conv1D weights)."""
-    from load import load_hf_dir
+    from ivft.load import load_hf_dir
     try:
         saved, _ = load_hf_dir(path, dtype=model.model.embed_tokens.weight.dtype)
     except LoadError as e:
@@ -1179,7 +1179,7 @@ def restore_model(model, ckpt: Path, state: dict, cfg, out_dir: Path):
         load_weights_into(model, out_dir / f"stage-{j}")
     if cfg["lora_merge"] and step == 0:
         return  # a stage boundary after a merge: the next stage starts fresh adapters
-    from load import read_safetensors
+    from ivft.load import read_safetensors
     lora.add_lora(model, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"].split(","))
     try:
         lora.load_adapter_state_dict(model, read_safetensors(ckpt / "adapter_model.safetensors"))

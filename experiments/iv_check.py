@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import extract_iv as X  # noqa: E402
-import tasks as T  # noqa: E402
+from ivft import tasks as T  # noqa: E402
 from evaluate import save_report  # noqa: E402
 
 FV_FILE = ROOT / "data" / "examples" / "category_fv.json"
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "results" / "iv_check.json"), help="JSON written here")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
-    from load import load_model
+    from ivft.load import load_model
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.tasks.split(",") if args.tasks else T.general_suite() + T.default_sequence() + [str(FV_FILE)]

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import extract_iv as X  # noqa: E402
-import tasks as T  # noqa: E402
+from ivft import tasks as T  # noqa: E402
 from evaluate import save_report  # noqa: E402
 
 
@@ -83,7 +83,7 @@ def plot(summary: dict, path: Path):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from load import load_model
+    from ivft.load import load_model
     if args.threads:
         torch.set_num_threads(args.threads)
     general = T.general_suite()

@@ -34,7 +34,7 @@ OUT = ROOT / "results" / "learnability.json"
 
 def main(argv=None) -> int:
     import evaluate as E
-    import tasks as T
+    from ivft import tasks as T
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default=",".join(T.default_sequence()), help="comma-separated training tasks")
     p.add_argument("--steps", type=int, default=120, help="optimizer steps per task (batch 8)")

@@ -116,8 +116,8 @@ def analysis(threads: int) -> str:
     import torch
     import evaluate as E
     import extract_iv as X
-    import tasks as T
-    from load import load_model
+    from ivft import tasks as T
+    from ivft.load import load_model
     from model import Intervention
 
     torch.set_num_threads(threads)
@@ -503,7 +503,7 @@ def _save(fig, name) -> str:
 
 
 def markdown(study: dict, runs: dict, a: dict, plots: list[str]) -> str:
-    from tasks import default_sequence, general_suite
+    from ivft.tasks import default_sequence, general_suite
     L = ["# Study: does fine-tuning erase instruction following, and does IV guidance help?", "",
          "Regenerate: `python experiments/study.py` (resumable; `--report` only rewrites this file).",
          f"Embedded SmolLM2-135M-Instruct, default sequence {' → '.join(default_sequence())}, general suite "

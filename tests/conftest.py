@@ -21,6 +21,6 @@ def one_thread():
 @pytest.fixture(scope="session")
 def smollm():
     """The embedded SmolLM2-135M-Instruct through the real loader, loaded once per test session."""
-    from load import load_model
+    from ivft.load import load_model
     model, tok = load_model(None)
     return model, tok

@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import evaluate as E  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from tasks import Example, Task  # noqa: E402
+from ivft.tasks import Example, Task  # noqa: E402
 
 
 # ---- a character-level tokenizer with a ChatML-style template --------------------------------------
@@ -247,12 +247,12 @@ def test_may_still_match_never_stops_a_match():
 
 
 def test_real_tokenizer_prompt_convention():
-    load = pytest.importorskip("load")
+    from ivft import load
     try:
         _, tok = load.load_model(None)
     except Exception as e:  # noqa: BLE001 - no embedded model here: nothing to check
         pytest.skip(f"embedded model unavailable: {e}")
-    from tasks import user_prompt
+    from ivft.tasks import user_prompt
     ex = Example(instruction="What is the opposite of the word?", input="hot", output="cold")
     ids = E.render_prompt(tok, ex)
     assert ids == tok.chat_prompt(user_prompt(ex))
@@ -580,7 +580,7 @@ def test_cli_errors_exit_2(capsys):
     assert E.main(["--tasks", "no_such_task_xyz", "--no_progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("evaluate.py: error:") and "no_such_task_xyz" in err[0], err
-    import tasks
+    from ivft import tasks
     assert any(name in err[0] for name in tasks.list_tasks())
     with pytest.raises(SystemExit) as e:
         E.main(["--n", "-1"])
@@ -591,7 +591,7 @@ def test_cli_errors_exit_2(capsys):
 
 
 def test_unwritable_out_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    import load
+    from ivft import load
     monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
     blocker = tmp_path / "a_file"
     blocker.write_text("x")

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import extract_iv as X  # noqa: E402
 from extract_iv import ExtractError, Prompt  # noqa: E402
 from model import Intervention, ModelConfig, Transformer  # noqa: E402
-from tasks import Example, Task  # noqa: E402
+from ivft.tasks import Example, Task  # noqa: E402
 
 
 # ---- tiny models and a character tokenizer --------------------------------------------------------
@@ -334,7 +334,7 @@ def test_cli(tmp_path, monkeypatch, capsys):
     assert X.main(["--task", "antonym", "--n_clean", "1"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     # the rest with a tiny model in place of the embedded one
-    import load
+    from ivft import load
     monkeypatch.setattr(load, "load_model", lambda *a, **k: (char_model(), TOK))
     monkeypatch.setattr(X, "load_task_by_name", lambda name: big_task(name))
     assert X.main(["--task", "up3", "--layer", "9", "--quiet"]) == 2
@@ -461,7 +461,7 @@ def fv_file(tmp_path):
 
 
 def test_file_task_extract_check_and_reuse(tmp_path, monkeypatch, capsys):
-    import load
+    from ivft import load
     monkeypatch.setattr(load, "load_model", lambda *a, **k: (char_model(), TOK))
     path = fv_file(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -483,7 +483,7 @@ def test_file_task_extract_check_and_reuse(tmp_path, monkeypatch, capsys):
 
 
 def test_identical_prompts_are_an_error(tmp_path, monkeypatch, capsys):
-    import load
+    from ivft import load
     monkeypatch.setattr(load, "load_model", lambda *a, **k: (char_model(), TOK))
     path = fv_file(tmp_path)
     assert X.main(["--task", str(path), "--shots", "0", "--n_clean", "4", "--n_corrupt", "4", "--quiet",

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-import load
-from load import default_gguf_path, gguf_cache_path, load_model
+from ivft import load
+from ivft.load import default_gguf_path, gguf_cache_path, load_model
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")

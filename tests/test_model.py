@@ -5,7 +5,7 @@ import struct
 import pytest
 import torch
 
-from load import LoadError, load_model, save_hf
+from ivft.load import LoadError, load_model, save_hf
 from model import Intervention, KVCache, ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -93,7 +93,7 @@ def test_sharded_safetensors(tmp_path):
 # the real embedded model
 
 def test_embedded_model_matches_transformers_gguf(smollm):
-    from load import default_gguf_path
+    from ivft.load import default_gguf_path
     model, tok = smollm
     path = default_gguf_path()
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
@@ -341,7 +341,7 @@ def test_corrupt_safetensors(tmp_path):
 
 
 def test_truncated_and_garbage_gguf(tmp_path):
-    from load import default_gguf_path
+    from ivft.load import default_gguf_path
     with open(default_gguf_path(), "rb") as f:
         head = f.read(1 << 20)
     (tmp_path / "cut.gguf").write_bytes(head)                         # header + part of the vocab

@@ -10,8 +10,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import tasks  # noqa: E402
-from tasks import Example, TaskError  # noqa: E402
+from ivft import tasks  # noqa: E402
+from ivft.tasks import Example, TaskError  # noqa: E402
 
 
 def write(path, obj):

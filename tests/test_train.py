@@ -27,11 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import lora  # noqa: E402
+from ivft import lora  # noqa: E402
 import train  # noqa: E402
-from load import load_model, read_safetensors, save_hf  # noqa: E402
+from ivft.load import load_model, read_safetensors, save_hf  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from tokenizer import GPT2_PATTERN, Tokenizer  # noqa: E402
+from ivft.tokenizer import GPT2_PATTERN, Tokenizer  # noqa: E402
 
 
 # ---- fixtures: a tiny model directory, tiny tasks, IV files -------------------------------------
@@ -75,7 +75,7 @@ def env(tmp_path_factory):
     # IVs of the tiny model: real extraction, then scaled up to norm 1 (a random tiny model's IV is
     # tiny), so that adding it visibly changes the logits
     import extract_iv
-    from tasks import load_task
+    from ivft.tasks import load_task
     model, tok = load_model(root / "tiny")
     ivs = {}
     for name, path in zip("ab", tasks):
@@ -533,7 +533,7 @@ def test_unwritable_out_dir_and_full_disk(env, tmp_path, capsys, monkeypatch):
     assert "cannot write in" in msg and str(ro) in msg and not (ro / "run").exists()
     monkeypatch.setattr(train.tempfile, "TemporaryFile", real)
     # a full disk while a checkpoint is written: one line naming the checkpoint, no temporaries left
-    import load as L
+    from ivft import load as L
     def full(*a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(L, "save_file", full, raising=False)

@@ -26,7 +26,7 @@ import os
 import random
 from dataclasses import dataclass, field
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 REGISTRY = os.path.join(DATA_DIR, "tasks.json")
 
 

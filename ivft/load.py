@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from model import ModelConfig, Transformer
-from tokenizer import Tokenizer
+from ivft.tokenizer import Tokenizer
 
 
 class LoadError(ValueError):
