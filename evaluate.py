@@ -73,7 +73,7 @@ QUOTES = "\"'`*“”‘’"   # stripped around an answer by normalize_answer
 # Peru is Lima."); 32 tokens hold one, and decoding stops as soon as the answer has appeared.
 REPLY_TOKENS = 32
 # Prompts per batch, and rows per decoding step. On a 2-core CPU fewer, wider matrix products win
-# (bench_evaluate.py: 64 -> 128 saves ~10%), and a task's 100 prompts prefill as one batch. Memory:
+# (bench/bench_evaluate.py: 64 -> 128 saves ~10%), and a task's 100 prompts prefill as one batch. Memory:
 # for a 7B model a k-shot pool of 128 rows holds ~15 GB of KV cache; pass a smaller batch_size there.
 BATCH_SIZE = 128
 # Task.metric spellings -> our metric names (tasks.py says "choice")
@@ -1022,7 +1022,7 @@ def build_parser():
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype: bfloat16 = autocast with fp32 weights and fp32 output layer (a "
                    "gain on GPUs and on CPUs with AMX/AVX512-BF16; on AVX2-only CPUs ~4x slower than fp32; "
-                   "close choices can flip, see bench_evaluate.py --compare)")
+                   "close choices can flip, see bench/bench_evaluate.py --compare)")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default). On a "
                    "machine shared with other jobs use 1: OpenMP threads spin-wait for each other")

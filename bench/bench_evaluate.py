@@ -2,9 +2,9 @@
 Time a full evaluation of the embedded model on the general suite (every metric, k-shot included)
 and show where the time goes. Not a test: numbers depend on the machine and its load.
 
-    python bench_evaluate.py                              # fp32, all cores, 100 examples per task, k = 3
-    python bench_evaluate.py --dtype bfloat16 --compare   # bf16 autocast vs fp32: time and agreement
-    python bench_evaluate.py --per_metric                 # also each metric alone (its cost by itself)
+    python bench/bench_evaluate.py                              # fp32, all cores, 100 examples per task, k = 3
+    python bench/bench_evaluate.py --dtype bfloat16 --compare   # bf16 autocast vs fp32: time and agreement
+    python bench/bench_evaluate.py --per_metric                 # also each metric alone (its cost by itself)
 
 The goal it checks: >= 6 tasks x ~100 examples, all metrics, in <= 120 s on a 2-core CPU. Besides
 wall time it prints CPU seconds: on a machine shared with other jobs the wall time also counts the
@@ -25,12 +25,17 @@ What was found on the project's 2-core AVX2 machine:
 """
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # the project's modules are one folder up
 
-import evaluate as E
-from ivft.load import load_model
+import torch  # noqa: E402
+
+import evaluate as E  # noqa: E402
+from ivft.load import load_model  # noqa: E402
 
 
 def run(model, tok, tasks, args, dtype, metrics=E.METRICS):

@@ -6,9 +6,9 @@ Benchmark of the three ways extract_iv.py computes the AIE of every head, on the
                patched layer upward, all heads as rows of one batch (same numbers as naive);
 - attribution: one forward + one backward per prompt, gradient x (z̄ - z) (a first-order estimate).
 
-    python bench_extract.py                       # antonym, all 270 heads, 25 corrupted prompts
-    python bench_extract.py --naive_prompts 2     # measure the naive loop on 2 prompts
-    python bench_extract.py --corrupt shuffled    # long corrupted prompts (10 shuffled demonstrations)
+    python bench/bench_extract.py                       # antonym, all 270 heads, 25 corrupted prompts
+    python bench/bench_extract.py --naive_prompts 2     # measure the naive loop on 2 prompts
+    python bench/bench_extract.py --corrupt shuffled    # long corrupted prompts (10 shuffled demonstrations)
 
 Prompts are extract_iv.py's defaults: 10-shot clean prompts, the query alone as the corrupted one.
 
@@ -22,11 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # the project's modules are one folder up
 
-import extract_iv as X
+import torch  # noqa: E402
+
+import extract_iv as X  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -8,8 +8,8 @@ Training-step benchmark, everything side by side in one run on the same batch:
 3. training tokens/s of our loop vs transformers' LlamaForCausalLM driven by a plain PyTorch loop
    (forward with labels, backward, AdamW), same weights, same batch, same autocast.
 
-    python bench_train.py                   # embedded SmolLM2-135M, batch of 8 real training examples
-    python bench_train.py --steps 10 --batch 16 --device cuda
+    python bench/bench_train.py                   # embedded SmolLM2-135M, batch of 8 real training examples
+    python bench/bench_train.py --steps 10 --batch 16 --device cuda
 
 Timings are interleaved (one step of each setting per round, median over rounds) so that a busy
 machine slows all settings alike. A step = forward, backward, gradient clipping, AdamW update.
@@ -26,11 +26,15 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # the project's modules are one folder up
 
-from ivft import lora
-import train
+import torch  # noqa: E402
+
+from ivft import lora  # noqa: E402
+import train  # noqa: E402
 
 # Llama-2-7B's shape (the paper's model): used for the memory estimate
 LLAMA2_7B = {"params": 6.74e9, "layers": 32, "d_model": 4096, "vocab": 32000}
@@ -198,7 +202,7 @@ def measure_memory(args, kinds):
         cmd = [sys.executable, __file__, "--_memory_child", kind, "--batch", str(args.batch), "--device", args.device,
                "--dtype", args.dtype, "--lora_r", str(args.lora_r)] + (["--model", args.model] if args.model else []) \
             + (["--task", args.task] if args.task else []) + (["--threads", str(args.threads)] if args.threads else [])
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
         if r.returncode != 0:
             raise SystemExit(f"memory run {kind} failed:\n{r.stderr[-2000:]}")
         out[kind] = json.loads(r.stdout.strip().splitlines()[-1])

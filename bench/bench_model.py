@@ -3,15 +3,20 @@ Forward and forward+backward throughput of our Transformer vs transformers' Llam
 same weights (the embedded SmolLM2-135M), dtype and batch, measured alternately in one run so that
 machine noise hits both alike. Prints tokens/s and the ratio ours / HF (goal: >= 1.0).
 
-    python bench_model.py                 # fp32 and bf16 autocast, batch 8 x 128
+    python bench/bench_model.py                 # fp32 and bf16 autocast, batch 8 x 128
 """
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # the project's modules are one folder up
 
-from ivft.load import load_model, save_hf
+import torch  # noqa: E402
+
+from ivft.load import load_model, save_hf  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--batch", type=int, default=8, help="sequences per batch")
