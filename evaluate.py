@@ -131,6 +131,12 @@ def answer_ids(tok, text: str) -> list[int]:
     return ids + [end_of_turn_id(tok)]
 
 
+def bos_ids(tok) -> list[int]:
+    """What a plain-text (non-chat) prompt starts with: Llama-2/3 checkpoints expect their bos token
+    before any text; ChatML models (SmolLM2, Qwen2) have none outside the template."""
+    return [tok.bos_id] if getattr(tok, "chat_format", None) in ("llama2", "llama3") and tok.bos_id is not None else []
+
+
 def knowledge_ids(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids) for a plain-text knowledge probe, no chat template, no end token.
 
@@ -142,9 +148,7 @@ def knowledge_ids(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     if prompt.endswith(" "):
         prompt = prompt.rstrip(" ")
     sep = "" if prompt[-1].isspace() or prompt[-1] in "([{\"'“‘" else " "
-    # Llama-2/3 checkpoints expect their bos token before any text; ChatML models (SmolLM2, Qwen2)
-    # have none outside the template
-    bos = [tok.bos_id] if getattr(tok, "chat_format", None) in ("llama2", "llama3") and tok.bos_id is not None else []
+    bos = bos_ids(tok)
     cont = tok.encode(sep + answer.strip())
     if not cont:
         raise ValueError(f"knowledge answer {answer!r} tokenizes to nothing")
@@ -838,9 +842,8 @@ def save_report(report: dict, path) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".report-", suffix=".json.tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; a report is an ordinary file
+    from ivft.load import chmod_ordinary
+    chmod_ordinary(tmp)             # mkstemp makes 0600; a report is an ordinary file
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
@@ -851,10 +854,11 @@ def save_report(report: dict, path) -> None:
         raise
 
 
-def check_writable(path) -> None:
-    """Raise OSError naming `path` unless a report can be written there: the nearest existing
-    folder must take a file (a test file, created and removed at once; nothing else is created)."""
-    p = os.path.dirname(os.path.abspath(os.fspath(path)))
+def check_writable(folder) -> None:
+    """Raise OSError unless files can be written in `folder` (which need not exist yet): its
+    nearest existing ancestor must take a file (a test file, created and removed at once; nothing
+    else is created). The message names that ancestor."""
+    p = os.path.abspath(os.fspath(folder))
     while not os.path.exists(p) and os.path.dirname(p) != p:
         p = os.path.dirname(p)
     try:
@@ -863,7 +867,7 @@ def check_writable(path) -> None:
         with tempfile.TemporaryFile(dir=p):
             pass
     except OSError as e:
-        raise OSError(f"{path}: cannot write here ({e.strerror or e})") from None
+        raise OSError(f"cannot write in {p} ({e.strerror or e})") from None
 
 
 def load_report(path) -> dict:
@@ -966,14 +970,23 @@ def print_cl(cl: dict, file=None) -> None:
     print("forgetting " + ", ".join(f"{t}={_fmt(v)}" for t, v in cl["forgetting"].items()), file=file)
 
 
+def pyplot():
+    """matplotlib.pyplot drawing to files only (never a window), or None when matplotlib is not
+    installed: every plot of the project is optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def plot_cl(cl: dict, path) -> str | None:
     """PNG: heat map of R and the GP/IP curves over stages. Returns the path, or None (and draws
     nothing) when matplotlib is not installed: plots are optional."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, never a window
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     R = cl["R"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -1047,7 +1060,10 @@ def main(argv=None) -> int:
         # tasks first: a typo in a task name should fail in a second, not after loading the model
         tasks = resolve_tasks(None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()])
         if args.out:
-            check_writable(args.out)        # not after a whole evaluation
+            try:
+                check_writable(os.path.dirname(os.path.abspath(args.out)))   # not after a whole evaluation
+            except OSError as e:
+                raise OSError(f"{args.out}: {e}") from None
         from ivft.load import load_model
         model, tok = load_model(args.model, device=args.device)
         report = evaluate_suite(model, tok, tasks, model_name=args.model or "SmolLM2-135M-Instruct (embedded)",

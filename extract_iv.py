@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evaluate import answer_ids, normalize_answer, render_prompt, reply_contains
+from evaluate import answer_ids, bos_ids, normalize_answer, pyplot, render_prompt, reply_contains
+from ivft.load import chmod_ordinary
 from model import Intervention, KVCache, Transformer
 
 FORMAT_VERSION = 2    # 2: k-shot plain-text clean prompts, query-only corruption, dev-chosen layer/K
@@ -172,9 +173,10 @@ def task_fingerprint(task) -> str:
 def is_registered(task) -> bool:
     from ivft.tasks import list_tasks
     try:
-        return task.name in list_tasks() and task.description == list_tasks()[task.name].get("description")
+        meta = list_tasks().get(task.name)
     except ValueError:
         return False
+    return meta is not None and task.description == meta.get("description")
 
 
 def iv_filename(task) -> str:
@@ -217,12 +219,10 @@ def _plain_prompt(tok, ex, shots=(), with_instruction=True) -> Prompt:
     def q(e):
         return user_prompt(e) if with_instruction else e.input
     text = "".join(f"Q: {q(d)}\nA: {d.output.strip()}\n\n" for d in shots) + f"Q: {q(ex)}\nA:"
-    ans = tok.encode(" " + ex.output.strip())
     if not ex.output.strip():
         raise ExtractError(f"example {ex.input!r}: empty answer")
-    # Llama-2/3 checkpoints expect their bos token before any text; ChatML models have none
-    bos = [tok.bos_id] if getattr(tok, "chat_format", None) in ("llama2", "llama3") and tok.bos_id is not None else []
-    return Prompt(bos + tok.encode(text), ans + [newline_id(tok)], ex.output)
+    ans = tok.encode(" " + ex.output.strip())
+    return Prompt(bos_ids(tok) + tok.encode(text), ans + [newline_id(tok)], ex.output)
 
 
 def render(tok, ex, s: Settings, shots=(), with_instruction=True) -> Prompt:
@@ -668,7 +668,7 @@ def sweep(model, tok, task, med: dict, s: Settings, *, progress=True, kinds=("he
     variants = []                                                           # (kind, k, vector per layer)
     if "heads" in kinds:
         for k in (k for k in k_grid if k <= L * H):
-            iv, _ = make_iv(model, med, "heads", 0, k)
+            iv = build_iv(model, med["z_mean"], top_heads(med["aie"], k))   # the same at every layer
             variants.append(("heads", k, iv[None].expand(L, -1)))
     if "resid" in kinds:
         variants.append(("resid", None, med["resid_diff"]))
@@ -731,11 +731,8 @@ def format_sweep(sw: dict) -> str:
 def plot_sweep(sw: dict, path) -> Path | None:
     """Restored share of the log-P gap against the layer, one line per K (and resid); skipped without
     matplotlib (an optional dependency)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for kind, k in sorted({(r["kind"], r["k"] or 0) for r in sw["rows"]}):
@@ -760,6 +757,7 @@ def extract_iv(model, tok, task, *, model_id: str | None = None, progress=True, 
     with layer="auto" the sweep). task: a tasks.Task or its name; settings: the fields of Settings."""
     task = load_task_by_name(task) if isinstance(task, str) else task
     s = Settings(**settings).resolve(model)
+    key = s.key()          # the cache key: the settings as asked for ("auto" stays "auto")
     med = mediation(model, tok, task, s, progress)
     sw = None
     if s.layer == "auto":
@@ -771,15 +769,10 @@ def extract_iv(model, tok, task, *, model_id: str | None = None, progress=True, 
                                           "dev_restored_logprob": b["restored_logprob"]}
     iv, heads = make_iv(model, med, s.kind, s.layer, s.top_k)
     out = {"iv": iv, "aie": med["aie"], "heads": heads, "layer": s.layer, "z_mean": med["z_mean"],
-           "resid_diff": med["resid_diff"], "meta": _meta(model, task, settings_key(settings, model), s, heads, med["info"], model_id)}
+           "resid_diff": med["resid_diff"], "meta": _meta(model, task, key, s, heads, med["info"], model_id)}
     if sw is not None:
         out["sweep"] = sw
     return out
-
-
-def settings_key(settings: dict, model) -> dict:
-    # the cache key is the settings as asked for (layer "auto" stays "auto"), model defaults filled in
-    return Settings(**settings).resolve(model).key()
 
 
 def extract_universal(model, tok, tasks, *, model_id: str | None = None, progress=True,
@@ -845,9 +838,7 @@ def save_iv(result: dict, path) -> Path:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt", "iv_meta": json.dumps(result["meta"])})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)      # mkstemp's 0600 would hide the file from other users
+        chmod_ordinary(tmp)                 # mkstemp's 0600 would hide the file from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -900,7 +891,7 @@ def get_iv(model, tok, task, cache_path=None, *, model_id: str | None = None, pr
     from these very weights, the same task data and the same settings, else extracted and saved
     there. cache_path None: ivs/<model_id>/<iv_filename(task)>."""
     task = load_task_by_name(task) if isinstance(task, str) else task
-    key = settings_key(settings, model)
+    key = Settings(**settings).resolve(model).key()         # as extract_iv writes it
     path = Path(cache_path) if cache_path is not None else Path("ivs") / (model_id or "model") / iv_filename(task)
     if path.is_file():
         try:
@@ -921,11 +912,8 @@ def get_iv(model, tok, task, cache_path=None, *, model_id: str | None = None, pr
 
 def save_heatmap(aie, heads, path, title=""):
     """AIE [L, H] as an image, top heads boxed; skipped without matplotlib (an optional dependency)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     L, H = aie.shape
     fig, ax = plt.subplots(figsize=(2 + 0.35 * H, 1.5 + 0.22 * L))
@@ -972,7 +960,8 @@ def gap_or_none(clean: torch.Tensor, cor: torch.Tensor, x_iv: torch.Tensor) -> t
     se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else float("inf")
     if not gap > 2 * se:
         return None, f"gap {gap:+.3f} is within noise (2 x se = {2 * se:.3f})"
-    return (float(x_iv.double().mean()) - float(cor.double().mean())) / gap, f"gap {gap:+.3f} ± {se:.3f} (se)"
+    ratio = restored(float(x_iv.double().mean()), float(cor.double().mean()), float(clean.double().mean()))
+    return ratio, f"gap {gap:+.3f} ± {se:.3f} (se)"
 
 
 def check_iv(model, tok, task, iv, layer, *, n=50, settings=None, generate=True, progress=True,

@@ -49,7 +49,6 @@ import random
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -762,18 +761,12 @@ def load_weights_into(model: Transformer, path: Path):
 
 
 def check_writable(out_dir: Path):
-    """Fail before the model loads, with the path, if out_dir cannot be created or written: the
-    nearest existing folder must take a file (a test file, created and removed at once)."""
-    p = out_dir
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    if not p.is_dir():
-        raise TrainError(f"--out_dir {out_dir}: {p} is not a folder")
+    """Fail before the model loads, naming the folder, if out_dir cannot be created or written."""
+    import evaluate
     try:
-        with tempfile.TemporaryFile(dir=p):
-            pass
+        evaluate.check_writable(out_dir)
     except OSError as e:
-        raise TrainError(f"--out_dir {out_dir}: cannot write in {p} ({e.strerror or e})") from None
+        raise TrainError(f"--out_dir {out_dir}: {e}") from None
 
 
 def write_json_atomic(path: Path, obj):
@@ -987,9 +980,10 @@ def train(cfg: dict, step_callback=None) -> dict:
     notes = clean_leftovers(out_dir) if d.main else []    # before looking for checkpoints: a swap
     barrier(d)                                            # cut short may have to be moved back
     resume_from, state = None, None
-    ckpt = newest_checkpoint(out_dir, notes) if out_dir.is_dir() else None
     entries = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() else set()
-    early_death = ckpt is None and entries and entries <= RUN_START_FILES   # nothing to resume
+    early_death = bool(entries) and entries <= RUN_START_FILES   # a start that died: nothing to resume
+    # training states are read (they hold the optimizer: large) only when resuming
+    ckpt = newest_checkpoint(out_dir, notes) if cfg["resume"] and out_dir.is_dir() else None
     for line in notes:
         print(line, file=sys.stderr)
     if cfg["resume"]:

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import extract_iv as X  # noqa: E402
 from ivft import tasks as T  # noqa: E402
-from evaluate import save_report  # noqa: E402
+from evaluate import pyplot, save_report  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -56,11 +56,8 @@ def summarize(per_task: dict, general: list[str]) -> dict:
 
 
 def plot(summary: dict, path: Path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, effect in zip(axes, ("prob", "logprob")):

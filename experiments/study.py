@@ -171,21 +171,10 @@ def analysis(threads: int) -> str:
                      else E.normalize_answer(reply) == E.normalize_answer(p.text))
         return {"score": hits / len(prompts), "logprob": lp}
 
-    @torch.no_grad()
     def replies(model, prompts, add=None):
-        """Greedy replies (up to evaluate.REPLY_TOKENS tokens), optionally with add = (layer, vector)
-        added to the residual stream at the last prompt token."""
-        stop, out_text = set(tok.stop_ids()), []
-        for i in range(0, len(prompts), 16):
-            batch = prompts[i:i + 16]
-            idx, mask = X._pad_left([p.ids for p in batch])
-            iv_arg = Intervention(pos=torch.full((len(batch),), idx.shape[1] - 1),
-                                  add_resid={add[0]: add[1]}) if add else None
-            out = model.generate(idx, E.REPLY_TOKENS, stop_ids=stop, pad_mask=mask, intervention=iv_arg)
-            for r in range(len(batch)):
-                ids = E._cut(out[r].tolist(), stop)
-                out_text.append(tok.decode([t for t in ids if t not in stop]))
-        return out_text
+        """Greedy chat replies (up to evaluate.REPLY_TOKENS tokens), optionally with add = (layer,
+        vector) added to the residual stream at the last prompt token."""
+        return X.replies(model, tok, prompts, X.Settings(format="chat"), add, max_new=E.REPLY_TOKENS)
 
     all_tasks = {n: T.load_task(n) for n in train_names + general}
     # the noise floor of (b): the same extraction from the original model on other prompts (seed 1)
@@ -395,11 +384,9 @@ def recovery(ab: dict, cond: str) -> dict:
 
 
 def make_plots(runs: dict, a: dict) -> list[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from evaluate import pyplot
+    plt = pyplot()
+    if plt is None:
         return []
     RAW.mkdir(parents=True, exist_ok=True)
     made = []

@@ -396,15 +396,20 @@ def save_hf(model: Transformer, tok: Tokenizer | None, out_dir, extra_files: dic
     return out_dir
 
 
-def ordinary_permissions(folder: Path):
-    """mkdtemp makes a 0700 folder: give it, and what is in it, the permissions a plain mkdir /
-    open would (umask applied), so that others on a shared machine can read a checkpoint."""
-    umask = os.umask(0)
+def chmod_ordinary(path) -> None:
+    """The permissions a plain mkdir / open would give (umask applied): mkdtemp and mkstemp make
+    0700 folders and 0600 files, which others on a shared machine cannot read."""
+    umask = os.umask(0)       # the only way to read the umask is to set it
     os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
+def ordinary_permissions(folder: Path):
+    """chmod_ordinary for a folder made by mkdtemp and the files in it."""
+    chmod_ordinary(folder)
     for p in folder.iterdir():
         if p.is_file():
-            os.chmod(p, 0o666 & ~umask)
+            chmod_ordinary(p)
 
 
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)?")

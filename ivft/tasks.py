@@ -151,9 +151,7 @@ def load_superni(path, test_fraction=0.2, seed=0) -> Task:
             if not out:
                 raise TaskError(f"{path}: {where}: field 'output' is an empty list")
             out = out[0]  # SuperNI lists all acceptable references; the first is the target
-        if not isinstance(out, str) or not out.strip():
-            raise TaskError(f"{path}: {where}: field 'output' must be a non-empty string")
-        return Example(definition, _text(r, "input", path, where, empty_ok=True), out)
+        return Example(definition, _text(r, "input", path, where, empty_ok=True), _as_text(out, "output", path, where))
     instances = _field(data, "Instances", path)
     examples = [ex(r, f"Instances[{i}]") for i, r in enumerate(instances)]
     demos = [ex(r, f"Positive Examples[{i}]") for i, r in enumerate(data.get("Positive Examples", []))]
@@ -184,7 +182,7 @@ def load_fv(path, test_fraction=0.2, seed=0, instruction="") -> Task:
         out = _field(r, "output", path, f"item {i}")
         if isinstance(out, list):   # several acceptable answers: the first is the target
             out = out[0] if out else ""
-        out = _text({"output": out}, "output", path, f"item {i}", numbers_ok=True)
+        out = _as_text(out, "output", path, f"item {i}", numbers_ok=True)
         examples.append(Example(instruction, _text(r, "input", path, f"item {i}", numbers_ok=True), out))
     return _task(path, *_split(examples, path, test_fraction, seed))
 
@@ -200,10 +198,9 @@ def _field(record, key, path, where=None):
     return record[key]
 
 
-def _text(record, key, path, where=None, *, empty_ok=False, numbers_ok=False) -> str:
-    """A string field, checked: a wrong type or an empty answer is one TaskError naming file, item
-    and field, here, instead of an AttributeError deep in training."""
-    v = _field(record, key, path, where)
+def _as_text(v, key, path, where=None, *, empty_ok=False, numbers_ok=False) -> str:
+    """A field's value checked as text: a wrong type or an empty answer is one TaskError naming
+    file, item and field, here, instead of an AttributeError deep in training."""
     if numbers_ok and isinstance(v, (int, float)) and not isinstance(v, bool):
         v = str(v)
     at = f"{path}: {where}: " if where is not None else f"{path}: "
@@ -214,13 +211,14 @@ def _text(record, key, path, where=None, *, empty_ok=False, numbers_ok=False) ->
     return v
 
 
+def _text(record, key, path, where=None, **kw) -> str:
+    return _as_text(_field(record, key, path, where), key, path, where, **kw)
+
+
 def _example(r, path, where):
-    inp = r.get("input") if isinstance(r, dict) else None
-    if inp is not None and not isinstance(inp, str):
-        raise TaskError(f"{path}: {where}: field 'input' must be a string, got {type(inp).__name__}")
     return Example(
-        instruction=_text(r, "instruction", path, where, empty_ok=True),
-        input=inp or "",
+        instruction=_text(r, "instruction", path, where, empty_ok=True),   # first: checks r is an object
+        input=_as_text(r.get("input") or "", "input", path, where, empty_ok=True),
         output=_text(r, "output", path, where),
         choices=r.get("choices"),
         knowledge_prompt=r.get("knowledge_prompt"),

@@ -528,10 +528,10 @@ def test_unwritable_out_dir_and_full_disk(env, tmp_path, capsys, monkeypatch):
         if dir is not None and Path(dir) == ro:
             raise PermissionError(13, "Permission denied")
         return real(*a, dir=dir, **k)
-    monkeypatch.setattr(train.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(tf, "TemporaryFile", refuse)
     msg = expect_exit(base_args(env, ro / "run"), capsys)
     assert "cannot write in" in msg and str(ro) in msg and not (ro / "run").exists()
-    monkeypatch.setattr(train.tempfile, "TemporaryFile", real)
+    monkeypatch.setattr(tf, "TemporaryFile", real)
     # a full disk while a checkpoint is written: one line naming the checkpoint, no temporaries left
     from ivft import load as L
     def full(*a, **k):
