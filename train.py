@@ -1434,6 +1434,10 @@ def main(argv=None, step_callback=None) -> dict:
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
+        # a process group left to the interpreter's exit can abort there ("terminate called without
+        # an active exception" from gloo's threads): close it while everything is still alive
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
