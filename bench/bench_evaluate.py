@@ -16,7 +16,7 @@ What was found on the project's 2-core AVX2 machine:
   Before one reply served both generation metrics, decoding was pooled across tasks and batches
   were 128 prompts: 247 s (batches of 32) and 182 s (batches of 128).
 - A decoding step costs ~100 ms + 3.5 ms per row: below ~30 rows the fixed part dominates, which
-  is why rows of all tasks decode in one pool (evaluate._Decoder).
+  is why rows of all tasks decode in one pool (ivft.engine.Decoder).
 - 2 threads are far slower under load: OpenMP threads spin-wait for each other, ~15 ms per small
   matmul (OMP_WAIT_POLICY=PASSIVE removes the spinning; the two threads then cost ~20% extra CPU).
 - bf16 autocast is ~4x slower than fp32 there (its matmuls ~8x: without AVX512-BF16/AMX they are
@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 import evaluate as E  # noqa: E402
 from ivft.load import load_model  # noqa: E402
+from ivft.report import fmt_score, print_table, save_report  # noqa: E402
 
 
 def run(model, tok, tasks, args, dtype, metrics=E.METRICS):
@@ -95,7 +96,7 @@ def main():
     print(f"\n== {args.dtype}: {total:.1f} s for {len(tasks)} tasks x {args.n or 'all'} examples, all metrics "
           f"({n_ex / total:.1f} examples/s; goal <= 120 s)")
     print_phases(timings, total)
-    E.print_table(rep)
+    print_table(rep, E.METRICS)
     results = {"config": vars(args), "main": {"dtype": args.dtype, "seconds": total, "phases": timings, "report": rep}}
 
     if args.compare:
@@ -107,7 +108,7 @@ def main():
         for name, row in rep["tasks"].items():
             for m, v in row.items():
                 w = ref["tasks"][name][m]
-                print(f"{name:14s}{m:28s}{E._fmt(v):>10s}{E._fmt(w):>10s}{E._fmt(v - w) if m != 'n' else '':>9s}")
+                print(f"{name:14s}{m:28s}{fmt_score(v):>10s}{fmt_score(w):>10s}{fmt_score(v - w) if m != 'n' else '':>9s}")
                 agree &= not m.startswith("choice_accuracy") or v == w
         print(f"choice accuracy identical in every task: {agree}")
         results["float32"] = {"seconds": ref_total, "phases": ref_t, "report": ref, "choice_identical": agree}
@@ -121,7 +122,7 @@ def main():
             print(f"{m:28s}{sec:7.1f} s")
 
     if args.out:
-        E.save_report(results, args.out)
+        save_report(results, args.out)
         print(f"numbers written to {args.out}")
 
 

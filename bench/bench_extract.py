@@ -32,6 +32,10 @@ sys.path.insert(0, str(ROOT))   # the project's modules are one folder up
 import torch  # noqa: E402
 
 import extract_iv as X  # noqa: E402
+from ivft.ivcheck import spearman  # noqa: E402
+from ivft.ivprompts import (clean_prompts, corrupted_prompts, load_task_by_name, score_prompts,  # noqa: E402
+                            split_train)
+from ivft.ivsettings import CORRUPTIONS, EFFECTS, Settings, default_top_k  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,8 +45,8 @@ def parse_args(argv=None):
     ap.add_argument("--n_clean", type=int, default=50, help="clean prompts for the mean head outputs")
     ap.add_argument("--n_corrupt", type=int, default=25, help="corrupted prompts for exact and attribution")
     ap.add_argument("--naive_prompts", type=int, default=1, help="corrupted prompts the naive loop runs on")
-    ap.add_argument("--effect", default="auto", choices=X.EFFECTS, help="metric patched (auto: extract_iv's rule)")
-    ap.add_argument("--corrupt", default="query_only", choices=X.CORRUPTIONS, help="corrupted prompts")
+    ap.add_argument("--effect", default="auto", choices=EFFECTS, help="metric patched (auto: extract_iv's rule)")
+    ap.add_argument("--corrupt", default="query_only", choices=CORRUPTIONS, help="corrupted prompts")
     ap.add_argument("--seed", type=int, default=0, help="example selection seed")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
@@ -60,22 +64,22 @@ def main(argv=None) -> int:
     from ivft.load import load_model
     if args.threads:
         torch.set_num_threads(args.threads)
-    task = X.load_task_by_name(args.task)
+    task = load_task_by_name(args.task)
     model, tok = load_model(args.model)
     model.eval()
     L, H = model.n_layers, model.config.num_attention_heads
-    s = X.Settings(n_clean=args.n_clean, n_corrupt=args.n_corrupt, seed=args.seed, effect=args.effect,
-                   corrupt=args.corrupt)
+    s = Settings(n_clean=args.n_clean, n_corrupt=args.n_corrupt, seed=args.seed, effect=args.effect,
+                 corrupt=args.corrupt)
     rng = random.Random(args.seed)
-    pool, _ = X.split_train(task, s)
+    pool, _ = split_train(task, s)
     examples = list(pool)
     rng.shuffle(examples)
-    clean = X.clean_prompts(tok, task, examples[:args.n_clean], s, rng, pool=pool)
-    corrupt = X.corrupted_prompts(tok, task, examples[-args.n_corrupt:], s, rng, pool=pool)
-    sc = X.score_prompts(model, clean, record_z=True, desc="clean prompts")
+    clean = clean_prompts(tok, task, examples[:args.n_clean], s, rng, pool=pool)
+    corrupt = corrupted_prompts(tok, task, examples[-args.n_corrupt:], s, rng, pool=pool)
+    sc = score_prompts(model, clean, record_z=True, desc="clean prompts")
     z_mean = sc["z"].mean(0)
     args.effect = X.choose_effect(args.effect, float(sc["p_first"].mean()),
-                                  float(X.score_prompts(model, corrupt)["p_first"].mean()))
+                                  float(score_prompts(model, corrupt)["p_first"].mean()))
     mean_len = sum(len(p.ids) for p in corrupt) / len(corrupt)
     print(f"model: {L} layers x {H} heads = {L * H} heads; task {args.task}; {len(corrupt)} corrupted "
           f"prompts of {mean_len:.0f} tokens on average; effect {args.effect}; "
@@ -89,8 +93,8 @@ def main(argv=None) -> int:
     exact_k = X.aie_exact(model, corrupt[:k], z_mean, effect=args.effect, progress=False)
     t_naive = t_naive_k / k * len(corrupt)
 
-    rho = X.spearman(attr, exact)
-    top = X.default_top_k(L * H)
+    rho = spearman(attr, exact)
+    top = default_top_k(L * H)
     overlap = len(set(X.top_heads(exact, top)) & set(X.top_heads(attr, top)))
     overlap10 = len(set(X.top_heads(exact, 10)) & set(X.top_heads(attr, 10)))
     diff = (exact_k - naive).abs().max().item()

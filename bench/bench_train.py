@@ -35,6 +35,9 @@ import torch  # noqa: E402
 
 from ivft import lora  # noqa: E402
 import train  # noqa: E402
+from ivft.checkpoint import frozen_copy  # noqa: E402
+from ivft.data import Item, collate, encode_example  # noqa: E402
+from ivft.dist import resolve_amp  # noqa: E402
 
 # Llama-2-7B's shape (the paper's model): used for the memory estimate
 LLAMA2_7B = {"params": 6.74e9, "layers": 32, "d_model": 4096, "vocab": 32000}
@@ -69,8 +72,8 @@ def make_batch(tok, args, device):
     name = args.task or tasks.default_sequence()[0]
     task = tasks.load_task(name)
     cfg = {"max_len": 256}
-    items = [train.Item(*train.encode_example(tok, ex, cfg), 0) for ex in task.train[:args.batch]]
-    return train.collate(items, tok.pad_id, device), name
+    items = [Item(*encode_example(tok, ex, cfg), 0) for ex in task.train[:args.batch]]
+    return collate(items, tok.pad_id, device), name
 
 
 def setting(model, kind: str, layer: int, iv: torch.Tensor, lora_r: int, copy_model: bool = True):
@@ -85,7 +88,7 @@ def setting(model, kind: str, layer: int, iv: torch.Tensor, lora_r: int, copy_mo
         g = lm.guidance
         g.ivs, g.layers = iv[None].to(iv.device), torch.tensor([layer], device=iv.device)
         g.train_iv, g.ref_iv, g.kl_weight, g.alpha, g.kl_temp = True, True, 1.0, 0.5, 2.0
-        lm.set_reference(None if kind.startswith("lora") else train.frozen_copy(model))
+        lm.set_reference(None if kind.startswith("lora") else frozen_copy(model))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     return lm, torch.optim.AdamW(params, lr=1e-5), params
@@ -166,7 +169,7 @@ def touch(model):
 
 def memory_child(args):
     """One setting in a fresh process: RSS after loading vs peak RSS after 3 steps (CPU)."""
-    from extract_iv import default_layer
+    from ivft.ivsettings import default_layer
     from ivft.load import load_model
     from ivft.tokenizer import Tokenizer
     device = torch.device(args.device)
@@ -226,7 +229,7 @@ def estimate_7b_lora(act_bytes_per_token_layer_channel: float, tokens: int, lora
 # ---- main -----------------------------------------------------------------------------------------------
 
 def amp_ctx(args, device):
-    dtype = train.resolve_amp({"dtype": args.dtype}, device)
+    dtype = resolve_amp({"dtype": args.dtype}, device)
     if dtype is None:
         return nullcontext
     return lambda: torch.autocast(device.type, dtype=dtype)
@@ -238,7 +241,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args._memory_child:
         return memory_child(args)
-    from extract_iv import default_layer
+    from ivft.ivsettings import default_layer
     from ivft.load import load_model
     device = torch.device(args.device)
     mem = {}
@@ -255,7 +258,7 @@ def main(argv=None):
     amp = amp_ctx(args, device)
     print(f"model {args.model or 'SmolLM2-135M-Instruct'} | batch {args.batch} x {batch['idx'].shape[1]} "
           f"({n_tok} tokens, {n_ans} answer tokens) from task {task} | {args.device} | "
-          f"autocast {train.resolve_amp({'dtype': args.dtype}, device) or 'off (fp32)'} | "
+          f"autocast {resolve_amp({'dtype': args.dtype}, device) or 'off (fp32)'} | "
           f"threads {torch.get_num_threads()}")
 
     # ---- 1 + 3: step times, interleaved -------------------------------------------------------------

@@ -22,7 +22,11 @@ import torch  # noqa: E402
 
 import extract_iv as X  # noqa: E402
 from ivft import tasks as T  # noqa: E402
-from evaluate import save_report  # noqa: E402
+from ivft.ivcheck import check_iv, check_report  # noqa: E402
+from ivft.ivfile import iv_filename, model_tag  # noqa: E402
+from ivft.ivprompts import load_task_by_name  # noqa: E402
+from ivft.ivsettings import Settings  # noqa: E402
+from ivft.report import save_report  # noqa: E402
 
 FV_FILE = ROOT / "data" / "examples" / "category_fv.json"
 
@@ -54,15 +58,15 @@ def main(argv=None) -> int:
     names = args.tasks.split(",") if args.tasks else T.general_suite() + T.default_sequence() + [str(FV_FILE)]
     model, tok = load_model()
     model.eval()
-    tag = X.model_tag(None)
+    tag = model_tag(None)
     out = Path(args.out)
-    res = {"settings": X.Settings().resolve(model).key(), "n_check": args.n_check, "tasks": {}}
+    res = {"settings": Settings().resolve(model).key(), "n_check": args.n_check, "tasks": {}}
     for name in names:
-        task = X.load_task_by_name(name)
+        task = load_task_by_name(name)
         t0 = time.perf_counter()
-        r = X.get_iv(model, tok, task, ROOT / "ivs" / tag / X.iv_filename(task), model_id=tag, progress=False)
-        chk = X.check_iv(model, tok, task, r["iv"], r["layer"], n=args.n_check, progress=False)
-        rep = X.check_report(chk, r, task.name)
+        r = X.get_iv(model, tok, task, ROOT / "ivs" / tag / iv_filename(task), model_id=tag, progress=False)
+        chk = check_iv(model, tok, task, r["iv"], r["layer"], n=args.n_check, progress=False)
+        rep = check_report(chk, r, task.name)
         rep["seconds"] = round(time.perf_counter() - t0, 1)
         rep["clean_top1_extraction"] = r["meta"].get("clean_top1_all")
         res["tasks"][task.name] = rep

@@ -26,7 +26,8 @@ import torch  # noqa: E402
 
 import extract_iv as X  # noqa: E402
 from ivft import tasks as T  # noqa: E402
-from evaluate import pyplot, save_report  # noqa: E402
+from ivft.ivsettings import KINDS, Settings  # noqa: E402
+from ivft.report import pyplot, save_report  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -51,7 +52,7 @@ def summarize(per_task: dict, general: list[str]) -> dict:
              "restored_logprob": sum(a for a, _ in v) / len(v), "accuracy_gain": sum(b for _, b in v) / len(v)}
             for (e, k, K, l), v in acc.items()]
     rows.sort(key=lambda r: -r["restored_logprob"])
-    best = {kind: next((r for r in rows if r["kind"] == kind), None) for kind in X.KINDS}
+    best = {kind: next((r for r in rows if r["kind"] == kind), None) for kind in KINDS}
     return {"rows": rows, "best": best}
 
 
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         entry = {"sweeps": {}, "info": {}}
         for effect in ("prob", "logprob"):
-            s = X.Settings(effect=effect).resolve(model)
+            s = Settings(effect=effect).resolve(model)
             med = X.mediation(model, tok, task, s, progress=False)
             sw = X.sweep(model, tok, task, med, s, progress=False,
                          kinds=("heads", "resid") if effect == "prob" else ("heads",))

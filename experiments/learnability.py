@@ -33,7 +33,7 @@ OUT = ROOT / "results" / "learnability.json"
 
 
 def main(argv=None) -> int:
-    import evaluate as E
+    from ivft.report import save_report
     from ivft import tasks as T
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default=",".join(T.default_sequence()), help="comma-separated training tasks")
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                         "before": R[0][0], "after": R[1][0], "seconds": round(time.time() - t0)}
         for c in d.glob("stage-*"):                        # 0.5 GB each; the numbers are kept
             shutil.rmtree(c, ignore_errors=True)
-        E.save_report(summary, OUT)                        # atomic: a crash keeps the last summary
+        save_report(summary, OUT)                        # atomic: a crash keeps the last summary
         print(f"{key}: {R[0][0]:.3f} -> {R[1][0]:.3f} ({time.time() - t0:.0f} s)")
     print(f"{'task':16s} {'steps':>5s} {'before':>7s} {'after':>7s}")
     for v in summary.values():

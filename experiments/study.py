@@ -117,6 +117,12 @@ def analysis(threads: int) -> str:
     import evaluate as E
     import extract_iv as X
     from ivft import tasks as T
+    from ivft.prompts import normalize_answer, reply_contains
+    from ivft.report import save_report
+    from ivft.ivcheck import replies as greedy_replies
+    from ivft.ivfile import model_tag
+    from ivft.ivprompts import chat_prompt, pad_left, score_prompts
+    from ivft.ivsettings import Settings
     from ivft.load import load_model
     from model import Intervention
 
@@ -126,7 +132,7 @@ def analysis(threads: int) -> str:
 
     def save():
         RAW.mkdir(parents=True, exist_ok=True)
-        E.save_report(res, out_path)
+        save_report(res, out_path)
 
     train_names = T.default_sequence()
     general = list(T.general_suite())
@@ -139,7 +145,7 @@ def analysis(threads: int) -> str:
 
     # IVs of the original model: the training tasks' are train.py's (ivs/, 50 clean / 25 corrupted
     # prompts), the general tasks' are made here
-    train_iv = {n: X.get_iv(orig, tok, n, ROOT / "ivs" / X.model_tag(None) / f"{n}.safetensors", progress=False,
+    train_iv = {n: X.get_iv(orig, tok, n, ROOT / "ivs" / model_tag(None) / f"{n}.safetensors", progress=False,
                             method="exact", n_clean=50, n_corrupt=25) for n in train_names}
     gen_iv = {n: iv_for(orig, n, "original", **ANALYSIS_IV) for n in general}
     layer = next(iter(train_iv.values()))["layer"]
@@ -148,10 +154,10 @@ def analysis(threads: int) -> str:
     def last_hidden(model, task, n):
         """Mean over n test prompts of cos(h after block `layer` at the last prompt token, task IV)."""
         iv = (train_iv | gen_iv)[task.name]["iv"]
-        prompts = [X._prompt(tok, ex) for ex in task.test[:n]]
+        prompts = [chat_prompt(tok, ex) for ex in task.test[:n]]
         cos = []
         for i in range(0, len(prompts), 16):
-            idx, mask = X._pad_left([p.ids for p in prompts[i:i + 16]])
+            idx, mask = pad_left([p.ids for p in prompts[i:i + 16]])
             rec = Intervention(pos=torch.full((idx.shape[0],), idx.shape[1] - 1), record_resid=(layer,))
             model(idx, pad_mask=mask, intervention=rec, return_hidden=True)
             h = rec.resid[layer][:, 0].float()                                      # (B, C)
@@ -162,19 +168,19 @@ def analysis(threads: int) -> str:
     def add_back(model, task, iv, alpha, n):
         """reply_contains / exact match and the gold's log-prob with alpha * IV added after `layer`
         at the last prompt token (zero-shot test prompts)."""
-        prompts = [X._prompt(tok, ex) for ex in task.test[:n]]
+        prompts = [chat_prompt(tok, ex) for ex in task.test[:n]]
         add = (layer, alpha * iv) if alpha else None
-        lp = float(X.score_prompts(model, prompts, add=add)["logprob"].mean())
+        lp = float(score_prompts(model, prompts, add=add)["logprob"].mean())
         hits = 0
         for p, reply in zip(prompts, replies(model, prompts, add)):
-            hits += (E.reply_contains(reply, p.text) if task.kind == "general"
-                     else E.normalize_answer(reply) == E.normalize_answer(p.text))
+            hits += (reply_contains(reply, p.text) if task.kind == "general"
+                     else normalize_answer(reply) == normalize_answer(p.text))
         return {"score": hits / len(prompts), "logprob": lp}
 
     def replies(model, prompts, add=None):
         """Greedy chat replies (up to evaluate.REPLY_TOKENS tokens), optionally with add = (layer,
         vector) added to the residual stream at the last prompt token."""
-        return X.replies(model, tok, prompts, X.Settings(format="chat"), add, max_new=E.REPLY_TOKENS)
+        return greedy_replies(model, tok, prompts, Settings(format="chat"), add, max_new=E.REPLY_TOKENS)
 
     all_tasks = {n: T.load_task(n) for n in train_names + general}
     # the noise floor of (b): the same extraction from the original model on other prompts (seed 1)
@@ -236,11 +242,11 @@ def analysis(threads: int) -> str:
                 model = orig if s == 0 else load_model(str(d / f"stage-{s}"))[0]
                 for n in general:
                     t = all_tasks[n]
-                    prompts = [X._prompt(tok, ex) for ex in t.test[:N_ANALYSIS]]
+                    prompts = [chat_prompt(tok, ex) for ex in t.test[:N_ANALYSIS]]
                     reps = replies(model, prompts)
                     rows.append({"stage": s, "task": n,
-                                 "reply_contains": mean(E.reply_contains(r, p.text) for r, p in zip(reps, prompts)),
-                                 "ignoring_case": mean(E.reply_contains(r.lower(), p.text.lower())
+                                 "reply_contains": mean(reply_contains(r, p.text) for r, p in zip(reps, prompts)),
+                                 "ignoring_case": mean(reply_contains(r.lower(), p.text.lower())
                                                        for r, p in zip(reps, prompts)),
                                  "examples": [[p.text.strip(), r] for p, r in list(zip(prompts, reps))[:3]]})
             res[key] = rows
@@ -252,12 +258,12 @@ def compare_ivs(new: dict, old: dict) -> dict:
     """Two extractions of one task's IV (extract_iv.get_iv dicts): cosine, norm ratio, the share of
     the old top heads among the new ones, and the Spearman correlation of their AIE maps."""
     import torch
-    import extract_iv as X
+    from ivft.ivcheck import spearman
     shared = set(map(tuple, new["heads"])) & set(map(tuple, old["heads"]))
     return {"cos": float(torch.nn.functional.cosine_similarity(new["iv"], old["iv"], dim=0)),
             "norm_ratio": float(new["iv"].norm() / old["iv"].norm()),
             "head_overlap": len(shared) / len(old["heads"]),
-            "aie_corr": X.spearman(new["aie"].flatten(), old["aie"].flatten())}
+            "aie_corr": spearman(new["aie"].flatten(), old["aie"].flatten())}
 
 
 def mean(xs) -> float:
@@ -325,15 +331,11 @@ def report() -> str:
     study["goal"] = verdict
     analysis = json.loads((RAW / "analysis.json").read_text()) if (RAW / "analysis.json").is_file() else {}
     study["analysis_summary"] = summarise_analysis(analysis)
-    E_save(OUT / "study.json", study)
+    from ivft.report import save_report
+    save_report(study, OUT / "study.json")
     plots = make_plots(runs, analysis)
     (OUT / "study.md").write_text(markdown(study, runs, analysis, plots))
     return f"report: {OUT / 'study.md'} ({len(runs)} runs, {len(plots)} plots)"
-
-
-def E_save(path, obj):
-    import evaluate as E
-    E.save_report(obj, path)
 
 
 def pearson(xs, ys):
@@ -384,7 +386,7 @@ def recovery(ab: dict, cond: str) -> dict:
 
 
 def make_plots(runs: dict, a: dict) -> list[str]:
-    from evaluate import pyplot
+    from ivft.report import pyplot
     plt = pyplot()
     if plt is None:
         return []
@@ -462,13 +464,13 @@ def make_plots(runs: dict, a: dict) -> list[str]:
         fig.tight_layout()
         made.append(_save(fig, f"iv_addback_{run}.png"))
     # 5. AIE heat maps: original vs fine-tuned, for two general tasks
-    import extract_iv as X
+    from ivft.ivfile import read_iv
     for n in ("capital", "plural"):
         paths = [RAW / "ivs" / "original" / f"{n}.safetensors", RAW / "ivs" / "plain-s0" / f"{n}.safetensors"]
         if all(p.is_file() for p in paths):
             fig, axes = plt.subplots(1, 2, figsize=(10, 4))
             for ax, p, t in zip(axes, paths, ("original", "after plain fine-tuning")):
-                r = X.read_iv(p)
+                r = read_iv(p)
                 im = ax.imshow(r["aie"].numpy(), aspect="auto", cmap="viridis")
                 ax.set_title(f"AIE {n}: {t}")
                 ax.set_xlabel("head")

@@ -17,7 +17,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from model import ModelConfig, Transformer
+from ivft.files import ordinary_permissions, replace_dir
 from ivft.tokenizer import Tokenizer
 
 
@@ -394,73 +394,6 @@ def save_hf(model: Transformer, tok: Tokenizer | None, out_dir, extra_files: dic
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def chmod_ordinary(path) -> None:
-    """The permissions a plain mkdir / open would give (umask applied): mkdtemp and mkstemp make
-    0700 folders and 0600 files, which others on a shared machine cannot read."""
-    umask = os.umask(0)       # the only way to read the umask is to set it
-    os.umask(umask)
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
-
-
-def ordinary_permissions(folder: Path):
-    """chmod_ordinary for a folder made by mkdtemp and the files in it."""
-    chmod_ordinary(folder)
-    for p in folder.iterdir():
-        if p.is_file():
-            chmod_ordinary(p)
-
-
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)?")
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True       # someone else's live process
-    return True
-
-
-def clean_leftovers(folder) -> list[str]:
-    """Remove what crashed writers of save_hf / replace_dir / atomic JSON writes left in `folder`:
-    temporaries `.<name>.tmp-<pid>...` and swapped-out copies `.<name>.old-<pid>` whose process is
-    gone (a name without a pid is from an older version of this code, and also stale). A swapped-out
-    copy whose replacement never arrived is the only complete one: it is moved back, not deleted.
-    -> one line per thing done."""
-    folder = Path(folder)
-    done = []
-    if not folder.is_dir():
-        return done
-    for p in sorted(folder.iterdir()):
-        m = _LEFTOVER.match(p.name)
-        if not m or (m["pid"] and _alive(int(m["pid"]))):
-            continue
-        target = folder / m["name"]
-        if m["kind"] == "old" and not target.exists():
-            os.replace(p, target)
-            done.append(f"restored {target} from an interrupted swap ({p.name})")
-            continue
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        done.append(f"removed stale {p}")
-    return done
-
-
-def replace_dir(new: Path, dst: Path):
-    """Swap a finished directory into place: the old one is renamed away first and deleted only
-    after the new one is in, so at every moment one complete copy exists on disk."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(new, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

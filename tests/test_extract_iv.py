@@ -1,6 +1,7 @@
 """Tests for extract_iv.py: the fast exact AIE against Todd's full-forward loop, attribution against
 a finite difference, a hand-built model whose one instruction head must rank first, the IV's
-construction, files, caching, determinism and bad input. Tiny models only; runs in seconds."""
+construction, the sweep's fast path, extraction, caching, the command line and bad input. Tiny
+models only; runs in seconds. The settings, prompts, files and check have test files of their own."""
 import importlib.util
 import json
 import os
@@ -11,20 +12,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import extract_iv as X  # noqa: E402
-from extract_iv import ExtractError, Prompt  # noqa: E402
+from iv_toys import SMALL, TOK, char_model, llama_tiny, standin_task  # noqa: E402
+from ivft.ivcheck import check_iv  # noqa: E402
+from ivft.ivfile import iv_filename, load_iv, task_fingerprint  # noqa: E402
+from ivft.ivprompts import Prompt, load_task_by_name, score_prompts  # noqa: E402
+from ivft.ivsettings import ExtractError, Settings, default_layer, default_top_k  # noqa: E402
 from model import Intervention, ModelConfig, Transformer  # noqa: E402
 from ivft.tasks import Example, Task  # noqa: E402
 
 
-# ---- tiny models and a character tokenizer --------------------------------------------------------
-
-def llama_tiny(seed=0, dtype=torch.float32, vocab=64):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2)
-    # std 0.3: large enough that heads have visible, non-linear effects on the output
-    return Transformer(cfg).init_weights(std=0.3).to(dtype).eval()
-
+# ---- tiny models ------------------------------------------------------------------------------------
 
 def gpt2_tiny(seed=0, vocab=64):
     # learned positions, LayerNorm, biases everywhere: the other code path of the model
@@ -44,47 +41,6 @@ def random_prompts(n, vocab=64, answer_len=3, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [Prompt(torch.randint(0, vocab, (5 + 3 * i,), generator=g).tolist(),
                    torch.randint(0, vocab, (answer_len,), generator=g).tolist(), "") for i in range(n)]
-
-
-class CharTok:
-    """One token per character, ChatML-style turns: enough of tokenizer.Tokenizer for the pipeline."""
-    chars = "\n abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'-\"()"
-    special_tokens = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    bos_id, eos_id, pad_id = 1, 2, 2
-    chat_format = "chatml"
-
-    def encode(self, text):
-        return [3 + self.chars.index(c) for c in text if c in self.chars]
-
-    def decode(self, ids):
-        return "".join(self.chars[i - 3] for i in ids if i >= 3)
-
-    def render_chat(self, messages, add_generation_prompt=True):
-        ids = []
-        for m in messages:
-            ids += [1] + self.encode(f"{m['role']}\n{m['content']}") + [2] + self.encode("\n")
-        return ids + ([1] + self.encode("assistant\n") if add_generation_prompt else [])
-
-    def stop_ids(self):
-        return {0, 2}
-
-
-TOK = CharTok()
-PAIRS = [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"), ("wet", "dry"),
-         ("old", "new"), ("high", "low"), ("rich", "poor"), ("hard", "soft"), ("open", "shut"),
-         ("early", "late"), ("light", "dark"), ("full", "empty"), ("thick", "thin")]
-
-
-def standin_task(name="opp", instruction="Say the opposite."):
-    ex = [Example(instruction=instruction, input=a, output=b) for a, b in PAIRS]
-    return Task(name=name, kind="generate", metric="exact_match", train=ex[:10], test=ex[10:])
-
-
-def char_model(seed=0):
-    return llama_tiny(seed, vocab=3 + len(CharTok.chars))
-
-
-SMALL = dict(n_clean=4, n_corrupt=4, batch_size=4)
 
 
 # ---- the fast exact AIE is Todd's loop, to the float ----------------------------------------------
@@ -119,13 +75,6 @@ def test_attribution_is_the_first_order_term():
     attr = X.aie_attribution(model, [p], z_mean, progress=False).double()
     assert quotient.abs().max() > 1e-4, "the test model's heads should matter"
     torch.testing.assert_close(attr, quotient, atol=1e-3 * quotient.abs().max().item(), rtol=1e-2)
-
-
-def test_spearman():
-    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    assert X.spearman(a, a ** 3) == pytest.approx(1.0)
-    assert X.spearman(a, -a) == pytest.approx(-1.0)
-    assert X.spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(0.8660254)
 
 
 # ---- a planted instruction head ---------------------------------------------------------------------
@@ -173,8 +122,8 @@ def planted_prompts():
 def test_planted_head_ranks_first(method):
     model = planted_model()
     clean, corrupt = planted_prompts()
-    sc_clean = X.score_prompts(model, clean, record_z=True)
-    sc_corrupt = X.score_prompts(model, corrupt)
+    sc_clean = score_prompts(model, clean, record_z=True)
+    sc_corrupt = score_prompts(model, corrupt)
     assert sc_clean["p_first"].mean() > 0.5 > 0.2 > sc_corrupt["p_first"].mean(), "the circuit is not planted"
     z_mean = sc_clean["z"].mean(0)
     fn = X.aie_exact if method == "exact" else X.aie_attribution
@@ -185,7 +134,7 @@ def test_planted_head_ranks_first(method):
     assert aie[PLANT] > 10 * max(second.item(), 1e-4)
     # the IV from that head alone restores the answer on corrupted prompts
     iv = X.build_iv(model, z_mean, [PLANT])
-    restored = X.score_prompts(model, corrupt, add=(PLANT[0], iv))
+    restored = score_prompts(model, corrupt, add=(PLANT[0], iv))
     assert restored["p_first"].mean() > 0.5
 
 
@@ -202,41 +151,24 @@ def test_build_iv_is_heads_through_w_o_without_bias():
     torch.testing.assert_close(iv, want.detach())
 
 
-def test_defaults_scale_with_the_model():
-    # the embedded model's defaults are the dev sweep's choice: K = 40 after block 17
-    assert X.default_top_k(30 * 9) == 40 and X.default_layer(30) == 17
-    assert X.default_top_k(32 * 32) == 152 and X.default_top_k(16) == 3
-    assert X.default_layer(32) == 18 and X.default_layer(4) == 2 and X.default_layer(1) == 0
+def test_top_heads_best_first():
     aie = torch.tensor([[0.1, 0.5], [0.3, -1.0]])
     assert X.top_heads(aie, 2) == [(0, 1), (1, 0)]
 
 
-# ---- the pipeline, files and caching ----------------------------------------------------------------
+# ---- the pipeline and caching -----------------------------------------------------------------------
 
-def test_extract_is_deterministic_and_round_trips(tmp_path):
+def test_extract_is_deterministic():
     model, task = char_model(), standin_task()
     a = X.extract_iv(model, TOK, task, progress=False, seed=3, model_id="tiny", **SMALL)
     b = X.extract_iv(model, TOK, task, progress=False, seed=3, model_id="tiny", **SMALL)
     assert torch.equal(a["iv"], b["iv"]) and torch.equal(a["aie"], b["aie"]) and a["heads"] == b["heads"]
     L, H = model.n_layers, model.config.num_attention_heads
     assert a["aie"].shape == (L, H) and a["iv"].shape == (model.config.hidden_size,)
-    assert len(a["heads"]) == X.default_top_k(L * H) and a["layer"] == X.default_layer(L)
+    assert len(a["heads"]) == default_top_k(L * H) and a["layer"] == default_layer(L)
     m = a["meta"]
     assert (m["task"], m["model"], m["n_clean"], m["n_corrupt"]) == ("opp", "tiny", 4, 4)
     json.dumps(m)   # the metadata must be plain JSON
-    path = X.save_iv(a, tmp_path / "sub" / "opp.safetensors")
-    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []   # no temp left
-    umask = os.umask(0)
-    os.umask(umask)
-    assert path.stat().st_mode & 0o777 == 0o666 & ~umask                             # readable by others
-    # the heatmap is optional: written beside the file with matplotlib, skipped without
-    has_mpl = importlib.util.find_spec("matplotlib") is not None
-    assert path.with_suffix(".png").is_file() == has_mpl
-    iv, layer, meta = X.load_iv(path, model)
-    assert torch.equal(iv, a["iv"]) and layer == a["layer"] and meta == m
-    # the IV is what the model adds
-    out = model(torch.tensor([[1, 5, 7]]), intervention=Intervention(pos=torch.tensor([2]), add_resid={layer: iv}))
-    assert torch.isfinite(out).all()
 
 
 def test_get_iv_caches_on_weights_and_settings(tmp_path, monkeypatch):
@@ -255,21 +187,7 @@ def test_get_iv_caches_on_weights_and_settings(tmp_path, monkeypatch):
         model.model.layers[0].mlp.up_proj.weight.mul_(1.01)           # "fine-tuned" weights
     X.get_iv(model, TOK, "opp", path, progress=False, **{**SMALL, "seed": 1})
     assert len(calls) == 2
-    X.load_iv(path, model)      # load_iv itself accepts changed weights of the same architecture
-
-
-def test_load_iv_rejects_another_model(tmp_path):
-    a = X.extract_iv(char_model(), TOK, standin_task(), progress=False, **SMALL)
-    path = X.save_iv(a, tmp_path / "opp.safetensors")
-    other = llama_tiny(vocab=100)
-    with pytest.raises(ExtractError, match="opp.safetensors"):
-        X.load_iv(path, other)
-    bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(ExtractError, match="bad.safetensors"):
-        X.load_iv(bad, other)
-    with pytest.raises(ExtractError, match="missing.safetensors"):
-        X.load_iv(tmp_path / "missing.safetensors", other)
+    load_iv(path, model)      # load_iv itself accepts changed weights of the same architecture
 
 
 def test_universal_shares_heads():
@@ -282,36 +200,13 @@ def test_universal_shares_heads():
     assert res["a"]["meta"]["universal"] == ["a", "b"]
 
 
-def test_corruptions():
-    task = standin_task()
-    s = X.Settings(shots=3, corrupt="shuffled", format="chat", **SMALL)
-    import random
-    cor = X.corrupted_prompts(TOK, task, task.train[:4], s, random.Random(0))
-    text = TOK.decode(cor[0].ids)
-    assert "opposite" not in text          # no instruction
-    pairs = dict(PAIRS)
-    # every demonstration's answer was moved to another input
-    demos = text.split("user\n")[1:-1]
-    assert len(demos) == 3 and all(pairs[d.split("\n")[0]] != d.split("assistant\n")[1].split("\n")[0]
-                                   for d in (x + "" for x in demos))
-    s = X.Settings(corrupt="mismatched", format="chat", **SMALL)
-    other = standin_task("t2", "Spell the word.")
-    cor = X.corrupted_prompts(TOK, task, task.train[:2], s, random.Random(0), other)
-    assert "Spell the word." in TOK.decode(cor[0].ids) and cor[0].answer == TOK.encode("cold") + [2]
-
-
 # ---- bad input --------------------------------------------------------------------------------------
 
 def test_bad_settings_fail_clearly():
+    # Settings' own checks: tests/test_ivsettings.py
     model, task = char_model(), standin_task()
     with pytest.raises(ExtractError, match="layer=4 is out of range"):
         X.extract_iv(model, TOK, task, layer=4, progress=False, **SMALL)
-    with pytest.raises(ExtractError, match="at least"):
-        X.Settings(n_clean=1)
-    with pytest.raises(ExtractError, match="shots >= 2"):
-        X.Settings(corrupt="shuffled", shots=1)
-    with pytest.raises(ExtractError, match="'auto'"):
-        X.Settings(layer="last")
     tiny = Task(name="tiny", kind="generate", metric="exact_match", train=task.train[:2], test=[])
     with pytest.raises(ExtractError, match="too few"):
         X.extract_iv(model, TOK, tiny, progress=False, **SMALL)
@@ -351,30 +246,18 @@ def test_cli(tmp_path, monkeypatch, capsys):
     for key in ("task", "layer", "heads", "clean_accuracy", "corrupted_accuracy", "iv_accuracy", "accuracy_gain",
                 "restored_accuracy", "restored_logprob", "n"):
         assert key in rep, key
-    assert rep["task"] == "up3" and rep["n"] == 4 and rep["layer"] == X.default_layer(4)
+    assert rep["task"] == "up3" and rep["n"] == 4 and rep["layer"] == default_layer(4)
     assert rep["accuracy_gain"] == pytest.approx(rep["iv_accuracy"] - rep["corrupted_accuracy"])
     assert {"chat_logprob", "chat_iv_logprob", "chat_iv_contains"} <= set(rep)
     # layer auto: the sweep's choice is the IV's layer and K
     assert X.main(["--task", "up3", "--out", str(out), "--n_clean", "4", "--n_corrupt", "4", "--shots", "2",
                    "--layer", "auto", "--quiet"]) == 0
-    _, layer, meta = X.load_iv(out, char_model())
+    _, layer, meta = load_iv(out, char_model())
     assert meta["chosen_by_sweep"]["layer"] == layer and meta["settings"]["layer"] == "auto"
     assert meta["top_k"] in X.K_GRID
 
 
-# ---- the plain prompt form, the sweep's fast path, the check's guard ----------------------------------
-
-def test_plain_prompt_form():
-    ex = Example(instruction="Say the opposite.", input="hot", output="cold")
-    demo = Example(instruction="Say the opposite.", input="up", output="down")
-    p = X._plain_prompt(TOK, ex, [demo])
-    assert TOK.decode(p.ids) == "Q: Say the opposite.\nup\nA: down\n\nQ: Say the opposite.\nhot\nA:"
-    assert p.answer == TOK.encode(" cold\n")
-    q = X._plain_prompt(TOK, ex, with_instruction=False)
-    assert TOK.decode(q.ids) == "Q: hot\nA:"
-    s = X.Settings()
-    assert (s.format, s.corrupt, s.shots, s.effect) == ("plain", "query_only", 10, "auto")
-
+# ---- the sweep's fast path --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["llama_gqa", "gpt2"])
 def test_steered_logits_equal_full_forward(family):
@@ -391,18 +274,6 @@ def test_steered_logits_equal_full_forward(family):
         want = model(idx, intervention=Intervention(pos=torch.tensor([T - 1]), add_resid={l: v}))[0, T - 1:]
         assert (want - model(idx)[0, T - 1:]).abs().max() > 1e-2, "the vector should change the logits"
         torch.testing.assert_close(got[n], want, atol=5e-5, rtol=1e-4)
-
-
-def test_restored_share_and_its_noise_guard():
-    clean, cor = torch.tensor([-1.0, -1.5, -0.5, -1.2]), torch.tensor([-5.0, -6.0, -4.5, -5.5])
-    r, note = X.gap_or_none(clean, cor, torch.tensor([-3.0, -4.0, -2.5, -3.0]))
-    assert r == pytest.approx((-3.125 + 5.25) / (-1.05 + 5.25)) and "±" in note
-    # a gap smaller than twice its standard error is not a ratio worth printing
-    r, note = X.gap_or_none(torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 1.0, 0.0]),
-                            torch.tensor([1.0, 1.0, 1.0, 1.0]))
-    assert r is None and "within noise" in note
-    r, _ = X.gap_or_none(torch.zeros(5), torch.zeros(5), torch.ones(5))
-    assert r is None
 
 
 # ---- the planted head under the default pipeline -----------------------------------------------------
@@ -439,13 +310,13 @@ def test_planted_head_ranks_first_under_the_defaults():
     ex = [Example(instruction="!", input=c, output="*") for c in "abcdefgh" * 4]
     task = Task(name="plant", kind="train", metric="exact_match", train=ex[:24], test=ex[24:])
     model, tok = planted_model(), PlantTok()
-    s = X.Settings(n_clean=8, n_corrupt=8).resolve(model)
+    s = Settings(n_clean=8, n_corrupt=8).resolve(model)
     med = X.mediation(model, tok, task, s, progress=False)
     assert med["effect"] == "prob" and med["info"]["clean_p_first"] > 0.5
     assert X.top_heads(med["aie"], 1)[0] == PLANT, med["aie"]
     r = X.extract_iv(model, tok, task, progress=False, n_clean=8, n_corrupt=8)
     assert r["heads"][0] == PLANT
-    res = X.check_iv(model, tok, task, r["iv"], r["layer"], n=8, progress=False)
+    res = check_iv(model, tok, task, r["iv"], r["layer"], n=8, progress=False)
     assert res["corrupted"]["top1"] == 0 and res["iv"]["top1"] == 1 and res["restored_logprob"] > 0.5
 
 
@@ -469,9 +340,9 @@ def test_file_task_extract_check_and_reuse(tmp_path, monkeypatch, capsys):
     assert X.main(args + ["--check", "--n_check", "4"]) == 0
     out = capsys.readouterr().out
     assert "restored share of the logprob gap" in out
-    task = X.load_task_by_name(str(path))
+    task = load_task_by_name(str(path))
     ivs = list((tmp_path / "ivs").rglob("*.safetensors"))
-    assert [p.name for p in ivs] == [f"caps-{X.task_fingerprint(task)}.safetensors"]
+    assert [p.name for p in ivs] == [f"caps-{task_fingerprint(task)}.safetensors"]
     assert sorted(p.name for p in path.parent.iterdir()) == ["caps.json"]      # nothing beside the data
     calls = []
     monkeypatch.setattr(X, "extract_iv", lambda *a, **k: calls.append(1))
@@ -479,7 +350,7 @@ def test_file_task_extract_check_and_reuse(tmp_path, monkeypatch, capsys):
     assert calls == [] and "(reused)" in capsys.readouterr().out
     # other data under the same name is a different cache file
     path.write_text(json.dumps([{"input": e.input, "output": e.output[::-1]} for e in big_task().train]))
-    assert X.iv_filename(X.load_task_by_name(str(path))) != ivs[0].name
+    assert iv_filename(load_task_by_name(str(path))) != ivs[0].name
 
 
 def test_identical_prompts_are_an_error(tmp_path, monkeypatch, capsys):

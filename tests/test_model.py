@@ -218,7 +218,7 @@ def test_kv_cache_decoding_equals_full_forward(tiny, headroom):
 
 
 def test_kv_cache_never_writes_into_tensors_it_did_not_allocate(tiny):
-    # evaluate.py shares one prompt cache between many forks (an expanded prefix, copies of rows):
+    # ivft/engine.py shares one prompt cache between many forks (an expanded prefix, copies of rows):
     # growing in place must not change what another cache or a caller still holds
     idx = torch.randint(0, 97, (3, 9))
     with torch.no_grad():
@@ -227,7 +227,7 @@ def test_kv_cache_never_writes_into_tensors_it_did_not_allocate(tiny):
         tiny(idx[:, 4:5], cache=base)                # base now has a buffer with room to spare
         held = [k.clone() for k in base.k]
         fork = KVCache(tiny.n_layers, headroom=8)
-        fork.k, fork.v = list(base.k), list(base.v)  # shares base's views, as evaluate._fork does
+        fork.k, fork.v = list(base.k), list(base.v)  # shares base's views, as engine._cache_rows does
         a = tiny(idx[:, 5:7], cache=fork)[:, -1]
         b = tiny(idx[:, 5:6], cache=base)[:, -1]     # base grows in place into its own room
         assert all(torch.equal(k[:, :, :5], h) for k, h in zip(base.k, held))
@@ -242,7 +242,7 @@ def test_kv_cache_never_writes_into_tensors_it_did_not_allocate(tiny):
 
 
 def test_kv_cache_stack_left_pads_rows_of_different_lengths(tiny):
-    # evaluate.py's decoder pools rows of different prompts: the shorter cache is left-padded with
+    # ivft/engine.py's decoder pools rows of different prompts: the shorter cache is left-padded with
     # zeros under a False mask, and each row must compute what it computes alone
     a_idx, b_idx = torch.randint(0, 97, (2, 5)), torch.randint(0, 97, (3, 8))
     with torch.no_grad():

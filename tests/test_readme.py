@@ -23,3 +23,4 @@ def test_method_citations_point_at_sections_that_exist():
         assert "METHOD" + ".md" not in text, f"{path} cites a file the repository does not have"
         cited |= set(re.findall(r"docs/method\.md §(\d+)", text))
     assert cited and cited <= sections, f"cited {sorted(cited)}, present {sorted(sections)}"
+

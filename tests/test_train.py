@@ -28,7 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ivft import lora  # noqa: E402
+import evaluate  # noqa: E402
 import train  # noqa: E402
+from ivft import checkpoint as ckpt  # noqa: E402
+from ivft.data import Item, collate  # noqa: E402
 from ivft.load import load_model, read_safetensors, save_hf  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from ivft.tokenizer import GPT2_PATTERN, Tokenizer  # noqa: E402
@@ -75,6 +78,7 @@ def env(tmp_path_factory):
     # IVs of the tiny model: real extraction, then scaled up to norm 1 (a random tiny model's IV is
     # tiny), so that adding it visibly changes the logits
     import extract_iv
+    from ivft.ivfile import save_iv
     from ivft.tasks import load_task
     model, tok = load_model(root / "tiny")
     ivs = {}
@@ -82,12 +86,12 @@ def env(tmp_path_factory):
         r = extract_iv.extract_iv(model, tok, load_task(path), n_clean=4, n_corrupt=4,
                                   top_k=2, layer=1, progress=False)
         r["iv"] = r["iv"] / r["iv"].norm()
-        ivs[name] = str(extract_iv.save_iv(r, root / "ivs" / f"{name}.safetensors"))
+        ivs[name] = str(save_iv(r, root / "ivs" / f"{name}.safetensors"))
     # an IV of another model (d_model 48) for the bad-input test
     other = tiny_model(hidden=48)
     r = extract_iv.extract_iv(other, tok, load_task(tasks[0]), n_clean=4, n_corrupt=4,
                               top_k=2, layer=1, progress=False)
-    foreign = str(extract_iv.save_iv(r, root / "ivs" / "foreign.safetensors"))
+    foreign = str(save_iv(r, root / "ivs" / "foreign.safetensors"))
     return {"root": root, "model": str(root / "tiny"), "tasks": ",".join(tasks), "general": general,
             "ivs": ivs, "foreign_iv": foreign}
 
@@ -129,29 +133,14 @@ def test_alpha_schedule():
     assert train.alpha_at(total - 1, total, 2.0) == 0.0
     assert [train.alpha_at(s, total, 0.7, "constant") for s in range(total)] == [0.7] * total
     assert train.alpha_at(0, 1, 0.5) == 0.5                          # a one-step task keeps α0
-    cfg = {"lr": 1.0, "min_lr_ratio": 0.1, "warmup": 2, "lr_schedule": "cosine"}
-    lrs = [train.lr_at(s, 10, cfg) for s in range(10)]
-    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0]) and lrs[-1] == pytest.approx(0.1)
-    assert all(x >= y for x, y in zip(lrs[2:], lrs[3:]))           # monotone after warmup
-
-
-def test_collate_targets_answer_tokens_only():
-    tok = byte_tokenizer()
-    items = [train.Item([1, 2, 3, 10, 11, 258], 3, 0), train.Item([1, 2, 20, 258], 2, 1)]
-    b = train.collate(items, tok.pad_id, "cpu")
-    assert b["idx"].tolist() == [[1, 2, 3, 10, 11], [1, 2, 20, 258, 258]]       # inputs = ids[:-1], right-padded
-    assert b["targets"].tolist() == [[-100, -100, 10, 11, 258], [-100, 20, 258, -100, -100]]
-    assert b["last"].tolist() == [2, 1]                        # the last prompt token predicts the answer
-    assert b["pad_mask"].tolist() == [[True] * 5, [True] * 3 + [False] * 2]
-    assert b["n_tokens"] == 8 and b["task"].tolist() == [0, 1]
 
 
 # ---- the guided loss ------------------------------------------------------------------------------
 
 def guided_batch(tok):
-    items = [train.Item(tok.chat_prompt(f"say {w}") + tok.encode(w.upper()) + [258],
-                        len(tok.chat_prompt(f"say {w}")), i % 2) for i, w in enumerate(["cat", "doggo", "owl"])]
-    return train.collate(items, tok.pad_id, "cpu")
+    items = [Item(tok.chat_prompt(f"say {w}") + tok.encode(w.upper()) + [258],
+                  len(tok.chat_prompt(f"say {w}")), i % 2) for i, w in enumerate(["cat", "doggo", "owl"])]
+    return collate(items, tok.pad_id, "cpu")
 
 
 @pytest.mark.parametrize("positions", ["last", "answer"])
@@ -160,7 +149,7 @@ def test_kl_zero_iff_model_equals_reference_with_iv(positions):
     model = tiny_model()
     batch = guided_batch(tok)
     lm = train.LossModule(model)
-    lm.set_reference(train.frozen_copy(model))
+    lm.set_reference(ckpt.frozen_copy(model))
     g = lm.guidance
     g.ivs = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
     g.ivs = g.ivs / g.ivs.norm(dim=1, keepdim=True)
@@ -234,28 +223,28 @@ def test_resume_is_bit_exact(env, tmp_path, variant, monkeypatch):
     with pytest.raises(SystemExit) as e:
         run_main(base_args(env, tmp_path / "int", *extra), ctrl_c)
     assert e.value.code == 130
-    assert train.read_state(tmp_path / "int" / "last")["step"] == 1
+    assert ckpt.read_state(tmp_path / "int" / "last")["step"] == 1
     # 2) a crash in task 1 at step 4: only the --save_every checkpoint of step 3 is there
     def crash(stage, step, model):
         if (stage, step) == (0, 4):
             raise Interrupt
     with pytest.raises(Interrupt):
         run_main(base_args(env, tmp_path / "crash", *extra), crash)
-    assert train.read_state(tmp_path / "crash" / "last")["step"] == 3
+    assert ckpt.read_state(tmp_path / "crash" / "last")["step"] == 3
 
     # 3) Ctrl-C while evaluating task 1 (the 2nd evaluation): the trained task is saved before merging
     calls = []
-    real_eval = train.evaluate_stage
+    real_eval = evaluate.evaluate_stage
     def eval_ctrl_c(*a, **kw):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real_eval(*a, **kw)
-    monkeypatch.setattr(train, "evaluate_stage", eval_ctrl_c)
+    monkeypatch.setattr(evaluate, "evaluate_stage", eval_ctrl_c)
     with pytest.raises(SystemExit):
         run_main(base_args(env, tmp_path / "eval", *extra))
-    monkeypatch.setattr(train, "evaluate_stage", real_eval)
-    st = train.read_state(tmp_path / "eval" / "last")
+    monkeypatch.setattr(evaluate, "evaluate_stage", real_eval)
+    st = ckpt.read_state(tmp_path / "eval" / "last")
     assert (st["stage_done"], st["step"]) == (0, 4)
 
     for name in ("int", "crash", "eval"):
@@ -394,7 +383,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, tmp_path, capsys):
     out = tmp_path / "nan"
     msg = expect_exit(base_args(env, out, "--save_every", "2"), capsys, code=3, callback=poison)
     assert "nan" in msg and str(out / "last") in msg
-    st = train.read_state(out / "last")
+    st = ckpt.read_state(out / "last")
     assert (st["stage_done"], st["step"]) == (1, 2)
     w = read_safetensors(out / "last" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in w.values())
@@ -409,10 +398,10 @@ def test_stage0_cache_reused_only_when_settings_match(env, tmp_path, monkeypatch
     first = run_main([*base_args(env, tmp_path / "r1"), *args])
     assert cache.is_file()
     calls = []
-    real = train.evaluate_stage
-    monkeypatch.setattr(train, "evaluate_stage", lambda *a, **k: calls.append(a[-2]) or real(*a, **k))
+    real = evaluate.evaluate_suite     # what evaluates (evaluate_stage reads the cache first)
+    monkeypatch.setattr(evaluate, "evaluate_suite", lambda *a, **k: calls.append(k["model_name"]) or real(*a, **k))
     second = run_main([*base_args(env, tmp_path / "r2", "--seed", "5"), *args])
-    assert not any(label.startswith("stage 0") for label in calls) and len(calls) == 2
+    assert not any(label.startswith("stage 0") for label in calls) and len(set(calls)) == 2
     assert second["stages"][0] == first["stages"][0]
     calls.clear()
     run_main([*base_args(env, tmp_path / "r3"), *args[:-2], "--stage0_cache", str(cache), "--eval_n", "2"])
@@ -512,7 +501,7 @@ def test_sigterm_saves_a_resumable_checkpoint(env, tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 143, err[-500:]
     assert "SIGTERM: stopping after this step" in err and "terminated" in err
-    st = train.read_state(out / "last")
+    st = ckpt.read_state(out / "last")
     assert st["step"] >= 1
     run_main(base_args(env, out, "--max_steps", "40", "--resume"))
     run_main(base_args(env, tmp_path / "ref", "--max_steps", "40"))

@@ -1,0 +1,116 @@
+"""Devices and processes: torchrun setup, the collectives the loop needs, DDP / FSDP2 wrapping, and
+the autocast dtype. Without torchrun everything here is a one-process no-op."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ivft.runtime import TrainError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_flag: str) -> Dist:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag.startswith("cuda")
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    else:
+        device = torch.device("cuda" if use_cuda else "cpu") if device_flag == "auto" else torch.device(device_flag)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return Dist(rank, world, local, device)
+
+
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(t)
+    return t
+
+
+def barrier(d: Dist):
+    if d.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def gather_objects(obj, d: Dist) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (e.g. each rank's RNG state)."""
+    if d.world == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def wrap_for_parallel(loss_module, cfg, d: Dist):
+    """The module the loop calls: compiled (--compile), DDP, or sharded in place with FSDP2."""
+    if cfg["compile"]:
+        # dynamic: sequence lengths change from batch to batch; without it the first few steps
+        # would each recompile
+        loss_module = torch.compile(loss_module, dynamic=True)
+    if d.world == 1:
+        return loss_module
+    if cfg["fsdp"]:
+        from torch.distributed.fsdp import fully_shard
+        if not getattr(loss_module, "_sharded", False):
+            # one unit per block, and the model itself as the root unit holding the embedding, final
+            # norm and LM head. It keeps those gathered after its forward (reshard_after_forward
+            # False): the loss calls lm_head after Transformer.forward returns, and so do
+            # evaluate.py and the adapters-off reference
+            for block in loss_module.model.model.layers:
+                fully_shard(block)
+            fully_shard(loss_module.model, reshard_after_forward=False)
+            loss_module._sharded = True
+        return loss_module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    kw = {"device_ids": [d.device.index]} if d.device.type == "cuda" else {}
+    return DDP(loss_module, **kw)
+
+
+def full_state_dict(model, fsdp: bool) -> dict:
+    """The whole model's state dict; under FSDP gathered from the shards (every rank takes part)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict()
+
+
+def resolve_amp(cfg, device):
+    """The autocast dtype, or None for plain fp32. auto = bf16 where the hardware has it: CUDA with
+    bf16 support, or a CPU with native bf16 matmuls (AVX512-BF16 / AMX, what oneDNN reports). An
+    AVX2-only CPU emulates bf16 matmuls, which is much slower than fp32, not faster."""
+    if cfg["dtype"] == "fp32":
+        return None
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+    else:
+        try:
+            ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            ok = False
+    if cfg["dtype"] == "bf16" and not ok and device.type == "cuda":
+        raise TrainError("this GPU does not support bf16; use --dtype fp32")
+    if cfg["dtype"] == "bf16":
+        return torch.bfloat16   # asked for explicitly: honoured on a CPU too, slow or not
+    return torch.bfloat16 if ok else None
+

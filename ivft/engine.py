@@ -1,0 +1,498 @@
+"""Batched inference: the summed log-prob of continuations and greedy replies for many prompts at
+once (score_continuations, greedy_generate, and run_prompts under evaluate.py), each number equal to
+what a plain per-example loop computes; and the fp32 output layer (lm_head_fp32) every scorer uses.
+
+Speed (all exact: the numbers equal a plain per-example loop; tests check each shortcut):
+- Prompts of one task share a long prefix (system prompt, demonstrations, instruction). It runs
+  once and its KV cache serves every row; a batch then runs only its rows' own suffixes, and that
+  one prefill serves choice ranking, the gold's log-prob and greedy decoding.
+- Answers are scored on top of the prompt cache, all (prompt, answer) pairs of a batch sorted by
+  length; only positions whose next token is scored go through the 49k-wide output layer, in fp32
+  even under bf16 autocast (bf16 logits are off by ~0.1 nats, enough to flip close choices).
+- Ranking prunes: log-probs only fall as tokens are added, so an answer whose first token is
+  already less likely than the whole gold cannot outrank it and is not scored further.
+- Greedy decoding starts from the gold's teacher-forced pass: while the argmax agrees with the gold
+  the reply is the gold; at the first disagreement the reply usually can no longer match
+  (prompts.may_still_match) and needs no decoding at all. Rows still open decode token by token and
+  stop as soon as every verdict is settled. One greedy reply serves both exact_match and
+  reply_contains.
+- Decoding is continuously batched (Decoder): rows of all tasks wait in one pool and step
+  together, so the few that ramble to the budget never step alone; the KV cache grows in place.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from model import KVCache
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision and mode
+
+def autocast(dtype, device_type: str = "cpu"):
+    """Context for --dtype: float32 = plain, bfloat16 = torch.autocast (weights stay fp32)."""
+    if dtype in (None, "float32", torch.float32):
+        return contextlib.nullcontext()
+    if dtype in ("bfloat16", torch.bfloat16):
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+
+
+def lm_head_fp32(model, h):
+    """Logits (N, V) in fp32 for hidden states h (N, C), autocast off: the output layer runs only on
+    the few positions that are scored, so full precision is cheap, and bf16 logits would move
+    close scores (see the module docstring)."""
+    w = model.lm_head.weight
+    with torch.autocast(h.device.type, enabled=False):
+        return model.lm_head(h.to(w.dtype)).float()
+
+
+def _logprobs(model, h):
+    """log-softmax over the vocabulary for hidden states h (N, C) -> (N, V), fp32. (Greedy decoding
+    needs only the argmax, which the logits have: it skips the softmax.)"""
+    return lm_head_fp32(model, h).log_softmax(-1)
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode for the block, then back in the caller's mode (train.py evaluates
+    mid-training; adapters may have dropout)."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _add_time(timings, key, t0):
+    if timings is not None:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+    return time.perf_counter()
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts: a shared prefix runs once, then each batch of suffixes on top of its cache
+
+def _common_prefix_len(seqs) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+def _run_shared_prefix(model, prompts):
+    """Run the prompts' longest common prefix once (batch 1) -> (its length, its cache or None)."""
+    # keep at least one token per row outside the prefix: its hidden state predicts the answer
+    plen = min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
+    prefix_cache = None
+    if plen:
+        prefix_cache = KVCache(model.n_layers)
+        model(torch.tensor([prompts[0][:plen]], device=model_device(model)), cache=prefix_cache,
+              return_hidden=True)
+    return plen, prefix_cache
+
+
+def _cache_rows(cache: KVCache, rows=None) -> KVCache:
+    """A cache that shares the tensors of `cache` (rows=None) or holds a copy of some rows. Updating
+    it concatenates into new tensors, so the original is never changed."""
+    new = KVCache(len(cache.k))
+    for i in range(len(cache.k)):
+        if cache.k[i] is not None:
+            new.k[i] = cache.k[i] if rows is None else cache.k[i][rows]
+            new.v[i] = cache.v[i] if rows is None else cache.v[i][rows]
+    return new
+
+
+def _prefill(model, suffixes, prefix_cache, prefix_len, pad_side):
+    """Run a batch of prompt suffixes after a shared prefix (already in prefix_cache, batch 1).
+    -> (cache, pad_mask (B, prefix_len + T), hidden at each row's last prompt token (B, C)).
+    Padding sits between the prefix and a left-padded suffix: the model takes positions from the
+    mask, so a row's numbers are those of its unpadded prompt wherever the pads are."""
+    dev = model_device(model)
+    B, T = len(suffixes), max(len(s) for s in suffixes)
+    idx = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, prefix_len + T, dtype=torch.bool)
+    mask[:, :prefix_len] = True
+    last = torch.empty(B, dtype=torch.long)
+    for r, s in enumerate(suffixes):
+        if pad_side == "left":
+            idx[r, T - len(s):] = torch.tensor(s)
+            mask[r, prefix_len + T - len(s):] = True
+            last[r] = T - 1
+        else:
+            idx[r, :len(s)] = torch.tensor(s)
+            mask[r, prefix_len:prefix_len + len(s)] = True
+            last[r] = len(s) - 1
+    cache = KVCache(model.n_layers)
+    if prefix_len:
+        # expand() is a view; the first update concatenates into per-row tensors
+        for i in range(model.n_layers):
+            cache.k[i] = prefix_cache.k[i].expand(B, -1, -1, -1)
+            cache.v[i] = prefix_cache.v[i].expand(B, -1, -1, -1)
+    mask = mask.to(dev)
+    h = model(idx.to(dev), pad_mask=mask, cache=cache, return_hidden=True)      # (B, T, C)
+    return cache, mask, h[torch.arange(B, device=dev), last.to(dev)]             # (B, C)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring continuations on top of a prefilled batch
+
+def _score_pairs(model, cache, mask, first_lp, prow, cs):
+    """Sum log P(cs[k] | prompt of batch row prow[k]) for a chunk of (row, continuation) pairs.
+    first_lp (B, V) scores every continuation's first token; the rest need one forward of cont[:-1]
+    on top of a copy of the prompt's cache rows (the last token's output predicts nothing we score).
+    -> (float64 tensor (len(cs),), per pair the argmax token at each of its positions: what greedy
+    decoding would pick there, given the continuation so far)."""
+    dev = first_lp.device
+    prow_t = torch.tensor(prow, device=dev)
+    total = first_lp[prow_t, torch.tensor([c[0] for c in cs], device=dev)].double()
+    greedy = [[t] for t in first_lp[prow_t].argmax(-1).tolist()]
+    long = [k for k, c in enumerate(cs) if len(c) > 1]      # one-token answers are done already
+    if not long:
+        return total, greedy
+    Tc = max(len(cs[k]) for k in long) - 1
+    inp = torch.zeros(len(long), Tc, dtype=torch.long)
+    tgt = torch.zeros(len(long), Tc, dtype=torch.long)
+    cmask = torch.zeros(len(long), Tc, dtype=torch.bool)
+    for q, k in enumerate(long):
+        c = cs[k]
+        inp[q, :len(c) - 1] = torch.tensor(c[:-1])
+        tgt[q, :len(c) - 1] = torch.tensor(c[1:])
+        cmask[q, :len(c) - 1] = True
+    inp, tgt, cmask = inp.to(dev), tgt.to(dev), cmask.to(dev)
+    rows = torch.tensor([prow[k] for k in long], device=dev)
+    # copying the rows' cache (a few MB per row) costs far less than the forward itself
+    sub = _cache_rows(cache, rows)
+    pad_mask = torch.cat([mask[rows], cmask], dim=1)         # (N, prefix + T + Tc): right-padded answers
+    h = model(inp, pad_mask=pad_mask, cache=sub, return_hidden=True)               # (N, Tc, C)
+    logp = _logprobs(model, h[cmask])                                              # (M, V) M scored tokens
+    lp = logp.gather(1, tgt[cmask][:, None])[:, 0]                                 # (M,)
+    which = torch.tensor(long, device=dev)[:, None].expand(-1, Tc)[cmask]          # (M,) pair index
+    for k, t in zip(which.tolist(), logp.argmax(-1).tolist()):                     # in position order
+        greedy[k].append(t)
+    return total.index_add_(0, which, lp.double()), greedy
+
+
+def _score_sorted(model, cache, mask, first_lp, rows, pairs, conts, scores, chunk, greedy=None):
+    """Score (batch row, continuation index) pairs into scores[rows[r]][j], sorted by length and
+    chunked so that a forward pads little; greedy[rows[r]] gets the argmax tokens along conts[.][0]."""
+    pairs = sorted(pairs, key=lambda rj: len(conts[rows[rj[0]]][rj[1]]))
+    for c0 in range(0, len(pairs), chunk):
+        part = pairs[c0:c0 + chunk]
+        s, g = _score_pairs(model, cache, mask, first_lp, [r for r, _ in part],
+                            [conts[rows[r]][j] for r, j in part])
+        for (r, j), v, gj in zip(part, s.tolist(), g):
+            scores[rows[r]][j] = v
+            if j == 0 and greedy is not None:
+                greedy[rows[r]] = gj
+
+
+def _unbeaten(pairs, first_lp, rows, conts, scores):
+    """With the golds (j = 0) scored: the pairs that might still beat their gold. The others' score
+    is set to their first token's log-prob, exact for a one-token answer, else a bound already
+    below the gold (log-probs only fall as tokens are added)."""
+    rest = []
+    for r, j in pairs:
+        if j > 0:
+            c = conts[rows[r]][j]
+            bound = first_lp[r, c[0]].item()
+            if len(c) == 1 or bound < scores[rows[r]][0]:
+                scores[rows[r]][j] = bound   # exact (one token) or already beaten
+            else:
+                rest.append((r, j))
+    return rest
+
+
+def _score_batch(model, cache, mask, last_h, rows, conts, scores, prune, chunk) -> dict:
+    """Score every continuation of the batch's prompts into scores (see run_prompts for prune).
+    -> {prompt index: argmax tokens along its gold conts[i][0]}."""
+    greedy = {}
+    if any(conts[i] for i in rows):
+        first_lp = _logprobs(model, last_h)                                  # (B, V)
+        pairs = [(r, j) for r, i in enumerate(rows) for j in range(len(conts[i]))]
+        if prune:
+            _score_sorted(model, cache, mask, first_lp, rows, [(r, j) for r, j in pairs if j == 0],
+                          conts, scores, chunk, greedy)
+            pairs = _unbeaten(pairs, first_lp, rows, conts, scores)
+        _score_sorted(model, cache, mask, first_lp, rows, pairs, conts, scores, chunk, greedy)
+    return greedy
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy decoding: read off the gold where it can be, else continuously batched
+
+def _greedy_from_gold(gold, argmax, max_new, stop_ids, alive):
+    """Greedy decoding read off the gold's teacher-forced pass: argmax[k] is the greedy token after
+    gold[:k]. While greedy agrees with the gold it walks the gold; at the first disagreement its
+    reply is gold[:k] + argmax[k]. -> the reply when that settles it (it reproduced the gold through
+    its end token, hit a stop token, ran out of budget, or can no longer match), else None: the row
+    needs real decoding (e.g. "Cold" where the gold says "cold")."""
+    toks = []
+    for want, got in zip(gold, argmax):
+        toks.append(got)
+        if got in stop_ids or len(toks) >= max_new or (alive is not None and not alive(toks)):
+            return toks
+        if got != want:
+            return None
+    return None  # a gold without a stop token (not produced by answer_ids): decode for real
+
+
+def _decode_one_token(model, nxt, mask, cache):
+    """One greedy token for every row of a pool: nxt (A,) the rows' next inputs, mask (A, S) their
+    pad mask -> (the tokens after them (A,), the mask grown by their position)."""
+    mask = torch.cat([mask, torch.ones(len(nxt), 1, dtype=torch.bool, device=mask.device)], 1)
+    h = model(nxt[:, None], pad_mask=mask, cache=cache, return_hidden=True)[:, -1]
+    return lm_head_fp32(model, h).argmax(-1), mask
+
+
+class Decoder:
+    """Greedy decoding of rows from many prompt batches at once (continuous batching).
+
+    A decoding step has a fixed cost (every weight read once, many small ops) that dominates small
+    batches. Decoding each prompt batch alone, the few rows that ramble to the budget would step
+    alone for many steps. So rows wait in a pool, from any batch or task, and step together once
+    there are min_rows of them (finish() steps the rest). Rows of different prompt lengths share
+    one left-padded cache (KVCache.stack); positions come from the pad mask, so each row computes
+    what it would alone.
+
+    Like Transformer.generate, but starting from our prefilled caches, with the fp32 output layer,
+    and ending each row at its first stop token, at its budget, or once alive(tokens) is False
+    (its verdict is settled). The reply (token list) goes to sink[index]."""
+
+    @dataclass
+    class Row:
+        tokens: list            # the reply so far; its last token is the row's next input
+        budget: int             # most tokens to generate
+        alive: object           # callable(tokens) -> False once the verdict is settled, or None
+        sink: list              # where the reply goes when done: sink[index] = tokens
+        index: int
+        done: bool = False
+
+    def __init__(self, model, stop_ids, min_rows: int, timings=None, progress: bool = False):
+        self.model, self.stop, self.min_rows, self.timings = model, set(stop_ids), max(1, min_rows), timings
+        self.progress = progress
+        self.cache = self.mask = self.nxt = None    # pooled rows: cache (A, G, S, D), mask (A, S), next input (A,)
+        self.rows = []                              # a Row per pooled row (done ones ride along: see step)
+        self.queued = []                            # batches waiting to join: (cache, batch rows, mask, Rows)
+
+    def _ends(self, row) -> bool:
+        t = row.tokens
+        return t[-1] in self.stop or len(t) >= row.budget or (row.alive is not None and not row.alive(t))
+
+    def _deliver(self, row):
+        row.sink[row.index] = row.tokens
+        row.done = True
+
+    def _live(self) -> int:
+        return sum(not r.done for r in self.rows) + sum(len(q[3]) for q in self.queued)
+
+    @torch.no_grad()
+    def add(self, cache, mask, last_h, rows, sel):
+        """Queue batch rows sel (LongTensor) of a prefilled batch: cache, its pad mask, and the hidden
+        state of each selected row's last prompt token last_h (len(sel), C); rows[k] = (budget,
+        alive or None, sink, index) for sel[k]. Steps while min_rows or more rows wait."""
+        t0 = time.perf_counter()
+        first = lm_head_fp32(self.model, last_h).argmax(-1).tolist()
+        new, keep = [], []
+        for k, ((budget, alive, sink, index), t) in enumerate(zip(rows, first)):
+            row = self.Row([t], budget, alive, sink, index)
+            if self._ends(row):
+                self._deliver(row)      # answered in one token: never enters the pool
+            else:
+                new.append(row)
+                keep.append(k)
+        if new:
+            # joined to the pool only when it steps: batches queued in between are copied once
+            self.queued.append((cache, sel.to(mask.device)[torch.tensor(keep, device=mask.device)], mask, new))
+        _add_time(self.timings, "generate", t0)
+        while self._live() >= self.min_rows:
+            self.step()
+
+    def _join(self):
+        """Move the queued rows into the pool (one copy of the pool, dropping its finished rows)."""
+        live = [k for k, r in enumerate(self.rows) if not r.done]
+        parts, masks, nxts, rows = [], [], [], []
+        if live:
+            lt = torch.tensor(live, device=self.mask.device)
+            parts.append((self.cache, lt))
+            masks.append(self.mask[lt])
+            nxts.append(self.nxt[lt])
+            rows += [self.rows[k] for k in live]
+        for cache, sel, mask, new in self.queued:
+            parts.append((cache, sel))
+            masks.append(mask[sel])
+            nxts.append(torch.tensor([r.tokens[-1] for r in new], device=mask.device))
+            rows += new
+        S = max(m.shape[1] for m in masks)
+        # room for the longest budget: every later step writes in place
+        self.cache = KVCache.stack(parts, headroom=max(r.budget for r in rows))
+        self.mask = torch.cat([torch.cat([m.new_zeros(m.shape[0], S - m.shape[1]), m], 1) for m in masks])
+        self.nxt = torch.cat(nxts)
+        self.rows, self.queued = rows, []
+
+    def _append(self, tokens):
+        """Give every unfinished row its new token; deliver the rows that end with it."""
+        for row, t in zip(self.rows, tokens):
+            if not row.done:
+                row.tokens.append(t)
+                if self._ends(row):
+                    self._deliver(row)
+
+    def _drop_finished(self):
+        # finished rows ride along (their tokens are ignored) until a quarter of the pool has
+        # finished: dropping rows copies the whole cache
+        live = [k for k, r in enumerate(self.rows) if not r.done]
+        if len(live) <= 3 * len(self.rows) // 4:
+            if live:
+                lt = torch.tensor(live, device=self.mask.device)
+                self.cache.select_rows(lt)
+                self.mask, self.nxt = self.mask[lt], self.nxt[lt]
+                self.rows = [self.rows[k] for k in live]
+            else:
+                self.cache = self.mask = self.nxt = None
+                self.rows = []
+
+    @torch.no_grad()
+    def step(self):
+        """One token for every pooled row."""
+        t0 = time.perf_counter()
+        if self.queued:
+            self._join()
+        self.nxt, self.mask = _decode_one_token(self.model, self.nxt, self.mask, self.cache)   # (A,)
+        self._append(self.nxt.tolist())
+        self._drop_finished()
+        _add_time(self.timings, "generate", t0)
+
+    def finish(self):
+        """Decode every pooled row to its end."""
+        steps = max([r.budget - len(r.tokens) for r in self.rows if not r.done] +
+                    [r.budget - 1 for q in self.queued for r in q[3]] + [0])
+        with tqdm(total=steps, desc="last replies", disable=not self.progress or not steps, leave=False) as bar:
+            while self._live():
+                self.step()
+                bar.update()
+
+
+def _queue_replies(decoder, cache, mask, last_h, rows, conts, greedy, gens, max_new_tokens, stop_ids, alive):
+    """The batch's greedy replies into gens: read off the gold where that settles them, the other
+    rows queued in the decoder."""
+    todo, todo_rows = [], []   # batch rows that need token-by-token decoding
+    for r, i in enumerate(rows):
+        row_alive = None if alive is None else (lambda toks, i=i: alive(i, toks))
+        g = None
+        if i in greedy:
+            g = _greedy_from_gold(conts[i][0], greedy[i], max_new_tokens, stop_ids, row_alive)
+        if g is None:
+            todo.append(r)
+            todo_rows.append((max_new_tokens, row_alive, gens, i))
+        gens[i] = g
+    if todo:
+        sel = torch.tensor(todo, device=last_h.device)
+        decoder.add(cache, mask, last_h[sel], todo_rows, sel)
+
+
+def cut_at_stop(ids, stop_ids):
+    """ids up to and including the first stop id."""
+    for k, t in enumerate(ids):
+        if t in stop_ids:
+            return ids[:k + 1]
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver, and its two plain entry points
+
+@torch.no_grad()
+def run_prompts(model, prompts, conts, *, max_new_tokens=0, stop_ids=(), alive=None, prune=False,
+                batch_size=32, pad_side="left", desc=None, progress=True, timings=None, tag="", decoder=None):
+    """For each prompt i: the summed log-prob of each continuation in conts[i], and (max_new_tokens
+    > 0) its greedy continuation, cut short where alive(i, tokens) returns False.
+    -> (scores: list[list[float]], gens: list[list[int]] | None).
+    With a shared `decoder` (Decoder), rows that need decoding may still be in its pool on return:
+    their gens[i] are filled in by decoder.finish().
+
+    prune=True is for ranking against conts[i][0] (the gold): that one is scored exactly, and so is
+    every other that might beat it; one whose first token's log-prob is already below the gold's
+    total cannot (log-probs only fall as tokens are added), so its score is left at that bound.
+    Confident models then score little more than the gold.
+    With max_new_tokens and conts[i][0] given, greedy decoding starts from the gold's teacher-forced
+    pass (_greedy_from_gold); only rows it leaves open are decoded token by token.
+
+    The prompts' longest common prefix runs once (batch 1); prompts are then sorted by length (less
+    padding) and batched; per batch one prefill of the suffixes serves every continuation and the
+    decoding. The batch's (prompt, continuation) pairs are sorted by length and scored in chunks of
+    up to 2 * batch_size rows: few forwards, little padding, wide matrix products."""
+    if pad_side not in ("left", "right"):
+        raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: there is no position to predict the first answer token from")
+    if any(len(c) == 0 for cs in conts for c in cs):
+        raise ValueError("empty continuation")
+    n = len(prompts)
+    scores = [[None] * len(cs) for cs in conts]
+    gens = [None] * n if max_new_tokens else None
+    if n == 0:
+        return scores, gens
+    t0 = time.perf_counter()
+    plen, prefix_cache = _run_shared_prefix(model, prompts)
+    order = sorted(range(n), key=lambda i: len(prompts[i]))
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    stop_ids = set(stop_ids)
+    own_decoder = max_new_tokens and decoder is None
+    if own_decoder:
+        decoder = Decoder(model, stop_ids, batch_size, timings)
+    for rows in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        t0 = _add_time(timings, tag + "prefill", t0)
+        cache, mask, last_h = _prefill(model, [prompts[i][plen:] for i in rows], prefix_cache, plen, pad_side)
+        t0 = _add_time(timings, tag + "prefill", t0)
+        greedy = _score_batch(model, cache, mask, last_h, rows, conts, scores, prune, 2 * batch_size)
+        t0 = _add_time(timings, tag + "score", t0)
+        if max_new_tokens:
+            _queue_replies(decoder, cache, mask, last_h, rows, conts, greedy, gens, max_new_tokens, stop_ids, alive)
+            t0 = time.perf_counter()
+    if own_decoder:
+        decoder.finish()
+    return scores, gens
+
+
+def score_continuations(model, prompts, conts, batch_size: int = 32, pad_side: str = "left",
+                        progress: bool = False) -> list[float]:
+    """Sum log P(conts[i] | prompts[i]) for each pair (natural log), batched. Pairs sharing a prompt
+    share its forward pass, so many answers to one prompt cost one prompt plus their own tokens."""
+    if len(prompts) != len(conts):
+        raise ValueError(f"{len(prompts)} prompts but {len(conts)} continuations")
+    uniq, groups, where = {}, [], []
+    for p, c in zip(prompts, conts):
+        key = tuple(p)
+        if key not in uniq:
+            uniq[key] = len(groups)
+            groups.append([])
+        where.append((uniq[key], len(groups[uniq[key]])))
+        groups[uniq[key]].append(list(c))
+    with eval_mode(model):
+        scores, _ = run_prompts(model, [list(k) for k in uniq], groups, batch_size=batch_size,
+                                pad_side=pad_side, progress=progress, desc="scoring")
+    return [scores[g][j] for g, j in where]
+
+
+def greedy_generate(model, prompts, max_new_tokens: int, stop_ids=(), batch_size: int = 32,
+                    progress: bool = False) -> list[list[int]]:
+    """Greedy continuations of prompts (lists of ids), up to and including the first stop id."""
+    with eval_mode(model):
+        _, gens = run_prompts(model, prompts, [[] for _ in prompts], max_new_tokens=max_new_tokens,
+                              stop_ids=stop_ids, batch_size=batch_size, progress=progress, desc="generating")
+    return [cut_at_stop(g, stop_ids) for g in gens]

@@ -1,0 +1,143 @@
+"""Measuring an IV rather than extracting it: on held-out test examples, how much of what the
+demonstrations give does the IV bring back (check_iv, extract_iv.py --check, experiments/iv_check.py)?
+Also the restored share that extract_iv's sweep ranks layers and K by, greedy replies, and a rank
+correlation for comparing two AIE maps."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import torch
+from tqdm import tqdm
+
+from ivft.ivprompts import (Prompt, chat_prompt, clean_prompts, load_task_by_name, pad_left, render,
+                            score_prompts, split_train, stop_ids)
+from ivft.ivsettings import ExtractError, Settings
+from ivft.prompts import normalize_answer, reply_contains
+from model import Intervention
+
+
+# ---------------------------------------------------------------------------------------------
+# The restored share of a gap
+
+def restored(x_iv: float, x_cor: float, x_clean: float) -> float:
+    """The share of the clean - corrupted gap that the IV closes (nan for no gap)."""
+    gap = x_clean - x_cor
+    return (x_iv - x_cor) / gap if gap else float("nan")
+
+
+def gap_or_none(clean: torch.Tensor, cor: torch.Tensor, x_iv: torch.Tensor) -> tuple[float | None, str]:
+    """restored = (x_iv - x_cor) / (x_clean - x_cor) on per-example paired scores, or None when the
+    clean - corrupted gap is not above twice its standard error (a ratio of noise says nothing)."""
+    d = (clean - cor).double()
+    gap = float(d.mean())
+    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else float("inf")
+    if not gap > 2 * se:
+        return None, f"gap {gap:+.3f} is within noise (2 x se = {2 * se:.3f})"
+    ratio = restored(float(x_iv.double().mean()), float(cor.double().mean()), float(clean.double().mean()))
+    return ratio, f"gap {gap:+.3f} ± {se:.3f} (se)"
+
+
+# ---------------------------------------------------------------------------------------------
+# The check: on held-out test examples, does the IV bring back what the demonstrations give?
+
+@torch.no_grad()
+def replies(model, tok, prompts: list[Prompt], s: Settings, add=None, max_new=24, batch_size=16) -> list[str]:
+    """Greedy replies cut at the first stop token. The IV, if any, is added in the prefill at the
+    last prompt token (left padding puts it in the last column of every row)."""
+    stop = stop_ids(tok, s)
+    out_text = []
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        idx, pad_mask = pad_left([p.ids for p in batch])
+        W = idx.shape[1]
+        iv = Intervention(pos=torch.full((len(batch),), W - 1), add_resid={add[0]: add[1]}) if add else None
+        out = model.generate(idx, max_new, stop_ids=stop, pad_mask=pad_mask, intervention=iv)
+        for r in range(len(batch)):
+            ids = out[r].tolist()
+            out_text.append(tok.decode(ids[:next((k for k, t in enumerate(ids) if t in stop), len(ids))]))
+    return out_text
+
+
+def check_iv(model, tok, task, iv, layer, *, n=50, settings=None, generate=True, progress=True,
+             chat=True) -> dict:
+    """Scores on n held-out test examples (demonstrations from the training examples) under three
+    conditions: clean (the extraction form: k-shot with the instruction), corrupted (the query alone,
+    zero-shot, whatever corruption ranked the heads) and corrupted + IV after block `layer`.
+    Per condition: first-token accuracy, P(first answer token), log P(answer), greedy exact match
+    and reply_contains; then the restored shares of the log-P and accuracy gaps (None when a gap is
+    within noise). chat: also the zero-shot chat prompt with the instruction, without and with the
+    IV: the form train.py adds it to and evaluate.py scores (a model that answers it in a sentence
+    is right by reply_contains, not by first-token accuracy)."""
+    task = load_task_by_name(task) if isinstance(task, str) else task
+    s = Settings(**(settings or {}))
+    if not task.test:
+        raise ExtractError(f"task {task.name!r} has no test examples to check on")
+    pool_ex, _ = split_train(task, s)
+    rng = random.Random(s.seed + 1)
+    examples = list(task.test)
+    rng.shuffle(examples)
+    examples = examples[:n]
+    conds = {"clean": (clean_prompts(tok, task, examples, s, rng, pool=pool_ex), None),
+             "corrupted": ([render(tok, ex, s, with_instruction=False) for ex in examples], None)}
+    conds["iv"] = (conds["corrupted"][0], (layer, iv))
+    if chat and getattr(tok, "chat_format", None) is not None:
+        conds["chat"] = ([chat_prompt(tok, ex) for ex in examples], None)
+        conds["chat_iv"] = (conds["chat"][0], (layer, iv))
+    res, raw = {}, {}
+    for name, (prompts, add) in tqdm(conds.items(), desc="check", disable=not progress, leave=False):
+        scores = score_prompts(model, prompts, add=add, batch_size=s.batch_size)
+        raw[name] = scores
+        res[name] = {"top1": float(scores["top1"].float().mean()), "p_first": float(scores["p_first"].mean()),
+                     "logprob": float(scores["logprob"].mean())}
+        if generate:
+            form = dataclasses.replace(s, format="chat") if name.startswith("chat") else s
+            reps = replies(model, tok, prompts, form, add, batch_size=s.batch_size)
+            res[name]["exact"] = sum(normalize_answer(r) == normalize_answer(ex.output)
+                                     for r, ex in zip(reps, examples)) / len(examples)
+            res[name]["contains"] = sum(reply_contains(r, ex.output) for r, ex in zip(reps, examples)) / len(examples)
+            res[name]["examples"] = [[ex.input, ex.output, r] for ex, r in list(zip(examples, reps))[:3]]
+    for metric, key in (("logprob", "logprob"), ("accuracy", "top1")):
+        c, k, v = (raw[x][key].float() for x in ("clean", "corrupted", "iv"))
+        res[f"restored_{metric}"], res[f"gap_{metric}"] = gap_or_none(c, k, v)
+    res.update(n=len(examples), layer=layer)
+    return res
+
+
+def check_report(res: dict, r: dict, task_name: str) -> dict:
+    """The check as flat JSON (extract_iv.py --report): the IV's identity, then the scores."""
+    m = r["meta"]
+    out = {"task": task_name, "layer": res["layer"], "heads": [list(h) for h in r["heads"]],
+           "kind": m.get("kind"), "top_k": m.get("top_k"), "effect": m.get("effect_used"),
+           "format": m["settings"].get("format"), "shots": m["settings"].get("shots"), "n": res["n"],
+           "clean_accuracy": res["clean"]["top1"], "corrupted_accuracy": res["corrupted"]["top1"],
+           "iv_accuracy": res["iv"]["top1"], "accuracy_gain": res["iv"]["top1"] - res["corrupted"]["top1"],
+           "restored_accuracy": res["restored_accuracy"], "restored_logprob": res["restored_logprob"],
+           "gap_accuracy": res["gap_accuracy"], "gap_logprob": res["gap_logprob"],
+           "iv_norm": float(r["iv"].norm())}
+    for cond in ("clean", "corrupted", "iv", "chat", "chat_iv"):
+        for k, v in res.get(cond, {}).items():
+            if k != "top1":
+                out[f"{cond}_{k}"] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing two AIE maps (attribution against exact, two extractions of one task)
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation (ties get their average rank), so no scipy is needed."""
+    def ranks(x):
+        x = x.flatten().double()
+        order = x.argsort()
+        r = torch.empty_like(x)
+        r[order] = torch.arange(len(x), dtype=torch.float64)
+        for v in x.unique():                          # average ranks over ties
+            tie = x == v
+            if tie.sum() > 1:
+                r[tie] = r[tie].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))

@@ -1,0 +1,197 @@
+"""IV files and their cache keys: the safetensors file extract_iv.py writes (the tensors, and the
+metadata as one JSON string), reading it and loading it against a model, file names under
+ivs/<model-tag>/, and the fingerprints of config, weights and task data that decide whether a cached
+IV may be reused."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from ivft.files import write_atomic
+from ivft.ivsettings import ExtractError
+from ivft.report import save_heatmap
+from ivft.runtime import TrainError
+
+FORMAT_VERSION = 2    # 2: k-shot plain-text clean prompts, query-only corruption, dev-chosen layer/K
+
+
+# ---------------------------------------------------------------------------------------------
+# Names: ivs/<model_tag>/<iv_filename>
+
+def model_tag(name_or_path) -> str:
+    """The folder name of a model's IVs: the GGUF file's stem or the HF directory's name."""
+    if name_or_path is None:
+        return "SmolLM2-135M-Instruct"
+    p = Path(name_or_path)
+    return p.stem if p.suffix == ".gguf" else p.name
+
+
+def task_fingerprint(task) -> str:
+    """A short hash of a task's examples: an IV cached for a task is reused only for the same data,
+    and a task read from a file gets a cache name of its own (<name>-<hash>)."""
+    h = hashlib.sha1()
+    for ex in list(task.train) + list(task.test):
+        h.update(json.dumps([ex.instruction, ex.input, ex.output]).encode())
+    return h.hexdigest()[:8]
+
+
+def is_registered(task) -> bool:
+    # a file task may carry a registry task's name: only the registry's own description makes it that task
+    from ivft.tasks import list_tasks
+    try:
+        meta = list_tasks().get(task.name)
+    except ValueError:
+        return False
+    return meta is not None and task.description == meta.get("description")
+
+
+def iv_filename(task) -> str:
+    """ivs/<model>/<this>: the registry name for the project's tasks, name + data hash for files."""
+    return f"{task.name}.safetensors" if is_registered(task) else f"{task.name}-{task_fingerprint(task)}.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints and the metadata that decide reuse
+
+def config_hash(model) -> str:
+    cfg = dataclasses.asdict(model.config)
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@torch.no_grad()
+def weight_fingerprint(model) -> str:
+    """A cheap hash of the weights (4,096 evenly spaced values per tensor): tells the original model
+    from a fine-tuned one without hashing all parameters."""
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().flatten()
+        n = min(4096, flat.numel())
+        # integer arithmetic: a float linspace rounds past the end of a 28M-element tensor
+        pick = torch.arange(n, dtype=torch.int64) * (flat.numel() - 1) // max(n - 1, 1)
+        h.update(name.encode())
+        h.update(flat[pick].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def iv_meta(model, task, key: dict, s, heads, info, model_id, universal=None) -> dict:
+    """An IV file's metadata: the format, model and task fingerprints, the IV's layer / K / kind, the
+    cache key (key: the settings as asked for) and the mediation's info. s: the Settings used."""
+    cfg = model.config
+    return {"format": FORMAT_VERSION, "model": model_id, "config_hash": config_hash(model),
+            "weights": weight_fingerprint(model), "n_layers": cfg.num_hidden_layers,
+            "n_heads": cfg.num_attention_heads, "d_model": cfg.hidden_size, "task": task.name,
+            "task_hash": task_fingerprint(task), "heads": [list(h) for h in heads], "layer": s.layer,
+            "top_k": s.top_k, "kind": s.kind, "settings": key, "universal": universal, **info}
+
+
+def cache_matches(meta: dict, task, key: dict, model) -> bool:
+    """Whether a cached IV's metadata says it was made from these very weights, the same task data
+    and the same settings (key: Settings.key() of the resolved settings) in this file format."""
+    return (meta.get("format") == FORMAT_VERSION and meta.get("task") == task.name
+            and meta.get("task_hash") == task_fingerprint(task) and meta.get("settings") == key
+            and meta.get("universal") is None and meta.get("config_hash") == config_hash(model)
+            and meta.get("weights") == weight_fingerprint(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: safetensors with the tensors, the metadata as one JSON string
+
+def save_iv(result: dict, path) -> Path:
+    """Write through write_atomic (a reader never sees half a file), plus an AIE heatmap if
+    matplotlib is installed."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    tensors = {k: result[k].detach().float().contiguous() for k in ("iv", "aie", "z_mean", "aie_task", "resid_diff")
+               if k in result}
+    metadata = {"format": "pt", "iv_meta": json.dumps(result["meta"])}
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    save_heatmap(result["aie"], result["heads"], path.with_suffix(".png"),
+                 f"AIE {result['meta']['task']} ({result['meta']['model']})")
+    return path
+
+
+def read_iv(path) -> dict:
+    """The file's tensors and metadata, checked for completeness only (no model needed)."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise ExtractError(f"{path}: no such IV file (run extract_iv.py to create it)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("iv_meta", "null"))
+            out = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own (unexported) error type on a damaged file
+        raise ExtractError(f"{path}: not a readable IV file ({e})") from None
+    if not isinstance(meta, dict) or "iv" not in out or "aie" not in out or "layer" not in meta:
+        raise ExtractError(f"{path}: not an IV file (needs tensors iv, aie and iv_meta metadata)")
+    out["meta"] = meta
+    out["layer"] = meta["layer"]
+    out["heads"] = [tuple(h) for h in meta.get("heads", [])]
+    return out
+
+
+def load_iv(path, model) -> tuple[torch.Tensor, int, dict]:
+    """-> (iv [C], layer, meta), checked against `model`'s architecture. The weights may differ (a
+    fine-tuned copy of the model the IV came from is the normal case in training)."""
+    r = read_iv(path)
+    meta, cfg = r["meta"], model.config
+    if r["iv"].shape != (cfg.hidden_size,) or tuple(r["aie"].shape) != (cfg.num_hidden_layers, cfg.num_attention_heads):
+        raise ExtractError(f"{path}: IV of shape {tuple(r['iv'].shape)} / AIE {tuple(r['aie'].shape)} "
+                           f"does not fit this model (d_model {cfg.hidden_size}, "
+                           f"{cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads)")
+    if meta.get("config_hash") != config_hash(model):
+        raise ExtractError(f"{path}: extracted from model {meta.get('model')!r} with config hash "
+                           f"{meta.get('config_hash')}, this model's is {config_hash(model)}")
+    if not 0 <= r["layer"] < cfg.num_hidden_layers:
+        raise ExtractError(f"{path}: layer {r['layer']} is out of range for {cfg.num_hidden_layers} layers")
+    return r["iv"], r["layer"], meta
+
+
+# ---------------------------------------------------------------------------------------------
+# The IVs of a training run: extracted from the model before any training (cached by extract_iv),
+# or given per task with --iv_file
+
+def training_ivs(cfg, model, tok, train_tasks, get_iv) -> dict:
+    """-> {task name: (iv (C,), layer, meta)} for every training task of train.py, validated against
+    `model`. get_iv: extract_iv.get_iv (passed in: the package does not import the scripts)."""
+    files = dict(spec.split("=", 1) for spec in cfg["iv_file"])
+    unknown = set(files) - {t.name for t in train_tasks}
+    if unknown:
+        raise TrainError(f"--iv_file names tasks not in the sequence: {sorted(unknown)}")
+    out = {}
+    for task in train_tasks:
+        try:
+            if task.name in files:
+                iv, layer, meta = load_iv(files[task.name], model)
+            else:
+                tag = model_tag(cfg["model"])
+                settings = {"method": cfg["iv_method"], "n_clean": cfg["iv_n_clean"],
+                            "n_corrupt": cfg["iv_n_corrupt"], "top_k": cfg["iv_top_k"], "layer": cfg["iv_layer"]}
+                # reused only when made from these weights, this task's data and these settings
+                r = get_iv(model, tok, task, Path(cfg["iv_dir"]) / tag / iv_filename(task),
+                         model_id=tag, progress=True, **settings)
+                iv, layer, meta = r["iv"], r["layer"], r.get("meta", {})
+        except (ValueError, KeyError, OSError) as e:
+            msg = str(e.args[0] if e.args else e)
+            where = files.get(task.name, f"IV of task {task.name!r}")
+            raise TrainError(msg if where in msg else f"{where}: {msg}") from None
+        layer = cfg["iv_layer"] if cfg["iv_layer"] is not None else int(layer)
+        if not 0 <= layer < model.n_layers:
+            raise TrainError(f"IV layer {layer} is out of range: the model has layers 0..{model.n_layers - 1}")
+        if tuple(iv.shape) != (model.config.hidden_size,):
+            raise TrainError(f"IV of {task.name} has shape {tuple(iv.shape)}, the model needs ({model.config.hidden_size},)")
+        out[task.name] = (iv.detach().float().cpu(), layer, meta)
+    return out
+
+
+def union_of_top_heads(ivs: dict) -> dict:
+    """{layer: LongTensor heads}: every head that is among some task's top heads (--head_mse_weight)."""
+    by_layer = {}
+    for _, _, meta in ivs.values():
+        for layer, head in (meta.get("heads") or []):
+            by_layer.setdefault(int(layer), set()).add(int(head))
+    return {l: torch.tensor(sorted(h)) for l, h in sorted(by_layer.items())}

@@ -1,0 +1,138 @@
+"""What a training run needs around its loop: its errors and exit statuses, the log, and stopping
+cleanly on Ctrl-C / SIGTERM."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+
+class TrainError(Exception):
+    """Bad input or an unusable checkpoint: reported as one line, exit status 2."""
+    exit_code = 2
+
+
+class Diverged(TrainError):
+    """The loss became NaN/inf: nothing is saved, the last good checkpoint is kept. Exit status 3."""
+    exit_code = 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging: one line per --log_every steps, appended to out_dir/log.txt and echoed above the
+# progress bar; optional wandb behind a flag, imported only when asked for
+
+class Logger:
+    def __init__(self, out_dir: Path, cfg: dict, enabled: bool):
+        self.enabled = enabled
+        self.file = Path(out_dir) / "log.txt"
+        self.wandb = None
+        if enabled and cfg["wandb"]:
+            try:
+                import wandb
+            except ImportError:
+                raise TrainError("--wandb needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project=cfg["wandb_project"], config=cfg, dir=str(out_dir))
+
+    def line(self, text: str, echo: bool = True):
+        if not self.enabled:
+            return
+        try:
+            with open(self.file, "a") as f:
+                f.write(text + "\n")
+        except OSError as e:
+            raise TrainError(f"{self.file}: cannot write ({e.strerror or e})") from None
+        if echo:
+            from tqdm import tqdm
+            tqdm.write(text)      # above the progress bar, not through it
+
+    def config(self, cfg: dict):
+        print("config:\n" + "\n".join(f"  {k} = {v}" for k, v in cfg.items()))
+        self.line(f"config: {json.dumps(cfg, sort_keys=True)}", echo=False)
+
+    def step(self, where: str, step: int, total: int, loss: float, parts: dict, alpha: float, lr: float,
+             gnorm: float, tok_s: float, dt: float, task: int = 0):
+        """The one line per --log_every optimizer steps (and the same numbers to wandb)."""
+        extra = "".join(f" {k} {parts[k]:.4f}" for k in ("kl", "kl_all", "mse") if k in parts)
+        self.line(f"{where} | step {step}/{total} | loss {loss:.4f} ce {parts.get('ce', 0.0):.4f}{extra} | "
+                  f"alpha {alpha:.3f} | lr {lr:.2e} | gnorm {gnorm:.3f} | {tok_s:.0f} tok/s | dt {dt:.2f}s | "
+                  f"eta {fmt_time(dt * (total - step))}")
+        if self.wandb is not None:
+            self.wandb.log({"loss": loss, **parts, "lr": lr, "alpha": alpha, "grad_norm": gnorm, "task": task}, step=step)
+
+
+def fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping. Inside the training loop the first Ctrl-C asks the loop to stop after the current
+# optimizer step and save; a second one interrupts at once (the last checkpoint is then kept).
+# SIGTERM (what job schedulers send before a kill) is handled exactly like Ctrl-C.
+
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM") if hasattr(signal, n))
+TERMINATED = {"by": None}     # the signal that stopped the run (exit_status turns it into the status)
+
+
+def on_main_thread() -> bool:
+    # signal handlers can only be set there (tests run train() in threads too)
+    return threading.current_thread() is threading.main_thread()
+
+
+class StopFlag:
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        if on_main_thread():
+            for sig in STOP_SIGNALS:
+                self._old[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        TERMINATED["by"] = signum
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step and saving a checkpoint (again to abort now)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _terminate(signum, frame):
+    # outside the training loop (loading, evaluation) SIGTERM interrupts like Ctrl-C, so that the
+    # code that saves on KeyboardInterrupt runs for it too
+    TERMINATED["by"] = signum
+    raise KeyboardInterrupt
+
+
+def run_cli(fn, *args, **kw):
+    """Call fn and turn our errors into one-line messages and exit statuses: 2 bad input, 3 a
+    diverged loss, 130 after Ctrl-C, 143 after SIGTERM. The process group of torchrun is closed
+    before returning."""
+    import torch
+    TERMINATED["by"] = None
+    old = signal.signal(signal.SIGTERM, _terminate) if hasattr(signal, "SIGTERM") and on_main_thread() else None
+    try:
+        return fn(*args, **kw)
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code)
+    except KeyboardInterrupt:
+        sig = TERMINATED["by"] or signal.SIGINT
+        print("terminated" if sig != signal.SIGINT else "interrupted", file=sys.stderr)
+        raise SystemExit(128 + int(sig))
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+        # a process group left to the interpreter's exit can abort there ("terminate called without
+        # an active exception" from gloo's threads): close it while everything is still alive
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,47 @@
+"""Tests for ivft/report.py: reports on disk, the printed tables and the continual-learning plot."""
+import importlib.util
+import json
+import sys
+
+from ivft import report as R
+
+# shaped like evaluate_suite's report: ints, floats, None, lists, tables in order
+REPORT = {"model": "tiny", "tasks": {"copy": {"n": 2, "exact_match": 0.5, "choice_accuracy": 1.0,
+                                              "instruction_logprob": -3.25},
+                                     "upper": {"n": 2, "choice_accuracy": 0.0, "knowledge_logprob": -1.5}},
+          "primary": {"copy": "choice_accuracy", "upper": "exact_match"},
+          "settings": {"n": None, "k_shot": 0, "seed": 0, "batch_size": 128, "dtype": "float32",
+                       "metrics": ["exact_match", "choice_accuracy"], "seconds": 0.1}}
+METRICS = ("exact_match", "choice_accuracy", "instruction_logprob", "knowledge_logprob")
+# cl_metrics of a two-task run after its first stage
+CL = {"stages": 1, "train_tasks": ["A", "B"], "general_tasks": ["g"], "R": [[0.1, 0.2], [0.9, 0.3]], "AP": 0.9,
+      "BWT": None, "FWT": None, "forgetting": {"A": None}, "GP": [0.5, 0.4], "GP_drop": 0.09999999999999998,
+      "IP": [0.6, 0.6], "IP_drop": 0.0, "general": {"exact_match": [0.5, 0.4], "exact_match_kshot": [0.6, 0.6]}}
+
+
+def test_report_roundtrip_and_table(tmp_path, capsys):
+    path = tmp_path / "sub" / "report.json"
+    R.save_report(REPORT, path)
+    assert json.loads(path.read_text()) == REPORT == R.load_report(path)
+    assert path.read_text() == json.dumps(REPORT, indent=1)          # the format reports always had
+    assert [p.name for p in path.parent.iterdir()] == ["report.json"]  # no temp file left behind
+    R.print_table(REPORT, METRICS)
+    out = capsys.readouterr().out
+    assert "copy" in out and "choice_accuracy" in out and "*" in out
+
+
+def test_print_cl(capsys):
+    R.print_cl(CL)
+    out = capsys.readouterr().out
+    assert "0.900" in out and "forgetting A=-" in out
+
+
+def test_plot_cl_png_or_skip(tmp_path, monkeypatch):
+    path = R.plot_cl(CL, tmp_path / "cl.png")
+    if importlib.util.find_spec("matplotlib") is None:
+        assert path is None and not (tmp_path / "cl.png").exists()
+    else:
+        assert (tmp_path / "cl.png").read_bytes()[:4] == b"\x89PNG"
+    # without matplotlib: nothing drawn, no error
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert R.plot_cl(CL, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
