@@ -12,19 +12,17 @@ task T_j with instruction vector θ_j extracted from the model *before any train
      task's optimizer steps, so the last steps (and inference) run without the IV;
   2. L = CE(answer tokens) + λ·KL(P_θ ‖ P_ref+IV) at temperature τ, where P_ref+IV is the frozen
      reference model (the original, or the previous stage's) with θ_j added at ℓ.
-Baselines: plain sequential fine-tuning, replay of earlier tasks, a KL-to-the-original regulariser
-without any IV. Ablations: KL without the IV, IV without KL, constant α, the sibling paper's MSE on
-the top heads' outputs.
+Baselines and the sibling code's loss are presets (--preset; ivft/config.py).
 
 Usage:
     python train.py                     # plain sequential fine-tuning of the embedded SmolLM2-135M
     python train.py --guided            # the same with IV guidance (--quick: a few minutes)
+    python train.py --preset fvg --regime lora   # the sibling code's loss in its LoRA regime
     python train.py --guided --resume   # continue an interrupted run in the same out_dir
     torchrun --nproc_per_node 4 train.py --guided --model path/to/hf_dir   # DDP (add --fsdp to shard)
 
-out_dir gets train_config.json, log.txt, results.json ({config, stages: one evaluation report per
-stage, stage 0 = the original model, metrics, cl}), stage-j/ (the model after task j, an HF
-directory) and last/ (a mid-task checkpoint); ivft/checkpoint.py describes them.
+out_dir gets train_config.json, log.txt, results.json ({config, stages: a report per stage, stage 0 =
+the original model, metrics, cl}), stage-j/ and last/ (checkpoints: ivft/checkpoint.py).
 
 The file reads top to bottom: flags → the method (α schedule, IV intervention, loss) → train():
 data, model, reference and IVs → for each task: for each step: loss → step → log → evaluate →
@@ -35,6 +33,7 @@ Shapes: B rows, T tokens, C d_model, V vocab, N answer tokens in a batch (legend
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import random
 import time
@@ -51,13 +50,13 @@ import evaluate
 import extract_iv
 from ivft import checkpoint as ckpt
 from ivft import lora
-from ivft.config import HelpFormatter, check_launch, needs_reference, resolve_config, uses_iv
-from ivft.data import collate, step_counts, encode_task, load_task_list, lr_at, stage_pool, step_micro_batches, steps_for
-from ivft.dist import all_reduce_sum, barrier, resolve_amp, setup_distributed, wrap_for_parallel
+from ivft.config import (METHOD_PRESETS, REGIME_PRESETS, HelpFormatter, add_iv_flags, add_run_flags, check_launch,
+                         needs_reference, resolve_config, uses_iv)
+from ivft.data import collate, encode_task, load_task_list, lr_at, stage_pool, step_counts, step_micro_batches, steps_for
+from ivft.dist import all_reduce_floats, all_reduce_sum, barrier, resolve_amp, setup_distributed, wrap_for_parallel
 from ivft.engine import autocast, lm_head_fp32
-from ivft.files import write_json_atomic
 from ivft.ivfile import training_ivs, union_of_top_heads
-from ivft.runtime import Diverged, Logger, StopFlag, TrainError, run_cli
+from ivft.runtime import Diverged, Logger, StopFlag, TrainError, run_cli, write_json
 from model import Intervention, Transformer
 
 # ---------------------------------------------------------------------------------------------
@@ -68,31 +67,23 @@ from model import Intervention, Transformer
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("presets").add_argument
-    g("--guided", action="store_true", help="IV-guided training: sets --iv_alpha0 1, --kl_weight 1, --kl_iv "
-      "(docs/method.md §4)")
+    g("--preset", default=None, choices=list(METHOD_PRESETS), help="the method (default plain): plain, replay "
+      "(--replay 0.25), lwf (KL to the original, no IV), iv_only, guided, fvg (the FvForgetting code's loss)")
+    g("--guided", action="store_true", help="--preset guided: --iv_alpha0 1, --kl_weight 1, --kl_iv (docs/method.md §4)")
+    g("--regime", default="full", choices=list(REGIME_PRESETS), help="full fine-tuning, or lora: the sibling "
+      "code's LoRA (r 8, α 16, q_proj/v_proj, merged after every task, constant lr); ivft/config.py")
     g("--quick", action="store_true", help="a run of a few minutes: few training/eval examples, one short epoch per task")
-
-    g = p.add_argument_group("I/O").add_argument
-    g("--out_dir", default=None, help="where checkpoints, log.txt and results.json go "
-      "(default runs/plain or runs/guided, with a -quick suffix under --quick)")
-    g("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
-    g("--overwrite", action="store_true", help="start afresh in an out_dir that holds a run")
-    g("--save_every", type=int, default=0, help="also write a resumable checkpoint (out_dir/last) every N "
-      "optimizer steps; 0 = only after each task")
-    g("--log_every", type=int, default=10, help="log line every N optimizer steps")
-    g("--wandb", action="store_true", help="also log to Weights & Biases (lazy import)")
-    g("--wandb_project", default="iv-guided-ft", help="wandb project name")
 
     g = p.add_argument_group("model").add_argument
     g("--model", default=None, help="HF directory or .gguf file; default: the embedded SmolLM2-135M-Instruct")
     g("--model_dtype", default="fp32", choices=["fp32", "bf16"],
       help="storage dtype of the weights; bf16 only makes sense for a frozen LoRA base")
-    g("--lora_r", type=int, default=0, help="LoRA rank; 0 = full fine-tuning")
-    g("--lora_alpha", type=float, default=16.0, help="LoRA scale numerator (scale = alpha/r)")
-    g("--lora_dropout", type=float, default=0.1, help="dropout on the LoRA input")
-    g("--lora_targets", default="q_proj,v_proj",
-      help=f"comma-separated linear layers to adapt ({','.join(lora.KNOWN_TARGETS)})")
-    g("--lora_merge", action=argparse.BooleanOptionalAction, default=True,
+    g("--lora_r", type=int, default=None, help="LoRA rank; 0 = full fine-tuning (default 0; 8 under --regime lora)")
+    g("--lora_alpha", type=float, default=None, help="LoRA scale numerator (scale = alpha/r) (default 16)")
+    g("--lora_dropout", type=float, default=None, help="dropout on the LoRA input (default 0.1)")
+    g("--lora_targets", default=None,
+      help=f"comma-separated linear layers to adapt ({','.join(lora.KNOWN_TARGETS)}) (default q_proj,v_proj)")
+    g("--lora_merge", action=argparse.BooleanOptionalAction, default=None,
       help="merge the adapters into the weights after every task and start fresh ones (as the sibling "
       "code does); --no-lora_merge keeps one adapter for all tasks")
 
@@ -102,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g("--general", default=None, help="comma-separated general-ability suite, or 'none' (default: tasks.general_suite())")
     g("--max_train", type=int, default=None, help="at most this many training examples per task (default 320; 24 under --quick)")
     g("--max_len", type=int, default=256, help="longest training sequence in tokens; longer prompts lose their start")
-    g("--replay", type=float, default=0.0, help="mix in FRACTION x (task size) examples drawn from the earlier tasks")
+    g("--replay", type=float, default=None, help="mix in FRACTION x (task size) examples drawn from the earlier "
+      "tasks (default 0; 0.25 under --preset replay)")
 
     g = p.add_argument_group("optimisation").add_argument
     g("--epochs", type=float, default=None, help="epochs per task, fractions allowed (default 1)")
@@ -111,16 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     g("--micro_batch", type=int, default=None, help="examples per forward pass per rank (default 8); "
       "batch_size / (micro_batch x ranks) = gradient accumulation steps")
     g("--lr", type=float, default=None, help="peak learning rate (default 1e-4 full, as in the sibling code; 3e-4 LoRA)")
-    g("--lr_schedule", default="cosine", choices=["cosine", "linear", "constant"],
-      help="decay after warmup, restarted for every task")
+    g("--lr_schedule", default=None, choices=["cosine", "linear", "constant"],
+      help="decay after warmup, restarted for every task (default cosine; constant under --regime lora)")
     g("--min_lr_ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
-    g("--warmup", type=float, default=0.1, help="warmup length: a fraction of the task's steps if < 1, else a number of steps")
+    g("--warmup", type=float, default=None, help="warmup: a fraction of the task's steps if < 1, else a number of "
+      "steps (default 0.1; 0 under --regime lora)")
     g("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     g("--betas", default="0.9,0.999", help="AdamW betas")
     g("--grad_clip", type=float, default=1.0, help="clip the gradient norm; 0 = off")
     g("--seed", type=int, default=0, help="seed of data order, replay sampling and LoRA init")
 
-    g = p.add_argument_group("guidance (docs/method.md §4; --guided sets the first three)").add_argument
+    g = p.add_argument_group("guidance (docs/method.md §4; --preset sets their defaults: ivft/config.py)").add_argument
     g("--iv_alpha0", type=float, default=None,
       help="starting scale α_0 of the IV added in the trained model (default 0; 1 with --guided)")
     g("--kl_weight", type=float, default=None,
@@ -129,25 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
       help="add the IV to the KL reference (default: with --guided); --no-kl_iv: the reference without the IV (ablation)")
     g("--alpha_schedule", default="linear", choices=["linear", "constant"],
       help="α_t over a task's steps: linear from α_0 to 0, or constant α_0 (ablation)")
-    g("--kl_temp", type=float, default=2.0, help="softmax temperature τ of both KL sides")
-    g("--kl_positions", default="last", choices=["last", "answer"],
-      help="KL at the last prompt token, or at every answer position")
-    g("--kl_ref", default="original", choices=["original", "previous"],
-      help="the frozen reference: the model before any training, or after the previous task")
-    g("--kl_min", type=float, default=0.0,
-      help="count a row's KL only when above this (default 0 = always; the sibling code uses 0.1)")
-    g("--head_mse_weight", type=float, default=0.0,
-      help="weight of the sibling paper's MSE between the top heads' z and the reference's (default 0 = off)")
-    g("--iv_layer", type=int, default=None, help="inject after this block (0-based); default: the IV's own "
-      "(extract_iv.py's default, chosen on a dev split)")
-    g("--iv_dir", default=None, help="IV cache: <iv_dir>/<model tag>/<task>.safetensors (<name>-<data hash> for a "
-      "task file), the layout extract_iv.py writes (default ivs, ivs/quick under --quick)")
-    g("--iv_method", default="exact", choices=["exact", "attribution"], help="AIE computation of the IV extraction (extract_iv.py)")
-    g("--iv_n_clean", type=int, default=None, help="clean prompts averaged into the heads' mean z (default 50, 12 under --quick)")
-    g("--iv_n_corrupt", type=int, default=None, help="corrupted prompts averaged into the AIE (default 25, 4 under --quick)")
-    g("--iv_top_k", type=int, default=None, help="heads in the IV (default: extract_iv's)")
-    g("--iv_file", action="append", default=[], metavar="TASK=PATH",
-      help="use this IV file for TASK instead of extracting one (repeatable)")
+    g("--kl_temp", type=float, default=None, help="softmax temperature τ of both KL sides (default 2)")
+    g("--kl_positions", default=None, choices=["last", "answer"],
+      help="KL at the last prompt token, or at every answer position (default last)")
+    g("--kl_ref", default=None, choices=["original", "previous"],
+      help="the frozen reference: the model before any training, or after the previous task (default original)")
+    g("--kl_min", type=float, default=None, help="count a KL only when above this (default 0 = always; fvg 0.1)")
+    g("--kl_gate", default=None, choices=["row", "batch"],
+      help="--kl_min applies to each row's KL, or to the micro-batch mean as in the sibling code (default row)")
+    g("--kl_all_weight", type=float, default=None,
+      help="weight of a second KL over every real position, prompt and answer (default 0 = off; fvg 0.1)")
+    g("--head_mse_weight", type=float, default=None, help="weight of the sibling paper's MSE between the top "
+      "heads' z and the reference's (without the IV), summed over heads (default 0 = off; fvg 1)")
+    g("--head_mse_min", type=float, default=None, help="count a head's MSE only when above this (default 0; fvg 0.01)")
+    add_iv_flags(p)      # which IVs: --iv_layer, --iv_file, extraction settings (extract_iv.py's)
 
     g = p.add_argument_group("evaluation").add_argument
     g("--eval_n", type=int, default=None, help="test examples per task and stage (default 40; 5 under --quick); 0 = no evaluation")
@@ -159,13 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     g("--eval_metrics", default="needed", choices=["needed", "all"], help="needed: each task's primary score "
       "(+ k-shot for the general suite) and the instruction/knowledge log-probs; all: every metric of evaluate.py")
 
-    g = p.add_argument_group("system").add_argument
-    g("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="autocast dtype for training and "
-      "evaluation (auto = bf16 where the hardware has native bf16 matmuls, else fp32)")
-    g("--compile", action="store_true", help="torch.compile the plain (unguided) training step")
-    g("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun")
-    g("--num_threads", type=int, default=0, help="CPU threads for torch; 0 = torch's default")
+    add_run_flags(p)     # I/O (out_dir, resume, logging) and system (device, dtype, threads, DDP/FSDP)
     return p
 
 
@@ -198,8 +180,11 @@ class Guidance:
     kl_weight: float = 0.0
     kl_temp: float = 2.0
     kl_positions: str = "last"
-    kl_min: float = 0.0
-    mse_weight: float = 0.0
+    kl_min: float = 0.0                    # a KL counts only above this: each row's, or the batch mean's
+    kl_gate: str = "row"
+    kl_all_weight: float = 0.0             # a second KL over every real position (the sibling code's)
+    head_mse_weight: float = 0.0
+    head_mse_min: float = 0.0              # a head's MSE counts only above this
     heads: dict | None = None              # {layer: LongTensor of head indices} for the MSE term
 
 
@@ -214,6 +199,16 @@ def add_iv(g: Guidance, batch: dict, scale, record_z=()) -> Intervention:
     return Intervention(pos=batch["last"], add_resid=add, scale=scale, record_z=record_z)
 
 
+def gate(values, threshold: float, per: str, n_rows: int):
+    """The sibling code's thresholds: a KL (or MSE) counts only when above `threshold`, judged per
+    row (per="row") or on the micro-batch mean (per="batch"). values: per row or per position."""
+    if threshold <= 0:
+        return values.sum()
+    if per == "row":
+        return (values * (values.detach() > threshold)).sum()
+    return values.sum() * float(values.detach().sum() / n_rows > threshold)
+
+
 class LossModule(nn.Module):
     """forward(batch, norms) -> (scalar to backpropagate, detached parts for logging). One module
     around the model, so that DDP/FSDP see the whole computation as one forward.
@@ -222,9 +217,9 @@ class LossModule(nn.Module):
     are divided by them, so gradient accumulation and any number of DDP ranks give the same gradient
     as one big batch (DDP averages over ranks, hence the factor `world`)."""
 
-    def __init__(self, model: Transformer, world: int = 1):
+    def __init__(self, model: Transformer, world: int = 1, guidance: Guidance | None = None):
         super().__init__()
-        self.model, self.world, self.guidance = model, world, Guidance()
+        self.model, self.world, self.guidance = model, world, guidance or Guidance()
         # the frozen reference: None = the model itself with LoRA adapters off; kept out of the module
         # tree (a plain attribute in a list) so that DDP, state_dict and .parameters() never see it
         self._ref = [None]
@@ -232,60 +227,67 @@ class LossModule(nn.Module):
     def set_reference(self, ref: Transformer | None):
         self._ref[0] = ref
 
-    def _last_logits(self, model, h, batch):
-        # the LM head runs only where something is scored, in fp32 (ivft/engine.py says why)
-        return lm_head_fp32(model, h[torch.arange(len(h)), batch["last"]])              # (B, V)
-
     @torch.no_grad()
-    def reference(self, batch):
+    def reference(self, batch) -> tuple[torch.Tensor, dict]:
+        """-> (hidden states (B, T, C) of the reference (+IV), its top heads' z without the IV)."""
         g, ref = self.guidance, self._ref[0]
         ctx = lora.adapters_off(self.model) if ref is None else nullcontext()
         ref = self.model if ref is None else ref
-        record = tuple(g.heads) if g.mse_weight > 0 else ()
-        iv = add_iv(g, batch, 1.0, record) if g.ref_iv else Intervention(pos=batch["last"], record_z=record)
+        record = tuple(g.heads) if g.head_mse_weight > 0 else ()
         idx, pad_mask = batch["idx"], batch["pad_mask"]
-        if g.kl_positions == "last":
+        if g.kl_positions == "last" and g.kl_all_weight == 0:
             # causal attention: nothing after the last prompt token matters there (for the KL and for
             # the heads' z), so the reference reads only the prompt part of the batch
             T = int(batch["last"].max()) + 1
             idx, pad_mask = idx[:, :T], (pad_mask[:, :T] if pad_mask is not None else None)
         with ctx:
-            h = ref(idx, pad_mask=pad_mask, intervention=iv, return_hidden=True)       # (B, T, C)
-            logits = self._last_logits(ref, h, batch) if g.kl_positions == "last" \
-                else lm_head_fp32(ref, h[batch["targets"] != -100])                     # (N, V)
-        return logits, iv.z
+            iv = add_iv(g, batch, 1.0) if g.ref_iv else Intervention(pos=batch["last"], record_z=record)
+            h = ref(idx, pad_mask=pad_mask, intervention=iv, return_hidden=True)         # (B, T, C)
+            z = iv.z
+            if record and g.ref_iv:   # the heads' z are compared with the reference's own, without the IV
+                z = Intervention(pos=batch["last"], record_z=record)
+                ref(idx, pad_mask=pad_mask, intervention=z)
+                z = z.z
+        return h, z
 
     def forward(self, batch, norms):
-        g = self.guidance
-        n_tok, n_rows = norms[0], norms[1]
-        record = tuple(g.heads) if g.mse_weight > 0 else ()
+        g, model = self.guidance, self.model
+        n_tok, n_rows, B = norms[0], norms[1], len(batch["idx"])
+        record = tuple(g.heads) if g.head_mse_weight > 0 else ()
         iv = add_iv(g, batch, g.alpha, record) if g.train_iv else \
             (Intervention(pos=batch["last"], record_z=record) if record else None)
-        h = self.model(batch["idx"], pad_mask=batch["pad_mask"], intervention=iv, return_hidden=True)
+        h = model(batch["idx"], pad_mask=batch["pad_mask"], intervention=iv, return_hidden=True)
         sel = batch["targets"] != -100                                      # (B, T) answer positions
-        logits = lm_head_fp32(self.model, h[sel])                            # (N, V): no logits elsewhere
+        # the LM head runs only where something is scored, in fp32 (ivft/engine.py says why)
+        logits = lm_head_fp32(model, h[sel])                                 # (N, V): no logits elsewhere
         loss = F.cross_entropy(logits, batch["targets"][sel], reduction="sum") / n_tok
         parts = {"ce": loss.detach()}
-        if g.kl_weight > 0 or g.mse_weight > 0:
-            ref_logits, ref_z = self.reference(batch)
+        if g.kl_weight > 0 or g.kl_all_weight > 0 or g.head_mse_weight > 0:
+            ref_h, ref_z = self.reference(batch)
+            ref_head = functools.partial(lm_head_fp32, model if self._ref[0] is None else self._ref[0])
+            rows = torch.arange(B)
         if g.kl_weight > 0:
-            if g.kl_positions == "last":
-                kl, denom = kl_per_row(self._last_logits(self.model, h, batch), ref_logits, g.kl_temp), n_rows  # (B,)
+            if g.kl_positions == "last":     # the last prompt token predicts the first answer token
+                kl = kl_per_row(lm_head_fp32(model, h[rows, batch["last"]]), ref_head(ref_h[rows, batch["last"]]), g.kl_temp)
+                kl = gate(kl, g.kl_min, g.kl_gate, B) / n_rows                                     # (B,) -> ()
             else:
-                kl, denom = kl_per_row(logits, ref_logits, g.kl_temp), n_tok                                   # (N,)
-            if g.kl_min > 0:
-                kl = kl * (kl.detach() > g.kl_min)       # the sibling code's threshold: small KLs count 0
-            kl = kl.sum() / denom
+                kl = gate(kl_per_row(logits, ref_head(ref_h[sel]), g.kl_temp), g.kl_min, g.kl_gate, B) / n_tok
             loss = loss + g.kl_weight * kl
             parts["kl"] = kl.detach()
-        if g.mse_weight > 0:
+        if g.kl_all_weight > 0:
+            real = batch["pad_mask"] if batch["pad_mask"] is not None else torch.ones_like(sel)    # (B, T)
+            kl_pos = kl_per_row(lm_head_fp32(model, h[real]), ref_head(ref_h[real]), g.kl_temp)  # (n real,)
+            per_row = torch.zeros(B, device=kl_pos.device).index_add(0, real.nonzero()[:, 0], kl_pos)
+            kl_all = gate(per_row, g.kl_min, g.kl_gate, B) / n_rows
+            loss = loss + g.kl_all_weight * kl_all
+            parts["kl_all"] = kl_all.detach()
+        if g.head_mse_weight > 0:
             mse = 0.0
             for layer, heads in g.heads.items():
-                # z: (B, 1, H, D) at the last prompt token -> the top heads only
-                diff = iv.z[layer][:, 0, heads].float() - ref_z[layer][:, 0, heads].float()
-                mse = mse + diff.pow(2).mean(dim=(-1,)).sum(-1)                           # (B,)
-            mse = (mse / sum(len(h_) for h_ in g.heads.values())).sum() / n_rows
-            loss = loss + g.mse_weight * mse
+                # z: (B, 1, H, D) at the last prompt token -> the top heads; per head the mean over D
+                per_head = (iv.z[layer][:, 0, heads].float() - ref_z[layer][:, 0, heads].float()).pow(2).mean(-1)  # (B, k)
+                mse = mse + sum(gate(per_head[:, i], g.head_mse_min, "batch", B) for i in range(len(heads))) / n_rows
+            loss = loss + g.head_mse_weight * mse
             parts["mse"] = mse.detach()
         return loss * self.world, parts
 
@@ -330,20 +332,15 @@ def train(cfg: dict, step_callback=None) -> dict:
         for n, (v, l, _) in ivs.items():
             log.line(f"IV {n}: layer {l}, norm {v.norm():.3f}")
 
-    loss_module = LossModule(model, d.world)
-    g = loss_module.guidance
-    if ivs:
-        g.ivs = torch.stack([ivs[t.name][0] for t in train_tasks]).to(d.device)          # (n_tasks, C)
-        g.layers = torch.tensor([ivs[t.name][1] for t in train_tasks], device=d.device)  # (n_tasks,)
-    g.train_iv = bool(ivs) and (cfg["guided"] or cfg["iv_alpha0"] > 0)
-    g.ref_iv = bool(ivs) and cfg["kl_iv"]
-    g.kl_weight, g.kl_temp, g.kl_positions = cfg["kl_weight"], cfg["kl_temp"], cfg["kl_positions"]
-    g.kl_min, g.mse_weight, g.heads = cfg["kl_min"], cfg["head_mse_weight"], heads
+    loss_module = LossModule(model, d.world, Guidance(
+        ivs=torch.stack([ivs[t.name][0] for t in train_tasks]).to(d.device) if ivs else None,          # (n_tasks, C)
+        layers=torch.tensor([ivs[t.name][1] for t in train_tasks], device=d.device) if ivs else None,  # (n_tasks,)
+        train_iv=bool(ivs) and (cfg["guided"] or cfg["iv_alpha0"] > 0), ref_iv=bool(ivs) and cfg["kl_iv"], heads=heads,
+        **{k: cfg[k] for k in ("kl_weight", "kl_temp", "kl_positions", "kl_min", "kl_gate", "kl_all_weight",
+                               "head_mse_weight", "head_mse_min")}))
     results = {"config": cfg, "stages": [], "metrics": {}}
 
-    def evaluate_and_record(label: str):
-        """Evaluate on rank 0 (the others wait; under FSDP every rank runs it, since each forward
-        gathers the shards of all ranks), append the report and rewrite results.json."""
+    def evaluate_and_record(label: str):   # on rank 0; under FSDP every rank (each forward gathers all shards)
         cache = cfg["stage0_cache"] if label.startswith("stage 0") else None
         if d.main or cfg["fsdp"]:
             try:
@@ -353,23 +350,20 @@ def train(cfg: dict, step_callback=None) -> dict:
                 raise TrainError(str(e)) from None
         if d.main:
             evaluate.record_stage(results, report, train_tasks, general)
-            write_results(out_dir / "results.json", results)
+            write_json(out_dir / "results.json", results)
         barrier(d)
-
-    start_stage, start_step = 0, 0
-    if state is not None:
-        results["stages"] = state["stages"]
-        start_stage, start_step = state["stage_done"], state["step"]
-        log.line(f"resuming from {start['ckpt']}: {start_stage} task(s) done, step {start_step} of the next")
-    elif cfg["eval_n"] > 0:
-        evaluate_and_record("stage 0 (original model)")
 
     # the global RNG drives LoRA init and dropout: seeded once here, the same on every rank (FSDP
     # keeps each rank's shard of a freshly initialised adapter, so all ranks must draw the same
     # init); on resume it is what it was at the checkpoint (set again below for a mid-task stage)
+    start_stage, start_step = (state["stage_done"], state["step"]) if state is not None else (0, 0)
     if state is not None:
+        results["stages"] = state["stages"]
+        log.line(f"resuming from {start['ckpt']}: {start_stage} task(s) done, step {start_step} of the next")
         ckpt.set_rng_state(state, d.rank)
     else:
+        if cfg["eval_n"] > 0:
+            evaluate_and_record("stage 0 (original model)")
         torch.manual_seed(cfg["seed"])
         random.seed(cfg["seed"])
 
@@ -412,7 +406,7 @@ def train(cfg: dict, step_callback=None) -> dict:
                     n_ans, n_rows, n_seen = all_reduce_sum(step_counts(micro, d.device), d).tolist()
                     # as a tensor, not floats: torch.compile would specialise on every new value
                     norms = torch.tensor([n_ans, n_rows], device=d.device)
-                    g.alpha = alpha = alpha_at(step, total, cfg["iv_alpha0"], cfg["alpha_schedule"])
+                    loss_module.guidance.alpha = alpha = alpha_at(step, total, cfg["iv_alpha0"], cfg["alpha_schedule"])
                     lr = lr_at(step, total, cfg)
                     for group in opt.param_groups:
                         group["lr"] = lr
@@ -426,11 +420,9 @@ def train(cfg: dict, step_callback=None) -> dict:
                             loss.backward()
                         for k, v in parts.items():
                             logged[k] = logged.get(k, 0.0) + v.float()
-                    keys = sorted(logged)
-                    vals = all_reduce_sum(torch.stack([logged[k] for k in keys]).double(), d) if keys else []
-                    logged = dict(zip(keys, [float(v) for v in vals]))
-                    total_loss = logged.get("ce", 0.0) + cfg["kl_weight"] * logged.get("kl", 0.0) + \
-                        cfg["head_mse_weight"] * logged.get("mse", 0.0)
+                    logged = all_reduce_floats(logged, d)
+                    weights = {"ce": 1.0, "kl": cfg["kl_weight"], "kl_all": cfg["kl_all_weight"], "mse": cfg["head_mse_weight"]}
+                    total_loss = sum(weights[k] * v for k, v in logged.items())
                     if not math.isfinite(total_loss):
                         raise Diverged(f"loss is {total_loss} at task {j + 1} ({task.name}) step {step + 1}/{total} "
                                        f"(lr {lr:.2e}): stopped without saving; last good checkpoint: "
@@ -486,26 +478,16 @@ def train(cfg: dict, step_callback=None) -> dict:
             lora.merge(model)
         path = ckpt.save_stage(out_dir, model, tok, cfg, j + 1, results["stages"], [t.name for t in train_tasks], d)
         if d.main:
-            write_results(out_dir / "results.json", results)
+            write_json(out_dir / "results.json", results)
             log.line(f"task {j + 1}/{len(train_tasks)} {task.name} done: saved {path}")
         barrier(d)
         model.train()
 
     if d.main:
-        m = results["metrics"]
-        if m:
-            log.line("final: " + "  ".join(f"{k} {m[k]:+.4f}" for k in m if isinstance(m[k], (int, float))))
-        write_results(out_dir / "results.json", results)
-        log.line(f"done: {out_dir / 'results.json'}")
+        write_json(out_dir / "results.json", results)
+        log.final(results["metrics"], out_dir / "results.json")
     barrier(d)
     return results
-
-
-def write_results(path: Path, obj):
-    try:
-        write_json_atomic(path, obj)
-    except OSError as e:
-        raise TrainError(str(e)) from None
 
 
 def main(argv=None, step_callback=None) -> dict:

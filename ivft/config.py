@@ -1,4 +1,5 @@
-"""train.py's flags after parsing: the defaults that depend on the presets (--guided, --quick),
+"""train.py's flags after parsing: the defaults that depend on the presets (--preset / --guided,
+--regime, --quick),
 every value checked with a message naming the flag, and the few facts derived from them."""
 from __future__ import annotations
 
@@ -19,8 +20,71 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-# defaults that depend on the presets: (plain, --guided) and (normal, --quick)
-GUIDED_DEFAULTS = {"iv_alpha0": (0.0, 1.0), "kl_weight": (0.0, 1.0), "kl_iv": (False, True)}
+def add_run_flags(p: argparse.ArgumentParser):
+    """train.py's flags about where and how a run runs, not what it computes."""
+    g = p.add_argument_group("I/O").add_argument
+    g("--out_dir", default=None, help="where checkpoints, log.txt and results.json go "
+      "(default runs/<preset>, with -lora and -quick suffixes for --regime lora and --quick)")
+    g("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    g("--overwrite", action="store_true", help="start afresh in an out_dir that holds a run")
+    g("--save_every", type=int, default=0, help="also write a resumable checkpoint (out_dir/last) every N "
+      "optimizer steps; 0 = only after each task")
+    g("--log_every", type=int, default=10, help="log line every N optimizer steps")
+    g("--wandb", action="store_true", help="also log to Weights & Biases (lazy import)")
+    g("--wandb_project", default="iv-guided-ft", help="wandb project name")
+
+    g = p.add_argument_group("system").add_argument
+    g("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="autocast dtype for training and "
+      "evaluation (auto = bf16 where the hardware has native bf16 matmuls, else fp32)")
+    g("--compile", action="store_true", help="torch.compile the plain (unguided) training step")
+    g("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun")
+    g("--num_threads", type=int, default=0, help="CPU threads for torch; 0 = torch's default")
+
+
+def add_iv_flags(p: argparse.ArgumentParser):
+    """train.py's flags about which IVs a run uses (extracted and cached by extract_iv.py, or files)."""
+    g = p.add_argument_group("instruction vectors (extract_iv.py)").add_argument
+    g("--iv_layer", type=int, default=None, help="inject after this block (0-based); default: the IV's own "
+      "(extract_iv.py's default, chosen on a dev split)")
+    g("--iv_dir", default=None, help="IV cache: <iv_dir>/<model tag>/<task>.safetensors (<name>-<data hash> for a "
+      "task file), the layout extract_iv.py writes (default ivs, ivs/quick under --quick)")
+    g("--iv_method", default="exact", choices=["exact", "attribution"], help="AIE computation of the IV extraction (extract_iv.py)")
+    g("--iv_n_clean", type=int, default=None, help="clean prompts averaged into the heads' mean z (default 50, 12 under --quick)")
+    g("--iv_n_corrupt", type=int, default=None, help="corrupted prompts averaged into the AIE (default 25, 4 under --quick)")
+    g("--iv_top_k", type=int, default=None, help="heads in the IV (default: extract_iv's)")
+    g("--iv_file", action="append", default=[], metavar="TASK=PATH",
+      help="use this IV file for TASK instead of extracting one (repeatable)")
+
+
+# Presets only change defaults: a flag given on the command line always wins, then the regime's
+# value, then the method's, then DEFAULTS. Methods (docs/method.md §4 and the baselines of the study):
+METHOD_PRESETS = {
+    "plain": {},
+    "replay": {"replay": 0.25},                                     # a quarter of each batch from earlier tasks
+    "lwf": {"kl_weight": 1.0, "kl_iv": False},                      # KL to the frozen original, no IV
+    "iv_only": {"iv_alpha0": 1.0},                                  # progressive intervention, no KL
+    "guided": {"iv_alpha0": 1.0, "kl_weight": 1.0, "kl_iv": True},  # both: --guided
+    # the FvForgetting code's loss: no vector in the trained model; KL(P_θ ‖ P_prev+IV) at τ 2 at the
+    # last prompt token (weight 20) and over all positions (weight 0.1), each counted only when its
+    # batch mean is above 0.1; per-head MSE of the top heads' z vs the previous model's (weight 1,
+    # each head counted only above 0.01); the reference is the previous stage's model
+    "fvg": {"iv_alpha0": 0.0, "kl_weight": 20.0, "kl_iv": True, "kl_temp": 2.0, "kl_positions": "last",
+            "kl_min": 0.1, "kl_gate": "batch", "kl_all_weight": 0.1, "head_mse_weight": 1.0,
+            "head_mse_min": 0.01, "kl_ref": "previous"},
+}
+# Regimes: full = full fine-tuning with train.py's defaults; lora = the sibling code's family: LoRA
+# r 8, α 16, dropout 0.1 on q_proj/v_proj, a fresh adapter merged after every task, constant lr.
+# lr and epochs of lora were chosen on a dev split by experiments/lora_pilot.py (README).
+REGIME_PRESETS = {
+    "full": {},
+    "lora": {"lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.1, "lora_targets": "q_proj,v_proj",
+             "lora_merge": True, "lr_schedule": "constant", "warmup": 0.0, "lr": 3e-4, "epochs": 3.0},
+}
+DEFAULTS = {"iv_alpha0": 0.0, "kl_weight": 0.0, "kl_iv": False, "replay": 0.0, "kl_temp": 2.0, "kl_positions": "last",
+            "kl_min": 0.0, "kl_gate": "row", "kl_all_weight": 0.0, "head_mse_weight": 0.0, "head_mse_min": 0.0,
+            "kl_ref": "original", "lora_r": 0, "lora_alpha": 16.0, "lora_dropout": 0.1, "lora_targets": "q_proj,v_proj",
+            "lora_merge": True, "lr_schedule": "cosine", "warmup": 0.1}
 # Budget of the defaults: 4 tasks x 40 steps of 8, 5 stage evaluations, the 4 IVs
 # extracted once from 10-shot prompts (then cached). --quick: 4 x 3 steps, 5 evaluations of 5
 # examples, IVs from 12 clean / 4 corrupted prompts. The README has the measured run times.
@@ -38,16 +102,22 @@ RUN_START_FILES = {"train_config.json", "log.txt", "results.json"}
 def resolve_config(args: argparse.Namespace) -> dict:
     """Fill preset-dependent defaults and check values; no files are touched here."""
     cfg = dict(vars(args))
-    for k, (plain, guided) in GUIDED_DEFAULTS.items():
-        if cfg[k] is None:
-            cfg[k] = guided if cfg["guided"] else plain
+    if cfg["guided"] and cfg["preset"] not in (None, "guided"):
+        raise TrainError(f"--guided is --preset guided: it cannot be combined with --preset {cfg['preset']}")
+    cfg["preset"] = cfg["preset"] or ("guided" if cfg["guided"] else "plain")
+    cfg["guided"] = cfg["preset"] == "guided"
+    for source in (REGIME_PRESETS[cfg["regime"]], METHOD_PRESETS[cfg["preset"]], DEFAULTS):
+        for k, v in source.items():
+            if cfg[k] is None:
+                cfg[k] = v
     for k, (normal, quick) in SIZE_DEFAULTS.items():
         if cfg[k] is None:
             cfg[k] = quick if cfg["quick"] else normal
     if cfg["lr"] is None:
         cfg["lr"] = 3e-4 if cfg["lora_r"] > 0 else 1e-4
     if cfg["out_dir"] is None:
-        cfg["out_dir"] = os.path.join("runs", ("guided" if cfg["guided"] else "plain") + ("-quick" if cfg["quick"] else ""))
+        name = cfg["preset"] + ("-lora" if cfg["regime"] == "lora" else "") + ("-quick" if cfg["quick"] else "")
+        cfg["out_dir"] = os.path.join("runs", name)
     if cfg["max_steps"] == 0 and cfg["quick"]:
         cfg["max_steps"] = 3
     checks = [
@@ -79,6 +149,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         (0 <= cfg["min_lr_ratio"] <= 1, f"--min_lr_ratio {cfg['min_lr_ratio']}: must be in [0, 1]"),
         (cfg["weight_decay"] >= 0 and cfg["grad_clip"] >= 0, "--weight_decay and --grad_clip must be >= 0"),
         (cfg["iv_alpha0"] >= 0 and cfg["kl_min"] >= 0, "--iv_alpha0 and --kl_min must be >= 0"),
+        (cfg["kl_all_weight"] >= 0 and cfg["head_mse_min"] >= 0, "--kl_all_weight and --head_mse_min must be >= 0"),
         (all(cfg[k] is None or cfg[k] >= 1 for k in ("iv_n_clean", "iv_n_corrupt", "iv_top_k")),
          "--iv_n_clean, --iv_n_corrupt and --iv_top_k must be >= 1"),
     ]
@@ -103,7 +174,7 @@ def uses_iv(cfg) -> bool:
 
 
 def needs_reference(cfg) -> bool:
-    return cfg["kl_weight"] > 0 or cfg["head_mse_weight"] > 0
+    return cfg["kl_weight"] > 0 or cfg["kl_all_weight"] > 0 or cfg["head_mse_weight"] > 0
 
 
 def check_launch(cfg: dict, world: int):

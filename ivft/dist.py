@@ -46,6 +46,13 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def all_reduce_floats(values: dict, d: Dist) -> dict:
+    """{name: tensor} summed over ranks -> {name: float} (one all-reduce for all of them)."""
+    keys = sorted(values)
+    summed = all_reduce_sum(torch.stack([values[k] for k in keys]).double(), d) if keys else []
+    return dict(zip(keys, [float(v) for v in summed]))
+
+
 def barrier(d: Dist):
     if d.world > 1:
         import torch.distributed as dist

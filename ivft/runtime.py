@@ -51,6 +51,11 @@ class Logger:
         print("config:\n" + "\n".join(f"  {k} = {v}" for k, v in cfg.items()))
         self.line(f"config: {json.dumps(cfg, sort_keys=True)}", echo=False)
 
+    def final(self, metrics: dict, results_path):
+        if metrics:
+            self.line("final: " + "  ".join(f"{k} {v:+.4f}" for k, v in metrics.items() if isinstance(v, (int, float))))
+        self.line(f"done: {results_path}")
+
     def step(self, where: str, step: int, total: int, loss: float, parts: dict, alpha: float, lr: float,
              gnorm: float, tok_s: float, dt: float, task: int = 0):
         """The one line per --log_every optimizer steps (and the same numbers to wandb)."""
@@ -60,6 +65,15 @@ class Logger:
                   f"eta {fmt_time(dt * (total - step))}")
         if self.wandb is not None:
             self.wandb.log({"loss": loss, **parts, "lr": lr, "alpha": alpha, "grad_norm": gnorm, "task": task}, step=step)
+
+
+def write_json(path, obj):
+    """results.json and friends, atomically; a failure is one line naming the file."""
+    from ivft.files import write_json_atomic
+    try:
+        write_json_atomic(path, obj)
+    except OSError as e:
+        raise TrainError(str(e)) from None
 
 
 def fmt_time(s: float) -> str:

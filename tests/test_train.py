@@ -186,6 +186,103 @@ def test_kl_zero_with_lora_reference_adapters_off():
     assert float(lm(batch, n)[1]["kl"]) > 1e-4
 
 
+def fvg_setup(kl_min=0.1, mse_min=0.01):
+    """A trained model, a reference that differs from it, and Guidance as --preset fvg sets it."""
+    tok = byte_tokenizer()
+    def sharp(seed):   # larger weights than tiny_model's: peaked distributions, KLs above the thresholds
+        cfg = tiny_model().config
+        torch.manual_seed(seed)
+        m = Transformer(cfg).init_weights(std=0.5)
+        with torch.no_grad():
+            m.model.embed_tokens.weight.mul_(3)        # tied: also the output layer's scale
+        return m
+    model, ref = sharp(0), sharp(1).eval()
+    batch = guided_batch(tok)
+    g = train.Guidance(ivs=torch.randn(2, 32, generator=torch.Generator().manual_seed(3)), layers=torch.tensor([1, 2]),
+                       train_iv=False, ref_iv=True, kl_weight=20.0, kl_temp=2.0, kl_positions="last", kl_min=kl_min,
+                       kl_gate="batch", kl_all_weight=0.1, head_mse_weight=1.0, head_mse_min=mse_min,
+                       heads={0: torch.tensor([1, 3]), 2: torch.tensor([0])})
+    lm = train.LossModule(model, guidance=g)
+    lm.set_reference(ref)
+    return tok, model, ref, batch, g, lm
+
+
+def sibling_kd(new_logits, prev_logits, T=2.0):
+    # the FvForgetting code's KD_loss, written as it has it: kl_div(log q, p) with batchmean
+    import torch.nn.functional as F
+    return F.kl_div(F.log_softmax(prev_logits / T, dim=-1), F.softmax(new_logits / T, dim=-1), reduction="batchmean")
+
+
+def test_fvg_loss_terms_equal_the_sibling_code_by_hand():
+    import torch.nn.functional as F
+    from model import Intervention
+    tok, model, ref, batch, g, lm = fvg_setup()
+    B, last, real = len(batch["idx"]), batch["last"], batch["pad_mask"]
+    n = (float((batch["targets"] != -100).sum()), float(B))
+    loss, parts = lm(batch, n)
+    with torch.no_grad():
+        # the reference: full sequence, the row's IV added (scale 1) after its task's layer at the last prompt token
+        add = {1: g.ivs[batch["task"]] * (batch["task"] == 0).float()[:, None],
+               2: g.ivs[batch["task"]] * (batch["task"] == 1).float()[:, None]}
+        ref_logits = ref(batch["idx"], pad_mask=real, intervention=Intervention(pos=last, add_resid=add))
+        rec_ref = Intervention(pos=last, record_z=(0, 2))          # the heads' z: the reference WITHOUT the IV
+        ref(batch["idx"], pad_mask=real, intervention=rec_ref)
+    rec = Intervention(pos=last, record_z=(0, 2))
+    logits = model(batch["idx"], pad_mask=real, intervention=rec)
+    rows = torch.arange(B)
+    kl1 = sibling_kd(logits[rows, last], ref_logits[rows, last])
+    # over all positions: the sibling divides the sum by the batch size; we count real tokens only
+    kl2 = sibling_kd(logits[real], ref_logits[real]) * real.sum() / B
+    mses = [F.mse_loss(rec.z[l][:, 0, h], rec_ref.z[l][:, 0, h]).detach() for l, hs in g.heads.items() for h in hs.tolist()]
+    ce = F.cross_entropy(logits[batch["targets"] != -100], batch["targets"][batch["targets"] != -100])
+    assert kl1 > 0.1 and kl2 > 0.1 and all(m > 0.01 for m in mses), "the toy must exceed every threshold"
+    torch.testing.assert_close(parts["kl"], kl1, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(parts["kl_all"], kl2, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(parts["mse"], sum(mses), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, ce + 20 * kl1 + 0.1 * kl2 + sum(mses), rtol=1e-4, atol=1e-5)
+    # thresholds: a term at or below its threshold counts zero (and so gives no gradient)
+    _, _, _, _, _, lm_hi = fvg_setup(kl_min=float(max(kl1, kl2)) + 1, mse_min=float(max(mses)) + 1)
+    loss_hi, parts_hi = lm_hi(batch, n)
+    assert float(parts_hi["kl"]) == float(parts_hi["kl_all"]) == float(parts_hi["mse"]) == 0.0
+    torch.testing.assert_close(loss_hi, ce, rtol=1e-5, atol=1e-6)
+    # one head under its threshold drops out alone
+    _, _, _, _, _, lm_mid = fvg_setup(mse_min=float(sorted(mses)[0]) + 1e-6)
+    torch.testing.assert_close(lm_mid(batch, n)[1]["mse"], sum(sorted(mses)[1:]), rtol=1e-4, atol=1e-6)
+
+
+def test_presets_set_defaults_and_flags_win():
+    from ivft.config import METHOD_PRESETS, resolve_config
+    cfg = resolve_config(train.build_parser().parse_args(["--preset", "fvg"]))
+    assert {k: cfg[k] for k in METHOD_PRESETS["fvg"]} == METHOD_PRESETS["fvg"] and cfg["kl_ref"] == "previous"
+    assert cfg["out_dir"] == str(Path("runs") / "fvg") and not cfg["guided"] and cfg["lora_r"] == 0
+    cfg = resolve_config(train.build_parser().parse_args(["--preset", "fvg", "--kl_weight", "3", "--regime", "lora"]))
+    assert cfg["kl_weight"] == 3 and cfg["kl_all_weight"] == 0.1                 # a flag given wins over the preset
+    assert (cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"], cfg["lora_merge"]) == \
+        (8, 16.0, 0.1, "q_proj,v_proj", True)
+    assert cfg["lr_schedule"] == "constant" and cfg["warmup"] == 0 and cfg["out_dir"] == str(Path("runs") / "fvg-lora")
+    guided = resolve_config(train.build_parser().parse_args(["--guided"]))
+    assert guided["preset"] == "guided" and guided["guided"] and (guided["iv_alpha0"], guided["kl_weight"]) == (1, 1)
+    plain = resolve_config(train.build_parser().parse_args([]))
+    assert plain["preset"] == "plain" and (plain["kl_weight"], plain["replay"], plain["lora_r"]) == (0, 0, 0)
+    assert resolve_config(train.build_parser().parse_args(["--preset", "replay"]))["replay"] == 0.25
+    with pytest.raises(train.TrainError, match="--guided is --preset guided"):
+        resolve_config(train.build_parser().parse_args(["--guided", "--preset", "fvg"]))
+
+
+def test_replay_mixes_a_fixed_sample_of_earlier_tasks_only():
+    from ivft.data import stage_pool
+    encoded = [[Item([i, t], 1, t) for i in range(10)] for t in range(3)]
+    cfg = {"replay": 0.5, "seed": 0}
+    assert stage_pool(encoded, 0, cfg) == encoded[0]                     # nothing earlier to replay
+    pool = stage_pool(encoded, 2, cfg)
+    assert pool[:10] == encoded[2] and len(pool) == 15                    # the task + 0.5 x its size
+    replayed = pool[10:]
+    assert all(it.task in (0, 1) for it in replayed) and len({id(it) for it in replayed}) == 5
+    assert stage_pool(encoded, 2, cfg) == pool                            # the same sample every time
+    assert stage_pool(encoded, 2, {"replay": 0.5, "seed": 1}) != pool     # ... for this seed
+    assert len(stage_pool(encoded, 1, {"replay": 2.0, "seed": 0})) == 30  # more than there is: drawn with repeats
+
+
 # ---- runs -------------------------------------------------------------------------------------------
 
 def test_guided_with_zero_weights_equals_plain(env, tmp_path):
