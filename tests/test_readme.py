@@ -24,3 +24,22 @@ def test_method_citations_point_at_sections_that_exist():
         cited |= set(re.findall(r"docs/method\.md §(\d+)", text))
     assert cited and cited <= sections, f"cited {sorted(cited)}, present {sorted(sections)}"
 
+
+def test_readme_ablation_diffs_apply_to_train_py(tmp_path):
+    # the Ablations section shows forks of train.py as diffs: each must still apply to the current
+    # train.py (a patch that drifted would teach a fork that no longer exists) and give valid Python
+    import ast
+    import subprocess
+    section = (ROOT / "README.md").read_text().split("## Ablations", 1)[1].split("\n## ", 1)[0]
+    diffs = re.findall(r"```diff\n(.*?)```", section, re.S)
+    assert len(diffs) >= 3, "the Ablations section shows fewer than three diffs"
+    for i, diff in enumerate(diffs):
+        work = tmp_path / str(i)
+        work.mkdir()
+        (work / "train.py").write_text((ROOT / "train.py").read_text())
+        (work / "fork.patch").write_text(diff)
+        r = subprocess.run(["git", "apply", "--unidiff-zero", "fork.patch"], cwd=work, capture_output=True, text=True)
+        assert r.returncode == 0, f"diff {i + 1} no longer applies to train.py: {r.stderr}"
+        forked = (work / "train.py").read_text()
+        assert forked != (ROOT / "train.py").read_text()
+        ast.parse(forked)
