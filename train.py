@@ -60,8 +60,8 @@ from ivft.runtime import Diverged, Logger, StopFlag, TrainError, run_cli, write_
 from model import Intervention, Transformer
 
 # ---------------------------------------------------------------------------------------------
-# Flags, grouped as in nanochat. `--guided` and `--quick` are presets that only change defaults
-# (ivft/config.py resolves and checks them), so every value they set can still be overridden.
+# Flags, grouped as in nanochat. The presets (--preset / --guided, --regime, --quick) only change
+# defaults (ivft/config.py resolves and checks them), so every value they set can be overridden.
 
 
 def build_parser() -> argparse.ArgumentParser:

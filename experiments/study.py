@@ -1,28 +1,38 @@
 """
-The study of issue #6 on the embedded model, end to end and resumable:
+The pre-registered study of experiments/study_protocol.md, run in parts and resumable.
 
-    python experiments/study.py            # runs what is missing, then writes the report
-    python experiments/study.py --report   # only rebuild results/study.md, study.json and plots
+Question: does IV-guided training (train.py --preset guided) reduce forgetting of general abilities
+compared with plain sequential fine-tuning, at no cost to learning the new tasks? Six methods
+(plain, replay, lwf, iv_only, guided, fvg: train.py --preset NAME) x two regimes (A: --regime full,
+B: --regime lora) x seeds 0, 1, 2 = 36 train.py runs, each on the default sequence with 50 test
+examples per task and stage; then four analyses (the protocol's findings a-d) per regime on the
+seed-0 runs of plain and guided. The decision rule, the measures and the analyses are the protocol's;
+this file only carries them out.
 
-1. Continual instruction tuning on the default sequence with four methods x three seeds:
-   plain fine-tuning, KL-only (KL to the original model, no IV), IV-only (progressive IV
-   intervention, no KL) and IV-guided (both). Every run is one `train.py` process.
-2. Knowledge vs instruction (docs/method.md §1): the general suite's knowledge_logprob and
-   instruction_logprob after every stage, from the runs' own stage reports.
-3. IV analyses (docs/method.md §3) on the plain and guided seed-0 runs: cosine between the last-prompt-token
-   hidden state after layer l and the task's IV vs the task's score along the stages; IVs re-extracted
-   from the fine-tuned model vs the original ones (cosine, head overlap; noise floor: the original
-   model's IVs extracted again from other prompts); the original IV added back
-   into the fine-tuned model and the share of the lost score it recovers; the general suite's replies
-   along the stages scored with and without case (format overlay or lost content?).
-4. Sensitivity of guided training to lambda, layer l and alpha0 (one seed).
+    python experiments/study.py --list          # every part, its status and minutes, and the next one
+    python experiments/study.py                 # runs the next unfinished part, then writes the report
+    python experiments/study.py --part B-s0     # runs one part (finished runs are skipped, a cut one resumes)
+    python experiments/study.py --part A-s1 --dry_run   # prints the part's train.py commands only
+    python experiments/study.py --report        # only rebuilds results/study.md and results/study.json
 
-Size: 160 training examples per task (20 steps of 8), 20 test examples per task and stage, chosen for
-a 2-core CPU with two 1-thread workers: the 12 method runs and the analyses took 106 minutes, the 6 grid
-runs 75 more (measured with other work sharing the machine). Everything lands in
-runs/study/ (checkpoints, logs; not in git) and results/ (raw JSON, report, plots). A run that was cut
-off resumes from its last checkpoint (train.py --resume); a finished one is skipped. Larger runs:
-change the SIZE flags below (and delete runs/study) - nothing else depends on them.
+Parts, in the order a bare `study.py` takes them (each fits a working session):
+  A-s0, B-s0        the six method runs of one regime and seed (A-plain-s0 ... A-fvg-s0)
+  analysis-A, -B    findings (b)-(d) on <regime>-plain-s0 and <regime>-guided-s0 (needs their stage
+                    checkpoints); finding (a) comes from the runs' own stage reports
+  A-s1, B-s1, A-s2, B-s2
+How long each part takes on the 2-core CPU: measured times: results/study/timings.json, shown by
+--list (until a part has run, --list estimates it from the measured runs of the same regime, or
+gives a rough guess marked as such). --workers N runs N train.py processes at a time, each on
+--threads threads (default: the CPU count / N).
+
+Files: runs/study/<name>/ (train.py's out_dir: checkpoints, log.txt, results.json; not in git;
+checkpoints are deleted after a run except for {A,B}-plain-s0 and {A,B}-guided-s0, which the
+analyses read), runs/study/logs/<name>.txt (train.py's output), runs/study/stage0.json (the
+original model's evaluation, shared by all runs), results/study/run_<name>.json (raw copy of each
+finished run's results.json), results/study/analysis_<A|B>.json (the analyses, one key per item),
+results/study/timings.json, results/study.md and results/study.json (the report; plots beside the
+raw files when matplotlib is installed). A run that was cut off resumes from its last checkpoint
+(train.py --resume); a finished one is skipped; an analysis item that is in its file is not redone.
 """
 from __future__ import annotations
 
@@ -33,6 +43,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,218 +51,390 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+PROTOCOL = ROOT / "experiments" / "study_protocol.md"
 RUNS = ROOT / "runs" / "study"
 OUT = ROOT / "results"
-RAW = OUT / "study"                       # raw JSON per run and analysis, plots
+RAW = OUT / "study"                        # raw JSON per run and analysis, timings, plots
+
+REGIMES = {"A": ["--regime", "full"], "B": ["--regime", "lora"]}
+METHODS = {m: ["--preset", m] for m in ("plain", "replay", "lwf", "iv_only", "guided", "fvg")}
 SEEDS = (0, 1, 2)
-SIZE = ["--max_train", "160", "--lr", "1e-4", "--eval_n", "20", "--eval_k_shot", "3"]
-METHODS = {                                # docs/method.md §4 and the baselines of issue #5
-    "plain": [],
-    "kl_only": ["--kl_weight", "1", "--no-kl_iv"],
-    "iv_only": ["--iv_alpha0", "1"],
-    "guided": ["--guided"],
-}
-GRID = {                                   # one knob at a time around the guided defaults (λ=1, l=9, α0=1),
-    "guided_lambda3": ["--guided", "--kl_weight", "3"],       # in the order they run: each knob once
-    "guided_layer14": ["--guided", "--iv_layer", "14"],       # before any gets its second value
-    "guided_alpha2": ["--guided", "--iv_alpha0", "2"],
-    "guided_lambda0.3": ["--guided", "--kl_weight", "0.3"],
-    "guided_layer5": ["--guided", "--iv_layer", "5"],
-    "guided_alpha0.5": ["--guided", "--iv_alpha0", "0.5"],
-}
-KEEP_CHECKPOINTS = {"plain-s0", "guided-s0"}   # the IV analyses read their stage checkpoints
-# IVs of the general tasks for the analyses: fewer prompts than training's IVs (100 / 25), the same
-# settings for the original and the fine-tuned model so that the two are comparable
-ANALYSIS_IV = {"n_clean": 50, "n_corrupt": 16}
-N_ANALYSIS = 20                            # test examples per task in the analyses
-ALPHAS = (1.0, 4.0)                        # IV add-back strengths, both reported (no choosing on test)
+# everything else is train.py's defaults and the regime's preset (ivft/config.py)
+SIZE = ["--eval_n", "50", "--eval_k_shot", "3"]
+ANALYSED = ("plain", "guided")             # the analyses use seed 0 of these (protocol: findings)
+KEEP_CHECKPOINTS = {f"{r}-{m}-s0" for r in REGIMES for m in ANALYSED}
+PART_ORDER = ("A-s0", "B-s0", "analysis-A", "analysis-B", "A-s1", "B-s1", "A-s2", "B-s2")
+# IV extraction in the analyses: extract_iv's defaults, with train.py's prompt counts (the settings
+# of the training IVs, so the training tasks' IVs are train.py's own cached files)
+IV_SETTINGS = {"method": "exact", "n_clean": 50, "n_corrupt": 25}
+N_ANALYSIS = 50                            # test examples per task in the analyses (c) and (d)
+NOISE_SEED = 1                             # (b)'s noise floor: the original model's IV from other prompts
+# Decision rule (protocol): guided's mean GP_drop <= 0.5 x plain's, and guided's mean new_task >=
+# plain's - 2 points, over all 3 seeds; plain's GP_drop <= 0 means nothing was forgotten (false).
+NEW_TASK_MARGIN = 0.02
+EPS = 1e-9                                 # slack for float rounding at the boundaries (scores are k/50)
+KEYS = ("GP_drop", "IP_drop", "AP", "BWT", "FWT", "new_task")
+# --list's guess for a run or analysis before anything of its kind was measured (minutes, 2-core CPU,
+# one worker): the README's measured train.py times are ~8-12 min for full fine-tuning; LoRA here
+# trains more epochs. Replaced by measured numbers as soon as one run of the regime has finished.
+GUESS_MINUTES = {"A": 10.0, "B": 15.0, "analysis": 60.0}
 
-
-def run_names() -> list[str]:
-    names = [f"{m}-s{s}" for s in SEEDS for m in METHODS]
-    return names + [f"{g}-s0" for g in GRID]
-
-
-def run_flags(name: str) -> list[str]:
-    method, seed = name.rsplit("-s", 1)
-    flags = METHODS.get(method, GRID.get(method))
-    return [*SIZE, *flags, "--seed", seed]
-
-
-def finished(name: str) -> bool:
-    p = RUNS / name / "results.json"
-    if not p.is_file():
-        return False
-    r = json.loads(p.read_text())
-    return len(r.get("stages", [])) == 1 + len(r["cl"]["train_tasks"]) if r.get("cl") else False
-
-
-def do_run(name: str, threads: int) -> str:
-    d = RUNS / name
-    if finished(name):
-        return f"{name}: done before"
-    has_ckpt = d.is_dir() and any(d.glob("stage-*")) or (d / "last").exists()
-    cmd = [sys.executable, str(ROOT / "train.py"), "--out_dir", str(d), *run_flags(name),
-           "--num_threads", str(threads), "--stage0_cache", str(RUNS / "stage0.json"), "--log_every", "5",
-           "--resume" if has_ckpt else "--overwrite"]
-    d.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with open(d / "stdout.txt", "a") as f:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
-    if rc != 0:
-        return f"{name}: FAILED (exit {rc}; see {d / 'stdout.txt'})"
-    RAW.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(d / "results.json", RAW / f"run_{name}.json")
-    if name not in KEEP_CHECKPOINTS:            # 0.5 GB per stage; the numbers are in results.json
-        for c in d.glob("stage-*"):
-            shutil.rmtree(c, ignore_errors=True)
-    return f"{name}: {time.time() - t0:.0f} s"
+_lock = threading.Lock()
 
 
 # ---------------------------------------------------------------------------------------------
-# IV analyses (run in a worker process of their own: `study.py --job analysis`)
+# Runs and parts
 
-def analysis(threads: int) -> str:
+def run_name(regime: str, method: str, seed: int) -> str:
+    return f"{regime}-{method}-s{seed}"
+
+
+def parse_name(name: str) -> tuple[str, str, int]:
+    """'A-guided-s0' -> ('A', 'guided', 0); ValueError for anything else."""
+    regime, _, rest = name.partition("-")
+    method, _, seed = rest.rpartition("-s")
+    if regime not in REGIMES or method not in METHODS or not seed.isdigit() or int(seed) not in SEEDS:
+        raise ValueError(f"not a run of the study: {name!r}")
+    return regime, method, int(seed)
+
+
+def run_names() -> list[str]:
+    return [run_name(r, m, s) for s in SEEDS for r in REGIMES for m in METHODS]
+
+
+def run_flags(name: str) -> list[str]:
+    regime, method, seed = parse_name(name)
+    return [*REGIMES[regime], *METHODS[method], *SIZE, "--seed", str(seed)]
+
+
+def parts() -> dict[str, dict]:
+    """{part name: {"kind": "runs", "runs": [...]} or {"kind": "analysis", "regime", "needs", "items"}}, in order."""
+    out = {}
+    for p in PART_ORDER:
+        if p.startswith("analysis-"):
+            r = p.split("-", 1)[1]
+            out[p] = {"kind": "analysis", "regime": r, "needs": [run_name(r, m, 0) for m in ANALYSED],
+                      "items": analysis_items(r)}
+        else:
+            r, seed = p.split("-s")
+            out[p] = {"kind": "runs", "regime": r, "runs": [run_name(r, m, int(seed)) for m in METHODS]}
+    return out
+
+
+def analysis_items(regime: str) -> list[str]:
+    """The keys of results/study/analysis_<regime>.json, cheapest first; each is done once."""
+    runs = [run_name(regime, m, 0) for m in ANALYSED]
+    return ["c/original", *(f"c/{r}" for r in runs), *(f"d/{r}" for r in runs),
+            "b/noise_floor", *(f"b/{r}" for r in runs)]
+
+
+def complete(r: dict | None) -> bool:
+    """A results.json of a finished run: one stage report per training task plus the original's."""
+    try:
+        return len(r["stages"]) == 1 + len(r["cl"]["train_tasks"])
+    except (TypeError, KeyError):
+        return False
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_done(name: str) -> bool:
+    return complete(read_json(RAW / f"run_{name}.json")) or complete(read_json(RUNS / name / "results.json"))
+
+
+def run_started(name: str) -> bool:
+    d = RUNS / name
+    return d.is_dir() and any(d.iterdir())
+
+
+def load_analysis(regime: str) -> dict:
+    return read_json(RAW / f"analysis_{regime}.json") or {}
+
+
+def part_status(part: str) -> tuple[str, int, int]:
+    """-> ("done" | "partly" | "not started", items done, items in all)."""
+    p = parts()[part]
+    if p["kind"] == "runs":
+        done = sum(run_done(n) for n in p["runs"])
+        total = len(p["runs"])
+        started = done or any(run_started(n) for n in p["runs"])
+    else:
+        a = load_analysis(p["regime"])
+        done = sum(k in a for k in p["items"])
+        total = len(p["items"])
+        started = done
+    return ("done" if done == total else "partly" if started else "not started"), done, total
+
+
+def next_part() -> str | None:
+    return next((p for p in PART_ORDER if part_status(p)[0] != "done"), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timings (results/study/timings.json): {name: {"seconds", "complete", "sessions", "threads", "workers"}}
+
+def load_timings() -> dict:
+    return read_json(RAW / "timings.json") or {}
+
+
+def add_timing(name: str, seconds: float, complete_: bool, threads: int, workers: int):
+    from ivft.files import write_json_atomic
+    with _lock:
+        t = load_timings()
+        old = t.get(name, {})
+        t[name] = {"seconds": round(old.get("seconds", 0.0) + seconds, 1), "complete": complete_,
+                   "sessions": old.get("sessions", 0) + 1, "threads": threads, "workers": workers}
+        RAW.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(RAW / "timings.json", t)
+
+
+def run_minutes(name: str, timings: dict) -> tuple[float, str]:
+    """A run's wall minutes: measured, else the mean of measured runs of the same regime and method
+    (or regime), else the guess."""
+    t = timings.get(name)
+    if t and t.get("complete"):
+        return t["seconds"] / 60, "measured"
+    regime, method, _ = parse_name(name)
+    measured = {k: v["seconds"] for k, v in timings.items() if v.get("complete") and not k.startswith("analysis")}
+    for same in ([v for k, v in measured.items() if parse_name(k)[:2] == (regime, method)],
+                 [v for k, v in measured.items() if parse_name(k)[0] == regime]):
+        if same:
+            return sum(same) / len(same) / 60, "estimated"
+    return GUESS_MINUTES[regime], "guess"
+
+
+def part_minutes(part: str, timings: dict, workers: int = 1) -> tuple[float, float, str]:
+    """-> (minutes of the whole part, minutes still to run, "measured" | "estimated" | "guess")."""
+    p = parts()[part]
+    if p["kind"] == "analysis":
+        t = timings.get(part)
+        if t and t.get("complete"):
+            return t["seconds"] / 60, 0.0, "measured"
+        other = [v["seconds"] / 60 for k, v in timings.items() if k.startswith("analysis") and v.get("complete")]
+        m, kind = (other[0], "estimated") if other else (GUESS_MINUTES["analysis"], "guess")
+        return m, (0.0 if part_status(part)[0] == "done" else m), kind
+    rows = [(n, *run_minutes(n, timings)) for n in p["runs"]]
+    kinds = {k for _, _, k in rows}
+    kind = "measured" if kinds == {"measured"} else "guess" if "guess" in kinds else "estimated"
+    total = sum(m for _, m, _ in rows) / max(1, workers)
+    left = sum(m for n, m, _ in rows if not run_done(n)) / max(1, workers)
+    return total, left, kind
+
+
+def list_parts(workers: int = 1) -> str:
+    timings = load_timings()
+    lines = [f"{'part':<12}{'status':<16}{'minutes':<26}what"]
+    for name, p in parts().items():
+        status, done, total = part_status(name)
+        m, left, kind = part_minutes(name, timings, workers)
+        st = status if status != "partly" else f"partly {done}/{total}"
+        mins = f"{m:.0f} ({kind})" + (f", ~{left:.0f} left" if 0 < left < m else "")
+        if p["kind"] == "runs":
+            what = f"{len(p['runs'])} runs, {' '.join(REGIMES[p['regime']])}: " + ", ".join(p["runs"])
+        else:
+            missing = [n for n in p["needs"] if not run_done(n)]
+            what = f"findings b-d on {' and '.join(p['needs'])}" + (f" (waits for {', '.join(missing)})" if missing else "")
+        lines.append(f"{name:<12}{st:<16}{mins:<26}{what}")
+    nxt = next_part()
+    lines.append(f"next: {nxt}" if nxt else "all parts done")
+    lines.append(f"(minutes: wall time per part with --workers {workers}; measured ones are in {RAW / 'timings.json'})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a part
+
+def train_command(name: str, threads: int) -> list[str]:
+    d = RUNS / name
+    has_ckpt = d.is_dir() and (any(d.glob("stage-*")) or (d / "last").exists())
+    return [sys.executable, str(ROOT / "train.py"), "--out_dir", str(d), *run_flags(name),
+            "--num_threads", str(threads), "--stage0_cache", str(RUNS / "stage0.json"), "--log_every", "10",
+            "--resume" if has_ckpt else "--overwrite"]
+
+
+def do_run(name: str, threads: int, workers: int = 1) -> tuple[bool, str]:
+    """One train.py process (skipped when finished, resumed when cut off); then the raw copy, the
+    timing, and the checkpoints removed unless the analyses need them."""
+    d = RUNS / name
+    if complete(read_json(RAW / f"run_{name}.json")):
+        return True, f"{name}: done before"
+    if not complete(read_json(d / "results.json")):
+        cmd = train_command(name, threads)
+        (RUNS / "logs").mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        with open(RUNS / "logs" / f"{name}.txt", "a") as f:
+            f.write(f"\n$ {' '.join(cmd)}\n")
+            f.flush()
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        ok = rc == 0 and complete(read_json(d / "results.json"))
+        add_timing(name, time.time() - t0, ok, threads, workers)
+        if not ok:
+            return False, f"{name}: FAILED (exit {rc}; see {RUNS / 'logs' / f'{name}.txt'})"
+        msg = f"{name}: {(time.time() - t0) / 60:.1f} min"
+    else:
+        msg = f"{name}: finished before, raw copy made now"
+    RAW.mkdir(parents=True, exist_ok=True)
+    tmp = RAW / f".run_{name}.json.tmp"
+    shutil.copyfile(d / "results.json", tmp)
+    os.replace(tmp, RAW / f"run_{name}.json")
+    if name not in KEEP_CHECKPOINTS:            # 0.5 GB per stage; the numbers are in results.json
+        for c in [*d.glob("stage-*"), d / "last"]:
+            shutil.rmtree(c, ignore_errors=True)
+    return True, msg
+
+
+def run_part(part: str, workers: int, threads: int, dry_run: bool = False) -> bool:
+    p = parts()[part]
+    t0 = time.time()
+    say = lambda msg: print(f"[{(time.time() - t0) / 60:5.1f} min] {msg}", flush=True)
+    if p["kind"] == "analysis":
+        missing = [n for n in p["needs"] if not run_done(n)]
+        if missing or dry_run:
+            say(f"{part}: " + (f"needs the runs {', '.join(missing)} first" if missing else
+                                f"would analyse {', '.join(p['needs'])} on {threads * workers} threads"))
+            return not missing
+        try:
+            msg = analysis(p["regime"], threads * workers, say)
+        finally:
+            add_timing(part, time.time() - t0, part_status(part)[0] == "done", threads * workers, 1)
+        say(msg)
+        return part_status(part)[0] == "done"
+    pending = [n for n in p["runs"] if not run_done(n) or not (RAW / f"run_{n}.json").is_file()]
+    if dry_run:
+        for n in pending:
+            print(" ".join(train_command(n, threads)))
+        return True
+    RUNS.mkdir(parents=True, exist_ok=True)
+    ok = True
+    if pending and workers > 1 and not (RUNS / "stage0.json").is_file():
+        good, msg = do_run(pending.pop(0), threads, workers)   # writes the shared stage-0 evaluation
+        ok &= good
+        say(msg)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for good, msg in pool.map(lambda n: do_run(n, threads, workers), pending):
+            ok &= good
+            say(msg)
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# The analyses of one regime (findings b-d; (a) is read from the runs' stage reports)
+
+def analysis(regime: str, threads: int, say=print) -> str:
     import torch
     import evaluate as E
     import extract_iv as X
     from ivft import tasks as T
-    from ivft.prompts import normalize_answer, reply_contains
-    from ivft.report import save_report
-    from ivft.ivcheck import replies as greedy_replies
-    from ivft.ivfile import model_tag
-    from ivft.ivprompts import chat_prompt, pad_left, score_prompts
+    from ivft.files import write_json_atomic
+    from ivft.ivcheck import replies
+    from ivft.ivfile import iv_filename, model_tag
+    from ivft.ivprompts import chat_prompt, score_prompts
     from ivft.ivsettings import Settings
     from ivft.load import load_model
-    from model import Intervention
+    from ivft.prompts import normalize_answer, reply_contains
 
     torch.set_num_threads(threads)
-    out_path = RAW / "analysis.json"
-    res = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    path = RAW / f"analysis_{regime}.json"
+    res = load_analysis(regime)
+    runs = [run_name(regime, m, 0) for m in ANALYSED]
+    raw = {r: read_json(RAW / f"run_{r}.json") or read_json(RUNS / r / "results.json") for r in runs}
+    for r in runs:
+        n_stages = len(raw[r]["stages"]) - 1
+        missing = [s for s in range(1, n_stages + 1) if not (RUNS / r / f"stage-{s}").is_dir()]
+        if missing:
+            return f"analysis-{regime}: {RUNS / r} lacks the checkpoints stage-{missing} (rerun {r})"
 
-    def save():
+    def save(key, value):
+        res[key] = value
         RAW.mkdir(parents=True, exist_ok=True)
-        save_report(res, out_path)
+        write_json_atomic(path, res, indent=1)
+        say(f"analysis-{regime}: {key} saved")
 
-    train_names = T.default_sequence()
-    general = list(T.general_suite())
+    train_names, general = T.default_sequence(), list(T.general_suite())
+    tasks = {n: T.load_task(n) for n in train_names + general}
+    tag = model_tag(None)
     orig, tok = load_model(None)
-    ivdir = RAW / "ivs"
 
-    def iv_for(model, name, tag, **settings):
-        return X.get_iv(model, tok, name, ivdir / tag / f"{name}.safetensors", model_id=tag, progress=False,
-                        **settings)
+    def iv_of(model, name, folder, model_id, **extra):
+        return X.get_iv(model, tok, tasks[name], Path(folder) / iv_filename(tasks[name]), model_id=model_id,
+                        progress=False, **IV_SETTINGS, **extra)
 
-    # IVs of the original model: the training tasks' are train.py's (ivs/, 50 clean / 25 corrupted
-    # prompts), the general tasks' are made here
-    train_iv = {n: X.get_iv(orig, tok, n, ROOT / "ivs" / model_tag(None) / f"{n}.safetensors", progress=False,
-                            method="exact", n_clean=50, n_corrupt=25) for n in train_names}
-    gen_iv = {n: iv_for(orig, n, "original", **ANALYSIS_IV) for n in general}
-    layer = next(iter(train_iv.values()))["layer"]
+    # the original IVs: the training tasks' are train.py's own files in ivs/ (same settings), the
+    # general tasks' are extract_iv.py's default files there (made now if missing)
+    orig_iv = {n: iv_of(orig, n, ROOT / "ivs" / tag, tag) for n in tasks}
+    prompts = {n: [chat_prompt(tok, ex) for ex in t.test[:N_ANALYSIS]] for n, t in tasks.items()}
+    metric = {n: E.canonical_metric(t.metric) for n, t in tasks.items()}
+    stage_model = {}
 
-    @torch.no_grad()
-    def last_hidden(model, task, n):
-        """Mean over n test prompts of cos(h after block `layer` at the last prompt token, task IV)."""
-        iv = (train_iv | gen_iv)[task.name]["iv"]
-        prompts = [chat_prompt(tok, ex) for ex in task.test[:n]]
-        cos = []
-        for i in range(0, len(prompts), 16):
-            idx, mask = pad_left([p.ids for p in prompts[i:i + 16]])
-            rec = Intervention(pos=torch.full((idx.shape[0],), idx.shape[1] - 1), record_resid=(layer,))
-            model(idx, pad_mask=mask, intervention=rec, return_hidden=True)
-            h = rec.resid[layer][:, 0].float()                                      # (B, C)
-            cos += torch.nn.functional.cosine_similarity(h, iv[None].float(), dim=-1).tolist()
-        return sum(cos) / len(cos)
+    def model_at(run, s):
+        if s == 0:
+            return orig
+        key = (run, s)
+        if key not in stage_model:
+            stage_model.clear()                          # one fine-tuned model in memory at a time
+            stage_model[key] = load_model(str(RUNS / run / f"stage-{s}"))[0]
+        return stage_model[key]
 
-    @torch.no_grad()
-    def add_back(model, task, iv, alpha, n):
-        """reply_contains / exact match and the gold's log-prob with alpha * IV added after `layer`
-        at the last prompt token (zero-shot test prompts)."""
-        prompts = [chat_prompt(tok, ex) for ex in task.test[:n]]
-        add = (layer, alpha * iv) if alpha else None
-        lp = float(score_prompts(model, prompts, add=add)["logprob"].mean())
-        hits = 0
-        for p, reply in zip(prompts, replies(model, prompts, add)):
-            hits += (reply_contains(reply, p.text) if task.kind == "general"
-                     else normalize_answer(reply) == normalize_answer(p.text))
-        return {"score": hits / len(prompts), "logprob": lp}
+    def scores(model, name, add=None) -> list[int]:
+        """Per test example: the greedy zero-shot chat reply scored by the task's primary metric
+        (reply_contains for the general suite, exact match for the training tasks)."""
+        reps = replies(model, tok, prompts[name], Settings(format="chat"), add, max_new=E.REPLY_TOKENS)
+        if metric[name] == "reply_contains":
+            return [int(reply_contains(r, p.text)) for r, p in zip(reps, prompts[name])]
+        return [int(normalize_answer(r) == normalize_answer(p.text)) for r, p in zip(reps, prompts[name])]
 
-    def replies(model, prompts, add=None):
-        """Greedy chat replies (up to evaluate.REPLY_TOKENS tokens), optionally with add = (layer,
-        vector) added to the residual stream at the last prompt token."""
-        return greedy_replies(model, tok, prompts, Settings(format="chat"), add, max_new=E.REPLY_TOKENS)
-
-    all_tasks = {n: T.load_task(n) for n in train_names + general}
-    # the noise floor of (b): the same extraction from the original model on other prompts (seed 1)
-    key = "reextracted/original-seed1"
-    if key not in res:
-        rows = {}
-        for n in general:
-            rows[n] = compare_ivs(iv_for(orig, n, "original-seed1", seed=1, **ANALYSIS_IV), gen_iv[n])
-        res[key] = rows
-        save()
-    for run in ("plain-s0", "guided-s0"):
-        d = RUNS / run
-        if not (d / "stage-4").is_dir():
-            return f"analysis: {d}/stage-4 is missing (run the study's training runs first)"
-        stages = json.loads((d / "results.json").read_text())["stages"]
-        # (a) cosine(hidden, IV) vs score along the stages
-        key = f"cosine/{run}"
-        if key not in res:
-            rows = []
-            for s in range(len(stages)):
-                model = orig if s == 0 else load_model(str(d / f"stage-{s}"))[0]
-                for n, t in all_tasks.items():
-                    rows.append({"stage": s, "task": n, "cos": last_hidden(model, t, N_ANALYSIS),
-                                 "score": E.primary_score(stages[s], n)})
-            res[key] = rows
-            save()
-        final, _ = load_model(str(d / "stage-4"))
-        # (b) the IVs re-extracted from the fine-tuned model
-        key = f"reextracted/{run}"
-        if key not in res and run == "plain-s0":   # the paper's claim is about plain fine-tuning
+    # (c) re-injection: the original IV (own layer, scale 1) added to the final model
+    if "c/original" not in res:
+        save("c/original", {n: scores(orig, n) for n in tasks})
+    for r in runs:
+        if f"c/{r}" not in res:
+            final = model_at(r, len(raw[r]["stages"]) - 1)
             rows = {}
-            for n in general + train_names:
-                settings = ANALYSIS_IV if n in general else {"method": "exact", "n_clean": 100, "n_corrupt": 25}
-                new = iv_for(final, n, run, **settings)
-                old = (train_iv | gen_iv)[n]
-                rows[n] = compare_ivs(new, old) | {"heads_original": [list(h) for h in old["heads"]],
-                                                   "heads_finetuned": [list(h) for h in new["heads"]]}
-            res[key] = rows
-            save()
-        # (c) the original IV added back into the fine-tuned model
-        key = f"addback/{run}"
-        if key not in res:
-            rows = {}
-            for n, t in all_tasks.items():
-                iv = (train_iv | gen_iv)[n]["iv"]
-                rows[n] = {"original": add_back(orig, t, iv, 0, N_ANALYSIS),
-                           "finetuned": add_back(final, t, iv, 0, N_ANALYSIS)}
-                for a in ALPHAS:
-                    rows[n][f"finetuned+iv*{a:g}"] = add_back(final, t, iv, a, N_ANALYSIS)
-            res[key] = rows
-            save()
-        # (d) format or content? The general suite's replies along the stages, scored by
-        # reply_contains and by the same rule ignoring case: a reply in the training task's
-        # capitals ("SOLDIER") states the answer in the wrong format
-        key = f"format/{run}"
-        if key not in res:
+            for n in tasks:
+                iv = orig_iv[n]
+                rows[n] = {"layer": int(iv["layer"]), "final": scores(final, n),
+                           "with_iv": scores(final, n, (int(iv["layer"]), iv["iv"]))}
+            save(f"c/{r}", rows)
+
+    # (d) cos(hidden after the IV's layer at the last prompt token, task IV) vs score, tasks x stages
+    for r in runs:
+        if f"d/{r}" not in res:
             rows = []
-            for s in range(len(stages)):
-                model = orig if s == 0 else load_model(str(d / f"stage-{s}"))[0]
-                for n in general:
-                    t = all_tasks[n]
-                    prompts = [chat_prompt(tok, ex) for ex in t.test[:N_ANALYSIS]]
-                    reps = replies(model, prompts)
-                    rows.append({"stage": s, "task": n,
-                                 "reply_contains": mean(reply_contains(r, p.text) for r, p in zip(reps, prompts)),
-                                 "ignoring_case": mean(reply_contains(r.lower(), p.text.lower())
-                                                       for r, p in zip(reps, prompts)),
-                                 "examples": [[p.text.strip(), r] for p, r in list(zip(prompts, reps))[:3]]})
-            res[key] = rows
-            save()
-    return "analysis: done"
+            for s, rep in enumerate(raw[r]["stages"]):
+                model = model_at(r, s)
+                for n in tasks:
+                    iv = orig_iv[n]
+                    h = score_prompts(model, prompts[n], record_resid=True)["resid"][:, int(iv["layer"])]
+                    cos = torch.nn.functional.cosine_similarity(h, iv["iv"][None].float(), dim=-1)
+                    rows.append({"stage": s, "task": n, "layer": int(iv["layer"]), "cos": float(cos.mean()),
+                                 "score": E.primary_score(rep, n)})
+            save(f"d/{r}", rows)
+
+    # (b) IV stability: the general tasks' IVs re-extracted from the final model vs the original's,
+    # next to the noise floor (the original model's IVs from other prompts, seed 1)
+    if "b/noise_floor" not in res:
+        save("b/noise_floor", {n: compare_ivs(iv_of(orig, n, RAW / "ivs" / f"original-seed{NOISE_SEED}",
+                                                     f"{tag}-seed{NOISE_SEED}", seed=NOISE_SEED), orig_iv[n])
+                               for n in general})
+    for r in runs:
+        if f"b/{r}" not in res:
+            stages = raw[r]["stages"]
+            final = model_at(r, len(stages) - 1)
+            rows = {}
+            for n in general:
+                new = iv_of(final, n, RAW / "ivs" / r, r)
+                rows[n] = compare_ivs(new, orig_iv[n]) | {
+                    "score_drop": E.primary_score(stages[0], n) - E.primary_score(stages[-1], n),
+                    "heads_original": [list(h) for h in orig_iv[n]["heads"]],
+                    "heads_final": [list(h) for h in new["heads"]]}
+            save(f"b/{r}", rows)
+    return f"analysis-{regime}: done"
 
 
 def compare_ivs(new: dict, old: dict) -> dict:
@@ -260,19 +443,19 @@ def compare_ivs(new: dict, old: dict) -> dict:
     import torch
     from ivft.ivcheck import spearman
     shared = set(map(tuple, new["heads"])) & set(map(tuple, old["heads"]))
-    return {"cos": float(torch.nn.functional.cosine_similarity(new["iv"], old["iv"], dim=0)),
+    return {"cos": float(torch.nn.functional.cosine_similarity(new["iv"].float(), old["iv"].float(), dim=0)),
             "norm_ratio": float(new["iv"].norm() / old["iv"].norm()),
             "head_overlap": len(shared) / len(old["heads"]),
             "aie_corr": spearman(new["aie"].flatten(), old["aie"].flatten())}
 
 
-def mean(xs) -> float:
-    xs = [float(x) for x in xs]
-    return sum(xs) / len(xs)
-
-
 # ---------------------------------------------------------------------------------------------
-# Report
+# Numbers of the report
+
+def mean(xs) -> float | None:
+    xs = [float(x) for x in xs]
+    return sum(xs) / len(xs) if xs else None
+
 
 def mean_std(xs):
     xs = [x for x in xs if x is not None]
@@ -283,6 +466,13 @@ def mean_std(xs):
     return m, sd
 
 
+def stat(xs) -> dict:
+    """{"mean", "std", "n"} over the values that are not None (std over seeds, n - 1; 0 for one)."""
+    xs = [x for x in xs if x is not None]
+    m, sd = mean_std(xs)
+    return {"mean": m, "std": sd, "n": len(xs)}
+
+
 def summarise(r: dict) -> dict:
     cl = r["cl"]
     R, n = cl["R"], len(cl["train_tasks"])
@@ -291,353 +481,464 @@ def summarise(r: dict) -> dict:
     return {"AP": cl["AP"], "BWT": cl["BWT"], "FWT": cl["FWT"], "GP_drop": cl["GP_drop"], "IP_drop": cl["IP_drop"],
             "new_task": sum(R[j + 1][j] for j in range(n)) / n,
             "instr_lp_change": delta("instruction_logprob"), "knowl_lp_change": delta("knowledge_logprob"),
-            "choice_change": delta("choice_accuracy"),
+            "choice_change": delta("choice_accuracy"), "train_tasks": cl["train_tasks"],
             "GP": cl["GP"], "IP": cl["IP"], "general": g, "R": R}
 
 
-def fmt(m, sd=None, pct=True):
-    if m is None:
-        return "-"
-    k = 100 if pct else 1
-    return f"{k * m:+.1f}" + (f" ± {k * sd:.1f}" if sd is not None else "")
-
-
-def report() -> str:
-    runs = {}
-    for name in run_names():
-        p = RAW / f"run_{name}.json"
-        if p.is_file():
-            runs[name] = summarise(json.loads(p.read_text()))
-    if not runs:
-        return "report: no finished runs yet"
-    keys = ("GP_drop", "IP_drop", "AP", "BWT", "FWT", "new_task", "choice_change", "instr_lp_change", "knowl_lp_change")
-    study = {"size": SIZE, "seeds": list(SEEDS), "methods": {}, "grid": {}}
-    for m in METHODS:
-        rs = [runs[f"{m}-s{s}"] for s in SEEDS if f"{m}-s{s}" in runs]
-        if rs:
-            study["methods"][m] = {"n_seeds": len(rs)} | {k: dict(zip(("mean", "std"), mean_std([r[k] for r in rs])))
-                                                         for k in keys}
-    for g in GRID:
-        if f"{g}-s0" in runs:
-            study["grid"][g] = {k: runs[f"{g}-s0"][k] for k in keys}
-    meth = study["methods"]
-    verdict = None
-    if "plain" in meth and "guided" in meth:
-        gp, gg = meth["plain"]["GP_drop"]["mean"], meth["guided"]["GP_drop"]["mean"]
-        nt = meth["guided"]["new_task"]["mean"] - meth["plain"]["new_task"]["mean"]
-        verdict = {"guided_GP_drop": gg, "plain_GP_drop": gp, "forgetting_ratio": gg / gp if gp else None,
-                   "new_task_diff": nt, "forgetting_halved": bool(gp > 0 and gg <= gp / 2),
-                   "new_task_within_2_points": bool(nt >= -0.02), "goal_holds": bool(gp > 0 and gg <= gp / 2 and nt >= -0.02)}
-    study["goal"] = verdict
-    analysis = json.loads((RAW / "analysis.json").read_text()) if (RAW / "analysis.json").is_file() else {}
-    study["analysis_summary"] = summarise_analysis(analysis)
-    from ivft.report import save_report
-    save_report(study, OUT / "study.json")
-    plots = make_plots(runs, analysis)
-    (OUT / "study.md").write_text(markdown(study, runs, analysis, plots))
-    return f"report: {OUT / 'study.md'} ({len(runs)} runs, {len(plots)} plots)"
-
-
-def pearson(xs, ys):
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sx = math.sqrt(sum((x - mx) ** 2 for x in xs))
-    sy = math.sqrt(sum((y - my) ** 2 for y in ys))
-    return sxy / (sx * sy) if sx and sy else None
-
-
-def summarise_analysis(a: dict) -> dict:
+def load_runs() -> dict[str, dict]:
     out = {}
-    for run in ("plain-s0", "guided-s0"):
-        rows = a.get(f"cosine/{run}")
-        if rows:
-            out[f"cos_score_pearson/{run}"] = pearson([r["cos"] for r in rows], [r["score"] for r in rows])
-        re_ = a.get(f"reextracted/{run}")
-        if re_:
-            out[f"reextracted_cos_mean/{run}"] = sum(v["cos"] for v in re_.values()) / len(re_)
-            out[f"head_overlap_mean/{run}"] = sum(v["head_overlap"] for v in re_.values()) / len(re_)
-        ab = a.get(f"addback/{run}")
-        if ab:
-            for alpha in ALPHAS:
-                rec = recovery(ab, f"finetuned+iv*{alpha:g}")
-                out[f"recovery_alpha{alpha:g}/{run}"] = rec
-    floor = a.get("reextracted/original-seed1")
-    re_ = a.get("reextracted/plain-s0")
-    if floor and re_:
-        gen = list(floor)
-        for k in ("cos", "head_overlap"):
-            out[f"general_{k}/original-seed1"] = sum(floor[n][k] for n in gen) / len(gen)
-            out[f"general_{k}/plain-s0"] = sum(re_[n][k] for n in gen) / len(gen)
+    for name in run_names():
+        r = read_json(RAW / f"run_{name}.json")
+        if complete(r):
+            out[name] = summarise(r)
     return out
 
 
-def recovery(ab: dict, cond: str) -> dict:
-    """Per task with a loss (original - fine-tuned > 0): (with IV - fine-tuned) / (original - fine-tuned);
-    and pooled over those tasks: sum of gains / sum of losses."""
-    per, gain, loss = {}, 0.0, 0.0
-    for n, v in ab.items():
-        lost = v["original"]["score"] - v["finetuned"]["score"]
-        if lost > 0:
-            g = v[cond]["score"] - v["finetuned"]["score"]
-            per[n] = g / lost
-            gain, loss = gain + g, loss + lost
-    return {"pooled": gain / loss if loss else None, "per_task": per}
+def by_seed(runs: dict, regime: str, method: str) -> dict[int, dict]:
+    return {s: runs[run_name(regime, method, s)] for s in SEEDS if run_name(regime, method, s) in runs}
 
 
-def make_plots(runs: dict, a: dict) -> list[str]:
+def paired(plain: dict[int, dict], guided: dict[int, dict]) -> dict:
+    """guided - plain per seed (same seed = same data order) for GP_drop and new_task, and their
+    mean ± std over the seeds that have both."""
+    seeds = sorted(set(plain) & set(guided))
+    per = {str(s): {k: guided[s][k] - plain[s][k] for k in ("GP_drop", "new_task")} for s in seeds}
+    return {"per_seed": per, **{k: stat([v[k] for v in per.values()]) for k in ("GP_drop", "new_task")}}
+
+
+def decide(plain: dict[int, dict], guided: dict[int, dict]) -> tuple[bool | None, dict]:
+    """The protocol's decision rule on per-seed summaries ({seed: {"GP_drop", "new_task"}}): None
+    (not decided) until all seeds of both methods are in; the numbers are given either way."""
+    seeds = sorted(set(plain) & set(guided))
+    nums = {"seeds_done": len(seeds), "seeds_needed": len(SEEDS)}
+    if not seeds:
+        return None, nums
+    p_gp, g_gp = (mean(x[s]["GP_drop"] for s in seeds) for x in (plain, guided))
+    p_nt, g_nt = (mean(x[s]["new_task"] for s in seeds) for x in (plain, guided))
+    forgot = p_gp > EPS
+    halved = forgot and g_gp <= 0.5 * p_gp + EPS
+    kept = g_nt >= p_nt - NEW_TASK_MARGIN - EPS
+    nums |= {"plain_GP_drop": p_gp, "guided_GP_drop": g_gp, "GP_drop_limit": 0.5 * p_gp,
+             "GP_ratio": g_gp / p_gp if forgot else None, "GP_halved": halved, "plain_forgets": forgot,
+             "plain_new_task": p_nt, "guided_new_task": g_nt, "new_task_limit": p_nt - NEW_TASK_MARGIN,
+             "new_task_diff": g_nt - p_nt, "new_task_kept": kept}
+    if not all(s in plain and s in guided for s in SEEDS):
+        return None, nums
+    return bool(halved and kept), nums
+
+
+def learnability(runs: dict, regime: str) -> dict:
+    """Plain training's new-task score right after each task's own stage (R[j+1][j]), over seeds."""
+    rs = list(by_seed(runs, regime, "plain").values())
+    if not rs:
+        return {}
+    tasks = rs[0]["train_tasks"]
+    return {t: stat([r["R"][j + 1][j] for r in rs]) for j, t in enumerate(tasks)}
+
+
+def finding_a(runs: dict, regime: str) -> dict | None:
+    """(a) the general suite's mean instruction and knowledge log-prob per stage (and GP beside)."""
+    out = {}
+    for m in ANALYSED:
+        r = runs.get(run_name(regime, m, 0))
+        if r:
+            out[run_name(regime, m, 0)] = {"instruction_logprob": r["general"].get("instruction_logprob"),
+                                           "knowledge_logprob": r["general"].get("knowledge_logprob"),
+                                           "GP": r["GP"]}
+    return out or None
+
+
+def finding_b(a: dict, regime: str) -> dict | None:
+    keys = ("cos", "head_overlap", "norm_ratio", "aie_corr")
+    floor = a.get("b/noise_floor")
+    rs = {r: a[f"b/{r}"] for r in (run_name(regime, m, 0) for m in ANALYSED) if f"b/{r}" in a}
+    if not floor and not rs:
+        return None
+    means = {label: {k: mean(v[k] for v in rows.values() if v.get(k) is not None) for k in keys}
+             for label, rows in (({"noise_floor": floor} if floor else {}) | rs).items()}
+    runs_out = {r: {n: {k: v.get(k) for k in (*keys, "score_drop")} for n, v in rows.items()} for r, rows in rs.items()}
+    return {"noise_floor": floor, "runs": runs_out, "means": means}
+
+
+def recovery(original: list, final: list, with_iv: list) -> dict:
+    """(c) per-example scores of the original model, the final one and the final one with the
+    original IV: the loss original - final with its standard error (paired), and the recovered share
+    (with IV - final) / (original - final) only where the loss exceeds 2 standard errors
+    (ivft.ivcheck.gap_or_none), else None ("within noise")."""
+    import torch
+    from ivft.ivcheck import gap_or_none
+    o, f, w = (torch.tensor(x, dtype=torch.float64) for x in (original, final, with_iv))
+    share, note = gap_or_none(o, f, w)
+    d = o - f
+    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else None
+    return {"original": float(o.mean()), "final": float(f.mean()), "with_iv": float(w.mean()),
+            "loss": float(d.mean()), "se": se, "recovered": share, "note": note if share is not None else "within noise",
+            "n": len(d)}
+
+
+def finding_c(a: dict, regime: str) -> dict | None:
+    orig = a.get("c/original")
+    rs = {r: a[f"c/{r}"] for r in (run_name(regime, m, 0) for m in ANALYSED) if f"c/{r}" in a}
+    if not orig or not rs:
+        return None
+    from ivft.tasks import general_suite
+    general = set(general_suite())
+    out = {"runs": {}, "pooled_general": {}}
+    for r, rows in rs.items():
+        out["runs"][r] = {n: recovery(orig[n], v["final"], v["with_iv"]) for n, v in rows.items()}
+        gen = [n for n in rows if n in general]
+        if gen:   # all general examples together: one paired loss over 6 x 50 examples
+            out["pooled_general"][r] = recovery(*([x for n in gen for x in src[n]] for src in
+                                                  (orig, {n: rows[n]["final"] for n in gen},
+                                                   {n: rows[n]["with_iv"] for n in gen})))
+    return out
+
+
+def spearman_rows(rows: list[dict]) -> float | None:
+    if len(rows) < 3:
+        return None
+    import torch
+    from ivft.ivcheck import spearman
+    rho = spearman(torch.tensor([r["cos"] for r in rows]), torch.tensor([float(r["score"]) for r in rows]))
+    return None if math.isnan(rho) else rho
+
+
+def finding_d(a: dict, regime: str) -> dict | None:
+    rs = {r: a[f"d/{r}"] for r in (run_name(regime, m, 0) for m in ANALYSED) if f"d/{r}" in a}
+    if not rs:
+        return None
+    return {"runs": {r: {"spearman": spearman_rows(rows), "n": len(rows), "rows": rows} for r, rows in rs.items()}}
+
+
+def regime_summary(runs: dict, regime: str) -> dict:
+    methods = {}
+    for m in METHODS:
+        rs = list(by_seed(runs, regime, m).values())
+        if rs:
+            methods[m] = {k: stat([r[k] for r in rs]) for k in KEYS}
+    plain, guided = by_seed(runs, regime, "plain"), by_seed(runs, regime, "guided")
+    verdict, nums = decide(plain, guided)
+    a = load_analysis(regime)
+    return {"flags": REGIMES[regime], "runs_done": sorted(n for n in runs if n.startswith(f"{regime}-")),
+            "methods": methods, "paired": paired(plain, guided), "decision": verdict, "decision_numbers": nums,
+            "learnability": learnability(runs, regime),
+            "findings": {"a": finding_a(runs, regime), "b": finding_b(a, regime), "c": finding_c(a, regime),
+                         "d": finding_d(a, regime)}}
+
+
+def protocol_commit() -> tuple[str | None, bool]:
+    """(short hash of the last commit that touched the protocol, whether the file differs from it);
+    (None, True) without git or before the protocol is committed."""
+    try:
+        rel = str(PROTOCOL.relative_to(ROOT))
+        h = subprocess.run(["git", "log", "-1", "--format=%h", "--", rel], cwd=ROOT, capture_output=True,
+                           text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", rel], cwd=ROOT, capture_output=True,
+                               text=True, timeout=30).stdout.strip()
+        return (h or None), bool(dirty) or not h
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None, True
+
+
+def report() -> str:
+    runs = load_runs()
+    regimes = {r: regime_summary(runs, r) for r in REGIMES}
+    a_methods = {}
+    for m in METHODS:                          # regime A in the schema of the earlier study
+        rs = list(by_seed(runs, "A", m).values())
+        if rs:
+            a_methods[m] = {"n_seeds": len(rs)} | {k: dict(zip(("mean", "std"), mean_std([r[k] for r in rs])))
+                                                   for k in (*KEYS, "choice_change", "instr_lp_change", "knowl_lp_change")}
+    commit, dirty = protocol_commit()
+    timings = load_timings()
+    study = {"protocol": {"file": str(PROTOCOL.relative_to(ROOT)), "commit": commit, "differs_from_commit": dirty},
+             "size": SIZE, "seeds": list(SEEDS), "methods": a_methods, "regimes": regimes,
+             "parts": {p: {"status": part_status(p)[0], "minutes": round(part_minutes(p, timings)[0], 1),
+                           "minutes_kind": part_minutes(p, timings)[2]} for p in PART_ORDER}}
+    from ivft.report import save_report
+    OUT.mkdir(parents=True, exist_ok=True)
+    save_report(study, OUT / "study.json")
+    plots = make_plots(runs, regimes)
+    (OUT / "study.md").write_text(markdown(study, runs, plots))
+    return f"report: {OUT / 'study.md'} ({len(runs)} of {len(run_names())} runs, {len(plots)} plots)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (optional: none without matplotlib)
+
+COLORS = {"plain": "C3", "replay": "C1", "lwf": "C4", "iv_only": "C2", "guided": "C0", "fvg": "C5"}
+
+
+def make_plots(runs: dict, regimes: dict) -> list[str]:
     from ivft.report import pyplot
     plt = pyplot()
-    if plt is None:
+    if plt is None or not runs:
         return []
     RAW.mkdir(parents=True, exist_ok=True)
     made = []
-    colors = {"plain": "C3", "kl_only": "C1", "iv_only": "C2", "guided": "C0"}
-    # 1. forgetting per stage: GP (general suite, reply_contains) and mean train-task score
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for m, c in colors.items():
-        rs = [runs[f"{m}-s{s}"] for s in SEEDS if f"{m}-s{s}" in runs]
-        if not rs:
+
+    def save(fig, name):
+        path = RAW / name
+        tmp = path.with_name(f".{name}.tmp.png")
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, path)
+        made.append(str(path.relative_to(OUT)))
+
+    for regime, summ in regimes.items():
+        if not summ["runs_done"]:
             continue
-        for ax, get, title in ((axes[0], lambda r: r["GP"], "general suite, zero-shot (GP)"),
-                               (axes[1], lambda r: r["IP"], "general suite, 3-shot (IP)"),
-                               (axes[2], lambda r: r["general"].get("choice_accuracy"), "general suite, choice accuracy")):
-            curves = [get(r) for r in rs if get(r)]
-            if not curves:
-                continue
-            xs = range(len(curves[0]))
-            mean = [sum(v[i] for v in curves) / len(curves) for i in xs]
-            for v in curves:
-                ax.plot(xs, v, color=c, alpha=0.25, lw=1)
-            ax.plot(xs, mean, color=c, lw=2, label=m)
-            ax.set_title(title)
+        # 1. the general suite along the stages, mean over seeds per method
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for m, c in COLORS.items():
+            rs = list(by_seed(runs, regime, m).values())
+            for ax, key, title in ((axes[0], "GP", "general suite, zero-shot (GP)"), (axes[1], "IP", "general suite, 3-shot (IP)")):
+                curves = [r[key] for r in rs if r[key]]
+                if curves:
+                    xs = range(len(curves[0]))
+                    ax.plot(xs, [100 * mean(v[i] for v in curves) for i in xs], "o-", color=c, label=f"{m} ({len(curves)})")
+                ax.set_title(f"regime {regime}: {title}")
+                ax.set_xlabel("stage (0 = original)")
+                ax.set_ylabel("points")
+        axes[0].legend(fontsize=7)
+        save(fig, f"{regime}_general_per_stage.png")
+        f = summ["findings"]
+        # 2. (a) instruction vs knowledge log-prob
+        if f["a"]:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for run, v in f["a"].items():
+                c = COLORS[parse_name(run)[1]]
+                for metric, ls in (("instruction_logprob", "-"), ("knowledge_logprob", "--")):
+                    if v[metric]:
+                        ax.plot(range(len(v[metric])), v[metric], ls, color=c, marker="o", label=f"{run} {metric.split('_')[0]}")
             ax.set_xlabel("stage (0 = original)")
-    axes[0].legend()
-    fig.tight_layout()
-    made.append(_save(fig, "forgetting_per_stage.png"))
-    # 2. knowledge vs instruction log-prob along the stages (mean over seeds)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m, c in colors.items():
-        rs = [runs[f"{m}-s{s}"] for s in SEEDS if f"{m}-s{s}" in runs]
-        for metric, ls in (("instruction_logprob", "-"), ("knowledge_logprob", "--")):
-            curves = [r["general"].get(metric) for r in rs if r["general"].get(metric)]
-            if curves:
-                xs = range(len(curves[0]))
-                ax.plot(xs, [sum(v[i] for v in curves) / len(curves) for i in xs], ls, color=c,
-                        label=f"{m} {metric.split('_')[0]}")
-    ax.set_xlabel("stage (0 = original)")
-    ax.set_ylabel("mean log P(gold answer)")
-    ax.set_title("general suite: instruction (solid) vs knowledge (dashed)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    made.append(_save(fig, "knowledge_vs_instruction.png"))
-    # 3. cosine(hidden, IV) vs score
-    for run in ("plain-s0", "guided-s0"):
-        rows = a.get(f"cosine/{run}")
-        if not rows:
-            continue
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for i, n in enumerate(dict.fromkeys(r["task"] for r in rows)):
-            pts = [r for r in rows if r["task"] == n]
-            ax.plot([r["cos"] for r in pts], [r["score"] for r in pts], "o-", color=f"C{i}", label=n, ms=4, lw=0.8)
-        ax.set_xlabel("cos(hidden after layer l, task IV), last prompt token")
-        ax.set_ylabel("task score")
-        ax.set_title(f"{run}: stages 0-4")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        made.append(_save(fig, f"cosine_vs_score_{run}.png"))
-    # 4. recovery by adding the original IV back
-    for run in ("plain-s0", "guided-s0"):
-        ab = a.get(f"addback/{run}")
-        if not ab:
-            continue
-        names = list(ab)
-        conds = ["original", "finetuned"] + [f"finetuned+iv*{x:g}" for x in ALPHAS]
-        fig, ax = plt.subplots(figsize=(10, 4))
-        w = 0.8 / len(conds)
-        for k, cnd in enumerate(conds):
-            ax.bar([i + k * w for i in range(len(names))], [ab[n][cnd]["score"] for n in names], w, label=cnd)
-        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(names))], names, rotation=30, fontsize=7)
-        ax.set_ylabel("score")
-        ax.set_title(f"{run}: the original IV added back into the final model")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        made.append(_save(fig, f"iv_addback_{run}.png"))
-    # 5. AIE heat maps: original vs fine-tuned, for two general tasks
-    from ivft.ivfile import read_iv
-    for n in ("capital", "plural"):
-        paths = [RAW / "ivs" / "original" / f"{n}.safetensors", RAW / "ivs" / "plain-s0" / f"{n}.safetensors"]
-        if all(p.is_file() for p in paths):
-            fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-            for ax, p, t in zip(axes, paths, ("original", "after plain fine-tuning")):
-                r = read_iv(p)
-                im = ax.imshow(r["aie"].numpy(), aspect="auto", cmap="viridis")
-                ax.set_title(f"AIE {n}: {t}")
-                ax.set_xlabel("head")
-                ax.set_ylabel("layer")
-                fig.colorbar(im, ax=ax)
-            fig.tight_layout()
-            made.append(_save(fig, f"aie_{n}.png"))
+            ax.set_ylabel("mean log P(gold answer)")
+            ax.set_title(f"regime {regime} (a): instruction (solid) vs knowledge (dashed)")
+            ax.legend(fontsize=7)
+            save(fig, f"{regime}_a_instruction_vs_knowledge.png")
+        # 3. (c) re-injection
+        if f["c"]:
+            fig, axes = plt.subplots(1, len(f["c"]["runs"]), figsize=(7 * len(f["c"]["runs"]), 4), squeeze=False)
+            for ax, (run, rows) in zip(axes[0], f["c"]["runs"].items()):
+                names = list(rows)
+                for k, (cond, col) in enumerate((("original", "C7"), ("final", "C3"), ("with_iv", "C0"))):
+                    ax.bar([i + k * 0.27 for i in range(len(names))], [100 * rows[n][cond] for n in names], 0.27,
+                           color=col, label=cond.replace("_", " + original IV" if cond == "with_iv" else ""))
+                ax.set_xticks([i + 0.27 for i in range(len(names))], names, rotation=30, fontsize=7)
+                ax.set_ylabel("points")
+                ax.set_title(f"{run} (c): the original IV added to the final model")
+                ax.legend(fontsize=7)
+            save(fig, f"{regime}_c_reinjection.png")
+        # 4. (d) cos(hidden, IV) vs score
+        if f["d"]:
+            fig, axes = plt.subplots(1, len(f["d"]["runs"]), figsize=(6 * len(f["d"]["runs"]), 4), squeeze=False)
+            for ax, (run, v) in zip(axes[0], f["d"]["runs"].items()):
+                for i, n in enumerate(dict.fromkeys(r["task"] for r in v["rows"])):
+                    pts = [r for r in v["rows"] if r["task"] == n]
+                    ax.plot([r["cos"] for r in pts], [100 * r["score"] for r in pts], "o-", color=f"C{i % 10}",
+                            label=n, ms=4, lw=0.8)
+                rho = v["spearman"]
+                ax.set_title(f"{run} (d): Spearman ρ = {rho:.2f}" if rho is not None else f"{run} (d)")
+                ax.set_xlabel("cos(hidden after the IV's layer, task IV)")
+                ax.set_ylabel("score (points)")
+                ax.legend(fontsize=6)
+            save(fig, f"{regime}_d_cos_vs_score.png")
     return made
 
 
-def _save(fig, name) -> str:
-    import matplotlib.pyplot as plt
-    path = RAW / name
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return str(path.relative_to(OUT))
+# ---------------------------------------------------------------------------------------------
+# study.md
+
+def pts(m, sd=None, sign=True):
+    """A fraction in points (x 100), with ± std."""
+    if m is None:
+        return "-"
+    s = f"{100 * m:+.1f}" if sign else f"{100 * m:.1f}"
+    return s + (f" ± {100 * sd:.1f}" if sd is not None else "")
 
 
-def markdown(study: dict, runs: dict, a: dict, plots: list[str]) -> str:
+def num(x, digits=2):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def decision_text(regime: str, verdict, nums: dict) -> str:
+    if not nums.get("seeds_done"):
+        return f"**Decision, regime {regime}: not yet decided: 0 of {len(SEEDS)} seeds** of plain and guided are done."
+    body = (f"guided's mean GP_drop {pts(nums['guided_GP_drop'], sign=False)} vs the limit 0.5 × plain's "
+            f"{pts(nums['plain_GP_drop'], sign=False)} = {pts(nums['GP_drop_limit'], sign=False)} points "
+            f"({'met' if nums['GP_halved'] else 'not met'}"
+            + ("" if nums["plain_forgets"] else "; plain forgets nothing (GP_drop ≤ 0), so the rule cannot hold")
+            + f"); guided's mean new_task {pts(nums['guided_new_task'], sign=False)} vs the limit plain's "
+            f"{pts(nums['plain_new_task'], sign=False)} − 2 = {pts(nums['new_task_limit'], sign=False)} "
+            f"({'met' if nums['new_task_kept'] else 'not met'}).")
+    if verdict is None:
+        return (f"**Decision, regime {regime}: not yet decided: {nums['seeds_done']} of {nums['seeds_needed']} "
+                f"seeds** of plain and guided are done. Provisional numbers on those seeds: {body}")
+    return f"**Decision, regime {regime}: {'true' if verdict else 'false'}.** {body}"
+
+
+def markdown(study: dict, runs: dict, plots: list[str]) -> str:
     from ivft.tasks import default_sequence, general_suite
-    L = ["# Study: does fine-tuning erase instruction following, and does IV guidance help?", "",
-         "Regenerate: `python experiments/study.py` (resumable; `--report` only rewrites this file).",
-         f"Embedded SmolLM2-135M-Instruct, default sequence {' → '.join(default_sequence())}, general suite "
-         f"{', '.join(general_suite())}. Size: `{' '.join(SIZE)}` (batch 8, so 20 steps per task), "
-         f"seeds {', '.join(map(str, SEEDS))}. Scores: training tasks by exact match; the general suite "
-         "(GP, IP) by `reply_contains` (the greedy reply states the gold answer), next to choice accuracy "
-         "(ranking of answers, the knowledge side). All numbers in points (×100); ± is the std over seeds.", ""]
-    L += ["## Methods (mean ± std over seeds)", "",
-          "| method | seeds | GP drop ↓ | IP drop ↓ | AP | BWT | FWT | new_task |", "|---|---|---|---|---|---|---|---|"]
-    for m, v in study["methods"].items():
-        L.append(f"| {m} | {v['n_seeds']} | " + " | ".join(fmt(v[k]["mean"], v[k]["std"]) for k in
-                                                          ("GP_drop", "IP_drop", "AP", "BWT", "FWT", "new_task")) + " |")
-    L += ["", "new_task = mean over tasks of the score right after learning it (R[j][j]); AP = mean final score.", "",
-          "Knowledge vs instruction on the general suite, final stage minus original model (mean ± std over seeds):", "",
-          "| method | choice accuracy (points) | instruction_logprob (nats) | knowledge_logprob (nats) |", "|---|---|---|---|"]
-    for m, v in study["methods"].items():
-        if v.get("instr_lp_change", {}).get("mean") is not None:
-            L.append(f"| {m} | {fmt(v['choice_change']['mean'], v['choice_change']['std'])} | "
-                     f"{fmt(v['instr_lp_change']['mean'], v['instr_lp_change']['std'], pct=False)} | "
-                     f"{fmt(v['knowl_lp_change']['mean'], v['knowl_lp_change']['std'], pct=False)} |")
+    protocol = PROTOCOL.read_text().rstrip("\n") if PROTOCOL.is_file() else f"({PROTOCOL} is missing)"
+    pc = study["protocol"]
+    where = (f"pre-registered in commit {pc['commit']}" if pc["commit"] else "not yet committed (no commit found)")
+    if pc["commit"] and pc["differs_from_commit"]:
+        where += "; **the file has changed since that commit**"
+    L = [protocol, "", "---", "",
+         f"The protocol above is copied verbatim from `{pc['file']}`, {where}. Everything below is generated by "
+         "`python experiments/study.py --report` from the runs that have finished.", "",
+         "# Results", "",
+         f"Runs finished: {len(runs)} of {len(run_names())}. Flags of every run: the regime's and the method's "
+         f"preset, `{' '.join(SIZE)}`, `--seed S` (train.py's defaults otherwise). Sequence "
+         f"{' → '.join(default_sequence())}; general suite {', '.join(general_suite())}. Scores in points "
+         "(× 100); ± is the standard deviation over seeds.", "",
+         "| part | status | minutes |", "|---|---|---|"]
+    for p, v in study["parts"].items():
+        L.append(f"| {p} | {v['status']} | {v['minutes']:.0f} ({v['minutes_kind']}) |")
     L.append("")
-    g = study.get("goal")
-    if g:
-        L += ["## The goal", "",
-              f"Guided GP drop {fmt(g['guided_GP_drop'])} vs plain {fmt(g['plain_GP_drop'])} "
-              f"(ratio {g['forgetting_ratio']:.2f}; goal ≤ 0.5: {'met' if g['forgetting_halved'] else 'not met'}); "
-              f"new-task score difference {fmt(g['new_task_diff'])} points (goal ≥ −2: "
-              f"{'met' if g['new_task_within_2_points'] else 'not met'}). "
-              f"**The goal {'holds' if g['goal_holds'] else 'does not hold'} on this benchmark.**", ""]
-    # per-stage general-suite view
-    L += ["## General suite along the stages (seed 0)", "",
-          "| run | metric | " + " | ".join(f"stage {i}" for i in range(5)) + " |", "|---|---|" + "---|" * 5]
-    for m in METHODS:
-        r = runs.get(f"{m}-s0")
-        if not r:
+    for regime, s in study["regimes"].items():
+        L += [f"## Regime {regime} (`{' '.join(s['flags'])}`)", ""]
+        if not s["runs_done"]:
+            L += ["No run of this regime has finished yet.", ""]
             continue
-        rows = [("reply_contains (GP)", r["GP"], True), ("reply_contains 3-shot (IP)", r["IP"], True)]
-        rows += [(k, r["general"].get(k), k == "choice_accuracy") for k in
-                 ("choice_accuracy", "instruction_logprob", "knowledge_logprob")]
-        for label, vals, pct in rows:
-            if vals:
-                L.append(f"| {m} | {label} | " + " | ".join(f"{100 * v:.1f}" if pct else f"{v:.2f}" for v in vals) + " |")
-    L += ["", "Knowledge vs instruction (docs/method.md §1): log-probs are natural-log sums over the gold answer.", ""]
-    fm = {run: a.get(f"format/{run}") for run in ("plain-s0", "guided-s0") if a.get(f"format/{run}")}
-    if fm:
-        L += ["## Format or content? (seed 0, general suite, greedy replies)", "",
-              "`reply_contains` requires the answer in the model's own casing; ignoring case also accepts a "
-              f"reply in a training format's capitals. Mean over the general tasks, {N_ANALYSIS} test prompts each.", "",
-              "| run | score | " + " | ".join(f"stage {i}" for i in range(5)) + " |", "|---|---|" + "---|" * 5]
-        for run, rows in fm.items():
-            for k in ("reply_contains", "ignoring_case"):
-                per = [mean(r[k] for r in rows if r["stage"] == st) for st in range(5)]
-                L.append(f"| {run} | {k} | " + " | ".join(f"{100 * v:.1f}" for v in per) + " |")
-        L += ["", "Replies of plain-s0 (first test prompt of each general task) after each stage:", "",
-              "| task | gold | " + " | ".join(f"stage {i}" for i in range(5)) + " |", "|---|---|" + "---|" * 5]
-        rows = fm.get("plain-s0", [])
-        for n in general_suite():
-            ex = [r["examples"][0] for r in sorted((r for r in rows if r["task"] == n), key=lambda r: r["stage"])]
-            if ex:
-                cell = lambda t: "`" + t.replace("|", "/").replace("\n", " ")[:40] + "`"
-                L.append(f"| {n} | {ex[0][0]} | " + " | ".join(cell(e[1]) for e in ex) + " |")
-        L.append("")
-    if study["grid"]:
-        L += ["## Sensitivity of guided training (seed 0)", "",
-              "| setting | GP drop | IP drop | AP | BWT | new_task |", "|---|---|---|---|---|---|"]
-        if "guided-s0" in runs:
-            r = runs["guided-s0"]
-            L.append("| default (λ=1, l=9, α0=1) | " + " | ".join(fmt(r[k]) for k in ("GP_drop", "IP_drop", "AP", "BWT", "new_task")) + " |")
-        for name, v in study["grid"].items():
-            L.append(f"| {name.replace('guided_', '')} | " + " | ".join(fmt(v[k]) for k in ("GP_drop", "IP_drop", "AP", "BWT", "new_task")) + " |")
-        L.append("")
-    s = study["analysis_summary"]
-    if s:
-        L += ["## IV analyses (docs/method.md §3)", ""]
-        for run in ("plain-s0", "guided-s0"):
-            if f"cos_score_pearson/{run}" in s:
-                L.append(f"- {run}: Pearson r between cos(hidden, IV) and score over tasks × stages: "
-                         f"{s[f'cos_score_pearson/{run}']:.2f}")
-            if f"reextracted_cos_mean/{run}" in s:
-                L.append(f"- {run}: IV re-extracted from the final model vs the original: mean cosine "
-                         f"{s[f'reextracted_cos_mean/{run}']:.2f}, mean top-head overlap {s[f'head_overlap_mean/{run}']:.2f}")
-                if "general_cos/original-seed1" in s:
-                    L.append(f"  - general tasks only: cosine {s['general_cos/plain-s0']:.2f}, head overlap "
-                             f"{s['general_head_overlap/plain-s0']:.2f}; noise floor, the original model's IV "
-                             f"extracted again from other prompts (seed 1): cosine {s['general_cos/original-seed1']:.2f}, "
-                             f"head overlap {s['general_head_overlap/original-seed1']:.2f}")
-            for alpha in ALPHAS:
-                rec = s.get(f"recovery_alpha{alpha:g}/{run}")
-                if rec and rec["pooled"] is not None:
-                    L.append(f"- {run}: the original IV ×{alpha:g} added back recovers {100 * rec['pooled']:.0f}% of the "
-                             f"lost score (pooled over tasks that lost any)")
-        L.append("")
-        for run in ("plain-s0", "guided-s0"):
-            re_ = a.get(f"reextracted/{run}")
-            ab = a.get(f"addback/{run}")
-            if not (re_ and ab):
-                continue
-            conds = ["original", "finetuned"] + [f"finetuned+iv*{x:g}" for x in ALPHAS]
-            L += [f"### {run}", "", "| task | IV cos (re-extracted vs original) | head overlap | " +
-                  " | ".join(conds) + " |", "|---|---|---|" + "---|" * len(conds)]
-            for n in ab:
-                rv = re_.get(n, {})
-                L.append(f"| {n} | {rv.get('cos', float('nan')):.2f} | {rv.get('head_overlap', float('nan')):.2f} | " +
-                         " | ".join(f"{100 * ab[n][c]['score']:.0f} ({ab[n][c]['logprob']:.1f})" for c in conds) + " |")
-            L += ["", "Cells: score (mean log P of the gold answer). General tasks: reply_contains; training "
-                  "tasks: exact match.", ""]
-    if plots:
-        L += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+        if s["learnability"]:
+            L += ["### Learnability of plain training", "",
+                  "New-task test score right after the task's own stage (mean ± std over seeds):", "",
+                  "| task | score | seeds |", "|---|---|---|"]
+            L += [f"| {t} | {pts(v['mean'], v['std'], sign=False)} | {v['n']} |" for t, v in s["learnability"].items()]
+            L.append("")
+        L += ["### Methods", "", "| method | seeds | GP_drop ↓ | IP_drop ↓ | AP | BWT | FWT | new_task |",
+              "|---|---|---|---|---|---|---|---|"]
+        for m, v in s["methods"].items():
+            L.append(f"| {m} | {max(v[k]['n'] for k in KEYS)} | " +
+                     " | ".join(pts(v[k]["mean"], v[k]["std"]) for k in KEYS) + " |")
+        L += ["", "GP_drop / IP_drop: the general suite's score (zero-shot / 3-shot) of the original model minus the "
+              "final model's; new_task: mean over tasks of the score right after its own stage.", ""]
+        pr = s["paired"]
+        if pr["per_seed"]:
+            L += ["### Paired differences, guided − plain (same seed, same data order)", "",
+                  "| seed | Δ GP_drop | Δ new_task |", "|---|---|---|"]
+            L += [f"| {seed} | {pts(v['GP_drop'])} | {pts(v['new_task'])} |" for seed, v in pr["per_seed"].items()]
+            L += [f"| mean ± std (n {pr['GP_drop']['n']}) | {pts(pr['GP_drop']['mean'], pr['GP_drop']['std'])} | "
+                  f"{pts(pr['new_task']['mean'], pr['new_task']['std'])} |", ""]
+        L += ["### Decision rule", "", decision_text(regime, s["decision"], s["decision_numbers"]), ""]
+        L += findings_md(s["findings"])
+        mine = [p for p in plots if Path(p).name.startswith(f"{regime}_")]
+        if mine:
+            L += ["### Plots", ""] + [f"![{p}]({p})" for p in mine] + [""]
     return "\n".join(L)
+
+
+def findings_md(f: dict) -> list[str]:
+    L = ["### Findings (seed 0 of plain and guided)", ""]
+    if f["a"]:
+        n = max(len(v["GP"] or []) for v in f["a"].values())
+        L += ["**(a) instruction vs knowledge.** The general suite's mean log P of the gold answer, after the "
+              "instruction (chat prompt) and as a plain-text fact, per stage; GP beside for reference.", "",
+              "| run | measure | " + " | ".join(f"stage {i}" for i in range(n)) + " |", "|---|---|" + "---|" * n]
+        for run, v in f["a"].items():
+            for k, label, fmt_ in (("instruction_logprob", "instruction log P (nats)", lambda x: f"{x:.2f}"),
+                                   ("knowledge_logprob", "knowledge log P (nats)", lambda x: f"{x:.2f}"),
+                                   ("GP", "GP (points)", lambda x: f"{100 * x:.1f}")):
+                if v.get(k):
+                    L.append(f"| {run} | {label} | " + " | ".join(fmt_(x) for x in v[k]) + " |")
+        L.append("")
+    else:
+        L += ["(a) not yet available.", ""]
+    b = f["b"]
+    if b:
+        L += ["**(b) IV stability.** Each general task's IV re-extracted from the final model vs the original "
+              "model's IV (cosine, share of the original top heads among the new ones, norm ratio, Spearman ρ of "
+              "the AIE maps), against the noise floor (the original model's IV extracted again from other "
+              f"prompts, seed {NOISE_SEED}), next to the task's score drop (original − final, points).", "",
+              "| run | task | cos | head overlap | norm ratio | AIE ρ | noise cos | noise overlap | noise ratio | noise ρ | score drop |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        floor = b["noise_floor"] or {}
+        for run, rows in b["runs"].items():
+            for n, v in rows.items():
+                fl = floor.get(n, {})
+                L.append(f"| {run} | {n} | {num(v['cos'])} | {num(v['head_overlap'])} | {num(v['norm_ratio'])} | "
+                         f"{num(v['aie_corr'])} | {num(fl.get('cos'))} | {num(fl.get('head_overlap'))} | "
+                         f"{num(fl.get('norm_ratio'))} | {num(fl.get('aie_corr'))} | {pts(v['score_drop'])} |")
+        for label, v in b["means"].items():
+            L.append(f"| {label} | mean | {num(v['cos'])} | {num(v['head_overlap'])} | {num(v['norm_ratio'])} | "
+                     f"{num(v['aie_corr'])} | | | | | |")
+        L.append("")
+    else:
+        L += ["(b) not yet available.", ""]
+    c = f["c"]
+    if c:
+        L += ["**(c) re-injection.** The original IV (each task's, at its own layer, scale 1) added to the final "
+              f"model on the zero-shot chat test prompts ({N_ANALYSIS} per task; general tasks by reply_contains, "
+              "training tasks by exact match). Recovered = (with IV − final) / (original − final), given only where "
+              "the loss exceeds 2 standard errors of the paired per-example difference.", "",
+              "| run | task | original | final | final + IV | loss ± se | recovered |", "|---|---|---|---|---|---|---|"]
+        for run, rows in c["runs"].items():
+            items = list(rows.items()) + ([("**general, pooled**", c["pooled_general"][run])]
+                                          if run in c["pooled_general"] else [])
+            for n, v in items:
+                rec = f"{100 * v['recovered']:.0f}%" if v["recovered"] is not None else "within noise"
+                L.append(f"| {run} | {n} | {pts(v['original'], sign=False)} | {pts(v['final'], sign=False)} | "
+                         f"{pts(v['with_iv'], sign=False)} | {pts(v['loss'], v['se'])} | {rec} |")
+        L.append("")
+    else:
+        L += ["(c) not yet available.", ""]
+    d = f["d"]
+    if d:
+        L += ["**(d) cos(hidden state, IV) vs score.** Cosine between the hidden state after the IV's layer at the "
+              f"last prompt token ({N_ANALYSIS} test prompts per task, mean) and the task's original IV, against the "
+              "task's score at that stage (the run's own stage report), over all tasks × stages (stage 0 = the "
+              "original model).", ""]
+        for run, v in d["runs"].items():
+            L.append(f"- {run}: Spearman ρ = {num(v['spearman'])} over {v['n']} task × stage pairs")
+        for run, v in d["runs"].items():
+            stages = sorted({r["stage"] for r in v["rows"]})
+            L += ["", f"{run}, cells cos / score (points):", "",
+                  "| task | " + " | ".join(f"stage {s}" for s in stages) + " |", "|---|" + "---|" * len(stages)]
+            for n in dict.fromkeys(r["task"] for r in v["rows"]):
+                cell = {r["stage"]: f"{r['cos']:.3f} / {100 * r['score']:.0f}" for r in v["rows"] if r["task"] == n}
+                L.append(f"| {n} | " + " | ".join(cell.get(s, "-") for s in stages) + " |")
+        L.append("")
+    else:
+        L += ["(d) not yet available.", ""]
+    return L
 
 
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time, each on --threads threads")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--list", action="store_true", help="print every part with its status and minutes, and the next one")
+    p.add_argument("--part", choices=PART_ORDER, help="run this part (default: the next unfinished one)")
     p.add_argument("--report", action="store_true", help="only rebuild the report from what has finished")
-    p.add_argument("--job", default=None, help=argparse.SUPPRESS)   # one job in this process (internal)
+    p.add_argument("--dry_run", action="store_true", help="print what the part would run, run nothing")
+    p.add_argument("--workers", type=int, default=1, help="train.py processes at a time (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPUs / workers)")
     args = p.parse_args(argv)
-    if args.job == "analysis":
-        print(analysis(args.threads))
+    if args.workers < 1 or (args.threads is not None and args.threads < 1):
+        p.error("--workers and --threads must be >= 1")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    if args.list:
+        print(list_parts(args.workers))
         return 0
-    if not args.report:
-        RUNS.mkdir(parents=True, exist_ok=True)
-        names = run_names()
-        # plain-s0 first (it writes the shared stage-0 evaluation and the analyses need it), the
-        # analyses once seeds 0 and 1 are queued, the grid last
-        jobs = [names[0], "analysis:wait", *names[1:2 * len(METHODS)], "analysis", *names[2 * len(METHODS):]]
-        jobs.remove("analysis:wait")
-
-        def job(j):
-            if j == "analysis":
-                cmd = [sys.executable, __file__, "--job", "analysis", "--threads", str(args.threads)]
-                r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-                return (r.stdout.strip().splitlines() or [""])[-1] if r.returncode == 0 else \
-                    f"analysis: FAILED (exit {r.returncode})\n{r.stderr[-2000:]}"
-            return do_run(j, args.threads)
-
-        t0 = time.time()
-        with ThreadPoolExecutor(args.jobs) as pool:
-            for msg in pool.map(job, jobs):
-                print(f"[{(time.time() - t0) / 60:5.1f} min] {msg}", flush=True)
+    if args.report:
+        print(report())
+        return 0
+    part = args.part or next_part()
+    if part is None:
+        print("all parts are done")
+        print(report())
+        return 0
+    print(f"part {part}: {part_status(part)[0]}", flush=True)
+    ok = run_part(part, args.workers, threads, args.dry_run)
+    if args.dry_run:
+        return 0
     print(report())
-    return 0
+    nxt = next_part()
+    print(f"part {part}: {part_status(part)[0]}; next: {nxt or 'none, the study is complete'}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
