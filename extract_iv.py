@@ -98,9 +98,9 @@ def aie_naive(model, prompts: list[Prompt], z_mean, *, effect="prob", progress=T
         base = _metric(model(idx)[:, T - 1:], p.answer, effect)
         for l in range(L):
             for h in range(H):
-                iv = Intervention(pos=torch.tensor([T - 1]),
-                                  set_z={l: (torch.tensor([h]), z_mean[l, h][None])})
-                total[l, h] += (_metric(model(idx, intervention=iv)[:, T - 1:], p.answer, effect) - base).item()
+                edit = Intervention(pos=torch.tensor([T - 1]),
+                                    set_z={l: (torch.tensor([h]), z_mean[l, h][None])})
+                total[l, h] += (_metric(model(idx, intervention=edit)[:, T - 1:], p.answer, effect) - base).item()
     return (total / len(prompts)).float()
 
 
@@ -120,11 +120,11 @@ def _corrupted_state(model, p: Prompt, effect) -> dict:
     # embedding (1, U, C), RoPE tables and mask of the suffix after the cached prefix: what the blocks,
     # run one by one in _patched_metrics / _steered_logits, take as input
     x0, rope, mask = model.embed(suffix[None], T - 1)
-    iv = Intervention(pos=torch.arange(T - 1, T - 1 + U)[None], record_z=tuple(range(L)),
-                      record_resid=tuple(range(L)))
-    logits = model.lm_head(model(suffix[None], cache=cache, intervention=iv, return_hidden=True))
-    resid = [x0[0]] + [iv.resid[l][0] for l in range(L)]                   # L+1 x (U, C): block i's input
-    z = torch.stack([iv.z[l][0, 0] for l in range(L)])                     # (L, H, D) at position T-1
+    edit = Intervention(pos=torch.arange(T - 1, T - 1 + U)[None], record_z=tuple(range(L)),
+                        record_resid=tuple(range(L)))
+    logits = model.lm_head(model(suffix[None], cache=cache, intervention=edit, return_hidden=True))
+    resid = [x0[0]] + [edit.resid[l][0] for l in range(L)]                   # L+1 x (U, C): block i's input
+    z = torch.stack([edit.z[l][0, 0] for l in range(L)])                     # (L, H, D) at position T-1
     return dict(past_k=past_k, past_v=past_v, rope=rope, mask=mask, start=T - 1, resid=resid,
                 z=z, logits=logits[0], base=_metric(logits, p.answer, effect)[0])
 
@@ -148,16 +148,16 @@ def _patched_metrics(model, state: dict, heads: list[tuple[int, int]], z_mean, a
     for i in range(int(layers[0]), L):
         new = (layers == i).nonzero()[:, 0]                                 # rows patched at block i
         n = int((layers <= i).sum())                                        # active rows: a prefix
-        iv = None
+        edit = None
         if len(new):
             x[new] = state["resid"][i]
             delta = x.new_zeros(n, H, state["z"].shape[-1])                 # (n, H, D)
             delta[new, hs[new]] = z_mean[i, hs[new]].to(x.dtype) - state["z"][i, hs[new]]
-            iv = Intervention(pos=torch.full((n,), state["start"]), add_z={i: (torch.arange(H), delta)})
+            edit = Intervention(pos=torch.full((n,), state["start"]), add_z={i: (torch.arange(H), delta)})
         # (n, G, T-1, D) views of the one prefix; the block's cache.update copies them once
         cache.k[i] = state["past_k"][i].expand(n, -1, -1, -1)
         cache.v[i] = state["past_v"][i].expand(n, -1, -1, -1)
-        x[:n] = model.model.layers[i](x[:n], state["rope"], state["mask"], cache, i, iv, state["start"])
+        x[:n] = model.model.layers[i](x[:n], state["rope"], state["mask"], cache, i, edit, state["start"])
         cache.k[i] = cache.v[i] = None                                      # free this layer's copy
     logits = model.lm_head(model.model.norm(x))                             # (N, U, V)
     return _metric(logits, answer, effect)
@@ -222,16 +222,16 @@ def aie_attribution(model, prompts: list[Prompt], z_mean, *, effect="prob", batc
         W = idx.shape[1]
         last = torch.tensor([W - len(s) + len(p.ids) - 1 for s, p in zip(seqs, batch)])   # (B)
         zeros = [torch.zeros(len(batch), H, D, requires_grad=True) for _ in range(L)]
-        iv = Intervention(pos=last, record_z=tuple(range(L)),
-                          add_z={l: (torch.arange(H), zeros[l]) for l in range(L)})
+        edit = Intervention(pos=last, record_z=tuple(range(L)),
+                            add_z={l: (torch.arange(H), zeros[l]) for l in range(L)})
         with torch.enable_grad():
-            hidden = model(idx, pad_mask=pad_mask, intervention=iv, return_hidden=True)
+            hidden = model(idx, pad_mask=pad_mask, intervention=edit, return_hidden=True)
             # rows are independent, so the gradient of the sum is each row's own gradient
             m = sum(_metric(model.lm_head(hidden[r, last[r] + torch.arange(len(suffix_ids(p, effect)))])[None],
                             p.answer, effect)[0] for r, p in enumerate(batch))
             grads = torch.autograd.grad(m, zeros)
         for l in range(L):
-            dz = z_mean[l][None] - iv.z[l][:, 0].detach().float()           # (B, H, D)
+            dz = z_mean[l][None] - edit.z[l][:, 0].detach().float()           # (B, H, D)
             total[l] += (grads[l].float() * dz).sum((0, 2)).double()
     return (total / len(prompts)).float()
 

@@ -327,7 +327,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, G * D, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(H * D, C, bias=cfg.bias)
 
-    def forward(self, x, rope, mask, cache, layer, iv, start):
+    def forward(self, x, rope, mask, cache, layer, edit, start):
         B, T, _ = x.shape
         H, G, D = self.n_head, self.n_kv_head, self.head_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -346,8 +346,8 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         z = y.transpose(1, 2)                                 # (B, T, H, D): per-head outputs
-        if iv is not None and iv.touches_z(layer):
-            z = iv.edit_z(layer, z, start)
+        if edit is not None and edit.touches_z(layer):
+            z = edit.edit_z(layer, z, start)
         return self.o_proj(z.reshape(B, T, H * D))            # (B, T, C)
 
     def head_contributions(self, z):
@@ -384,11 +384,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask, cache, layer, iv, start):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, iv, start)
+    def forward(self, x, rope, mask, cache, layer, edit, start):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, edit, start)
         x = x + self.mlp(self.post_attention_layernorm(x))
-        if iv is not None and iv.touches_resid(layer):
-            x = iv.edit_resid(layer, x, start)
+        if edit is not None and edit.touches_resid(layer):
+            x = edit.edit_resid(layer, x, start)
         return x
 
 
@@ -486,9 +486,8 @@ class Transformer(nn.Module):
         mean cross-entropy over non-ignored targets."""
         start = cache.length if cache is not None else 0
         x, rope, mask = self.embed(idx, start, pad_mask)
-        iv = intervention
         for i, block in enumerate(self.model.layers):
-            x = block(x, rope, mask, cache, i, iv, start)
+            x = block(x, rope, mask, cache, i, intervention, start)
         x = self.model.norm(x)
         if return_hidden:
             return x

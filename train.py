@@ -241,9 +241,9 @@ class LossModule(nn.Module):
             T = int(batch["last"].max()) + 1
             idx, pad_mask = idx[:, :T], (pad_mask[:, :T] if pad_mask is not None else None)
         with ctx:
-            iv = add_iv(g, batch, 1.0) if g.ref_iv else Intervention(pos=batch["last"], record_z=record)
-            h = ref(idx, pad_mask=pad_mask, intervention=iv, return_hidden=True)         # (B, T, C)
-            z = iv.z
+            edit = add_iv(g, batch, 1.0) if g.ref_iv else Intervention(pos=batch["last"], record_z=record)
+            h = ref(idx, pad_mask=pad_mask, intervention=edit, return_hidden=True)       # (B, T, C)
+            z = edit.z
             if record and g.ref_iv:   # the heads' z are compared with the reference's own, without the IV
                 z = Intervention(pos=batch["last"], record_z=record)
                 ref(idx, pad_mask=pad_mask, intervention=z)
@@ -254,9 +254,9 @@ class LossModule(nn.Module):
         g, model = self.guidance, self.model
         n_tok, n_rows, B = norms[0], norms[1], len(batch["idx"])
         record = tuple(g.heads) if g.head_mse_weight > 0 else ()
-        iv = add_iv(g, batch, g.alpha, record) if g.train_iv else \
+        edit = add_iv(g, batch, g.alpha, record) if g.train_iv else \
             (Intervention(pos=batch["last"], record_z=record) if record else None)
-        h = model(batch["idx"], pad_mask=batch["pad_mask"], intervention=iv, return_hidden=True)
+        h = model(batch["idx"], pad_mask=batch["pad_mask"], intervention=edit, return_hidden=True)
         sel = batch["targets"] != -100                                      # (B, T) answer positions
         # the LM head runs only where something is scored, in fp32 (ivft/engine.py says why)
         logits = lm_head_fp32(model, h[sel])                                 # (N, V): no logits elsewhere
@@ -285,7 +285,7 @@ class LossModule(nn.Module):
             mse = 0.0
             for layer, heads in g.heads.items():
                 # z: (B, 1, H, D) at the last prompt token -> the top heads; per head the mean over D
-                per_head = (iv.z[layer][:, 0, heads].float() - ref_z[layer][:, 0, heads].float()).pow(2).mean(-1)  # (B, k)
+                per_head = (edit.z[layer][:, 0, heads].float() - ref_z[layer][:, 0, heads].float()).pow(2).mean(-1)  # (B, k)
                 mse = mse + sum(gate(per_head[:, i], g.head_mse_min, "batch", B) for i in range(len(heads))) / n_rows
             loss = loss + g.head_mse_weight * mse
             parts["mse"] = mse.detach()

@@ -626,14 +626,20 @@ def regime_summary(runs: dict, regime: str) -> dict:
                          "d": finding_d(a, regime)}}
 
 
+def rel(path: Path) -> str:
+    try:
+        return str(Path(path).relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def protocol_commit() -> tuple[str | None, bool]:
     """(short hash of the last commit that touched the protocol, whether the file differs from it);
     (None, True) without git or before the protocol is committed."""
     try:
-        rel = str(PROTOCOL.relative_to(ROOT))
-        h = subprocess.run(["git", "log", "-1", "--format=%h", "--", rel], cwd=ROOT, capture_output=True,
+        h = subprocess.run(["git", "log", "-1", "--format=%h", "--", rel(PROTOCOL)], cwd=ROOT, capture_output=True,
                            text=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", rel], cwd=ROOT, capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", rel(PROTOCOL)], cwd=ROOT, capture_output=True,
                                text=True, timeout=30).stdout.strip()
         return (h or None), bool(dirty) or not h
     except (OSError, ValueError, subprocess.SubprocessError):
@@ -651,7 +657,7 @@ def report() -> str:
                                                    for k in (*KEYS, "choice_change", "instr_lp_change", "knowl_lp_change")}
     commit, dirty = protocol_commit()
     timings = load_timings()
-    study = {"protocol": {"file": str(PROTOCOL.relative_to(ROOT)), "commit": commit, "differs_from_commit": dirty},
+    study = {"protocol": {"file": rel(PROTOCOL), "commit": commit, "differs_from_commit": dirty},
              "size": SIZE, "seeds": list(SEEDS), "methods": a_methods, "regimes": regimes,
              "parts": {p: {"status": part_status(p)[0], "minutes": round(part_minutes(p, timings)[0], 1),
                            "minutes_kind": part_minutes(p, timings)[2]} for p in PART_ORDER}}

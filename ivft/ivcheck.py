@@ -52,8 +52,8 @@ def replies(model, tok, prompts: list[Prompt], s: Settings, add=None, max_new=24
         batch = prompts[i:i + batch_size]
         idx, pad_mask = pad_left([p.ids for p in batch])
         W = idx.shape[1]
-        iv = Intervention(pos=torch.full((len(batch),), W - 1), add_resid={add[0]: add[1]}) if add else None
-        out = model.generate(idx, max_new, stop_ids=stop, pad_mask=pad_mask, intervention=iv)
+        edit = Intervention(pos=torch.full((len(batch),), W - 1), add_resid={add[0]: add[1]}) if add else None
+        out = model.generate(idx, max_new, stop_ids=stop, pad_mask=pad_mask, intervention=edit)
         for r in range(len(batch)):
             ids = out[r].tolist()
             out_text.append(tok.decode(ids[:next((k for k, t in enumerate(ids) if t in stop), len(ids))]))

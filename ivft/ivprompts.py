@@ -192,10 +192,10 @@ def score_prompts(model, prompts: list[Prompt], *, record_z=False, record_resid=
         idx, pad_mask = pad_left(seqs)
         W = idx.shape[1]
         last = torch.tensor([W - len(s) + len(p.ids) - 1 for s, p in zip(seqs, batch)])   # (B)
-        iv = Intervention(pos=last, record_z=tuple(range(L)) if record_z else (),
-                          record_resid=tuple(range(L)) if record_resid else (),
-                          add_resid={add[0]: add[1]} if add is not None else {})
-        hidden = model(idx, pad_mask=pad_mask, intervention=iv, return_hidden=True)   # (B, W, C)
+        edit = Intervention(pos=last, record_z=tuple(range(L)) if record_z else (),
+                            record_resid=tuple(range(L)) if record_resid else (),
+                            add_resid={add[0]: add[1]} if add is not None else {})
+        hidden = model(idx, pad_mask=pad_mask, intervention=edit, return_hidden=True)   # (B, W, C)
         for r, p in enumerate(batch):
             # only the positions that predict answer tokens go through the 49k-wide output layer
             logits = model.lm_head(hidden[r, last[r] + torch.arange(len(p.answer))]).float()   # (A, V)
@@ -204,9 +204,9 @@ def score_prompts(model, prompts: list[Prompt], *, record_z=False, record_resid=
             top1.append(int(logits[0].argmax()) == p.answer[0])
             logprob.append(lp.sum().item())
         if record_z:
-            zs.append(torch.stack([iv.z[l][:, 0] for l in range(L)], 1).float())      # (B, L, H, D)
+            zs.append(torch.stack([edit.z[l][:, 0] for l in range(L)], 1).float())      # (B, L, H, D)
         if record_resid:
-            rs.append(torch.stack([iv.resid[l][:, 0] for l in range(L)], 1).float())  # (B, L, C)
+            rs.append(torch.stack([edit.resid[l][:, 0] for l in range(L)], 1).float())  # (B, L, C)
     out = {"p_first": torch.tensor(p_first), "top1": torch.tensor(top1), "logprob": torch.tensor(logprob)}
     if record_z:
         out["z"] = torch.cat(zs)

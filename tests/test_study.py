@@ -1,9 +1,10 @@
-"""Tests of experiments/study.py's bookkeeping on hand-made run results (no training): the per-method
-mean and std over seeds, new_task, the goal verdict, the recovery share, and that the report and
-study.json are written from whatever runs have finished."""
+"""Tests of experiments/study.py's bookkeeping on hand-made run results (no real model, no training):
+the run names and flags, the parts and which one runs next, a run's wrapping (resume or overwrite,
+raw copy, timings, checkpoints kept only where the analyses need them) with train.py stubbed out,
+the decision rule and the paired differences on hand-made numbers, the recovered share and its noise
+rule, the report's JSON schema and study.md; the analyses once end to end on a tiny random model."""
 import importlib.util
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -11,104 +12,367 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 spec = importlib.util.spec_from_file_location("study", ROOT / "experiments" / "study.py")
 study = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(study)
 
+TASKS = ["a", "b", "c", "d"]
+SIX = {"GP_drop", "IP_drop", "AP", "BWT", "FWT", "new_task"}
 
-def fake_run(gp_final: float, r_diag: float, seed_shift: float = 0.0) -> dict:
-    """A results.json with 4 train tasks: R[j+1][j] = r_diag + shift, final row 0.5; GP 0.4 -> gp_final."""
-    n = 4
-    d = r_diag + seed_shift
-    R = [[0.0] * n] + [[d if j == i else (0.5 if i == n - 1 and j < i else 0.0) for j in range(n)]
-                       for i in range(n)]
-    R[n] = [0.5, 0.5, 0.5, d]
-    gp = [0.4, 0.3, 0.2, 0.1, gp_final]
-    cl = {"train_tasks": ["a", "b", "c", "d"], "R": R, "AP": sum(R[n]) / n,
+
+def fake_run(gp_drop: float, new_task: float) -> dict:
+    """A finished results.json with 4 training tasks: R[j+1][j] = new_task, the final row 0.5 for the
+    earlier tasks; GP from 0.4 down to 0.4 - gp_drop; IP = GP; log-probs per stage."""
+    n = len(TASKS)
+    R = [[0.0] * n] + [[new_task if j == i else 0.0 for j in range(n)] for i in range(n)]
+    R[n] = [0.5] * (n - 1) + [new_task]
+    gp = [0.4, 0.3, 0.2, 0.1, 0.4 - gp_drop]
+    cl = {"train_tasks": TASKS, "R": R, "AP": sum(R[n]) / n,
           "BWT": sum(R[n][j] - R[j + 1][j] for j in range(n - 1)) / (n - 1), "FWT": 0.0,
           "GP": gp, "GP_drop": gp[0] - gp[-1], "IP": gp, "IP_drop": gp[0] - gp[-1],
-          "general": {"choice_accuracy": [0.8] * 5, "instruction_logprob": [-9, -5, -5, -5, -5],
-                      "knowledge_logprob": [-3] * 5}}
+          "general": {"choice_accuracy": [0.8] * 5, "instruction_logprob": [-9.0, -5, -5, -5, -5],
+                      "knowledge_logprob": [-3.0] * 5}}
     return {"config": {}, "stages": [{}] * 5, "metrics": {}, "cl": cl}
 
 
 @pytest.fixture
 def dirs(tmp_path, monkeypatch):
-    monkeypatch.setattr(study, "OUT", tmp_path)
-    monkeypatch.setattr(study, "RAW", tmp_path / "study")
-    (tmp_path / "study").mkdir()
+    monkeypatch.setattr(study, "OUT", tmp_path / "results")
+    monkeypatch.setattr(study, "RAW", tmp_path / "results" / "study")
+    monkeypatch.setattr(study, "RUNS", tmp_path / "runs")
+    protocol = tmp_path / "protocol.md"
+    protocol.write_text("# Protocol of the study (pre-registered)\n\nRule: halve it.\n")
+    monkeypatch.setattr(study, "PROTOCOL", protocol)
+    monkeypatch.setattr(study, "protocol_commit", lambda: ("abc1234", False))
+    monkeypatch.setattr(study, "make_plots", lambda runs, regimes: [])
+    (tmp_path / "results" / "study").mkdir(parents=True)
     return tmp_path
 
 
 def write(dirs, name, r):
-    (dirs / "study" / f"run_{name}.json").write_text(json.dumps(r))
+    (dirs / "results" / "study" / f"run_{name}.json").write_text(json.dumps(r))
 
 
-def test_summary_goal_and_report(dirs):
-    # plain loses 0.4 - 0.0 = 0.4 of GP; guided loses 0.4 - 0.25 = 0.15 (< half) and learns 1 point less
-    for s, shift in zip(study.SEEDS, (-0.01, 0.0, 0.01)):
-        write(dirs, f"plain-s{s}", fake_run(0.0, 0.90, shift))
-        write(dirs, f"guided-s{s}", fake_run(0.25, 0.89, shift))
-    write(dirs, "kl_only-s0", fake_run(0.1, 0.85))      # one seed only: std 0
-    msg = study.report()
-    assert "(7 runs" in msg and (dirs / "study.md").is_file()
-    out = json.loads((dirs / "study.json").read_text())
-    p, g = out["methods"]["plain"], out["methods"]["guided"]
-    assert p["n_seeds"] == 3 and p["GP_drop"]["mean"] == pytest.approx(0.4)
-    assert p["new_task"]["mean"] == pytest.approx(0.90) and p["new_task"]["std"] == pytest.approx(0.01)
-    assert g["GP_drop"]["mean"] == pytest.approx(0.15)
-    assert out["methods"]["kl_only"]["n_seeds"] == 1 and out["methods"]["kl_only"]["AP"]["std"] == 0.0
-    assert "iv_only" not in out["methods"]                 # nothing finished: left out, not zero
-    assert p["instr_lp_change"]["mean"] == pytest.approx(4.0)   # -9 at stage 0 -> -5 at the end
-    assert p["knowl_lp_change"]["mean"] == 0.0 and p["choice_change"]["mean"] == 0.0
-    goal = out["goal"]
-    assert goal["forgetting_ratio"] == pytest.approx(0.15 / 0.4)
-    assert goal["new_task_diff"] == pytest.approx(-0.01)
-    assert goal["forgetting_halved"] and goal["new_task_within_2_points"] and goal["goal_holds"]
-    assert "**The goal holds" in (dirs / "study.md").read_text()
+# ---- names, flags, parts -----------------------------------------------------------------------
 
-
-def test_goal_fails_when_learning_suffers(dirs):
-    for s in study.SEEDS:
-        write(dirs, f"plain-s{s}", fake_run(0.0, 0.90))
-        write(dirs, f"guided-s{s}", fake_run(0.35, 0.80))   # forgets less, but learns 10 points less
-    study.report()
-    goal = json.loads((dirs / "study.json").read_text())["goal"]
-    assert goal["forgetting_halved"] and not goal["new_task_within_2_points"] and not goal["goal_holds"]
-    assert "does not hold" in (dirs / "study.md").read_text()
-
-
-def test_recovery_and_stats_by_hand():
-    ab = {"x": {"original": {"score": 0.8}, "finetuned": {"score": 0.2}, "with": {"score": 0.5}},
-          "y": {"original": {"score": 0.4}, "finetuned": {"score": 0.0}, "with": {"score": 0.0}},
-          "z": {"original": {"score": 0.1}, "finetuned": {"score": 0.3}, "with": {"score": 0.9}}}  # no loss
-    rec = study.recovery(ab, "with")
-    assert rec["per_task"] == pytest.approx({"x": 0.5, "y": 0.0})
-    assert rec["pooled"] == pytest.approx(0.3 / 1.0)
-    m, sd = study.mean_std([1.0, 2.0, 3.0])
-    assert m == 2.0 and sd == pytest.approx(1.0)
-    assert study.mean_std([]) == (None, None)
-    assert study.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
-    assert math.isclose(study.pearson([1, 2, 3], [3, 2, 1]), -1.0)
-
-
-def test_run_flags_and_names():
+def test_run_names_and_flags():
     names = study.run_names()
-    assert len(names) == len(study.METHODS) * len(study.SEEDS) + len(study.GRID)
-    assert names[0] == "plain-s0"                            # runs first: it writes the shared stage 0
-    assert study.run_flags("guided-s2")[-2:] == ["--seed", "2"] and "--guided" in study.run_flags("guided-s2")
-    assert "--no-kl_iv" in study.run_flags("kl_only-s1")
-    assert study.run_flags("guided_lambda3-s0")[-4:-2] == ["--kl_weight", "3"]
+    assert len(names) == 36 == len(set(names))
+    assert {"A-plain-s0", "B-fvg-s2", "A-iv_only-s1"} <= set(names)
+    f = study.run_flags("B-fvg-s2")
+    pairs = list(zip(f, f[1:]))
+    assert ("--regime", "lora") in pairs and ("--preset", "fvg") in pairs and ("--seed", "2") in pairs
+    assert ("--eval_n", "50") in pairs and ("--eval_k_shot", "3") in pairs
+    assert "--lr" not in f and "--max_train" not in f                 # the regime's and train.py's defaults
+    g = study.run_flags("A-guided-s0")
+    assert ("--regime", "full") in zip(g, g[1:]) and ("--preset", "guided") in zip(g, g[1:])
+    assert study.parse_name("A-iv_only-s1") == ("A", "iv_only", 1)
+    for bad in ("C-plain-s0", "A-kl_only-s0", "A-plain-s3", "plain-s0"):
+        with pytest.raises(ValueError):
+            study.parse_name(bad)
+    assert study.KEEP_CHECKPOINTS == {"A-plain-s0", "A-guided-s0", "B-plain-s0", "B-guided-s0"}
 
 
-def test_format_section_in_report(dirs):
-    write(dirs, "plain-s0", fake_run(0.0, 0.9))
-    rows = [{"stage": st, "task": "antonym", "reply_contains": 0.5 if st == 0 else 0.0,
-             "ignoring_case": 0.5 if st == 0 else 0.25, "examples": [["cold", f"reply {st}"]]} for st in range(5)]
-    (dirs / "study" / "analysis.json").write_text(json.dumps({"format/plain-s0": rows}))
-    md = (study.report(), (dirs / "study.md").read_text())[1]
-    assert "| plain-s0 | ignoring_case | 50.0 | 25.0 | 25.0 | 25.0 | 25.0 |" in md
-    assert "| antonym | cold | `reply 0` | `reply 1`" in md
+def test_parts_in_order():
+    p = study.parts()
+    assert list(p) == ["A-s0", "B-s0", "analysis-A", "analysis-B", "A-s1", "B-s1", "A-s2", "B-s2"]
+    assert p["B-s1"]["runs"] == [f"B-{m}-s1" for m in ("plain", "replay", "lwf", "iv_only", "guided", "fvg")]
+    assert p["analysis-B"]["needs"] == ["B-plain-s0", "B-guided-s0"]
+    assert sorted({k.split("/")[0] for k in p["analysis-A"]["items"]}) == ["b", "c", "d"]
+    assert all(run in study.run_names() for q in p.values() if q["kind"] == "runs" for run in q["runs"])
+    assert sum(len(q["runs"]) for q in p.values() if q["kind"] == "runs") == 36
+
+
+def test_next_part_and_status(dirs):
+    assert study.next_part() == "A-s0" and study.part_status("A-s0") == ("not started", 0, 6)
+    (dirs / "runs" / "A-replay-s0").mkdir(parents=True)
+    (dirs / "runs" / "A-replay-s0" / "log.txt").write_text("cut off")       # an interrupted run
+    assert study.part_status("A-s0")[0] == "partly"
+    for m in study.METHODS:
+        write(dirs, f"A-{m}-s0", fake_run(0.3, 0.9))
+    assert study.part_status("A-s0") == ("done", 6, 6) and study.next_part() == "B-s0"
+    # a run whose results.json is finished in runs/ but not yet copied counts as done
+    for m in study.METHODS:
+        d = dirs / "runs" / f"B-{m}-s0"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps(fake_run(0.3, 0.9)))
+    unfinished = fake_run(0.3, 0.9)
+    unfinished["stages"] = [{}] * 3                                            # 2 of 4 stages
+    (dirs / "runs" / "B-fvg-s0" / "results.json").write_text(json.dumps(unfinished))
+    assert study.part_status("B-s0") == ("partly", 5, 6) and study.next_part() == "B-s0"
+    (dirs / "runs" / "B-fvg-s0" / "results.json").write_text(json.dumps(fake_run(0.3, 0.9)))
+    assert study.next_part() == "analysis-A"
+    items = study.analysis_items("A")
+    (dirs / "results" / "study" / "analysis_A.json").write_text(json.dumps({items[0]: {}}))
+    assert study.part_status("analysis-A") == ("partly", 1, len(items)) and study.next_part() == "analysis-A"
+    (dirs / "results" / "study" / "analysis_A.json").write_text(json.dumps({k: {} for k in items}))
+    assert study.next_part() == "analysis-B"
+    (dirs / "results" / "study" / "analysis_B.json").write_text(json.dumps({k: {} for k in study.analysis_items("B")}))
+    assert study.next_part() == "A-s1"
+    listing = study.list_parts()
+    assert "A-s0        done" in listing and "A-s1        not started" in listing and "next: A-s1" in listing
+
+
+def test_list_minutes_measured_then_estimated(dirs):
+    assert study.part_minutes("A-s0", {})[2] == "guess"
+    timings = {"A-plain-s0": {"seconds": 600, "complete": True}, "A-guided-s0": {"seconds": 1200, "complete": True},
+               "A-lwf-s0": {"seconds": 9999, "complete": False}}
+    # A-s1: every run estimated from the measured runs of its regime, same method first
+    total, left, kind = study.part_minutes("A-s1", timings)
+    assert kind == "estimated" and total == pytest.approx((10 + 20 + 4 * 15) )
+    assert study.run_minutes("A-plain-s1", timings) == (10.0, "estimated")
+    assert study.run_minutes("A-plain-s0", timings) == (10.0, "measured")
+    assert study.run_minutes("B-plain-s0", timings)[1] == "guess"           # nothing of regime B measured
+    assert study.part_minutes("A-s1", timings, workers=2)[0] == pytest.approx(45)
+
+
+# ---- one run, train.py stubbed ---------------------------------------------------------------------
+
+def test_do_run_copies_times_and_cleans(dirs, monkeypatch):
+    calls = []
+
+    class Done:
+        returncode = 0
+
+    def fake_train(cmd, **kw):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out_dir") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        for s in range(1, 5):
+            (out / f"stage-{s}").mkdir(exist_ok=True)
+        (out / "results.json").write_text(json.dumps(fake_run(0.3, 0.9)))
+        return Done()
+
+    monkeypatch.setattr(study.subprocess, "run", fake_train)
+    ok, _ = study.do_run("A-replay-s1", threads=2)
+    assert ok and "--overwrite" in calls[0] and "--resume" not in calls[0]
+    assert calls[0][calls[0].index("--num_threads") + 1] == "2"
+    assert calls[0][calls[0].index("--stage0_cache") + 1] == str(dirs / "runs" / "stage0.json")
+    assert (dirs / "results" / "study" / "run_A-replay-s1.json").is_file()
+    assert not list((dirs / "runs" / "A-replay-s1").glob("stage-*"))          # not needed: removed
+    ok, _ = study.do_run("B-guided-s0", threads=1)
+    assert ok and len(list((dirs / "runs" / "B-guided-s0").glob("stage-*"))) == 4   # the analyses read them
+    t = json.loads((dirs / "results" / "study" / "timings.json").read_text())
+    assert t["A-replay-s1"]["complete"] and t["A-replay-s1"]["sessions"] == 1 and "B-guided-s0" in t
+    assert study.do_run("A-replay-s1", threads=2) == (True, "A-replay-s1: done before") and len(calls) == 2
+    # a run cut off after a stage checkpoint resumes
+    d = dirs / "runs" / "A-lwf-s1"
+    (d / "stage-1").mkdir(parents=True)
+    assert "--resume" in study.train_command("A-lwf-s1", 1)
+
+
+def test_failed_run_is_reported_and_timed(dirs, monkeypatch):
+    class Failed:
+        returncode = 3
+
+    monkeypatch.setattr(study.subprocess, "run", lambda cmd, **kw: Failed())
+    ok, msg = study.do_run("A-plain-s2", threads=1)
+    assert not ok and "FAILED (exit 3" in msg
+    assert not (dirs / "results" / "study" / "run_A-plain-s2.json").exists()
+    assert json.loads((dirs / "results" / "study" / "timings.json").read_text())["A-plain-s2"]["complete"] is False
+
+
+# ---- numbers ---------------------------------------------------------------------------------------
+
+def seeds(gp, nt):
+    return {s: {"GP_drop": g, "new_task": n} for s, g, n in zip((0, 1, 2), gp, nt)}
+
+
+def test_decision_rule_by_hand():
+    plain = seeds([0.40, 0.38, 0.42], [0.90, 0.91, 0.89])                  # means 0.40 and 0.90
+    ok, nums = study.decide(plain, seeds([0.15, 0.16, 0.14], [0.89, 0.90, 0.88]))
+    assert ok is True and nums["GP_ratio"] == pytest.approx(0.15 / 0.40)
+    assert nums["new_task_diff"] == pytest.approx(-0.01) and nums["seeds_done"] == 3
+    ok, nums = study.decide(plain, seeds([0.25, 0.24, 0.26], [0.90, 0.91, 0.89]))      # forgets 0.25 > 0.20
+    assert ok is False and not nums["GP_halved"] and nums["new_task_kept"]
+    ok, nums = study.decide(plain, seeds([0.10, 0.10, 0.10], [0.85, 0.86, 0.87]))      # learns 4 points less
+    assert ok is False and nums["GP_halved"] and not nums["new_task_kept"]
+    # both exactly at their limits (in exact arithmetic; float means land 1e-16 on the wrong side)
+    ok, nums = study.decide(seeds([0.26, 0.70, 0.60], [0.80] * 3), seeds([0.28, 0.33, 0.17], [0.78] * 3))
+    assert ok is True and nums["GP_halved"] and nums["new_task_kept"]
+    ok, nums = study.decide(plain, {s: v for s, v in seeds([0.1] * 3, [0.9] * 3).items() if s < 2})
+    assert ok is None and nums["seeds_done"] == 2 and nums["GP_halved"]           # provisional numbers
+    ok, nums = study.decide(seeds([0.0, -0.02, 0.02], [0.9] * 3), seeds([-0.1] * 3, [0.9] * 3))
+    assert ok is False and not nums["plain_forgets"] and nums["GP_ratio"] is None  # nothing forgotten
+    assert study.decide({}, {}) == (None, {"seeds_done": 0, "seeds_needed": 3})
+
+
+def test_paired_differences():
+    p = study.paired(seeds([0.40, 0.30, 0.50], [0.90, 0.80, 0.70]),
+                     {s: v for s, v in seeds([0.20, 0.20, 0.20], [0.90, 0.70, 0.0]).items() if s < 2})
+    assert set(p["per_seed"]) == {"0", "1"}                                     # seed 2 of guided missing
+    assert p["per_seed"]["0"]["GP_drop"] == pytest.approx(-0.2) and p["per_seed"]["1"]["new_task"] == pytest.approx(-0.1)
+    assert p["GP_drop"]["mean"] == pytest.approx(-0.15) and p["GP_drop"]["n"] == 2
+    assert p["GP_drop"]["std"] == pytest.approx(0.0707107, rel=1e-5)
+    assert study.stat([1.0, None, 3.0]) == {"mean": 2.0, "std": pytest.approx(1.4142136), "n": 2}
+    assert study.stat([]) == {"mean": None, "std": None, "n": 0}
+
+
+def test_recovery_and_noise_rule():
+    orig = [1] * 30 + [0] * 20                       # 0.60
+    final = [0] * 50                                 # 0.00: a loss far above 2 se
+    with_iv = [1] * 15 + [0] * 35                    # 0.30
+    r = study.recovery(orig, final, with_iv)
+    assert r["loss"] == pytest.approx(0.6) and r["recovered"] == pytest.approx(0.5) and r["n"] == 50
+    # a loss of 2 examples in 50 is within the noise of the paired difference
+    r = study.recovery([1, 1] + [0] * 48, [0] * 50, [1] * 50)
+    assert r["recovered"] is None and r["note"] == "within noise" and r["with_iv"] == 1.0
+
+
+# ---- the report --------------------------------------------------------------------------------------
+
+def analysis_file(dirs, regime):
+    a = {"c/original": {"antonym": [1] * 30 + [0] * 20, "capital": [1, 1] + [0] * 48, "uppercase": [0] * 50}}
+    for run in (f"{regime}-plain-s0", f"{regime}-guided-s0"):
+        a[f"c/{run}"] = {"antonym": {"layer": 17, "final": [0] * 50, "with_iv": [1] * 15 + [0] * 35},
+                         "capital": {"layer": 17, "final": [0] * 50, "with_iv": [0] * 50},
+                         "uppercase": {"layer": 17, "final": [1] * 10 + [0] * 40, "with_iv": [0] * 50}}
+        a[f"d/{run}"] = [{"stage": s, "task": t, "layer": 17, "cos": c, "score": c / 2}
+                         for s in range(5) for t, c in (("antonym", 0.1 * s), ("uppercase", 0.05 * s + 0.01))]
+        a[f"b/{run}"] = {"antonym": {"cos": 0.2, "head_overlap": 0.25, "norm_ratio": 1.1, "aie_corr": 0.4,
+                                     "score_drop": 0.3, "heads_original": [[17, 1]], "heads_final": [[3, 2]]}}
+    a["b/noise_floor"] = {"antonym": {"cos": 0.6, "head_overlap": 0.5, "norm_ratio": 1.0, "aie_corr": 0.8}}
+    (dirs / "results" / "study" / f"analysis_{regime}.json").write_text(json.dumps(a))
+
+
+def test_report_schema_and_markdown(dirs):
+    for s, gp, nt in zip(study.SEEDS, (0.38, 0.40, 0.42), (0.89, 0.90, 0.91)):
+        write(dirs, f"A-plain-s{s}", fake_run(gp, nt))
+        write(dirs, f"A-guided-s{s}", fake_run(gp / 4, nt - 0.01))          # forgets a quarter, learns 1 point less
+    write(dirs, "A-lwf-s0", fake_run(0.1, 0.85))
+    write(dirs, "B-plain-s0", fake_run(0.3, 0.8))                          # regime B: one run, undecided
+    write(dirs, "B-guided-s0", fake_run(0.1, 0.8))
+    analysis_file(dirs, "A")
+    msg = study.report()
+    assert "(9 of 36 runs" in msg
+    out = json.loads((dirs / "results" / "study.json").read_text())
+    assert set(out["regimes"]) == {"A", "B"}
+    for regime in ("A", "B"):
+        s = out["regimes"][regime]
+        assert {"methods", "paired", "decision", "decision_numbers", "learnability", "findings"} <= set(s)
+        assert set(s["findings"]) == {"a", "b", "c", "d"}
+        for m, v in s["methods"].items():
+            assert set(v) == SIX and all(set(v[k]) == {"mean", "std", "n"} for k in SIX), m
+    A, B = out["regimes"]["A"], out["regimes"]["B"]
+    assert set(A["methods"]) == {"plain", "guided", "lwf"} and set(B["methods"]) == {"plain", "guided"}
+    assert A["methods"]["plain"]["GP_drop"] == {"mean": pytest.approx(0.40), "std": pytest.approx(0.02), "n": 3}
+    assert A["methods"]["lwf"]["new_task"] == {"mean": pytest.approx(0.85), "std": 0.0, "n": 1}
+    assert A["decision"] is True and A["decision_numbers"]["GP_ratio"] == pytest.approx(0.25)
+    assert B["decision"] is None and B["decision_numbers"]["seeds_done"] == 1
+    assert A["paired"]["new_task"]["mean"] == pytest.approx(-0.01) and len(A["paired"]["per_seed"]) == 3
+    assert A["learnability"]["a"] == {"mean": pytest.approx(0.90), "std": pytest.approx(0.01), "n": 3}
+    # top level: regime A in the earlier study's schema
+    assert out["methods"]["plain"]["n_seeds"] == 3 and out["methods"]["plain"]["GP_drop"]["mean"] == pytest.approx(0.40)
+    assert out["methods"]["plain"]["instr_lp_change"]["mean"] == pytest.approx(4.0)
+    # findings: (a) from the stage reports; (b)-(d) from analysis_A.json; none yet for B
+    fa = A["findings"]["a"]["A-plain-s0"]
+    assert fa["instruction_logprob"] == [-9.0, -5, -5, -5, -5] and fa["knowledge_logprob"] == [-3.0] * 5
+    c = A["findings"]["c"]["runs"]["A-plain-s0"]
+    assert c["antonym"]["recovered"] == pytest.approx(0.5) and c["capital"]["recovered"] is None
+    assert c["uppercase"]["loss"] < 0 and c["uppercase"]["recovered"] is None
+    assert set(A["findings"]["c"]["pooled_general"]["A-plain-s0"]) >= {"recovered", "loss", "se"}
+    assert A["findings"]["d"]["runs"]["A-guided-s0"]["spearman"] == pytest.approx(1.0)
+    assert A["findings"]["d"]["runs"]["A-guided-s0"]["n"] == 10
+    b = A["findings"]["b"]
+    assert b["runs"]["A-plain-s0"]["antonym"]["score_drop"] == 0.3 and b["means"]["noise_floor"]["cos"] == 0.6
+    assert B["findings"]["a"] is not None and all(B["findings"][k] is None for k in "bcd")
+    md = (dirs / "results" / "study.md").read_text()
+    assert md.startswith("# Protocol of the study (pre-registered)\n\nRule: halve it.\n")
+    assert "pre-registered in commit abc1234" in md
+    assert "**Decision, regime A: true.**" in md
+    assert "**Decision, regime B: not yet decided: 1 of 3 seeds**" in md
+    assert "| plain | 3 | +40.0 ± 2.0 |" in md                                  # points, not fractions
+    assert "| A-plain-s0 | capital | 4.0 | 0.0 | 0.0 |" in md and "within noise" in md
+    assert "| A-plain-s0 | antonym | 60.0 | 0.0 | 30.0 | +60.0 ± 7.0 | 50% |" in md
+
+
+def test_decision_false_and_incomplete_in_report(dirs):
+    for s in study.SEEDS:
+        write(dirs, f"B-plain-s{s}", fake_run(0.4, 0.9))
+        write(dirs, f"B-guided-s{s}", fake_run(0.1, 0.8))                  # forgets less, learns 10 points less
+    write(dirs, "A-plain-s0", fake_run(0.4, 0.9))
+    study.report()
+    out = json.loads((dirs / "results" / "study.json").read_text())
+    assert out["regimes"]["B"]["decision"] is False and out["regimes"]["A"]["decision"] is None
+    assert out["regimes"]["A"]["decision_numbers"] == {"seeds_done": 0, "seeds_needed": 3}
+    md = (dirs / "results" / "study.md").read_text()
+    assert "**Decision, regime B: false.**" in md and "(not met)." in md
+    assert "regime A: not yet decided: 0 of 3 seeds" in md
+
+
+def test_report_with_nothing_finished(dirs):
+    assert "(0 of 36 runs" in study.report()
+    out = json.loads((dirs / "results" / "study.json").read_text())
+    assert out["regimes"]["A"]["methods"] == {} and out["regimes"]["A"]["decision"] is None
+    assert all(v is None for v in out["regimes"]["B"]["findings"].values())
+
+
+# ---- the analyses, end to end on a tiny random model -------------------------------------------------
+
+def test_analysis_on_a_toy(dirs, monkeypatch):
+    """analysis() with the model loader, the tasks and the IV settings replaced by toys: every item
+    lands in analysis_A.json, a second call redoes nothing, and the report reads it."""
+    from iv_toys import PAIRS, TOK, char_model
+    from ivft import load as L
+    from ivft import tasks as T
+    from ivft.tasks import Example, Task
+
+    def task(name, metric):
+        ex = [Example(instruction="Say the opposite.", input=a, output=b) for a, b in PAIRS]
+        return Task(name=name, kind="generate", metric=metric, train=ex[:10], test=ex[10:])
+
+    toy = {"opp": task("opp", "exact_match"), "gen": task("gen", "reply_contains")}
+    monkeypatch.setattr(T, "default_sequence", lambda: ["opp"])
+    monkeypatch.setattr(T, "general_suite", lambda: ["gen"])
+    monkeypatch.setattr(T, "load_task", lambda n, *a, **k: toy[n])
+    loads = []
+
+    def load_model(path=None, **kw):
+        loads.append(path)
+        return char_model(seed=0 if path is None else 1 + len(loads)), TOK
+
+    monkeypatch.setattr(L, "load_model", load_model)
+    monkeypatch.setattr(study, "ROOT", dirs)
+    monkeypatch.setattr(study, "IV_SETTINGS", {"n_clean": 4, "n_corrupt": 4, "batch_size": 4, "layer": 2})
+    monkeypatch.setattr(study, "N_ANALYSIS", 3)
+    stage = {"tasks": {"opp": {"exact_match": 0.5}, "gen": {"reply_contains": 0.25}},
+             "primary": {"opp": "exact_match", "gen": "reply_contains"}}
+    for run in ("A-plain-s0", "A-guided-s0"):
+        r = {"stages": [stage, stage], "cl": {"train_tasks": ["opp"]}}
+        write(dirs, run, r)
+        (dirs / "runs" / run / "stage-1").mkdir(parents=True)
+    assert study.analysis("A", threads=1, say=lambda m: None) == "analysis-A: done"
+    a = json.loads((dirs / "results" / "study" / "analysis_A.json").read_text())
+    assert set(a) == set(study.analysis_items("A"))
+    assert set(a["c/original"]) == {"opp", "gen"} and len(a["c/original"]["gen"]) == 3
+    assert all(x in (0, 1) for x in a["c/A-plain-s0"]["opp"]["with_iv"]) and a["c/A-plain-s0"]["opp"]["layer"] == 2
+    assert [(r["stage"], r["task"]) for r in a["d/A-guided-s0"]] == [(0, "opp"), (0, "gen"), (1, "opp"), (1, "gen")]
+    assert a["d/A-guided-s0"][1]["score"] == 0.25 and -1 <= a["d/A-guided-s0"][0]["cos"] <= 1
+    assert set(a["b/A-plain-s0"]) == {"gen"} and a["b/A-plain-s0"]["gen"]["score_drop"] == 0.0
+    assert a["b/noise_floor"]["gen"]["head_overlap"] <= 1
+    # (d) reads the hidden state after the IV's own layer (2 here), at the last prompt token
+    import torch
+    from ivft.ivfile import iv_filename, model_tag, read_iv
+    from ivft.ivprompts import chat_prompt, score_prompts
+    iv = read_iv(dirs / "ivs" / model_tag(None) / iv_filename(toy["gen"]))
+    assert iv["layer"] == 2
+    h = score_prompts(char_model(seed=0), [chat_prompt(TOK, ex) for ex in toy["gen"].test[:3]],
+                      record_resid=True)["resid"][:, 2]
+    want = float(torch.nn.functional.cosine_similarity(h, iv["iv"][None].float(), dim=-1).mean())
+    assert a["d/A-plain-s0"][1]["cos"] == pytest.approx(want, abs=1e-6)
+    # a second call loads the original model and its cached IVs, and recomputes nothing
+    import extract_iv
+    from ivft import ivcheck, ivprompts
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    for mod, name in ((ivcheck, "replies"), (ivprompts, "score_prompts"), (extract_iv, "extract_iv")):
+        monkeypatch.setattr(mod, name, boom)
+    n_loads = len(loads)
+    assert study.analysis("A", threads=1, say=lambda m: None) == "analysis-A: done" and len(loads) == n_loads + 1
+    assert study.part_status("analysis-A")[0] == "done"
 
 
 def test_learnability_summary(tmp_path, monkeypatch):
