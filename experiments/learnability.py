@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from common import run_train  # noqa: E402
 RUNS = ROOT / "runs" / "learnability"
 OUT = ROOT / "results" / "learnability.json"
 
@@ -50,17 +51,13 @@ def main(argv=None) -> int:
         if key in summary:
             print(f"{key}: done before ({summary[key]['before']:.3f} -> {summary[key]['after']:.3f})")
             continue
-        cmd = [sys.executable, str(ROOT / "train.py"), "--tasks", name, "--general", "none",
-               "--max_steps", str(args.steps), "--lr", str(args.lr), "--eval_n", str(args.eval_n),
-               "--eval_k_shot", "0", "--out_dir", str(d), "--overwrite", "--log_every", "25",
-               "--num_threads", str(args.threads)]
-        d.mkdir(parents=True, exist_ok=True)
+        flags = ["--tasks", name, "--general", "none", "--max_steps", str(args.steps), "--lr", str(args.lr),
+                 "--eval_n", str(args.eval_n), "--eval_k_shot", "0", "--out_dir", str(d), "--overwrite",
+                 "--log_every", "25", "--num_threads", str(args.threads)]
         t0 = time.time()
-        with open(d / "stdout.txt", "w") as f:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        rc = run_train(flags, RUNS / "logs" / f"{name}.txt")
         if rc != 0:
-            print(f"{key}: FAILED (exit {rc}; see {d / 'stdout.txt'})")
+            print(f"{key}: FAILED (exit {rc}; see {RUNS / 'logs' / f'{name}.txt'})")
             return rc
         r = json.loads((d / "results.json").read_text())
         R = r["cl"]["R"]                                   # R[stage][task]; one task here

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from common import run_train  # noqa: E402
 RUNS = ROOT / "runs" / "lora_pilot"
 OUT = ROOT / "results" / "lora_pilot.json"
 LRS = (1e-4, 3e-4)
@@ -63,16 +64,13 @@ def main(argv=None) -> int:
             if key in summary:
                 continue
             d = RUNS / key
-            cmd = [sys.executable, str(ROOT / "train.py"), "--regime", "lora", "--lr", str(lr), "--epochs", str(ep),
-                   "--tasks", ",".join(tasks), "--general", "none", "--eval_n", "80", "--out_dir", str(d),
-                   "--overwrite", "--log_every", "20", "--num_threads", str(args.threads)]
-            d.mkdir(parents=True, exist_ok=True)
+            flags = ["--regime", "lora", "--lr", str(lr), "--epochs", str(ep), "--tasks", ",".join(tasks),
+                     "--general", "none", "--eval_n", "80", "--out_dir", str(d), "--overwrite", "--log_every", "20",
+                     "--num_threads", str(args.threads)]
             t0 = time.time()
-            with open(d / "stdout.txt", "w") as f:
-                rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+            rc = run_train(flags, RUNS / "logs" / f"{key}.txt")
             if rc != 0:
-                print(f"{key}: FAILED (exit {rc}; see {d / 'stdout.txt'})")
+                print(f"{key}: FAILED (exit {rc}; see {RUNS / 'logs' / f'{key}.txt'})")
                 return rc
             r = json.loads((d / "results.json").read_text())
             R, names = r["cl"]["R"], r["cl"]["train_tasks"]

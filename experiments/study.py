@@ -31,8 +31,11 @@ analyses read), runs/study/logs/<name>.txt (train.py's output), runs/study/stage
 original model's evaluation, shared by all runs), results/study/run_<name>.json (raw copy of each
 finished run's results.json), results/study/analysis_<A|B>.json (the analyses, one key per item),
 results/study/timings.json, results/study.md and results/study.json (the report; plots beside the
-raw files when matplotlib is installed). A run that was cut off resumes from its last checkpoint
-(train.py --resume); a finished one is skipped; an analysis item that is in its file is not redone.
+raw files when matplotlib is installed); IV files: the original model's in ivs/<model>/ (train.py's
+cache, where extract_iv.py puts them), the re-extracted ones in results/study/ivs/ (not in git).
+The analyses run in this process on --workers x --threads threads. A run that was cut off resumes
+from its last checkpoint (train.py --resume); a finished one is skipped; an analysis item that is
+in its file is not redone.
 """
 from __future__ import annotations
 
@@ -50,6 +53,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from common import run_train  # noqa: E402
+from ivft.files import write_atomic  # noqa: E402
 
 PROTOCOL = ROOT / "experiments" / "study_protocol.md"
 RUNS = ROOT / "runs" / "study"
@@ -249,12 +256,11 @@ def list_parts(workers: int = 1) -> str:
 # ---------------------------------------------------------------------------------------------
 # Running a part
 
-def train_command(name: str, threads: int) -> list[str]:
+def train_flags(name: str, threads: int) -> list[str]:
     d = RUNS / name
     has_ckpt = d.is_dir() and (any(d.glob("stage-*")) or (d / "last").exists())
-    return [sys.executable, str(ROOT / "train.py"), "--out_dir", str(d), *run_flags(name),
-            "--num_threads", str(threads), "--stage0_cache", str(RUNS / "stage0.json"), "--log_every", "10",
-            "--resume" if has_ckpt else "--overwrite"]
+    return ["--out_dir", str(d), *run_flags(name), "--num_threads", str(threads),
+            "--stage0_cache", str(RUNS / "stage0.json"), "--log_every", "10", "--resume" if has_ckpt else "--overwrite"]
 
 
 def do_run(name: str, threads: int, workers: int = 1) -> tuple[bool, str]:
@@ -264,25 +270,18 @@ def do_run(name: str, threads: int, workers: int = 1) -> tuple[bool, str]:
     if complete(read_json(RAW / f"run_{name}.json")):
         return True, f"{name}: done before"
     if not complete(read_json(d / "results.json")):
-        cmd = train_command(name, threads)
-        (RUNS / "logs").mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        with open(RUNS / "logs" / f"{name}.txt", "a") as f:
-            f.write(f"\n$ {' '.join(cmd)}\n")
-            f.flush()
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
-        ok = rc == 0 and complete(read_json(d / "results.json"))
-        add_timing(name, time.time() - t0, ok, threads, workers)
+        t0, rc = time.time(), None
+        try:
+            rc = run_train(train_flags(name, threads), RUNS / "logs" / f"{name}.txt")
+        finally:                                 # a Ctrl-C still records the time spent
+            ok = rc == 0 and complete(read_json(d / "results.json"))
+            add_timing(name, time.time() - t0, ok, threads, workers)
         if not ok:
             return False, f"{name}: FAILED (exit {rc}; see {RUNS / 'logs' / f'{name}.txt'})"
         msg = f"{name}: {(time.time() - t0) / 60:.1f} min"
     else:
         msg = f"{name}: finished before, raw copy made now"
-    RAW.mkdir(parents=True, exist_ok=True)
-    tmp = RAW / f".run_{name}.json.tmp"
-    shutil.copyfile(d / "results.json", tmp)
-    os.replace(tmp, RAW / f"run_{name}.json")
+    write_atomic(RAW / f"run_{name}.json", (d / "results.json").read_bytes())
     if name not in KEEP_CHECKPOINTS:            # 0.5 GB per stage; the numbers are in results.json
         for c in [*d.glob("stage-*"), d / "last"]:
             shutil.rmtree(c, ignore_errors=True)
@@ -308,7 +307,7 @@ def run_part(part: str, workers: int, threads: int, dry_run: bool = False) -> bo
     pending = [n for n in p["runs"] if not run_done(n) or not (RAW / f"run_{n}.json").is_file()]
     if dry_run:
         for n in pending:
-            print(" ".join(train_command(n, threads)))
+            print(" ".join(["python", "train.py", *train_flags(n, threads)]))
         return True
     RUNS.mkdir(parents=True, exist_ok=True)
     ok = True
@@ -389,9 +388,13 @@ def analysis(regime: str, threads: int, say=print) -> str:
             return [int(reply_contains(r, p.text)) for r, p in zip(reps, prompts[name])]
         return [int(normalize_answer(r) == normalize_answer(p.text)) for r, p in zip(reps, prompts[name])]
 
-    # (c) re-injection: the original IV (own layer, scale 1) added to the final model
+    # (c) re-injection: the original IV (own layer, scale 1) added to the final model; the original
+    # model's scores are the same in both regimes (greedy replies)
     if "c/original" not in res:
-        save("c/original", {n: scores(orig, n) for n in tasks})
+        other = [load_analysis(r).get("c/original") for r in REGIMES if r != regime]
+        other = next((o for o in other if o and set(o) == set(tasks)
+                      and all(len(o[n]) == len(prompts[n]) for n in tasks)), None)
+        save("c/original", other or {n: scores(orig, n) for n in tasks})
     for r in runs:
         if f"c/{r}" not in res:
             final = model_at(r, len(raw[r]["stages"]) - 1)
@@ -728,9 +731,10 @@ def make_plots(runs: dict, regimes: dict) -> list[str]:
             fig, axes = plt.subplots(1, len(f["c"]["runs"]), figsize=(7 * len(f["c"]["runs"]), 4), squeeze=False)
             for ax, (run, rows) in zip(axes[0], f["c"]["runs"].items()):
                 names = list(rows)
-                for k, (cond, col) in enumerate((("original", "C7"), ("final", "C3"), ("with_iv", "C0"))):
+                for k, (cond, col, label) in enumerate((("original", "C7", "original model"), ("final", "C3", "final model"),
+                                                       ("with_iv", "C0", "final + original IV"))):
                     ax.bar([i + k * 0.27 for i in range(len(names))], [100 * rows[n][cond] for n in names], 0.27,
-                           color=col, label=cond.replace("_", " + original IV" if cond == "with_iv" else ""))
+                           color=col, label=label)
                 ax.set_xticks([i + 0.27 for i in range(len(names))], names, rotation=30, fontsize=7)
                 ax.set_ylabel("points")
                 ax.set_title(f"{run} (c): the original IV added to the final model")
@@ -818,7 +822,7 @@ def markdown(study: dict, runs: dict, plots: list[str]) -> str:
               "|---|---|---|---|---|---|---|---|"]
         for m, v in s["methods"].items():
             L.append(f"| {m} | {max(v[k]['n'] for k in KEYS)} | " +
-                     " | ".join(pts(v[k]["mean"], v[k]["std"]) for k in KEYS) + " |")
+                     " | ".join(pts(v[k]["mean"], v[k]["std"], sign=k not in ("AP", "new_task")) for k in KEYS) + " |")
         L += ["", "GP_drop / IP_drop: the general suite's score (zero-shot / 3-shot) of the original model minus the "
               "final model's; new_task: mean over tasks of the score right after its own stage.", ""]
         pr = s["paired"]

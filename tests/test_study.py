@@ -159,7 +159,7 @@ def test_do_run_copies_times_and_cleans(dirs, monkeypatch):
     # a run cut off after a stage checkpoint resumes
     d = dirs / "runs" / "A-lwf-s1"
     (d / "stage-1").mkdir(parents=True)
-    assert "--resume" in study.train_command("A-lwf-s1", 1)
+    assert "--resume" in study.train_flags("A-lwf-s1", 1)
 
 
 def test_failed_run_is_reported_and_timed(dirs, monkeypatch):
@@ -171,6 +171,35 @@ def test_failed_run_is_reported_and_timed(dirs, monkeypatch):
     assert not ok and "FAILED (exit 3" in msg
     assert not (dirs / "results" / "study" / "run_A-plain-s2.json").exists()
     assert json.loads((dirs / "results" / "study" / "timings.json").read_text())["A-plain-s2"]["complete"] is False
+
+
+def test_part_with_two_workers_then_next(dirs, monkeypatch, capsys):
+    """study.py --part A-s0 --workers 2: the first run alone (it writes the shared stage-0
+    evaluation), then two at a time; the report follows, and a bare call runs the next part."""
+    import threading
+    import time
+    seen, lock = [], threading.Lock()
+
+    class Done:
+        returncode = 0
+
+    def fake_train(cmd, **kw):
+        out = Path(cmd[cmd.index("--out_dir") + 1])
+        with lock:
+            seen.append((out.name, (dirs / "runs" / "stage0.json").is_file()))
+        time.sleep(0.05)
+        out.mkdir(parents=True, exist_ok=True)
+        (dirs / "runs" / "stage0.json").write_text("{}")
+        (out / "results.json").write_text(json.dumps(fake_run(0.3, 0.9)))
+        return Done()
+
+    monkeypatch.setattr(study.subprocess, "run", fake_train)
+    assert study.main(["--part", "A-s0", "--workers", "2", "--threads", "1"]) == 0
+    assert seen[0] == ("A-plain-s0", False) and [s for _, s in seen].count(False) == 1 and len(seen) == 6
+    assert study.part_status("A-s0")[0] == "done" and (dirs / "results" / "study.md").is_file()
+    assert "next: B-s0" in capsys.readouterr().out
+    seen.clear()
+    assert study.main([]) == 0 and {n for n, _ in seen} == {f"B-{m}-s0" for m in study.METHODS}
 
 
 # ---- numbers ---------------------------------------------------------------------------------------
@@ -391,11 +420,12 @@ def test_learnability_summary(tmp_path, monkeypatch):
     def fake_run(cmd, **kw):
         calls.append(cmd)
         out = Path(cmd[cmd.index("--out_dir") + 1])
+        (out / "stage-1").mkdir(parents=True)          # train.py makes its out_dir itself
         (out / "results.json").write_text(json.dumps({"cl": {"R": [[0.1], [0.85]]}}))
-        (out / "stage-1").mkdir()
         return Done()
 
-    monkeypatch.setattr(lm.subprocess, "run", fake_run)
+    import subprocess
+    monkeypatch.setattr(subprocess, "run", fake_run)     # what experiments/common.run_train calls
     assert lm.main(["--tasks", "uppercase,acronym", "--steps", "7"]) == 0
     summary = json.loads((tmp_path / "learnability.json").read_text())
     assert summary["acronym@7"]["before"] == 0.1 and summary["acronym@7"]["after"] == 0.85
