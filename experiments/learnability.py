@@ -4,7 +4,7 @@ hundred steps of fine-tuning)
 
 The default, 120 steps of 8 examples (3 epochs of train.py's default 320 training examples), is where
 a screening run of the slowest format, acronym, first passed 0.8 (0.83 on its 100 test examples;
-20 steps give 0.55, see results/study.md).
+20 steps give 0.55, see results/study_v1/study.md).
 
     python experiments/learnability.py                      # the default sequence, 120 steps each
     python experiments/learnability.py --tasks name_swap --steps 200
