@@ -65,7 +65,8 @@ def main(argv=None) -> int:
                 continue
             d = RUNS / key
             flags = ["--regime", "lora", "--lr", str(lr), "--epochs", str(ep), "--tasks", ",".join(tasks),
-                     "--general", "none", "--eval_n", "80", "--out_dir", str(d), "--overwrite", "--log_every", "20",
+                     "--general", "none", "--eval_n", "80", "--out_dir", str(d), "--log_every", "20",
+                     "--resume" if (d / "last").exists() or any(d.glob("stage-*")) else "--overwrite",
                      "--num_threads", str(args.threads)]
             t0 = time.time()
             rc = run_train(flags, RUNS / "logs" / f"{key}.txt")
