@@ -1,4 +1,5 @@
-"""Reports: evaluate.py's JSON reports on disk, and the tables and plots made from them."""
+"""Reports: evaluate.py's JSON reports on disk, tables and plots; and the pictures and tables of IV results
+(AIE heatmaps, layer sweeps, the held-out check)."""
 from __future__ import annotations
 
 import json

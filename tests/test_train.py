@@ -285,6 +285,25 @@ def test_replay_mixes_a_fixed_sample_of_earlier_tasks_only():
 
 # ---- runs -------------------------------------------------------------------------------------------
 
+def test_fvg_and_lora_regime_run_end_to_end(env, tmp_path):
+    # the sibling code's loss in its LoRA regime: previous-stage reference, both KLs and the head MSE
+    # all take part (the log shows each term), and the run ends with finite numbers
+    out = tmp_path / "fvg"
+    res = run_main(base_args(env, out, "--preset", "fvg", "--regime", "lora", "--lr", "3e-3", *iv_args(env)))
+    assert res["config"]["kl_ref"] == "previous" and res["config"]["lora_r"] == 8
+    steps = [line for line in (out / "log.txt").read_text().splitlines() if "| step" in line]
+    assert steps and all(" kl " in line and " kl_all " in line and " mse " in line for line in steps)
+    assert (out / "stage-2" / "model.safetensors").is_file()     # merged after every task: a plain HF checkpoint
+    # the tiny model stays under the sibling's thresholds (every term counts 0 above): without them
+    # each term is positive, so the run really computes all three
+    out = tmp_path / "fvg0"
+    run_main(base_args(env, out, "--preset", "fvg", "--regime", "lora", "--lr", "3e-3", "--kl_min", "0",
+                       "--head_mse_min", "0", *iv_args(env)))
+    last = [line for line in (out / "log.txt").read_text().splitlines() if "| step" in line][-1]
+    terms = {k: float(last.split(f" {k} ")[1].split()[0]) for k in ("kl", "kl_all", "mse")}
+    assert all(v > 0 for v in terms.values()), last
+
+
 def test_guided_with_zero_weights_equals_plain(env, tmp_path):
     run_main(base_args(env, tmp_path / "plain"))
     run_main(base_args(env, tmp_path / "zero", "--guided", "--kl_weight", "0", "--iv_alpha0", "0", *iv_args(env)))
