@@ -288,6 +288,20 @@ def do_run(name: str, threads: int, workers: int = 1) -> tuple[bool, str]:
     return True, msg
 
 
+def lora_unsettled() -> str | None:
+    """Regime B runs only with the lr and epochs that experiments/lora_pilot.py chose on the dev split
+    (the protocol): None when ivft/config.py's lora preset holds them, else why not."""
+    from ivft.config import REGIME_PRESETS
+    choice = (read_json(OUT / "lora_pilot.json") or {}).get("choice")
+    if not choice:
+        return "experiments/lora_pilot.py has not chosen lr and epochs yet (results/lora_pilot.json)"
+    preset = REGIME_PRESETS["lora"]
+    if (preset["lr"], preset["epochs"]) != (choice["lr"], choice["epochs"]):
+        return (f"ivft/config.py's lora preset has lr {preset['lr']}, epochs {preset['epochs']}; the pilot chose "
+                f"lr {choice['lr']}, epochs {choice['epochs']}")
+    return None
+
+
 def run_part(part: str, workers: int, threads: int, dry_run: bool = False) -> bool:
     p = parts()[part]
     t0 = time.time()
@@ -305,6 +319,10 @@ def run_part(part: str, workers: int, threads: int, dry_run: bool = False) -> bo
         say(msg)
         return part_status(part)[0] == "done"
     pending = [n for n in p["runs"] if not run_done(n) or not (RAW / f"run_{n}.json").is_file()]
+    problem = lora_unsettled() if p["regime"] == "B" and pending else None
+    if problem and not dry_run:
+        say(f"{part}: not started: {problem}")
+        return False
     if dry_run:
         for n in pending:
             print(" ".join(["python", "train.py", *train_flags(n, threads)]))

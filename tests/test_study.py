@@ -199,6 +199,9 @@ def test_part_with_two_workers_then_next(dirs, monkeypatch, capsys):
     assert study.part_status("A-s0")[0] == "done" and (dirs / "results" / "study.md").is_file()
     assert "next: B-s0" in capsys.readouterr().out
     seen.clear()
+    from ivft.config import REGIME_PRESETS       # regime B waits for the LoRA pilot's choice
+    lora = REGIME_PRESETS["lora"]
+    (dirs / "results" / "lora_pilot.json").write_text(json.dumps({"choice": {"lr": lora["lr"], "epochs": lora["epochs"]}}))
     assert study.main([]) == 0 and {n for n, _ in seen} == {f"B-{m}-s0" for m in study.METHODS}
 
 
@@ -432,3 +435,16 @@ def test_learnability_summary(tmp_path, monkeypatch):
     assert len(calls) == 2 and "--max_steps" in calls[0] and calls[0][calls[0].index("--max_steps") + 1] == "7"
     assert not (tmp_path / "runs" / "acronym@7" / "stage-1").exists()     # checkpoints removed
     assert lm.main(["--tasks", "acronym", "--steps", "7"]) == 0 and len(calls) == 2   # skipped
+
+
+def test_regime_b_waits_for_the_pilots_choice(dirs, monkeypatch):
+    # regime B runs only with the lr and epochs the LoRA pilot chose on the dev split
+    from ivft import config
+    monkeypatch.setitem(config.REGIME_PRESETS, "lora", {**config.REGIME_PRESETS["lora"], "lr": 3e-4, "epochs": 4.0})
+    assert "has not chosen" in study.lora_unsettled()
+    pilot = dirs / "results" / "lora_pilot.json"
+    pilot.write_text(json.dumps({"choice": {"lr": 1e-4, "epochs": 4}}))
+    assert "the pilot chose lr 0.0001" in study.lora_unsettled()
+    assert study.run_part("B-s0", workers=1, threads=1) is False and not (dirs / "runs" / "B-plain-s0").exists()
+    pilot.write_text(json.dumps({"choice": {"lr": 3e-4, "epochs": 4}}))
+    assert study.lora_unsettled() is None
