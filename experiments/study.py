@@ -295,6 +295,10 @@ def lora_unsettled() -> str | None:
     choice = (read_json(OUT / "lora_pilot.json") or {}).get("choice")
     if not choice:
         return "experiments/lora_pilot.py has not chosen lr and epochs yet (results/lora_pilot.json)"
+    from lora_pilot import EXTENDED
+    if not choice.get("all_learned") and not set(EXTENDED) <= set(choice.get("epochs_tried", [])):
+        return (f"the pilot's choice (lr {choice['lr']}, epochs {choice['epochs']}) does not learn every task and "
+                f"amendment 1's epochs {EXTENDED} have not all been tried (experiments/lora_pilot.py)")
     preset = REGIME_PRESETS["lora"]
     if (preset["lr"], preset["epochs"]) != (choice["lr"], choice["epochs"]):
         return (f"ivft/config.py's lora preset has lr {preset['lr']}, epochs {preset['epochs']}; the pilot chose "

@@ -201,7 +201,8 @@ def test_part_with_two_workers_then_next(dirs, monkeypatch, capsys):
     seen.clear()
     from ivft.config import REGIME_PRESETS       # regime B waits for the LoRA pilot's choice
     lora = REGIME_PRESETS["lora"]
-    (dirs / "results" / "lora_pilot.json").write_text(json.dumps({"choice": {"lr": lora["lr"], "epochs": lora["epochs"]}}))
+    (dirs / "results" / "lora_pilot.json").write_text(json.dumps({"choice": {"lr": lora["lr"], "epochs": lora["epochs"],
+                                                                        "all_learned": True}}))
     assert study.main([]) == 0 and {n for n, _ in seen} == {f"B-{m}-s0" for m in study.METHODS}
 
 
@@ -443,8 +444,12 @@ def test_regime_b_waits_for_the_pilots_choice(dirs, monkeypatch):
     monkeypatch.setitem(config.REGIME_PRESETS, "lora", {**config.REGIME_PRESETS["lora"], "lr": 3e-4, "epochs": 4.0})
     assert "has not chosen" in study.lora_unsettled()
     pilot = dirs / "results" / "lora_pilot.json"
-    pilot.write_text(json.dumps({"choice": {"lr": 1e-4, "epochs": 4}}))
+    pilot.write_text(json.dumps({"choice": {"lr": 1e-4, "epochs": 4, "all_learned": True}}))
     assert "the pilot chose lr 0.0001" in study.lora_unsettled()
     assert study.run_part("B-s0", workers=1, threads=1) is False and not (dirs / "runs" / "B-plain-s0").exists()
-    pilot.write_text(json.dumps({"choice": {"lr": 3e-4, "epochs": 4}}))
+    pilot.write_text(json.dumps({"choice": {"lr": 3e-4, "epochs": 4, "all_learned": False, "epochs_tried": [2, 4]}}))
+    assert "have not all been tried" in study.lora_unsettled()     # amendment 1: more epochs first
+    pilot.write_text(json.dumps({"choice": {"lr": 3e-4, "epochs": 4, "all_learned": True}}))
     assert study.lora_unsettled() is None
+    pilot.write_text(json.dumps({"choice": {"lr": 3e-4, "epochs": 4, "all_learned": False, "epochs_tried": [2, 4, 8, 16]}}))
+    assert study.lora_unsettled() is None                          # nothing learns every task: the largest tried
