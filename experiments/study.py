@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from common import run_train  # noqa: E402
 from ivft.files import write_atomic  # noqa: E402
+from ivft.report import mean  # noqa: E402
 
 PROTOCOL = ROOT / "experiments" / "study_protocol.md"
 RUNS = ROOT / "runs" / "study"
@@ -476,11 +477,6 @@ def compare_ivs(new: dict, old: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Numbers of the report
-
-def mean(xs) -> float | None:
-    xs = [float(x) for x in xs]
-    return sum(xs) / len(xs) if xs else None
-
 
 def mean_std(xs):
     xs = [x for x in xs if x is not None]

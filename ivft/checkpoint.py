@@ -22,7 +22,7 @@ from ivft.config import RESUME_FREE, RUN_START_FILES, needs_reference
 from ivft.dist import barrier, full_state_dict, gather_objects
 from ivft.files import clean_leftovers
 from ivft.load import LoadError, load_hf_dir, load_model, read_safetensors, save_hf
-from ivft.runtime import TrainError
+from ivft.runtime import TrainError, write_json
 from model import Transformer
 
 
@@ -249,16 +249,12 @@ def start_out_dir(out_dir: Path, cfg: dict, clear: bool, d):
     """The first write of a run: clear what an earlier run wrote (--overwrite, or a start that died
     early), then the resolved flags as out_dir/train_config.json."""
     import shutil
-    from ivft.files import write_json_atomic
     if d.main:
         if clear:
             for p in [*out_dir.glob("stage-*"), out_dir / "last", out_dir / "results.json", out_dir / "log.txt"]:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            write_json_atomic(out_dir / "train_config.json", cfg)
-        except OSError as e:
-            raise TrainError(str(e)) from None
+        write_json(out_dir / "train_config.json", cfg)
     barrier(d)
 
 
