@@ -11,15 +11,17 @@ this file only carries them out.
 
     python experiments/study.py --list          # every part, its status and minutes, and the next one
     python experiments/study.py                 # runs the next unfinished part, then writes the report
-    python experiments/study.py --part B-s0     # runs one part (finished runs are skipped, a cut one resumes)
+    python experiments/study.py --part B-s0a --workers 2   # one part (finished runs are skipped, a cut one resumes)
     python experiments/study.py --part A-s1 --dry_run   # prints the part's train.py commands only
     python experiments/study.py --report        # only rebuilds results/study.md and results/study.json
 
 Parts, in the order a bare `study.py` takes them (each fits a working session):
-  A-s0, B-s0        the six method runs of one regime and seed (A-plain-s0 ... A-fvg-s0)
+  A-s0              the six method runs of regime A, seed 0 (A-plain-s0 ... A-fvg-s0)
+  B-s0a             B-plain-s0 and B-guided-s0 (regime B's runs are long: two per part, --workers 2)
   analysis-A, -B    findings (b)-(d) on <regime>-plain-s0 and <regime>-guided-s0 (needs their stage
                     checkpoints); finding (a) comes from the runs' own stage reports
-  A-s1, B-s1, A-s2, B-s2
+  B-s0b, B-s0c      replay and lwf; iv_only and fvg
+  A-s1, B-s1a, B-s1b, B-s1c, A-s2, B-s2a, B-s2b, B-s2c
 How long each part takes on the 2-core CPU: measured times: results/study/timings.json, shown by
 --list (until a part has run, --list estimates it from the measured runs of the same regime, or
 gives a rough guess marked as such). --workers N runs N train.py processes at a time, each on
@@ -71,7 +73,12 @@ SEEDS = (0, 1, 2)
 SIZE = ["--eval_n", "50", "--eval_k_shot", "3"]
 ANALYSED = ("plain", "guided")             # the analyses use seed 0 of these (protocol: findings)
 KEEP_CHECKPOINTS = {f"{r}-{m}-s0" for r in REGIMES for m in ANALYSED}
-PART_ORDER = ("A-s0", "B-s0", "analysis-A", "analysis-B", "A-s1", "B-s1", "A-s2", "B-s2")
+# A regime-B run trains 16 epochs of LoRA (the pilot's choice) and takes 1.5-3 h on one core, so
+# regime B's seeds come in three parts of two runs each (--workers 2), each fitting a working
+# session; "a" holds the two runs the analyses read.
+B_GROUPS = {"a": ("plain", "guided"), "b": ("replay", "lwf"), "c": ("iv_only", "fvg")}
+PART_ORDER = ("A-s0", "B-s0a", "analysis-A", "analysis-B", "B-s0b", "B-s0c",
+              "A-s1", "B-s1a", "B-s1b", "B-s1c", "A-s2", "B-s2a", "B-s2b", "B-s2c")
 # IV extraction in the analyses: extract_iv's defaults, with train.py's prompt counts (the settings
 # of the training IVs, so the training tasks' IVs are train.py's own cached files)
 IV_SETTINGS = {"method": "exact", "n_clean": 50, "n_corrupt": 25}
@@ -125,7 +132,8 @@ def parts() -> dict[str, dict]:
                       "items": analysis_items(r)}
         else:
             r, seed = p.split("-s")
-            out[p] = {"kind": "runs", "regime": r, "runs": [run_name(r, m, int(seed)) for m in METHODS]}
+            methods = B_GROUPS[seed[1:]] if seed[1:] else METHODS
+            out[p] = {"kind": "runs", "regime": r, "runs": [run_name(r, m, int(seed[0])) for m in methods]}
     return out
 
 
@@ -213,6 +221,13 @@ def run_minutes(name: str, timings: dict) -> tuple[float, str]:
                  [v for k, v in measured.items() if parse_name(k)[0] == regime]):
         if same:
             return sum(same) / len(same) / 60, "estimated"
+    # regime B before any of its runs: the LoRA pilot's plain run at the chosen lr and epochs, times
+    # the method's cost relative to plain in regime A
+    choice = (read_json(OUT / "lora_pilot.json") or {}).get("choice") or {}
+    pilot = (read_json(OUT / "lora_pilot.json") or {}).get(f"lr{choice.get('lr', 0):g}-ep{choice.get('epochs')}", {})
+    a_plain, a_same = measured.get(run_name("A", "plain", 0)), measured.get(run_name("A", method, 0))
+    if regime == "B" and pilot.get("seconds") and a_plain and a_same:
+        return pilot["seconds"] * a_same / a_plain / 60, "estimated"
     return GUESS_MINUTES[regime], "guess"
 
 
@@ -261,7 +276,9 @@ def train_flags(name: str, threads: int) -> list[str]:
     d = RUNS / name
     has_ckpt = d.is_dir() and (any(d.glob("stage-*")) or (d / "last").exists())
     return ["--out_dir", str(d), *run_flags(name), "--num_threads", str(threads),
-            "--stage0_cache", str(RUNS / "stage0.json"), "--log_every", "10", "--resume" if has_ckpt else "--overwrite"]
+            "--stage0_cache", str(RUNS / "stage0.json"), "--log_every", "10",
+            "--save_every", "100",     # a run cut off at a session's end loses at most 100 steps
+            "--resume" if has_ckpt else "--overwrite"]
 
 
 def do_run(name: str, threads: int, workers: int = 1) -> tuple[bool, str]:

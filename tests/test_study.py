@@ -76,8 +76,10 @@ def test_run_names_and_flags():
 
 def test_parts_in_order():
     p = study.parts()
-    assert list(p) == ["A-s0", "B-s0", "analysis-A", "analysis-B", "A-s1", "B-s1", "A-s2", "B-s2"]
-    assert p["B-s1"]["runs"] == [f"B-{m}-s1" for m in ("plain", "replay", "lwf", "iv_only", "guided", "fvg")]
+    assert list(p) == ["A-s0", "B-s0a", "analysis-A", "analysis-B", "B-s0b", "B-s0c", "A-s1", "B-s1a", "B-s1b",
+                       "B-s1c", "A-s2", "B-s2a", "B-s2b", "B-s2c"]
+    assert p["A-s1"]["runs"] == [f"A-{m}-s1" for m in ("plain", "replay", "lwf", "iv_only", "guided", "fvg")]
+    assert p["B-s1a"]["runs"] == ["B-plain-s1", "B-guided-s1"] and p["B-s2c"]["runs"] == ["B-iv_only-s2", "B-fvg-s2"]
     assert p["analysis-B"]["needs"] == ["B-plain-s0", "B-guided-s0"]
     assert sorted({k.split("/")[0] for k in p["analysis-A"]["items"]}) == ["b", "c", "d"]
     assert all(run in study.run_names() for q in p.values() if q["kind"] == "runs" for run in q["runs"])
@@ -91,7 +93,7 @@ def test_next_part_and_status(dirs):
     assert study.part_status("A-s0")[0] == "partly"
     for m in study.METHODS:
         write(dirs, f"A-{m}-s0", fake_run(0.3, 0.9))
-    assert study.part_status("A-s0") == ("done", 6, 6) and study.next_part() == "B-s0"
+    assert study.part_status("A-s0") == ("done", 6, 6) and study.next_part() == "B-s0a"
     # a run whose results.json is finished in runs/ but not yet copied counts as done
     for m in study.METHODS:
         d = dirs / "runs" / f"B-{m}-s0"
@@ -99,9 +101,9 @@ def test_next_part_and_status(dirs):
         (d / "results.json").write_text(json.dumps(fake_run(0.3, 0.9)))
     unfinished = fake_run(0.3, 0.9)
     unfinished["stages"] = [{}] * 3                                            # 2 of 4 stages
-    (dirs / "runs" / "B-fvg-s0" / "results.json").write_text(json.dumps(unfinished))
-    assert study.part_status("B-s0") == ("partly", 5, 6) and study.next_part() == "B-s0"
-    (dirs / "runs" / "B-fvg-s0" / "results.json").write_text(json.dumps(fake_run(0.3, 0.9)))
+    (dirs / "runs" / "B-guided-s0" / "results.json").write_text(json.dumps(unfinished))
+    assert study.part_status("B-s0a") == ("partly", 1, 2) and study.next_part() == "B-s0a"
+    (dirs / "runs" / "B-guided-s0" / "results.json").write_text(json.dumps(fake_run(0.3, 0.9)))
     assert study.next_part() == "analysis-A"
     items = study.analysis_items("A")
     (dirs / "results" / "study" / "analysis_A.json").write_text(json.dumps({items[0]: {}}))
@@ -109,7 +111,7 @@ def test_next_part_and_status(dirs):
     (dirs / "results" / "study" / "analysis_A.json").write_text(json.dumps({k: {} for k in items}))
     assert study.next_part() == "analysis-B"
     (dirs / "results" / "study" / "analysis_B.json").write_text(json.dumps({k: {} for k in study.analysis_items("B")}))
-    assert study.next_part() == "A-s1"
+    assert study.next_part() == "A-s1"                                         # B-s0b, B-s0c were done above
     listing = study.list_parts()
     assert "A-s0        done" in listing and "A-s1        not started" in listing and "next: A-s1" in listing
 
@@ -124,6 +126,12 @@ def test_list_minutes_measured_then_estimated(dirs):
     assert study.run_minutes("A-plain-s1", timings) == (10.0, "estimated")
     assert study.run_minutes("A-plain-s0", timings) == (10.0, "measured")
     assert study.run_minutes("B-plain-s0", timings)[1] == "guess"           # nothing of regime B measured
+    # ... until the LoRA pilot has timed plain training at its chosen lr and epochs: that, scaled by
+    # the method's cost relative to plain in regime A
+    (dirs / "results" / "lora_pilot.json").write_text(json.dumps(
+        {"choice": {"lr": 3e-4, "epochs": 16}, "lr0.0003-ep16": {"seconds": 3000}}))
+    assert study.run_minutes("B-guided-s1", timings) == (100.0, "estimated")
+    assert study.run_minutes("B-lwf-s1", timings)[1] == "guess"             # A-lwf-s0 never finished
     assert study.part_minutes("A-s1", timings, workers=2)[0] == pytest.approx(45)
 
 
@@ -197,13 +205,13 @@ def test_part_with_two_workers_then_next(dirs, monkeypatch, capsys):
     assert study.main(["--part", "A-s0", "--workers", "2", "--threads", "1"]) == 0
     assert seen[0] == ("A-plain-s0", False) and [s for _, s in seen].count(False) == 1 and len(seen) == 6
     assert study.part_status("A-s0")[0] == "done" and (dirs / "results" / "study.md").is_file()
-    assert "next: B-s0" in capsys.readouterr().out
+    assert "next: B-s0a" in capsys.readouterr().out
     seen.clear()
     from ivft.config import REGIME_PRESETS       # regime B waits for the LoRA pilot's choice
     lora = REGIME_PRESETS["lora"]
     (dirs / "results" / "lora_pilot.json").write_text(json.dumps({"choice": {"lr": lora["lr"], "epochs": lora["epochs"],
                                                                         "all_learned": True}}))
-    assert study.main([]) == 0 and {n for n, _ in seen} == {f"B-{m}-s0" for m in study.METHODS}
+    assert study.main([]) == 0 and {n for n, _ in seen} == {"B-plain-s0", "B-guided-s0"}   # part B-s0a
 
 
 # ---- numbers ---------------------------------------------------------------------------------------
@@ -446,7 +454,7 @@ def test_regime_b_waits_for_the_pilots_choice(dirs, monkeypatch):
     pilot = dirs / "results" / "lora_pilot.json"
     pilot.write_text(json.dumps({"choice": {"lr": 1e-4, "epochs": 4, "all_learned": True}}))
     assert "the pilot chose lr 0.0001" in study.lora_unsettled()
-    assert study.run_part("B-s0", workers=1, threads=1) is False and not (dirs / "runs" / "B-plain-s0").exists()
+    assert study.run_part("B-s0a", workers=1, threads=1) is False and not (dirs / "runs" / "B-plain-s0").exists()
     pilot.write_text(json.dumps({"choice": {"lr": 3e-4, "epochs": 4, "all_learned": False, "epochs_tried": [2, 4]}}))
     assert "have not all been tried" in study.lora_unsettled()     # amendment 1: more epochs first
     pilot.write_text(json.dumps({"choice": {"lr": 3e-4, "epochs": 4, "all_learned": True}}))
