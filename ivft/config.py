@@ -75,13 +75,13 @@ METHOD_PRESETS = {
 }
 # Regimes: full = full fine-tuning with train.py's defaults; lora = the sibling code's family: LoRA
 # r 8, α 16, dropout 0.1 on q_proj/v_proj, a fresh adapter merged after every task, constant lr.
-# lr and epochs of lora are chosen on a dev split by experiments/lora_pilot.py (README): lr 3e-4;
-# epochs 4 is the registered grid's best, which leaves one task unlearned: amendment 1 of the
-# study's protocol tries 8 and 16 (experiments/study.py refuses regime B until that is settled).
+# lr and epochs of lora are chosen on a dev split by experiments/lora_pilot.py (README): lr 3e-4, and
+# 16 epochs, the most that the study's protocol (amendment 1) tries; one task (acronym) stays just
+# under the 0.8 the study asks for (results/lora_pilot.json).
 REGIME_PRESETS = {
     "full": {},
     "lora": {"lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.1, "lora_targets": "q_proj,v_proj",
-             "lora_merge": True, "lr_schedule": "constant", "warmup": 0.0, "lr": 3e-4, "epochs": 4.0},
+             "lora_merge": True, "lr_schedule": "constant", "warmup": 0.0, "lr": 3e-4, "epochs": 16.0},
 }
 DEFAULTS = {"iv_alpha0": 0.0, "kl_weight": 0.0, "kl_iv": False, "replay": 0.0, "kl_temp": 2.0, "kl_positions": "last",
             "kl_min": 0.0, "kl_gate": "row", "kl_all_weight": 0.0, "head_mse_weight": 0.0, "head_mse_min": 0.0,
