@@ -241,7 +241,7 @@ def test_fvg_loss_terms_equal_the_sibling_code_by_hand():
     torch.testing.assert_close(parts["mse"], sum(mses), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(loss, ce + 20 * kl1 + 0.1 * kl2 + sum(mses), rtol=1e-4, atol=1e-5)
     # thresholds: a term at or below its threshold counts zero (and so gives no gradient)
-    _, _, _, _, _, lm_hi = fvg_setup(kl_min=float(max(kl1, kl2)) + 1, mse_min=float(max(mses)) + 1)
+    _, _, _, _, _, lm_hi = fvg_setup(kl_min=float(max(kl1, kl2).detach()) + 1, mse_min=float(max(mses)) + 1)
     loss_hi, parts_hi = lm_hi(batch, n)
     assert float(parts_hi["kl"]) == float(parts_hi["kl_all"]) == float(parts_hi["mse"]) == 0.0
     torch.testing.assert_close(loss_hi, ce, rtol=1e-5, atol=1e-6)
