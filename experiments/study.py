@@ -657,7 +657,10 @@ def regime_summary(runs: dict, regime: str) -> dict:
     plain, guided = by_seed(runs, regime, "plain"), by_seed(runs, regime, "guided")
     verdict, nums = decide(plain, guided)
     a = load_analysis(regime)
+    # regime B's lr and epochs: the LoRA pilot's dev-split grid and its choice (protocol, amendment 1)
+    pilot = (read_json(OUT / "lora_pilot.json") or None) if regime == "B" else None
     return {"flags": REGIMES[regime], "runs_done": sorted(n for n in runs if n.startswith(f"{regime}-")),
+            "pilot": pilot,
             "methods": methods, "paired": paired(plain, guided), "decision": verdict, "decision_numbers": nums,
             "learnability": learnability(runs, regime),
             "findings": {"a": finding_a(runs, regime), "b": finding_b(a, regime), "c": finding_c(a, regime),
@@ -844,6 +847,7 @@ def markdown(study: dict, runs: dict, plots: list[str]) -> str:
     L.append("")
     for regime, s in study["regimes"].items():
         L += [f"## Regime {regime} (`{' '.join(s['flags'])}`)", ""]
+        L += pilot_md(s.get("pilot"))
         if not s["runs_done"]:
             L += ["No run of this regime has finished yet.", ""]
             continue
@@ -873,6 +877,25 @@ def markdown(study: dict, runs: dict, plots: list[str]) -> str:
         if mine:
             L += ["### Plots", ""] + [f"![{p}]({p})" for p in mine] + [""]
     return "\n".join(L)
+
+
+def pilot_md(pilot: dict | None) -> list[str]:
+    """The LoRA pilot's grid (plain training, dev split: new-task score per task) and its choice."""
+    if not pilot or "choice" not in pilot:
+        return []
+    c = pilot["choice"]
+    points = sorted((v for k, v in pilot.items() if k != "choice"), key=lambda v: (v["lr"], v["epochs"]))
+    tasks = list(points[0]["new_task"]) if points else []
+    L = ["### lr and epochs: the LoRA pilot (`experiments/lora_pilot.py`, dev split)", "",
+         "Plain training; new-task dev score right after each task's stage (points; training examples "
+         "320-399 of each task, never trained on).", "",
+         "| lr | epochs | " + " | ".join(tasks) + " | minutes |", "|---|---|" + "---|" * len(tasks) + "---|"]
+    L += [f"| {v['lr']:g} | {v['epochs']} | " + " | ".join(f"{100 * v['new_task'][t]:.1f}" for t in tasks) +
+          f" | {v['seconds'] / 60:.0f} |" for v in points]
+    learned = ("every task reaches 80" if c.get("all_learned") else
+               f"no epoch count tried ({', '.join(map(str, c.get('epochs_tried', [])))}) reaches 80 on every task, "
+               "so the largest is used (amendment 1)")
+    return L + ["", f"Chosen: lr {c['lr']:g}, {c['epochs']} epochs; {learned}.", ""]
 
 
 def findings_md(f: dict) -> list[str]:

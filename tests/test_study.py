@@ -285,6 +285,10 @@ def test_report_schema_and_markdown(dirs):
     write(dirs, "B-plain-s0", fake_run(0.3, 0.8))                          # regime B: one run, undecided
     write(dirs, "B-guided-s0", fake_run(0.1, 0.8))
     analysis_file(dirs, "A")
+    point = lambda lr, ep, acr: {"lr": lr, "epochs": ep, "new_task": {"a": 0.9, "b": acr}, "seconds": 600 * ep}
+    (dirs / "results" / "lora_pilot.json").write_text(json.dumps(
+        {"lr0.0003-ep4": point(3e-4, 4, 0.5), "lr0.0001-ep4": point(1e-4, 4, 0.25), "lr0.0003-ep16": point(3e-4, 16, 0.75),
+         "choice": {"lr": 3e-4, "epochs": 16, "all_learned": False, "epochs_tried": [4, 16]}}))
     msg = study.report()
     assert "(9 of 36 runs" in msg
     out = json.loads((dirs / "results" / "study.json").read_text())
@@ -326,6 +330,11 @@ def test_report_schema_and_markdown(dirs):
     assert "| plain | 3 | +40.0 ± 2.0 |" in md                                  # points, not fractions
     assert "| A-plain-s0 | capital | 4.0 | 0.0 | 0.0 |" in md and "within noise" in md
     assert "| A-plain-s0 | antonym | 60.0 | 0.0 | 30.0 | +60.0 ± 7.0 | 50% |" in md
+    # regime B shows the LoRA pilot's grid (sorted by lr, epochs) and says that no count learned every task
+    assert B["pilot"]["choice"]["epochs"] == 16 and A["pilot"] is None
+    assert "| 0.0001 | 4 | 90.0 | 25.0 | 40 |\n| 0.0003 | 4 | 90.0 | 50.0 | 40 |\n| 0.0003 | 16 | 90.0 | 75.0 | 160 |" in md
+    assert "Chosen: lr 0.0003, 16 epochs; no epoch count tried (4, 16) reaches 80 on every task" in md
+    assert md.index("LoRA pilot") > md.index("## Regime B")
 
 
 def test_decision_false_and_incomplete_in_report(dirs):
