@@ -223,8 +223,9 @@ def run_minutes(name: str, timings: dict) -> tuple[float, str]:
             return sum(same) / len(same) / 60, "estimated"
     # regime B before any of its runs: the LoRA pilot's plain run at the chosen lr and epochs, times
     # the method's cost relative to plain in regime A
-    choice = (read_json(OUT / "lora_pilot.json") or {}).get("choice") or {}
-    pilot = (read_json(OUT / "lora_pilot.json") or {}).get(f"lr{choice.get('lr', 0):g}-ep{choice.get('epochs')}", {})
+    grid = read_json(OUT / "lora_pilot.json") or {}
+    choice = grid.get("choice") or {}
+    pilot = grid.get(f"lr{choice.get('lr', 0):g}-ep{choice.get('epochs')}", {})
     a_plain, a_same = measured.get(run_name("A", "plain", 0)), measured.get(run_name("A", method, 0))
     if regime == "B" and pilot.get("seconds") and a_plain and a_same:
         return pilot["seconds"] * a_same / a_plain / 60, "estimated"
