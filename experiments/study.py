@@ -42,6 +42,7 @@ in its file is not redone.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -200,12 +201,14 @@ def load_timings() -> dict:
 
 def add_timing(name: str, seconds: float, complete_: bool, threads: int, workers: int):
     from ivft.files import write_json_atomic
-    with _lock:
+    RAW.mkdir(parents=True, exist_ok=True)
+    # two parts may run side by side (one thread each): a file lock keeps their read-modify-writes apart
+    with _lock, open(RAW / "timings.lock", "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
         t = load_timings()
         old = t.get(name, {})
         t[name] = {"seconds": round(old.get("seconds", 0.0) + seconds, 1), "complete": complete_,
                    "sessions": old.get("sessions", 0) + 1, "threads": threads, "workers": workers}
-        RAW.mkdir(parents=True, exist_ok=True)
         write_json_atomic(RAW / "timings.json", t)
 
 
