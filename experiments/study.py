@@ -602,11 +602,17 @@ def finding_b(a: dict, regime: str) -> dict | None:
     return {"noise_floor": floor, "runs": runs_out, "means": means}
 
 
+def no_share_label(loss: float, se: float | None) -> str:
+    """Why (c) gives no recovered share: the final model did not lose the task beyond noise, or
+    it is better than the original (a trained task: nothing was lost)."""
+    return "gained, nothing lost" if se is not None and loss < -2 * se else "within noise"
+
+
 def recovery(original: list, final: list, with_iv: list) -> dict:
     """(c) per-example scores of the original model, the final one and the final one with the
     original IV: the loss original - final with its standard error (paired), and the recovered share
     (with IV - final) / (original - final) only where the loss exceeds 2 standard errors
-    (ivft.ivcheck.gap_or_none), else None ("within noise")."""
+    (ivft.ivcheck.gap_or_none), else None (no_share_label says why)."""
     import torch
     from ivft.ivcheck import gap_or_none
     o, f, w = (torch.tensor(x, dtype=torch.float64) for x in (original, final, with_iv))
@@ -614,7 +620,8 @@ def recovery(original: list, final: list, with_iv: list) -> dict:
     d = o - f
     se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else None
     return {"original": float(o.mean()), "final": float(f.mean()), "with_iv": float(w.mean()),
-            "loss": float(d.mean()), "se": se, "recovered": share, "note": note if share is not None else "within noise",
+            "loss": float(d.mean()), "se": se, "recovered": share,
+            "note": note if share is not None else no_share_label(float(d.mean()), se),
             "n": len(d)}
 
 
@@ -950,7 +957,8 @@ def findings_md(f: dict) -> list[str]:
             items = list(rows.items()) + ([("**general, pooled**", c["pooled_general"][run])]
                                           if run in c["pooled_general"] else [])
             for n, v in items:
-                rec = f"{100 * v['recovered']:.0f}%" if v["recovered"] is not None else "within noise"
+                rec = (f"{100 * v['recovered']:.0f}%" if v["recovered"] is not None
+                       else no_share_label(v["loss"], v["se"]))
                 L.append(f"| {run} | {n} | {pts(v['original'], sign=False)} | {pts(v['final'], sign=False)} | "
                          f"{pts(v['with_iv'], sign=False)} | {pts(v['loss'], v['se'])} | {rec} |")
         L.append("")

@@ -259,6 +259,9 @@ def test_recovery_and_noise_rule():
     # a loss of 2 examples in 50 is within the noise of the paired difference
     r = study.recovery([1, 1] + [0] * 48, [0] * 50, [1] * 50)
     assert r["recovered"] is None and r["note"] == "within noise" and r["with_iv"] == 1.0
+    # a trained task the final model does better than the original: a gain, not noise
+    r = study.recovery([0] * 50, [1] * 40 + [0] * 10, [1] * 30 + [0] * 20)
+    assert r["recovered"] is None and r["note"] == "gained, nothing lost"
 
 
 # ---- the report --------------------------------------------------------------------------------------
