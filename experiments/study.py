@@ -49,7 +49,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -94,8 +93,6 @@ KEYS = ("GP_drop", "IP_drop", "AP", "BWT", "FWT", "new_task")
 # one worker): the README's measured train.py times are ~8-12 min for full fine-tuning; LoRA here
 # trains more epochs. Replaced by measured numbers as soon as one run of the regime has finished.
 GUESS_MINUTES = {"A": 10.0, "B": 15.0, "analysis": 60.0}
-
-_lock = threading.Lock()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +199,9 @@ def load_timings() -> dict:
 def add_timing(name: str, seconds: float, complete_: bool, threads: int, workers: int):
     from ivft.files import write_json_atomic
     RAW.mkdir(parents=True, exist_ok=True)
-    # two parts may run side by side (one thread each): a file lock keeps their read-modify-writes apart
-    with _lock, open(RAW / "timings.lock", "a") as lock_file:
+    # a file lock keeps read-modify-writes apart, between the worker threads of one part and between
+    # two parts run side by side (each open() is its own lock holder, so threads exclude each other too)
+    with open(RAW / "timings.lock", "a") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         t = load_timings()
         old = t.get(name, {})
@@ -602,26 +600,22 @@ def finding_b(a: dict, regime: str) -> dict | None:
     return {"noise_floor": floor, "runs": runs_out, "means": means}
 
 
-def no_share_label(loss: float, se: float | None) -> str:
-    """Why (c) gives no recovered share: the final model did not lose the task beyond noise, or
-    it is better than the original (a trained task: nothing was lost)."""
-    return "gained, nothing lost" if se is not None and loss < -2 * se else "within noise"
-
-
 def recovery(original: list, final: list, with_iv: list) -> dict:
     """(c) per-example scores of the original model, the final one and the final one with the
     original IV: the loss original - final with its standard error (paired), and the recovered share
     (with IV - final) / (original - final) only where the loss exceeds 2 standard errors
-    (ivft.ivcheck.gap_or_none), else None (no_share_label says why)."""
+    (ivft.ivcheck.gap_or_none), else None, with a note saying why: the loss is within noise, or the
+    final model is better (a trained task: nothing was lost)."""
     import torch
     from ivft.ivcheck import gap_or_none
     o, f, w = (torch.tensor(x, dtype=torch.float64) for x in (original, final, with_iv))
     share, note = gap_or_none(o, f, w)
     d = o - f
     se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else None
+    if share is None:
+        note = "gained, nothing lost" if se is not None and float(d.mean()) < -2 * se else "within noise"
     return {"original": float(o.mean()), "final": float(f.mean()), "with_iv": float(w.mean()),
-            "loss": float(d.mean()), "se": se, "recovered": share,
-            "note": note if share is not None else no_share_label(float(d.mean()), se),
+            "loss": float(d.mean()), "se": se, "recovered": share, "note": note,
             "n": len(d)}
 
 
@@ -957,8 +951,8 @@ def findings_md(f: dict) -> list[str]:
             items = list(rows.items()) + ([("**general, pooled**", c["pooled_general"][run])]
                                           if run in c["pooled_general"] else [])
             for n, v in items:
-                rec = (f"{100 * v['recovered']:.0f}%" if v["recovered"] is not None
-                       else no_share_label(v["loss"], v["se"]))
+                # recovery() ran at report time, so a missing share's note is this run's own
+                rec = f"{100 * v['recovered']:.0f}%" if v["recovered"] is not None else v["note"]
                 L.append(f"| {run} | {n} | {pts(v['original'], sign=False)} | {pts(v['final'], sign=False)} | "
                          f"{pts(v['with_iv'], sign=False)} | {pts(v['loss'], v['se'])} | {rec} |")
         L.append("")
