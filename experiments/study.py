@@ -218,10 +218,22 @@ def run_minutes(name: str, timings: dict) -> tuple[float, str]:
         return t["seconds"] / 60, "measured"
     regime, method, _ = parse_name(name)
     measured = {k: v["seconds"] for k, v in timings.items() if v.get("complete") and not k.startswith("analysis")}
-    for same in ([v for k, v in measured.items() if parse_name(k)[:2] == (regime, method)],
-                 [v for k, v in measured.items() if parse_name(k)[0] == regime]):
-        if same:
-            return sum(same) / len(same) / 60, "estimated"
+
+    def mean_seconds(reg: str, meth: str) -> float | None:
+        same = [v for k, v in measured.items() if parse_name(k)[:2] == (reg, meth)]
+        return sum(same) / len(same) if same else None
+
+    if (s := mean_seconds(regime, method)) is not None:
+        return s / 60, "estimated"
+    # no run of this method in this regime yet: each measured run of the regime, scaled by the two
+    # methods' cost ratio in the other regime (fvg costs ~1.7x plain in both), else their plain mean
+    other = "B" if regime == "A" else "A"
+    same_regime = [(parse_name(k)[1], v) for k, v in measured.items() if parse_name(k)[0] == regime]
+    scaled = [v * mean_seconds(other, method) / mean_seconds(other, m) for m, v in same_regime
+              if mean_seconds(other, method) and mean_seconds(other, m)]
+    if scaled or same_regime:
+        got = scaled or [v for _, v in same_regime]
+        return sum(got) / len(got) / 60, "estimated"
     # regime B before any of its runs: the LoRA pilot's plain run at the chosen lr and epochs, times
     # the method's cost relative to plain in regime A
     grid = read_json(OUT / "lora_pilot.json") or {}
@@ -247,7 +259,9 @@ def part_minutes(part: str, timings: dict, workers: int = 1) -> tuple[float, flo
     kinds = {k for _, _, k in rows}
     kind = "measured" if kinds == {"measured"} else "guess" if "guess" in kinds else "estimated"
     total = sum(m for _, m, _ in rows) / max(1, workers)
-    left = sum(m for n, m, _ in rows if not run_done(n)) / max(1, workers)
+    # a cut run resumes from its checkpoint: only what it has not yet spent is left
+    left = sum(max(0.0, m - timings.get(n, {}).get("seconds", 0.0) / 60) for n, m, _ in rows
+               if not run_done(n)) / max(1, workers)
     return total, left, kind
 
 

@@ -133,6 +133,13 @@ def test_list_minutes_measured_then_estimated(dirs):
     assert study.run_minutes("B-guided-s1", timings) == (100.0, "estimated")
     assert study.run_minutes("B-lwf-s1", timings)[1] == "guess"             # A-lwf-s0 never finished
     assert study.part_minutes("A-s1", timings, workers=2)[0] == pytest.approx(45)
+    # once regime B has a measured run, a method not yet run there is that run scaled by the
+    # methods' cost ratio in regime A (guided/plain = 2 here); a cut run has only its rest left
+    timings["B-plain-s0"] = {"seconds": 3600, "complete": True}
+    assert study.run_minutes("B-guided-s1", timings) == (120.0, "estimated")
+    assert study.run_minutes("B-lwf-s1", timings) == (60.0, "estimated")     # no A-lwf cost: B's mean
+    timings["B-guided-s0"] = {"seconds": 1800, "complete": False}
+    assert study.part_minutes("B-s0a", timings)[:2] == pytest.approx((180, 90))
 
 
 # ---- one run, train.py stubbed ---------------------------------------------------------------------
