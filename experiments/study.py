@@ -267,7 +267,7 @@ def part_minutes(part: str, timings: dict, workers: int = 1) -> tuple[float, flo
 
 def list_parts(workers: int = 1) -> str:
     timings = load_timings()
-    lines = [f"{'part':<12}{'status':<16}{'minutes':<26}what"]
+    lines = [f"{'part':<12}{'status':<16}{'minutes':<28}what"]
     for name, p in parts().items():
         status, done, total = part_status(name)
         m, left, kind = part_minutes(name, timings, workers)
@@ -278,7 +278,7 @@ def list_parts(workers: int = 1) -> str:
         else:
             missing = [n for n in p["needs"] if not run_done(n)]
             what = f"findings b-d on {' and '.join(p['needs'])}" + (f" (waits for {', '.join(missing)})" if missing else "")
-        lines.append(f"{name:<12}{st:<16}{mins:<26}{what}")
+        lines.append(f"{name:<12}{st:<16}{mins:<28}{what}")
     nxt = next_part()
     lines.append(f"next: {nxt}" if nxt else "all parts done")
     lines.append(f"(minutes: wall time per part with --workers {workers}; measured ones are in {RAW / 'timings.json'})")
