@@ -218,19 +218,18 @@ def run_minutes(name: str, timings: dict) -> tuple[float, str]:
         return t["seconds"] / 60, "measured"
     regime, method, _ = parse_name(name)
     measured = {k: v["seconds"] for k, v in timings.items() if v.get("complete") and not k.startswith("analysis")}
-
-    def mean_seconds(reg: str, meth: str) -> float | None:
-        same = [v for k, v in measured.items() if parse_name(k)[:2] == (reg, meth)]
-        return sum(same) / len(same) if same else None
-
-    if (s := mean_seconds(regime, method)) is not None:
-        return s / 60, "estimated"
+    by_kind: dict[tuple[str, str], list[float]] = {}
+    for k, v in measured.items():
+        by_kind.setdefault(parse_name(k)[:2], []).append(v)
+    cost = {kind: sum(v) / len(v) for kind, v in by_kind.items()}      # mean seconds per (regime, method)
+    if (regime, method) in cost:
+        return cost[regime, method] / 60, "estimated"
     # no run of this method in this regime yet: each measured run of the regime, scaled by the two
-    # methods' cost ratio in the other regime (fvg costs ~1.7x plain in both), else their plain mean
+    # methods' cost ratio in the other regime, else the mean of the regime's runs
     other = "B" if regime == "A" else "A"
-    same_regime = [(parse_name(k)[1], v) for k, v in measured.items() if parse_name(k)[0] == regime]
-    scaled = [v * mean_seconds(other, method) / mean_seconds(other, m) for m, v in same_regime
-              if mean_seconds(other, method) and mean_seconds(other, m)]
+    same_regime = [(m, v) for (reg, m), vs in by_kind.items() if reg == regime for v in vs]
+    scaled = [v * cost[other, method] / cost[other, m] for m, v in same_regime
+              if cost.get((other, method)) and cost.get((other, m))]
     if scaled or same_regime:
         got = scaled or [v for _, v in same_regime]
         return sum(got) / len(got) / 60, "estimated"
