@@ -47,8 +47,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -296,12 +298,20 @@ def train_flags(name: str, threads: int) -> list[str]:
             "--resume" if has_ckpt else "--overwrite"]
 
 
+# Set once a run of this process ends on SIGTERM/SIGINT (train.py saves `last` and exits 143/130, or
+# dies of the signal): someone is stopping the study, so the part starts no further run.
+CUT = threading.Event()
+CUT_CODES = {128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT}
+
+
 def do_run(name: str, threads: int, workers: int = 1) -> tuple[bool, str]:
     """One train.py process (skipped when finished, resumed when cut off); then the raw copy, the
     timing, and the checkpoints removed unless the analyses need them."""
     d = RUNS / name
     if complete(read_json(RAW / f"run_{name}.json")):
         return True, f"{name}: done before"
+    if CUT.is_set():
+        return False, f"{name}: not started (a run of this part was cut)"
     if not complete(read_json(d / "results.json")):
         t0, rc = time.time(), None
         try:
@@ -309,6 +319,9 @@ def do_run(name: str, threads: int, workers: int = 1) -> tuple[bool, str]:
         finally:                                 # a Ctrl-C still records the time spent
             ok = rc == 0 and complete(read_json(d / "results.json"))
             add_timing(name, time.time() - t0, ok, threads, workers)
+        if not ok and rc in CUT_CODES:
+            CUT.set()
+            return False, f"{name}: cut by a signal (exit {rc}); the same command resumes it from its checkpoint"
         if not ok:
             return False, f"{name}: FAILED (exit {rc}; see {RUNS / 'logs' / f'{name}.txt'})"
         msg = f"{name}: {(time.time() - t0) / 60:.1f} min"

@@ -188,6 +188,22 @@ def test_failed_run_is_reported_and_timed(dirs, monkeypatch):
     assert json.loads((dirs / "results" / "study" / "timings.json").read_text())["A-plain-s2"]["complete"] is False
 
 
+def test_cut_run_stops_its_part(dirs, monkeypatch):
+    """A run stopped by SIGTERM (train.py saves `last`, exits 143) stops the part: the next run of the
+    part is not started, so stopping a session's study means stopping its train.py processes."""
+    calls = []
+
+    class Cut:
+        returncode = 143
+
+    monkeypatch.setattr(study.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Cut())
+    monkeypatch.setattr(study, "CUT", study.threading.Event())
+    assert study.run_part("A-s2", workers=1, threads=1) is False
+    assert len(calls) == 1 and "A-plain-s2" in calls[0][calls[0].index("--out_dir") + 1]
+    ok, msg = study.do_run("A-replay-s2", threads=1)
+    assert not ok and "not started" in msg and len(calls) == 1
+
+
 def test_part_with_two_workers_then_next(dirs, monkeypatch, capsys):
     """study.py --part A-s0 --workers 2: the first run alone (it writes the shared stage-0
     evaluation), then two at a time; the report follows, and a bare call runs the next part."""
