@@ -47,7 +47,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -62,6 +61,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 from common import run_train  # noqa: E402
 from ivft.files import write_atomic  # noqa: E402
 from ivft.report import mean  # noqa: E402
+from ivft.runtime import STOP_SIGNALS  # noqa: E402
 
 PROTOCOL = ROOT / "experiments" / "study_protocol.md"
 RUNS = ROOT / "runs" / "study"
@@ -298,10 +298,11 @@ def train_flags(name: str, threads: int) -> list[str]:
             "--resume" if has_ckpt else "--overwrite"]
 
 
-# Set once a run of this process ends on SIGTERM/SIGINT (train.py saves `last` and exits 143/130, or
-# dies of the signal): someone is stopping the study, so the part starts no further run.
+# Set once a run of this process ends on a stop signal (train.py saves `last` and exits 128 + signal,
+# see ivft/runtime.run_cli, or dies of the signal): someone is stopping the study, so the part starts
+# no further run.
 CUT = threading.Event()
-CUT_CODES = {128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT}
+CUT_CODES = {code for sig in STOP_SIGNALS for code in (128 + sig, -sig)}
 
 
 def do_run(name: str, threads: int, workers: int = 1) -> tuple[bool, str]:
