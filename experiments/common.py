@@ -1,21 +1,72 @@
 """What the experiment scripts share: one train.py run as a child process, its output appended to a
-log file (the run's own folder holds only what train.py writes)."""
+log file (the run's own folder holds only what train.py writes), and stop signals passed on to it."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from ivft.runtime import STOP_SIGNALS, on_main_thread  # noqa: E402   train.py's own stop signals
+_LIVE: set = set()          # the running children; set.add/discard/copy are atomic, so no lock (a lock
+                            # taken in a signal handler can deadlock against the thread it interrupted)
 
 
-def run_train(flags: list[str], log_path: Path) -> int:
-    """python train.py FLAGS from the project root -> its exit status."""
-    cmd = [sys.executable, str(ROOT / "train.py"), *flags]
+def run_child(cmd: list[str], log_path: Path) -> int:
+    """Run cmd from the project root, output appended to log_path -> its exit status.
+
+    The child runs in its own session, so a Ctrl-C in the terminal reaches only this script, which
+    passes it on exactly once (see stop_signals_to_children). Sharing the terminal's process group
+    instead, the child would get the Ctrl-C directly while this script, interrupted, killed it before
+    it had saved its checkpoint."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        return subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        child = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        _LIVE.add(child)
+        try:
+            return child.wait()
+        finally:
+            _LIVE.discard(child)
+
+
+def run_train(flags: list[str], log_path: Path) -> int:
+    """python train.py FLAGS from the project root -> its exit status (130/143 when a stop signal
+    cut it; it has then saved `last`, and --resume goes on from there)."""
+    return run_child([sys.executable, str(ROOT / "train.py"), *flags], log_path)
+
+
+@contextlib.contextmanager
+def stop_signals_to_children():
+    """While open (main thread only): SIGINT or SIGTERM to this script goes to every running child
+    instead, once per signal, and the script waits for them to save and exit; it sees their exit
+    statuses. train.py stops after its current step on the first signal and at once on a second.
+    With no child running, the signals act as usual (KeyboardInterrupt, or exit 128 + SIGTERM)."""
+    if not on_main_thread():          # signal handlers can only be set there
+        yield
+        return
+
+    def forward(signum, frame):
+        children = _LIVE.copy()
+        if not children:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        for c in children:
+            with contextlib.suppress(ProcessLookupError):
+                c.send_signal(signum)
+        print(f"\n{signal.Signals(signum).name}: passed to {len(children)} train.py run(s), which save a checkpoint "
+              "and stop; the same command resumes them", file=sys.stderr, flush=True)
+
+    old = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

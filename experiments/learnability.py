@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from common import run_train  # noqa: E402
+from common import run_train, stop_signals_to_children  # noqa: E402
 RUNS = ROOT / "runs" / "learnability"
 OUT = ROOT / "results" / "learnability.json"
 
@@ -75,4 +75,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with stop_signals_to_children():     # Ctrl-C / SIGTERM: its train.py runs save and stop
+        sys.exit(main())

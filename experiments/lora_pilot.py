@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from common import run_train  # noqa: E402
+from common import run_train, stop_signals_to_children  # noqa: E402
 RUNS = ROOT / "runs" / "lora_pilot"
 OUT = ROOT / "results" / "lora_pilot.json"
 LRS = (1e-4, 3e-4)
@@ -120,4 +120,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with stop_signals_to_children():     # Ctrl-C / SIGTERM: its train.py runs save and stop
+        sys.exit(main())

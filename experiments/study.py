@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from common import run_train  # noqa: E402
+from common import run_train, stop_signals_to_children  # noqa: E402
 from ivft.files import write_atomic  # noqa: E402
 from ivft.report import mean  # noqa: E402
 from ivft.runtime import STOP_SIGNALS  # noqa: E402
@@ -1043,4 +1043,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with stop_signals_to_children():     # Ctrl-C / SIGTERM: its train.py runs save and stop
+        sys.exit(main())

@@ -50,6 +50,17 @@ def dirs(tmp_path, monkeypatch):
     return tmp_path
 
 
+def popen_of(work):
+    """A stand-in for subprocess.Popen: train.py's work faked by work(cmd) -> exit status."""
+    class FakeChild:
+        def __init__(self, cmd, **kw):
+            self.cmd = cmd
+
+        def wait(self):
+            return work(self.cmd)
+    return FakeChild
+
+
 def write(dirs, name, r):
     (dirs / "results" / "study" / f"run_{name}.json").write_text(json.dumps(r))
 
@@ -147,19 +158,16 @@ def test_list_minutes_measured_then_estimated(dirs):
 def test_do_run_copies_times_and_cleans(dirs, monkeypatch):
     calls = []
 
-    class Done:
-        returncode = 0
-
-    def fake_train(cmd, **kw):
+    def fake_train(cmd):
         calls.append(cmd)
         out = Path(cmd[cmd.index("--out_dir") + 1])
         out.mkdir(parents=True, exist_ok=True)
         for s in range(1, 5):
             (out / f"stage-{s}").mkdir(exist_ok=True)
         (out / "results.json").write_text(json.dumps(fake_run(0.3, 0.9)))
-        return Done()
+        return 0
 
-    monkeypatch.setattr(study.subprocess, "run", fake_train)
+    monkeypatch.setattr(study.subprocess, "Popen", popen_of(fake_train))
     ok, _ = study.do_run("A-replay-s1", threads=2)
     assert ok and "--overwrite" in calls[0] and "--resume" not in calls[0]
     assert calls[0][calls[0].index("--num_threads") + 1] == "2"
@@ -178,10 +186,7 @@ def test_do_run_copies_times_and_cleans(dirs, monkeypatch):
 
 
 def test_failed_run_is_reported_and_timed(dirs, monkeypatch):
-    class Failed:
-        returncode = 3
-
-    monkeypatch.setattr(study.subprocess, "run", lambda cmd, **kw: Failed())
+    monkeypatch.setattr(study.subprocess, "Popen", popen_of(lambda cmd: 3))
     ok, msg = study.do_run("A-plain-s2", threads=1)
     assert not ok and "FAILED (exit 3" in msg
     assert not (dirs / "results" / "study" / "run_A-plain-s2.json").exists()
@@ -193,10 +198,7 @@ def test_cut_run_stops_its_part(dirs, monkeypatch):
     part is not started, so stopping a session's study means stopping its train.py processes."""
     calls = []
 
-    class Cut:
-        returncode = 143
-
-    monkeypatch.setattr(study.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Cut())
+    monkeypatch.setattr(study.subprocess, "Popen", popen_of(lambda cmd: calls.append(cmd) or 143))
     monkeypatch.setattr(study, "CUT", study.threading.Event())
     assert study.run_part("A-s2", workers=1, threads=1) is False
     assert len(calls) == 1 and "A-plain-s2" in calls[0][calls[0].index("--out_dir") + 1]
@@ -211,10 +213,7 @@ def test_part_with_two_workers_then_next(dirs, monkeypatch, capsys):
     import time
     seen, lock = [], threading.Lock()
 
-    class Done:
-        returncode = 0
-
-    def fake_train(cmd, **kw):
+    def fake_train(cmd):
         out = Path(cmd[cmd.index("--out_dir") + 1])
         with lock:
             seen.append((out.name, (dirs / "runs" / "stage0.json").is_file()))
@@ -222,9 +221,9 @@ def test_part_with_two_workers_then_next(dirs, monkeypatch, capsys):
         out.mkdir(parents=True, exist_ok=True)
         (dirs / "runs" / "stage0.json").write_text("{}")
         (out / "results.json").write_text(json.dumps(fake_run(0.3, 0.9)))
-        return Done()
+        return 0
 
-    monkeypatch.setattr(study.subprocess, "run", fake_train)
+    monkeypatch.setattr(study.subprocess, "Popen", popen_of(fake_train))
     assert study.main(["--part", "A-s0", "--workers", "2", "--threads", "1"]) == 0
     assert seen[0] == ("A-plain-s0", False) and [s for _, s in seen].count(False) == 1 and len(seen) == 6
     assert study.part_status("A-s0")[0] == "done" and (dirs / "results" / "study.md").is_file()
@@ -235,6 +234,64 @@ def test_part_with_two_workers_then_next(dirs, monkeypatch, capsys):
     (dirs / "results" / "lora_pilot.json").write_text(json.dumps({"choice": {"lr": lora["lr"], "epochs": lora["epochs"],
                                                                         "all_learned": True}}))
     assert study.main([]) == 0 and {n for n, _ in seen} == {"B-plain-s0", "B-guided-s0"}   # part B-s0a
+
+
+# A child that behaves like train.py on a stop signal: it notes each signal, "saves" for a second
+# after the first, then exits 128 + signal; a second signal before that is counted too.
+CHILD = """
+import os, pathlib, signal, sys, time
+got = []
+for s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(s, lambda n, f: got.append(n))
+pathlib.Path(sys.argv[1]).write_text(str(os.getpgid(0)))
+while not got:
+    time.sleep(0.01)
+time.sleep(1.0)
+print("saved after", len(got), "signal(s)", flush=True)
+sys.exit(128 + got[0])
+"""
+
+DRIVER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from common import run_child, stop_signals_to_children
+with stop_signals_to_children():
+    print("exit", run_child([sys.executable, "-c", sys.argv[2], sys.argv[3]], Path(sys.argv[4])), flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_stop_signal_reaches_the_run_once_and_is_waited_for(tmp_path, how):
+    """Ctrl-C in a terminal (SIGINT to the whole foreground process group) or SIGTERM to the study
+    script: the running train.py gets exactly one signal, and the script waits while it saves and
+    reports its exit status. Before, subprocess.run killed the child 0.25 s after a Ctrl-C, in the
+    middle of its save."""
+    import os
+    import signal
+    import subprocess
+    import time
+    ready, log = tmp_path / "ready", tmp_path / "child.log"
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(ROOT / "experiments"), CHILD, str(ready), str(log)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        t0 = time.time()
+        while not (ready.exists() and ready.read_text()) and time.time() - t0 < 60:
+            time.sleep(0.02)
+        assert ready.exists() and ready.read_text(), "the child never started"
+        # in a process group of its own, so a terminal's Ctrl-C reaches it only through the script
+        assert int(ready.read_text()) != os.getpgid(driver.pid)
+        if how == "ctrl-c":
+            os.killpg(driver.pid, signal.SIGINT)       # what the terminal does
+        else:
+            os.kill(driver.pid, signal.SIGTERM)
+        out, _ = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    sig = signal.SIGINT if how == "ctrl-c" else signal.SIGTERM
+    assert driver.returncode == 0 and out.split() == ["exit", str(128 + sig)]
+    assert "saved after 1 signal(s)" in log.read_text()
 
 
 # ---- numbers ---------------------------------------------------------------------------------------
@@ -461,18 +518,15 @@ def test_learnability_summary(tmp_path, monkeypatch):
     monkeypatch.setattr(lm, "OUT", tmp_path / "learnability.json")
     calls = []
 
-    class Done:
-        returncode = 0
-
-    def fake_run(cmd, **kw):
+    def fake_run(cmd):
         calls.append(cmd)
         out = Path(cmd[cmd.index("--out_dir") + 1])
         (out / "stage-1").mkdir(parents=True)          # train.py makes its out_dir itself
         (out / "results.json").write_text(json.dumps({"cl": {"R": [[0.1], [0.85]]}}))
-        return Done()
+        return 0
 
     import subprocess
-    monkeypatch.setattr(subprocess, "run", fake_run)     # what experiments/common.run_train calls
+    monkeypatch.setattr(subprocess, "Popen", popen_of(fake_run))     # what experiments/common.run_child calls
     assert lm.main(["--tasks", "uppercase,acronym", "--steps", "7"]) == 0
     summary = json.loads((tmp_path / "learnability.json").read_text())
     assert summary["acronym@7"]["before"] == 0.1 and summary["acronym@7"]["after"] == 0.85
