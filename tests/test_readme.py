@@ -1,4 +1,4 @@
-"""The README's code examples must run as printed."""
+"""The README's code examples must run as printed, and its study numbers must be the results' own."""
 import re
 
 from conftest import ROOT
@@ -43,3 +43,33 @@ def test_readme_ablation_diffs_apply_to_train_py(tmp_path):
         forked = (work / "train.py").read_text()
         assert forked != (ROOT / "train.py").read_text()
         ast.parse(forked)
+
+
+def test_readme_study_tables_match_the_results():
+    """Every README table of the study's methods, headed "method (regime X, N seeds)" or "method
+    (regime X, seed K)", shows results/study.json's mean ± std over N seeds, or that seed's run
+    file: the README's numbers cannot drift from the runs they came from."""
+    import json
+    columns = {"GP drop ↓": "GP_drop", "IP drop ↓": "IP_drop", "AP": "AP", "BWT": "BWT", "FWT": "FWT",
+               "new_task": "new_task"}
+    study = json.loads((ROOT / "results" / "study.json").read_text())
+    tables = re.findall(r"^\| method \(regime ([AB]), (\d+ seeds|seed \d+)\) \|(.*)\n\|[-|]+\n((?:\|.*\n)+)",
+                        (ROOT / "README.md").read_text(), re.M)
+    assert tables, "the README shows no table of the study's methods"
+    pts = lambda x: f"{100 * x:.1f}".replace("-0.0", "0.0")
+    for regime, which, head, body in tables:
+        names = [columns[c.strip()] for c in head.strip(" |").split("|")]
+        for row in body.strip().split("\n"):
+            method, *cells = [c.strip().replace("−", "-") for c in row.strip(" |").split("|")]
+            method = method.split()[0]
+            if which.endswith("seeds"):
+                got = study["regimes"][regime]["methods"][method]
+                assert got["GP_drop"]["n"] == int(which.split()[0]), f"{regime} {method}: {which} in the README"
+                want = [f"{pts(got[k]['mean'])} ± {pts(got[k]['std'])}" for k in names]
+            else:
+                cl = json.loads((ROOT / "results" / "study" /
+                                 f"run_{regime}-{method}-s{which.split()[1]}.json").read_text())["cl"]
+                k = len(cl["train_tasks"])
+                cl["new_task"] = sum(cl["R"][i + 1][i] for i in range(k)) / k
+                want = [pts(cl[k]) for k in names]
+            assert cells == want, f"README, regime {regime} ({which}), {method}: {cells} but the results say {want}"
