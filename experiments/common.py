@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -14,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 from ivft.runtime import STOP_SIGNALS, on_main_thread  # noqa: E402   train.py's own stop signals
 _LIVE: set = set()          # the running children; set.add/discard/copy are atomic, so no lock (a lock
                             # taken in a signal handler can deadlock against the thread it interrupted)
+STOPPING = threading.Event()  # set by a stop signal: the scripts start no further run
 
 
 def run_child(cmd: list[str], log_path: Path) -> int:
@@ -30,6 +32,8 @@ def run_child(cmd: list[str], log_path: Path) -> int:
         child = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
         _LIVE.add(child)
+        if STOPPING.is_set():      # the signal came while it was starting, before it was in _LIVE
+            child.send_signal(signal.SIGTERM)
         try:
             return child.wait()
         finally:
@@ -46,13 +50,15 @@ def run_train(flags: list[str], log_path: Path) -> int:
 def stop_signals_to_children():
     """While open (main thread only): SIGINT or SIGTERM to this script goes to every running child
     instead, once per signal, and the script waits for them to save and exit; it sees their exit
-    statuses. train.py stops after its current step on the first signal and at once on a second.
-    With no child running, the signals act as usual (KeyboardInterrupt, or exit 128 + SIGTERM)."""
+    statuses, and STOPPING tells it to start no further run. train.py stops after its current step
+    on the first signal and at once on a second. With no child running, the signals act as usual
+    (KeyboardInterrupt, or exit 128 + SIGTERM)."""
     if not on_main_thread():          # signal handlers can only be set there
         yield
         return
 
     def forward(signum, frame):
+        STOPPING.set()
         children = _LIVE.copy()
         if not children:
             if signum == signal.SIGINT:

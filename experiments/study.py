@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from common import run_train, stop_signals_to_children  # noqa: E402
+from common import STOPPING, run_train, stop_signals_to_children  # noqa: E402
 from ivft.files import write_atomic  # noqa: E402
 from ivft.report import mean  # noqa: E402
 from ivft.runtime import STOP_SIGNALS  # noqa: E402
@@ -311,7 +311,7 @@ def do_run(name: str, threads: int, workers: int = 1) -> tuple[bool, str]:
     d = RUNS / name
     if complete(read_json(RAW / f"run_{name}.json")):
         return True, f"{name}: done before"
-    if CUT.is_set():
+    if CUT.is_set() or STOPPING.is_set():
         return False, f"{name}: not started (a run of this part was cut)"
     if not complete(read_json(d / "results.json")):
         t0, rc = time.time(), None

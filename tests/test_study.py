@@ -204,6 +204,12 @@ def test_cut_run_stops_its_part(dirs, monkeypatch):
     assert len(calls) == 1 and "A-plain-s2" in calls[0][calls[0].index("--out_dir") + 1]
     ok, msg = study.do_run("A-replay-s2", threads=1)
     assert not ok and "not started" in msg and len(calls) == 1
+    # a stop signal passed on by the script (experiments/common.py) also stops the part before its next run
+    monkeypatch.setattr(study, "CUT", study.threading.Event())
+    monkeypatch.setattr(study, "STOPPING", study.threading.Event())
+    study.STOPPING.set()
+    ok, msg = study.do_run("A-replay-s2", threads=1)
+    assert not ok and "not started" in msg and len(calls) == 1
 
 
 def test_part_with_two_workers_then_next(dirs, monkeypatch, capsys):
