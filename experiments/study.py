@@ -49,7 +49,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -298,10 +297,9 @@ def train_flags(name: str, threads: int) -> list[str]:
             "--resume" if has_ckpt else "--overwrite"]
 
 
-# Set once a run of this process ends on a stop signal (train.py saves `last` and exits 128 + signal,
-# see ivft/runtime.run_cli, or dies of the signal): someone is stopping the study, so the part starts
-# no further run.
-CUT = threading.Event()
+# A run that ends on a stop signal (train.py saves `last` and exits 128 + signal, see
+# ivft/runtime.run_cli, or dies of the signal) sets common.STOPPING, as a signal to this script does:
+# someone is stopping the study, so the part starts no further run.
 CUT_CODES = {code for sig in STOP_SIGNALS for code in (128 + sig, -sig)}
 
 
@@ -311,7 +309,7 @@ def do_run(name: str, threads: int, workers: int = 1) -> tuple[bool, str]:
     d = RUNS / name
     if complete(read_json(RAW / f"run_{name}.json")):
         return True, f"{name}: done before"
-    if CUT.is_set() or STOPPING.is_set():
+    if STOPPING.is_set():
         return False, f"{name}: not started (a run of this part was cut)"
     if not complete(read_json(d / "results.json")):
         t0, rc = time.time(), None
@@ -321,7 +319,7 @@ def do_run(name: str, threads: int, workers: int = 1) -> tuple[bool, str]:
             ok = rc == 0 and complete(read_json(d / "results.json"))
             add_timing(name, time.time() - t0, ok, threads, workers)
         if not ok and rc in CUT_CODES:
-            CUT.set()
+            STOPPING.set()
             return False, f"{name}: cut by a signal (exit {rc}); the same command resumes it from its checkpoint"
         if not ok:
             return False, f"{name}: FAILED (exit {rc}; see {RUNS / 'logs' / f'{name}.txt'})"

@@ -6,6 +6,7 @@ rule, the report's JSON schema and study.md; the analyses once end to end on a t
 import importlib.util
 import json
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -199,14 +200,13 @@ def test_cut_run_stops_its_part(dirs, monkeypatch):
     calls = []
 
     monkeypatch.setattr(study.subprocess, "Popen", popen_of(lambda cmd: calls.append(cmd) or 143))
-    monkeypatch.setattr(study, "CUT", study.threading.Event())
+    monkeypatch.setattr(study, "STOPPING", threading.Event())
     assert study.run_part("A-s2", workers=1, threads=1) is False
     assert len(calls) == 1 and "A-plain-s2" in calls[0][calls[0].index("--out_dir") + 1]
     ok, msg = study.do_run("A-replay-s2", threads=1)
     assert not ok and "not started" in msg and len(calls) == 1
     # a stop signal passed on by the script (experiments/common.py) also stops the part before its next run
-    monkeypatch.setattr(study, "CUT", study.threading.Event())
-    monkeypatch.setattr(study, "STOPPING", study.threading.Event())
+    monkeypatch.setattr(study, "STOPPING", threading.Event())
     study.STOPPING.set()
     ok, msg = study.do_run("A-replay-s2", threads=1)
     assert not ok and "not started" in msg and len(calls) == 1
@@ -215,7 +215,6 @@ def test_cut_run_stops_its_part(dirs, monkeypatch):
 def test_part_with_two_workers_then_next(dirs, monkeypatch, capsys):
     """study.py --part A-s0 --workers 2: the first run alone (it writes the shared stage-0
     evaluation), then two at a time; the report follows, and a bare call runs the next part."""
-    import threading
     import time
     seen, lock = [], threading.Lock()
 
