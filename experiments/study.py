@@ -13,6 +13,7 @@ this file only carries them out.
     python experiments/study.py                 # runs the next unfinished part, then writes the report
     python experiments/study.py --part B-s0a --workers 2   # one part (finished runs are skipped, a cut one resumes)
     python experiments/study.py --part A-s1 --dry_run   # prints the part's train.py commands only
+    python experiments/study.py --run B-fvg-s2  # only that run of its part (a long one first)
     python experiments/study.py --report        # only rebuilds results/study.md and results/study.json
 
 Parts, in the order a bare `study.py` takes them (each fits a working session):
@@ -351,7 +352,12 @@ def lora_unsettled() -> str | None:
     return None
 
 
-def run_part(part: str, workers: int, threads: int, dry_run: bool = False) -> bool:
+def part_of(name: str) -> str:
+    return next(p for p, v in parts().items() if name in v.get("runs", ()))
+
+
+def run_part(part: str, workers: int, threads: int, dry_run: bool = False, only: str | None = None) -> bool:
+    """Runs the part's unfinished runs (`only`: just that one of them) or its analysis."""
     p = parts()[part]
     t0 = time.time()
     say = lambda msg: print(f"[{(time.time() - t0) / 60:5.1f} min] {msg}", flush=True)
@@ -367,7 +373,7 @@ def run_part(part: str, workers: int, threads: int, dry_run: bool = False) -> bo
             add_timing(part, time.time() - t0, part_status(part)[0] == "done", threads * workers, 1)
         say(msg)
         return part_status(part)[0] == "done"
-    pending = [n for n in p["runs"] if not run_done(n) or not (RAW / f"run_{n}.json").is_file()]
+    pending = [n for n in p["runs"] if (only in (None, n)) and (not run_done(n) or not (RAW / f"run_{n}.json").is_file())]
     problem = lora_unsettled() if p["regime"] == "B" and pending else None
     if problem and not dry_run:
         say(f"{part}: not started: {problem}")
@@ -1011,6 +1017,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--list", action="store_true", help="print every part with its status and minutes, and the next one")
     p.add_argument("--part", choices=PART_ORDER, help="run this part (default: the next unfinished one)")
+    p.add_argument("--run", choices=run_names(), metavar="NAME",
+                   help="run only this run of its part, e.g. B-fvg-s2: to start a long run first when a session's "
+                        "time is short")
     p.add_argument("--report", action="store_true", help="only rebuild the report from what has finished")
     p.add_argument("--dry_run", action="store_true", help="print what the part would run, run nothing")
     p.add_argument("--workers", type=int, default=1, help="train.py processes at a time (default 1)")
@@ -1025,13 +1034,15 @@ def main(argv=None) -> int:
     if args.report:
         print(report())
         return 0
-    part = args.part or next_part()
+    if args.run and args.part and part_of(args.run) != args.part:
+        p.error(f"--run {args.run} is not a run of part {args.part} (it is in {part_of(args.run)})")
+    part = args.part or (part_of(args.run) if args.run else next_part())
     if part is None:
         print("all parts are done")
         print(report())
         return 0
     print(f"part {part}: {part_status(part)[0]}", flush=True)
-    ok = run_part(part, args.workers, threads, args.dry_run)
+    ok = run_part(part, args.workers, threads, args.dry_run, only=args.run)
     if args.dry_run:
         return 0
     print(report())

@@ -241,6 +241,29 @@ def test_part_with_two_workers_then_next(dirs, monkeypatch, capsys):
     assert study.main([]) == 0 and {n for n, _ in seen} == {"B-plain-s0", "B-guided-s0"}   # part B-s0a
 
 
+
+def test_run_only_one_run_of_a_part(dirs, monkeypatch, capsys):
+    """study.py --run A-guided-s0 trains that run alone; its part stays partly done, and a --part
+    that does not hold the run is one clear error before anything runs."""
+    seen = []
+
+    def fake_train(cmd):
+        out = Path(cmd[cmd.index("--out_dir") + 1])
+        seen.append(out.name)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(fake_run(0.3, 0.9)))
+        return 0
+
+    monkeypatch.setattr(study.subprocess, "Popen", popen_of(fake_train))
+    assert study.main(["--run", "A-guided-s0", "--threads", "1"]) == 0
+    assert seen == ["A-guided-s0"] and study.run_done("A-guided-s0")
+    assert study.part_status("A-s0")[:2] == ("partly", 1)
+    assert study.main(["--run", "A-guided-s0", "--threads", "1"]) == 0 and seen == ["A-guided-s0"]  # done before
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        study.main(["--run", "A-guided-s0", "--part", "B-s0a"])
+    assert "not a run of part B-s0a (it is in A-s0)" in capsys.readouterr().err and seen == ["A-guided-s0"]
+
 # A child that behaves like train.py on a stop signal: it notes each signal, "saves" for a second
 # after the first, then exits 128 + signal; a second signal before that is counted too.
 CHILD = """
