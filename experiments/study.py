@@ -16,7 +16,10 @@ this file only carries them out.
     python experiments/study.py --run B-fvg-s2  # only that run of its part (a long one first)
     python experiments/study.py --report        # only rebuilds results/study.md and results/study.json
 
-Parts, in the order a bare `study.py` takes them (each fits a working session):
+Parts, in the order a bare `study.py` takes them. On the 2-core CPU a regime-A part takes about
+75 min one run at a time (40 with --workers 2), a regime-B part 1.6-1.8 h with --workers 2, except
+the ones with fvg: 3.2 h, longer than a 3-hour working session. Start such a run first (--run) or
+let it be cut: a cut part resumes where it stopped and loses at most 100 steps of a run.
   A-s0              the six method runs of regime A, seed 0 (A-plain-s0 ... A-fvg-s0)
   B-s0a             B-plain-s0 and B-guided-s0 (regime B's runs are long: two per part, --workers 2)
   analysis-A, -B    findings (b)-(d) on <regime>-plain-s0 and <regime>-guided-s0 (needs their stage
@@ -75,9 +78,9 @@ SEEDS = (0, 1, 2)
 SIZE = ["--eval_n", "50", "--eval_k_shot", "3"]
 ANALYSED = ("plain", "guided")             # the analyses use seed 0 of these (protocol: findings)
 KEEP_CHECKPOINTS = {f"{r}-{m}-s0" for r in REGIMES for m in ANALYSED}
-# A regime-B run trains 16 epochs of LoRA (the pilot's choice) and takes 1.5-3 h on one core, so
-# regime B's seeds come in three parts of two runs each (--workers 2), each fitting a working
-# session; "a" holds the two runs the analyses read.
+# A regime-B run trains 16 epochs of LoRA (the pilot's choice) and takes 1.3-3.2 h on one core, so
+# regime B's seeds come in three parts of two runs each (--workers 2; the fvg run alone is 3.2 h,
+# results/study/timings.json); "a" holds the two runs the analyses read.
 B_GROUPS = {"a": ("plain", "guided"), "b": ("replay", "lwf"), "c": ("iv_only", "fvg")}
 PART_ORDER = ("A-s0", "B-s0a", "analysis-A", "analysis-B", "B-s0b", "B-s0c",
               "A-s1", "B-s1a", "B-s1b", "B-s1c", "A-s2", "B-s2a", "B-s2b", "B-s2c")
@@ -259,11 +262,20 @@ def part_minutes(part: str, timings: dict, workers: int = 1) -> tuple[float, flo
     rows = [(n, *run_minutes(n, timings)) for n in p["runs"]]
     kinds = {k for _, _, k in rows}
     kind = "measured" if kinds == {"measured"} else "guess" if "guess" in kinds else "estimated"
-    total = sum(m for _, m, _ in rows) / max(1, workers)
+    total = wall_minutes([m for _, m, _ in rows], workers)
     # a cut run resumes from its checkpoint: only what it has not yet spent is left
-    left = sum(max(0.0, m - timings.get(n, {}).get("seconds", 0.0) / 60) for n, m, _ in rows
-               if not run_done(n)) / max(1, workers)
+    left = wall_minutes([max(0.0, m - timings.get(n, {}).get("seconds", 0.0) / 60) for n, m, _ in rows
+                         if not run_done(n)], workers)
     return total, left, kind
+
+
+def wall_minutes(minutes: list[float], workers: int) -> float:
+    """Wall time of runs shared out over `workers` processes in their order, each next run to the
+    first free one (as run_part's pool does): a part is as long as its busiest worker."""
+    busy = [0.0] * max(1, workers)
+    for m in minutes:
+        busy[busy.index(min(busy))] += m
+    return max(busy)
 
 
 def list_parts(workers: int = 1) -> str:

@@ -152,6 +152,9 @@ def test_list_minutes_measured_then_estimated(dirs):
     assert study.run_minutes("B-lwf-s1", timings) == (60.0, "estimated")     # no A-lwf cost: B's mean
     timings["B-guided-s0"] = {"seconds": 1800, "complete": False}
     assert study.part_minutes("B-s0a", timings)[:2] == pytest.approx((180, 90))
+    # two workers: the part lasts as long as its longer run (120 min), not half the sum (90)
+    assert study.part_minutes("B-s0a", timings, workers=2)[:2] == pytest.approx((120, 90))
+    assert study.wall_minutes([5, 5, 5, 5, 8], 2) == 18 and study.wall_minutes([], 2) == 0
 
 
 # ---- one run, train.py stubbed ---------------------------------------------------------------------
