@@ -73,3 +73,38 @@ def test_readme_study_tables_match_the_results():
                 cl["new_task"] = sum(cl["R"][i + 1][i] for i in range(k)) / k
                 want = [pts(cl[k]) for k in names]
             assert cells == want, f"README, regime {regime} ({which}), {method}: {cells} but the results say {want}"
+
+
+def test_readme_study_findings_match_the_results():
+    """The README's table of the four findings ("finding (seed 0)", one column per regime and method)
+    shows results/study.json's numbers, the reference values in its row names included."""
+    import json
+    study = json.loads((ROOT / "results" / "study.json").read_text())
+    table = re.search(r"^\| finding \(seed 0\) \|(.*)\n\|[-|]+\n((?:\|.*\n)+)", (ROOT / "README.md").read_text(), re.M)
+    assert table, "the README shows no table of the study's findings"
+    runs = [c.strip().split() for c in table.group(1).strip(" |").split("|")]    # [["A", "plain"], ...]
+    f = {r: study["regimes"][r]["findings"] for r in "AB"}
+    noise = {r: f[r]["b"]["means"]["noise_floor"] for r in "AB"}
+    # row name's start -> (value of regime r's run, reference value in the row name, digits)
+    rows = {"(a) instruction": (lambda r, run: f[r]["a"][run]["instruction_logprob"][-1],
+                                lambda r: f[r]["a"][f"{r}-plain-s0"]["instruction_logprob"][0], 2),
+            "(a) knowledge": (lambda r, run: f[r]["a"][run]["knowledge_logprob"][-1],
+                              lambda r: f[r]["a"][f"{r}-plain-s0"]["knowledge_logprob"][0], 2),
+            "(b) cosine": (lambda r, run: f[r]["b"]["means"][run]["cos"], lambda r: noise[r]["cos"], 2),
+            "(b) top heads": (lambda r, run: 100 * f[r]["b"]["means"][run]["head_overlap"],
+                              lambda r: 100 * noise[r]["head_overlap"], 0),
+            "(c)": (lambda r, run: 100 * f[r]["c"]["pooled_general"][run]["recovered"], None, 0),
+            "(d)": (lambda r, run: f[r]["d"]["runs"][run]["spearman"], None, 2)}
+    seen = set()
+    for line in table.group(2).strip().split("\n"):
+        name, *cells = [c.strip().replace("−", "-") for c in line.strip(" |").split("|")]
+        key = next(k for k in rows if name.startswith(k))
+        value, reference, digits = rows[key]
+        seen.add(key)
+        want = [f"{value(r, f'{r}-{m}-s0'):.{digits}f}" for r, m in runs]
+        assert cells == want, f"README findings, {name}: {cells} but the results say {want}"
+        if reference:
+            for r in "AB":
+                ref = f"{reference(r):.{digits}f}"
+                assert re.search(rf"\({ref} before\)|\(noise floor {ref}\)", name), f"README findings, {name}: not {ref}"
+    assert seen == set(rows), f"the README's findings table lacks {set(rows) - seen}"
