@@ -385,7 +385,8 @@ def run_part(part: str, workers: int, threads: int, dry_run: bool = False, only:
             add_timing(part, time.time() - t0, part_status(part)[0] == "done", threads * workers, 1)
         say(msg)
         return part_status(part)[0] == "done"
-    pending = [n for n in p["runs"] if (only in (None, n)) and (not run_done(n) or not (RAW / f"run_{n}.json").is_file())]
+    names = [only] if only else p["runs"]
+    pending = [n for n in names if not run_done(n) or not (RAW / f"run_{n}.json").is_file()]
     problem = lora_unsettled() if p["regime"] == "B" and pending else None
     if problem and not dry_run:
         say(f"{part}: not started: {problem}")
@@ -1046,9 +1047,10 @@ def main(argv=None) -> int:
     if args.report:
         print(report())
         return 0
-    if args.run and args.part and part_of(args.run) != args.part:
-        p.error(f"--run {args.run} is not a run of part {args.part} (it is in {part_of(args.run)})")
-    part = args.part or (part_of(args.run) if args.run else next_part())
+    home = part_of(args.run) if args.run else None
+    if home and args.part and home != args.part:
+        p.error(f"--run {args.run} is not a run of part {args.part} (it is in {home})")
+    part = args.part or home or next_part()
     if part is None:
         print("all parts are done")
         print(report())

@@ -244,7 +244,6 @@ def test_part_with_two_workers_then_next(dirs, monkeypatch, capsys):
     assert study.main([]) == 0 and {n for n, _ in seen} == {"B-plain-s0", "B-guided-s0"}   # part B-s0a
 
 
-
 def test_run_only_one_run_of_a_part(dirs, monkeypatch, capsys):
     """study.py --run A-guided-s0 trains that run alone; its part stays partly done, and a --part
     that does not hold the run is one clear error before anything runs."""
