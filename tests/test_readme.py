@@ -1,16 +1,71 @@
-"""The README's code examples must run as printed, and its study numbers must be the results' own."""
+"""The README and the documents it links (docs/, results/README.md): code examples run as printed,
+diffs apply, links resolve, the code's line ranges and the study's numbers are the files' own, and the
+README stays short."""
 import re
 
 from conftest import ROOT
 
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "results" / "README.md"]
+STUDY_DOCS = [ROOT / "README.md", ROOT / "results" / "README.md"]    # where the study's tables are
 
-def test_readme_python_examples_run():
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert blocks, "README has no python example"
-    for code in blocks:
+
+def test_readme_is_short():
+    # the front door: what it is, how to run it, where to read; the rest has a home under docs/ and results/
+    n = len((ROOT / "README.md").read_text().splitlines())
+    assert n <= 250, f"README.md has {n} lines; move detail to docs/ or results/README.md (at most 250)"
+
+
+def test_doc_python_examples_run():
+    blocks = [(doc, code) for doc in DOCS
+              for code in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)]
+    assert blocks, "neither the README nor docs/ has a python example"
+    for doc, code in blocks:
         scope = {}
-        exec(compile(code, "README.md", "exec"), scope)
+        exec(compile(code, str(doc.relative_to(ROOT)), "exec"), scope)
         assert "model" in scope  # the example ran to its end
+
+
+def _without_code(text: str) -> str:
+    return re.sub(r"```.*?```", "", text, flags=re.S)
+
+
+def _anchor(heading: str) -> str:
+    # GitHub's anchor of a heading: lower case, punctuation (backticks, dots, slashes, ...) dropped,
+    # spaces to hyphens
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_doc_links_resolve():
+    # a relative link (or image) in the README or a doc must name a file of the repository, and a
+    # #fragment a heading of that file: moving a section must not leave a reader at a dead link
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", _without_code(doc.read_text())):
+            if re.match(r"[a-z]+:", target):    # https:, mailto:
+                continue
+            path, _, fragment = target.partition("#")
+            dest = (doc.parent / path).resolve() if path else doc
+            where = f"{doc.relative_to(ROOT)}: link ({target})"
+            assert dest.is_relative_to(ROOT) and dest.exists(), f"{where} names no file of the repository"
+            if fragment:
+                headings = re.findall(r"^#+ (.*)", _without_code(dest.read_text()), re.M)
+                assert fragment in {_anchor(h) for h in headings}, f"{where}: no such heading"
+
+
+def test_readme_line_ranges_point_at_the_functions():
+    # the README's "where the method lives" table gives each function's first and last line; they must
+    # be its def/class line and its last line in the current file, so code that moved shows up here
+    # instead of sending a newcomer to the wrong place
+    import ast
+    rows = re.findall(r"^\| `(\w+\.py)` \| (\d+)-(\d+) \| `([\w.]+)`", (ROOT / "README.md").read_text(), re.M)
+    assert len(rows) >= 10, "the README's table of where the method lives is missing"
+    for file, start, end, name in rows:
+        scope = ast.parse((ROOT / file).read_text())
+        for part in name.split("."):    # Transformer.forward: the class, then its method
+            defs = [n for n in scope.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+            scope = next((n for n in defs if n.name == part), None)
+            assert scope is not None, f"README: {file} has no {name}"
+        assert (scope.lineno, scope.end_lineno) == (int(start), int(end)), \
+            f"README: {name} is {file} lines {scope.lineno}-{scope.end_lineno}, not {start}-{end}"
 
 
 def test_method_citations_point_at_sections_that_exist():
@@ -25,63 +80,74 @@ def test_method_citations_point_at_sections_that_exist():
     assert cited and cited <= sections, f"cited {sorted(cited)}, present {sorted(sections)}"
 
 
-def test_readme_ablation_diffs_apply_to_train_py(tmp_path):
-    # the Ablations section shows forks of train.py as diffs: each must still apply to the current
-    # train.py (a patch that drifted would teach a fork that no longer exists) and give valid Python
+def test_ablation_diffs_apply_to_train_py(tmp_path):
+    # docs/ablations.md and the README's "Fork it" section show forks of train.py as diffs: each must
+    # still apply to the current train.py (a patch that drifted would teach a fork that no longer
+    # exists) and give valid Python
     import ast
     import subprocess
-    section = (ROOT / "README.md").read_text().split("## Ablations", 1)[1].split("\n## ", 1)[0]
-    diffs = re.findall(r"```diff\n(.*?)```", section, re.S)
-    assert len(diffs) >= 3, "the Ablations section shows fewer than three diffs"
+    fork_it = (ROOT / "README.md").read_text().split("## Fork it", 1)[1].split("\n## ", 1)[0]
+    diffs = re.findall(r"```diff\n(.*?)```", (ROOT / "docs" / "ablations.md").read_text() + fork_it, re.S)
+    assert len(diffs) >= 3, "docs/ablations.md and the README show fewer than three diffs"
     for i, diff in enumerate(diffs):
         work = tmp_path / str(i)
         work.mkdir()
         (work / "train.py").write_text((ROOT / "train.py").read_text())
         (work / "fork.patch").write_text(diff)
-        r = subprocess.run(["git", "apply", "--unidiff-zero", "fork.patch"], cwd=work, capture_output=True, text=True)
+        r = subprocess.run(["git", "apply", "--unidiff-zero", "fork.patch"], cwd=work, capture_output=True,
+                           text=True)
         assert r.returncode == 0, f"diff {i + 1} no longer applies to train.py: {r.stderr}"
         forked = (work / "train.py").read_text()
         assert forked != (ROOT / "train.py").read_text()
         ast.parse(forked)
 
 
-def test_readme_study_tables_match_the_results():
-    """Every README table of the study's methods, headed "method (regime X, N seeds)" or "method
-    (regime X, seed K)", shows results/study.json's mean ± std over N seeds, or that seed's run
-    file: the README's numbers cannot drift from the runs they came from."""
+def test_study_tables_match_the_results():
+    """Every table of the study's methods in the README and results/README.md, headed "method (regime X,
+    N seeds)", "method (regime X, seed K)" or "method (regimes A / B, N seeds)" (then each column is
+    named "A <metric>" or "B <metric>"), shows results/study.json's mean ± std over N seeds, or that
+    seed's run file: the documents' numbers cannot drift from the runs they came from."""
     import json
     columns = {"GP drop ↓": "GP_drop", "IP drop ↓": "IP_drop", "AP": "AP", "BWT": "BWT", "FWT": "FWT",
                "new_task": "new_task"}
     study = json.loads((ROOT / "results" / "study.json").read_text())
-    tables = re.findall(r"^\| method \(regime ([AB]), (\d+ seeds|seed \d+)\) \|(.*)\n\|[-|]+\n((?:\|.*\n)+)",
-                        (ROOT / "README.md").read_text(), re.M)
-    assert tables, "the README shows no table of the study's methods"
     pts = lambda x: f"{100 * x:.1f}".replace("-0.0", "0.0")
-    for regime, which, head, body in tables:
-        names = [columns[c.strip()] for c in head.strip(" |").split("|")]
-        for row in body.strip().split("\n"):
-            method, *cells = [c.strip().replace("−", "-") for c in row.strip(" |").split("|")]
-            method = method.split()[0]
-            if which.endswith("seeds"):
-                got = study["regimes"][regime]["methods"][method]
-                assert got["GP_drop"]["n"] == int(which.split()[0]), f"{regime} {method}: {which} in the README"
-                want = [f"{pts(got[k]['mean'])} ± {pts(got[k]['std'])}" for k in names]
-            else:
-                cl = json.loads((ROOT / "results" / "study" /
-                                 f"run_{regime}-{method}-s{which.split()[1]}.json").read_text())["cl"]
-                k = len(cl["train_tasks"])
-                cl["new_task"] = sum(cl["R"][i + 1][i] for i in range(k)) / k
-                want = [pts(cl[k]) for k in names]
-            assert cells == want, f"README, regime {regime} ({which}), {method}: {cells} but the results say {want}"
+
+    def cell(regime, method, which, key):
+        if which.endswith("seeds"):
+            got = study["regimes"][regime]["methods"][method]
+            assert got["GP_drop"]["n"] == int(which.split()[0]), f"{regime} {method}: {which} in the table"
+            return f"{pts(got[key]['mean'])} ± {pts(got[key]['std'])}"
+        cl = json.loads((ROOT / "results" / "study" /
+                         f"run_{regime}-{method}-s{which.split()[1]}.json").read_text())["cl"]
+        k = len(cl["train_tasks"])
+        cl["new_task"] = sum(cl["R"][i + 1][i] for i in range(k)) / k
+        return pts(cl[key])
+
+    for doc in STUDY_DOCS:
+        tables = re.findall(r"^\| method \(regimes? (A / B|[AB]), (\d+ seeds|seed \d+)\) \|(.*)\n"
+                            r"\|[-|]+\n((?:\|.*\n)+)", doc.read_text(), re.M)
+        assert tables, f"{doc.relative_to(ROOT)} shows no table of the study's methods"
+        for regimes, which, head, body in tables:
+            heads = [c.strip() for c in head.strip(" |").split("|")]
+            # (regime, metric) of each column: "A GP drop ↓" in a table of both regimes
+            cols = [(c[0], columns[c[2:]]) if regimes == "A / B" else (regimes, columns[c]) for c in heads]
+            for row in body.strip().split("\n"):
+                method, *cells = [c.strip().replace("−", "-") for c in row.strip(" |").split("|")]
+                method = method.split()[0]
+                want = [cell(regime, method, which, key) for regime, key in cols]
+                where = f"{doc.relative_to(ROOT)}, regimes {regimes} ({which}), {method}"
+                assert cells == want, f"{where}: {cells} but the results say {want}"
 
 
-def test_readme_study_findings_match_the_results():
-    """The README's table of the four findings ("finding (seed 0)", one column per regime and method)
+def test_study_findings_match_the_results():
+    """results/README.md's table of the four findings ("finding (seed 0)", one column per regime and method)
     shows results/study.json's numbers, the reference values in its row names included."""
     import json
     study = json.loads((ROOT / "results" / "study.json").read_text())
-    table = re.search(r"^\| finding \(seed 0\) \|(.*)\n\|[-|]+\n((?:\|.*\n)+)", (ROOT / "README.md").read_text(), re.M)
-    assert table, "the README shows no table of the study's findings"
+    table = re.search(r"^\| finding \(seed 0\) \|(.*)\n\|[-|]+\n((?:\|.*\n)+)",
+                      (ROOT / "results" / "README.md").read_text(), re.M)
+    assert table, "results/README.md shows no table of the study's findings"
     runs = [c.strip().split() for c in table.group(1).strip(" |").split("|")]    # [["A", "plain"], ...]
     f = {r: study["regimes"][r]["findings"] for r in "AB"}
     noise = {r: f[r]["b"]["means"]["noise_floor"] for r in "AB"}
@@ -102,9 +168,10 @@ def test_readme_study_findings_match_the_results():
         value, reference, digits = rows[key]
         seen.add(key)
         want = [f"{value(r, f'{r}-{m}-s0'):.{digits}f}" for r, m in runs]
-        assert cells == want, f"README findings, {name}: {cells} but the results say {want}"
+        assert cells == want, f"results/README.md findings, {name}: {cells} but the results say {want}"
         if reference:
             for r in "AB":
                 ref = f"{reference(r):.{digits}f}"
-                assert re.search(rf"\({ref} before\)|\(noise floor {ref}\)", name), f"README findings, {name}: not {ref}"
-    assert seen == set(rows), f"the README's findings table lacks {set(rows) - seen}"
+                assert re.search(rf"\({ref} before\)|\(noise floor {ref}\)", name), \
+                    f"results/README.md findings, {name}: not {ref}"
+    assert seen == set(rows), f"results/README.md's findings table lacks {set(rows) - seen}"
