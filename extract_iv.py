@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ivft.ivcheck import check_iv, check_report, restored
+from ivft.ivcheck import SWEEP_MARGIN, check_iv, check_report, dev_accuracy, iv_advice, iv_verdict, restored
 from ivft.ivfile import cache_matches, iv_filename, iv_meta, model_tag, read_iv, save_iv
 from ivft.ivprompts import (Prompt, check_distinct, clean_prompts, corrupted_prompts, draw_examples,
                             load_task_by_name, mismatch_donor, pad_left, render, score_prompts, split_train)
@@ -496,7 +496,8 @@ def parse_args(argv=None):
     g.add_argument("--top_k", type=int, default=None, help="heads in the IV (default: 40 per 270 heads, at least 3)")
     g.add_argument("--layer", type=_layer_arg, default=None,
                    help="block after which the IV is added (default: 0.57 of the depth); 'auto': the best "
-                        "layer and K on the dev split")
+                        "layer and K on the dev split, and the other --kind where it restores clearly more "
+                        "and the IV so chosen restores little")
     g = ap.add_argument_group("measurement")
     g.add_argument("--check", action="store_true", help="score held-out test prompts: clean, query alone, query alone + IV")
     g.add_argument("--n_check", type=int, default=50, help="held-out test examples for --check")
@@ -539,29 +540,34 @@ def _run(args) -> int:
     Settings(**settings)                                      # bad settings fail before the slow load
     names = args.universal or [args.task]
     tasks = [load_task_by_name(n) for n in names]
+    tag = model_tag(args.model)
+    out = _out_path(args, tasks, tag)
+    _check_outputs(args, out)                                 # before the minutes that a bad path would waste
     try:
         model, tok = load_model(args.model)
     except LoadError as e:
         raise ExtractError(str(e)) from None
     model.eval()
-    tag = model_tag(args.model)
     s = Settings(**settings).resolve(model)
     print("config:", json.dumps({"model": tag, "tasks": [t.name for t in tasks], **dataclasses.asdict(s)}))
     progress = not args.quiet
     if args.universal:
-        out_dir = Path(args.out or Path("ivs") / tag / "universal")
         results = extract_universal(model, tok, tasks, model_id=tag, progress=progress, **settings)
         for name, r in results.items():
-            r["path"] = save_iv(r, out_dir / f"{name}.safetensors")
+            r["path"] = _written(out / f"{name}.safetensors", save_iv, r, out / f"{name}.safetensors")
     else:
         task = tasks[0]
-        path = Path(args.out or Path("ivs") / tag / iv_filename(task))
         if args.reuse:
-            r = get_iv(model, tok, task, path, model_id=tag, progress=progress, **settings)
+            r = _written(out, get_iv, model, tok, task, out, model_id=tag, progress=progress, **settings)
         else:
             r = extract_iv(model, tok, task, model_id=tag, progress=progress, **settings)
-            save_iv(r, path)
-        r["path"] = path
+        if s.layer == "auto" and not r.get("reused"):
+            r, lines = auto_kind(model, tok, task, r, settings, progress=progress)
+            for line in lines:
+                print(line)
+        if not r.get("reused"):
+            _written(out, save_iv, r, out)
+        r["path"] = out
         results = {task.name: r}
     for name, r in results.items():
         m = r["meta"]
@@ -572,21 +578,139 @@ def _run(args) -> int:
               f"of all scored {m.get('clean_top1_all', float('nan')):.2f}, P(first) {m.get('clean_p_first', float('nan')):.3f}), "
               f"corrupted {m.get('n_corrupt')}{' (reused)' if r.get('reused') else ''} -> {r['path']}")
     task, r = tasks[0], results[tasks[0].name]       # --sweep and --check work on one task
+    sw = r.get("sweep_all")                          # auto_kind's, where it ran one
     if args.sweep:
-        med = {"aie": r["aie"], "z_mean": r["z_mean"], "resid_diff": r["resid_diff"]}
-        sw = sweep(model, tok, task, med, s, progress=progress, kinds=KINDS)
+        sw = sw or _sweep_all(model, tok, task, r, s, progress)
         print(format_sweep(sw, best_row(sw)))
-        png = plot_sweep(sw, Path(str(r["path"])).with_suffix(".sweep.png"))
+        png_path = out.with_suffix(".sweep.png")
+        png = _written(png_path, plot_sweep, sw, png_path)
         if png:
             print(f"sweep plot -> {png}")
     if args.check:
         res = check_iv(model, tok, task, r["iv"], r["layer"], n=args.n_check, settings=settings, progress=progress)
         print(format_check(res))
+        numbers = (res["clean"]["top1"], res["corrupted"]["top1"], res["iv"]["top1"],
+                   res["restored_accuracy"])
+        lines, sw = _advice(model, tok, task, r, s, numbers, where="held-out test examples", sw=sw,
+                            progress=progress)
+        for line in lines:
+            print(line)
         if args.report:
-            Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-            save_report(check_report(res, r, task.name), args.report)
+            report = {**check_report(res, r, task.name), "advice": lines}
+            if sw is not None:
+                report["sweep"] = sw
+            _written(Path(args.report), save_report, report, args.report)
             print(f"report -> {args.report}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Output files: checked before the work, every write error one line naming the file
+
+def _out_path(args, tasks, tag) -> Path:
+    """The IV file (--task) or folder (--universal) this run writes."""
+    if args.universal:
+        return Path(args.out or Path("ivs") / tag / "universal")
+    return Path(args.out or Path("ivs") / tag / iv_filename(tasks[0]))
+
+
+def _check_outputs(args, out: Path) -> None:
+    """Every place this run writes (the IV file or folder, with the heatmap and sweep plot beside it,
+    and --report) must be writable before the model is loaded. Nothing is created."""
+    from ivft.files import check_writable
+    targets = [("--out" if args.out else "IV file", out, bool(args.universal))]
+    if args.report:
+        targets.append(("--report", Path(args.report), False))
+    for flag, path, is_folder in targets:
+        if path.exists() and path.is_dir() != is_folder:
+            raise ExtractError(f"{flag} {path}: is a {'file' if is_folder else 'folder'}, this needs a "
+                               f"{'folder' if is_folder else 'file path'}")
+        try:
+            check_writable(path if is_folder else path.parent)
+        except OSError as e:
+            raise ExtractError(f"{flag} {path}: {e}") from None
+
+
+def _written(path, write, *args, **kwargs):
+    """write(*args, **kwargs), with a write error as one line naming `path`: a full disk raises an
+    OSError without a file name, and safetensors its own SafetensorError, not an OSError."""
+    from safetensors import SafetensorError
+    try:
+        return write(*args, **kwargs)
+    except (OSError, SafetensorError) as e:
+        detail = (e.strerror if isinstance(e, OSError) else None) or str(e)
+        where = getattr(e, "filename", None) or path       # the heatmap beside the IV file, say
+        raise ExtractError(detail if str(where) in detail else f"{where}: cannot write ({detail})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# What the IV can carry on the task (ivft.ivcheck.iv_advice): where it restores little although the
+# clean prompts work, the dev sweep says whether another layer, K or kind does better
+
+def _sweep_all(model, tok, task, r: dict, s: Settings, progress=True) -> dict:
+    """The dev sweep over layers, K (K_GRID plus the IV's own) and both kinds, for the IV `r`."""
+    own_k = r["meta"].get("top_k") if r["meta"].get("kind") == "heads" else None
+    med = {"aie": r["aie"], "z_mean": r["z_mean"], "resid_diff": r.get("resid_diff")}
+    kinds = KINDS if med["resid_diff"] is not None else ("heads",)   # an older file may lack resid_diff
+    return sweep(model, tok, task, med, s, progress=progress, kinds=kinds,
+                 k_grid=tuple(sorted(set(K_GRID) | ({own_k} if own_k else set()))))
+
+
+def _own_row(sw: dict, r: dict) -> dict | None:
+    """The sweep's row for the IV's own kind, K and layer."""
+    kind, k = r["meta"].get("kind"), r["meta"].get("top_k")
+    return next((row for row in sw["rows"] if row["kind"] == kind and row["layer"] == r["layer"]
+                 and (kind == "resid" or row["k"] == k)), None)
+
+
+def _advice(model, tok, task, r, s, numbers, *, where, sw=None, chosen=False, progress=True):
+    """-> (iv_advice's lines for numbers = (clean, corrupted, +IV accuracy, restored share), the sweep
+    or None); the dev sweep runs (unless given) only where the IV restores little."""
+    if iv_verdict(numbers[0], numbers[3]) != "little" or len(split_train(task, s)[1]) < MIN_PROMPTS:
+        return iv_advice(*numbers, where=where), sw
+    sw = sw or _sweep_all(model, tok, task, r, s, progress)
+    return iv_advice(*numbers, current=_own_row(sw, r), best=best_row(sw), chosen=chosen, where=where), sw
+
+
+def advise(model, tok, task, r: dict, settings: dict | None = None, *, progress=True) -> list[str]:
+    """What the IV r (an extract_iv / get_iv result, or read_iv of its file) can do on `task`,
+    measured on the dev split: zero, one or two advice lines (ivft.ivcheck.iv_advice) for train.py to
+    print after it extracts. settings: the extraction settings, as for get_iv."""
+    task = load_task_by_name(task) if isinstance(task, str) else task
+    s = Settings(**(settings or {})).resolve(model)
+    numbers = dev_accuracy(model, tok, task, r["iv"], r["layer"], s)
+    if numbers is None:      # no dev split to measure on: the clean accuracy of the extraction's prompts
+        return iv_advice(r["meta"].get("clean_top1_all", 1.0), float("nan"), float("nan"), None,
+                         where="extraction's training examples")
+    return _advice(model, tok, task, r, s, numbers, where="dev split", progress=progress)[0]
+
+
+def auto_kind(model, tok, task, r: dict, settings: dict | None = None, *,
+              progress=True) -> tuple[dict, list[str]]:
+    """layer "auto" chooses the layer and K on the dev split, for the kind asked for; where the IV so
+    chosen restores little there although the clean prompts work, both kinds are swept and the best
+    setting is taken when it restores SWEEP_MARGIN more of the log-P gap. -> (r, possibly rebuilt;
+    the advice lines). The cache key stays the settings as asked for; meta["chosen_by_sweep"]["kind"]
+    marks the choice as made, so a second call does nothing."""
+    chosen = r["meta"].get("chosen_by_sweep") or {}
+    if "kind" in chosen:
+        return r, []
+    s = Settings(**(settings or {})).resolve(model)
+    numbers = dev_accuracy(model, tok, task, r["iv"], r["layer"], s)
+    lines, sw = ([], None) if numbers is None else _advice(model, tok, task, r, s, numbers, where="dev split",
+                                                             chosen=True, progress=progress)
+    b, own = (best_row(sw), _own_row(sw, r)) if sw is not None else (None, None)
+    if b is None or own is None or b["restored_logprob"] - own["restored_logprob"] < SWEEP_MARGIN:
+        r["meta"]["chosen_by_sweep"] = {**chosen, "kind": r["meta"]["kind"]}
+        return ({**r, "sweep_all": sw} if sw is not None else r), lines
+    k = b["k"] or r["meta"]["top_k"]
+    med = {"aie": r["aie"], "z_mean": r["z_mean"], "resid_diff": r.get("resid_diff")}
+    iv, heads = make_iv(model, med, b["kind"], b["layer"], k)
+    meta = {**r["meta"], "kind": b["kind"], "layer": b["layer"], "top_k": k,
+            "heads": [list(h) for h in heads],
+            "chosen_by_sweep": {"layer": b["layer"], "top_k": k, "kind": b["kind"],
+                                "dev_restored_logprob": b["restored_logprob"], "instead_of": chosen}}
+    return {**r, "iv": iv, "heads": heads, "layer": b["layer"], "meta": meta, "sweep_all": sw}, lines
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ivft.ivprompts import (Prompt, chat_prompt, clean_prompts, load_task_by_name, pad_left, render,
                             score_prompts, split_train, stop_ids)
-from ivft.ivsettings import ExtractError, Settings
+from ivft.ivsettings import MIN_PROMPTS, ExtractError, Settings
 from ivft.prompts import normalize_answer, reply_contains
 from model import Intervention
 
@@ -141,3 +141,92 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra, rb = ranks(a), ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+# ---------------------------------------------------------------------------------------------
+# What the IV can carry on this task: advice from the check's numbers (extract_iv.py --check and
+# extract_iv.advise). Accuracies are first-token accuracies, restored shares those of check_iv.
+
+# Below this clean first-token accuracy (k-shot, each demonstration with the instruction) the model
+# does not do the task even in context, and z̄ averages mostly wrong answers: no vector can carry what
+# the demonstrations do not make the model do. 0.3: under every project task whose IV carries it on
+# SmolLM2-135M (the lowest, acronym: clean 0.38, 0.84 of its gap restored; results/iv_check.json), and
+# clear of chance for a free-form answer; at 50 check examples its standard error is about 0.065.
+CLEAN_ACCURACY_MIN = 0.3
+# Below this share of the clean - query-alone accuracy gap brought back, the IV "restores little":
+# it gives less than half of what the demonstrations give. Of the project's tasks, 7 of 10 restore
+# 0.68-0.91 of it; comparative 0.45, capital (recall) and uppercase about 0.2 (results/iv_check.json).
+RESTORED_ACCURACY_MIN = 0.5
+# A setting of the dev-split sweep is suggested only when it restores at least this much more of the
+# log-P gap than the IV's own: dev splits hold 7-32 examples, and neighbouring layers of one K already
+# differ by about 0.05 (results/iv_layers.json).
+SWEEP_MARGIN = 0.1
+
+
+def iv_verdict(clean_accuracy: float, restored_accuracy: float | None) -> str | None:
+    """"cannot": the model does not do the task even in context; "little": the clean prompts work but
+    the IV restores under RESTORED_ACCURACY_MIN of the gap; None: neither (also when the gap is within
+    noise, restored_accuracy None: the query alone does about as well, nothing is left to restore)."""
+    if clean_accuracy < CLEAN_ACCURACY_MIN:
+        return "cannot"
+    if restored_accuracy is not None and restored_accuracy < RESTORED_ACCURACY_MIN:
+        return "little"
+    return None
+
+
+def setting_flags(row: dict) -> str:
+    """A sweep row (extract_iv.sweep) as the extract_iv.py flags that build that IV."""
+    if row["kind"] == "resid":
+        return f"--kind resid --layer {row['layer']}"
+    return f"--kind heads --layer {row['layer']} --top_k {row['k']}"
+
+
+def iv_advice(clean_accuracy: float, corrupted_accuracy: float, iv_accuracy: float,
+              restored_accuracy: float | None, *, current: dict | None = None, best: dict | None = None,
+              chosen: bool = False, where: str = "held-out test examples") -> list[str]:
+    """Zero, one or two lines saying what the IV can do on the task. current, best: the dev sweep's
+    rows for the IV's own setting and for the best one (extract_iv.best_row), given when the verdict
+    is "little"; they add the line that says whether the layer, K or kind is what limits it, and
+    which setting to use (chosen: it has already been used, under --layer auto). where: what the
+    accuracies were measured on."""
+    verdict = iv_verdict(clean_accuracy, restored_accuracy)
+    if verdict == "cannot":
+        return [f"advice: the model does not do this task even in context (clean first-token accuracy on "
+                f"the {where} {clean_accuracy:.2f} < {CLEAN_ACCURACY_MIN}): no vector can carry what the "
+                f"model cannot do; guidance by this IV will not help"]
+    if verdict is None:
+        return []
+    lines = [f"advice: the IV restores little although the clean prompts work (first-token accuracy on "
+             f"the {where}: clean {clean_accuracy:.2f}, query alone {corrupted_accuracy:.2f}, query alone + "
+             f"IV {iv_accuracy:.2f}: {restored_accuracy:.2f} of the gap < {RESTORED_ACCURACY_MIN})"]
+    if current is None or best is None:
+        return lines
+    def said(r):
+        return (f"{r['restored_logprob']:.2f} of the log-P gap "
+                f"(first-token accuracy {r['accuracy_gain']:+.2f})")
+    if best["restored_logprob"] - current["restored_logprob"] >= SWEEP_MARGIN:
+        lines.append(f"advice: on the dev split {setting_flags(best)} restores {said(best)}, the IV's own "
+                     f"setting ({setting_flags(current)}) {said(current)}: "
+                     + ("chosen (--layer auto)" if chosen else f"rerun with {setting_flags(best)}"))
+    else:
+        lines.append(f"advice: on the dev split no layer, K or kind restores clearly more (best: "
+                     f"{setting_flags(best)}, {said(best)}; the IV's own {said(current)}): what limits it is "
+                     f"the model, not the setting")
+    return lines
+
+
+@torch.no_grad()
+def dev_accuracy(model, tok, task, iv, layer, s: Settings) -> tuple[float, float, float, float | None] | None:
+    """First-token accuracy on the dev split (extract_iv's sweep split, with the sweep's
+    demonstrations): clean, query alone, query alone + IV after block `layer`, and the restored
+    share of that gap (None within noise). None when the dev split is too small to say."""
+    pool_ex, dev = split_train(task, s)
+    if len(dev) < MIN_PROMPTS:
+        return None
+    rng = random.Random(s.seed + 2)           # extract_iv.sweep's seed: its rows and these numbers agree
+    clean = score_prompts(model, clean_prompts(tok, task, dev, s, rng, pool=pool_ex), batch_size=s.batch_size)
+    query = [render(tok, ex, s, with_instruction=False) for ex in dev]
+    cor = score_prompts(model, query, batch_size=s.batch_size)
+    with_iv = score_prompts(model, query, add=(layer, iv), batch_size=s.batch_size)
+    c, k, v = (x["top1"].float() for x in (clean, cor, with_iv))
+    return float(c.mean()), float(k.mean()), float(v.mean()), gap_or_none(c, k, v)[0]

@@ -240,6 +240,9 @@ def test_cli(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert out.is_file() and "query alone + IV" in printed and "heads (" in printed and "best:" in printed
     assert "chat, 0-shot + IV" in printed          # the form train.py adds the IV to
+    # a random model does not capitalise even in context: the check says so, in one line
+    said = [line for line in printed.splitlines() if line.startswith("advice:")]
+    assert len(said) == 1 and "no vector can carry what the model cannot do" in said[0]
     if importlib.util.find_spec("matplotlib") is not None:
         assert out.with_suffix(".sweep.png").is_file()
     rep = json.loads(report.read_text())
@@ -249,6 +252,7 @@ def test_cli(tmp_path, monkeypatch, capsys):
     assert rep["task"] == "up3" and rep["n"] == 4 and rep["layer"] == default_layer(4)
     assert rep["accuracy_gain"] == pytest.approx(rep["iv_accuracy"] - rep["corrupted_accuracy"])
     assert {"chat_logprob", "chat_iv_logprob", "chat_iv_contains"} <= set(rep)
+    assert rep["advice"] == said and "sweep" in rep
     # layer auto: the sweep's choice is the IV's layer and K
     assert X.main(["--task", "up3", "--out", str(out), "--n_clean", "4", "--n_corrupt", "4", "--shots", "2",
                    "--layer", "auto", "--quiet"]) == 0
@@ -362,3 +366,57 @@ def test_identical_prompts_are_an_error(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "identical" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ---- what the IV can carry: the check's advice on the planted toy -------------------------------------
+# The planted model does the task in context (clean accuracy 1); its heads IV restores it all, while
+# a residual-stream IV read after block 0, before the planted head has written anything, restores none.
+
+def plant_task():
+    ex = [Example(instruction="!", input=c, output="*") for c in "abcdefgh" * 4]
+    return Task(name="plant", kind="train", metric="exact_match", train=ex[:24], test=ex[24:])
+
+
+def plant_cli(tmp_path, monkeypatch, capsys, *flags):
+    from ivft import load
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: (planted_model(), PlantTok()))
+    monkeypatch.setattr(X, "load_task_by_name", lambda name: plant_task())
+    out, report = tmp_path / "plant.safetensors", tmp_path / "check.json"
+    assert X.main(["--task", "plant", "--out", str(out), "--n_clean", "8", "--n_corrupt", "8", "--check",
+                   "--n_check", "8", "--report", str(report), "--quiet", *flags]) == 0
+    printed = capsys.readouterr().out
+    said = [line for line in printed.splitlines() if line.startswith("advice:")]
+    return said, json.loads(report.read_text())
+
+
+def test_check_gives_no_advice_where_the_iv_carries_the_task(tmp_path, monkeypatch, capsys):
+    said, rep = plant_cli(tmp_path, monkeypatch, capsys)
+    assert rep["clean_accuracy"] == 1 and rep["iv_accuracy"] == 1
+    assert said == [] and rep["advice"] == [] and "sweep" not in rep      # no sweep run where none is needed
+
+
+def test_check_says_what_restores_more_where_the_iv_restores_little(tmp_path, monkeypatch, capsys):
+    said, rep = plant_cli(tmp_path, monkeypatch, capsys, "--kind", "resid", "--layer", "0")
+    assert rep["clean_accuracy"] == 1 and rep["iv_accuracy"] == 0
+    assert len(said) == 2 and "restores little although the clean prompts work" in said[0]
+    assert "the IV's own setting (--kind resid --layer 0)" in said[1] and "rerun with" in said[1]
+    assert {r["kind"] for r in rep["sweep"]["rows"]} == {"heads", "resid"}
+
+
+def test_layer_auto_takes_the_other_kind_where_it_restores_clearly_more():
+    # a resid IV at block 0 standing in for a poor sweep choice: auto_kind sweeps both kinds and rebuilds
+    model, tok, task = planted_model(), PlantTok(), plant_task()
+    settings = dict(n_clean=8, n_corrupt=8, kind="resid", layer=0)
+    r = X.extract_iv(model, tok, task, progress=False, **settings)
+    r["meta"]["chosen_by_sweep"] = {"layer": 0, "top_k": r["meta"]["top_k"]}
+    new, lines = X.auto_kind(model, tok, task, r, {**settings, "layer": "auto"}, progress=False)
+    assert lines[-1].endswith("chosen (--layer auto)")
+    assert new["layer"] != 0 or new["meta"]["kind"] != "resid"
+    assert new["meta"]["chosen_by_sweep"]["instead_of"]["layer"] == 0
+    res = check_iv(model, tok, task, new["iv"], new["layer"], n=8, progress=False, generate=False)
+    assert res["iv"]["top1"] == 1
+    assert X.auto_kind(model, tok, task, new, settings, progress=False) == (new, [])   # done once
+    # advise (for train.py) measures on the dev split: nothing to say about the good IV
+    assert X.advise(model, tok, task, new, settings, progress=False) == []
+    assert "restores little" in X.advise(model, tok, task, r, settings, progress=False)[0]
+
