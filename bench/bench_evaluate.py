@@ -25,18 +25,13 @@ What was found on the project's 2-core AVX2 machine:
 """
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))   # the project's modules are one folder up
+import torch
 
-import torch  # noqa: E402
-
-import evaluate as E  # noqa: E402
-from ivft.load import load_model  # noqa: E402
-from ivft.report import fmt_score, print_table, save_report  # noqa: E402
+import evaluate as E
+from ivft.load import load_model
+from ivft.report import fmt_score, print_table, save_report
 
 
 def run(model, tok, tasks, args, dtype, metrics=E.METRICS):

@@ -22,20 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))   # the project's modules are one folder up
+import torch
 
-import torch  # noqa: E402
-
-import extract_iv as X  # noqa: E402
-from ivft.ivcheck import spearman  # noqa: E402
-from ivft.ivprompts import (clean_prompts, corrupted_prompts, load_task_by_name, score_prompts,  # noqa: E402
-                            split_train)
-from ivft.ivsettings import CORRUPTIONS, EFFECTS, Settings, default_top_k  # noqa: E402
+import extract_iv as X
+from ivft.ivcheck import spearman
+from ivft.ivprompts import clean_prompts, corrupted_prompts, load_task_by_name, score_prompts, split_train
+from ivft.ivsettings import CORRUPTIONS, EFFECTS, Settings, default_top_k
 
 
 def parse_args(argv=None):

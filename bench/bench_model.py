@@ -7,16 +7,11 @@ machine noise hits both alike. Prints tokens/s and the ratio ours / HF (goal: >=
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))   # the project's modules are one folder up
+import torch
 
-import torch  # noqa: E402
-
-from ivft.load import load_model, save_hf  # noqa: E402
+from ivft.load import load_model, save_hf
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--batch", type=int, default=8, help="sequences per batch")

@@ -28,16 +28,15 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import torch
+
+from ivft import lora
+import train
+from ivft.checkpoint import frozen_copy
+from ivft.data import Item, collate, encode_example
+from ivft.dist import resolve_amp
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))   # the project's modules are one folder up
-
-import torch  # noqa: E402
-
-from ivft import lora  # noqa: E402
-import train  # noqa: E402
-from ivft.checkpoint import frozen_copy  # noqa: E402
-from ivft.data import Item, collate, encode_example  # noqa: E402
-from ivft.dist import resolve_amp  # noqa: E402
 
 # Llama-2-7B's shape (the paper's model): used for the memory estimate
 LLAMA2_7B = {"params": 6.74e9, "layers": 32, "d_model": 4096, "vocab": 32000}

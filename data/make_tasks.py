@@ -22,10 +22,8 @@ import argparse
 import json
 import os
 import random
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import lists  # noqa: E402  (sibling module; this file is run as a script)
+import lists  # the sibling data/lists.py: this file is run as a script, so its own folder is on the path
 
 N_TEST = 100          # test examples per task where the list is long enough
 N_TRAIN_PROC = 400    # training examples for procedurally generated tasks

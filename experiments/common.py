@@ -10,9 +10,9 @@ import sys
 import threading
 from pathlib import Path
 
+from ivft.runtime import STOP_SIGNALS, on_main_thread  # train.py's own stop signals
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from ivft.runtime import STOP_SIGNALS, on_main_thread  # noqa: E402   train.py's own stop signals
 _LIVE: set = set()          # the running children; set.add/discard/copy are atomic, so no lock (a lock
                             # taken in a signal handler can deadlock against the thread it interrupted)
 STOPPING = threading.Event()  # set by a stop signal: the scripts start no further run

@@ -11,22 +11,20 @@ IVs are cached where train.py looks for them (ivs/<model>/), so a later `train.p
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+import torch
+
+import extract_iv as X
+from ivft import tasks as T
+from ivft.ivcheck import check_iv, check_report
+from ivft.ivfile import iv_filename, model_tag
+from ivft.ivprompts import load_task_by_name
+from ivft.ivsettings import Settings
+from ivft.report import save_report
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-import extract_iv as X  # noqa: E402
-from ivft import tasks as T  # noqa: E402
-from ivft.ivcheck import check_iv, check_report  # noqa: E402
-from ivft.ivfile import iv_filename, model_tag  # noqa: E402
-from ivft.ivprompts import load_task_by_name  # noqa: E402
-from ivft.ivsettings import Settings  # noqa: E402
-from ivft.report import save_report  # noqa: E402
 
 FV_FILE = ROOT / "data" / "examples" / "category_fv.json"
 

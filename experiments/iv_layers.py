@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+import torch
+
+import extract_iv as X
+from ivft import tasks as T
+from ivft.ivsettings import KINDS, Settings
+from ivft.report import pyplot, save_report
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-import extract_iv as X  # noqa: E402
-from ivft import tasks as T  # noqa: E402
-from ivft.ivsettings import KINDS, Settings  # noqa: E402
-from ivft.report import pyplot, save_report  # noqa: E402
 
 
 def parse_args(argv=None):

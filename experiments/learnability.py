@@ -24,11 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
+from common import run_train, stop_signals_to_children  # a sibling: a script's own folder is on its path
 
-from common import run_train, stop_signals_to_children  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "learnability"
 OUT = ROOT / "results" / "learnability.json"
 

@@ -26,11 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
+from common import run_train, stop_signals_to_children  # a sibling: a script's own folder is on its path
 
-from common import run_train, stop_signals_to_children  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "lora_pilot"
 OUT = ROOT / "results" / "lora_pilot.json"
 LRS = (1e-4, 3e-4)

@@ -57,14 +57,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
+from common import STOPPING, run_train, stop_signals_to_children  # a sibling: on a script's own path
+from ivft.files import write_atomic
+from ivft.report import mean
+from ivft.runtime import STOP_SIGNALS
 
-from common import STOPPING, run_train, stop_signals_to_children  # noqa: E402
-from ivft.files import write_atomic  # noqa: E402
-from ivft.report import mean  # noqa: E402
-from ivft.runtime import STOP_SIGNALS  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PROTOCOL = ROOT / "experiments" / "study_protocol.md"
 RUNS = ROOT / "runs" / "study"

@@ -1,13 +1,8 @@
 """Tests of ivft/data.py: the learning-rate schedule and collation (the loss sees answer tokens only)."""
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ivft.data import Item, collate, lr_at  # noqa: E402
-from test_train import byte_tokenizer  # noqa: E402
+from ivft.data import Item, collate, lr_at
+from toys import byte_tokenizer
 
 
 def test_lr_schedule():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ivft import engine
-from toy_models import TOK, V, naive_score, tiny_model
+from toys import TOK, V, naive_score, tiny_model
 
 
 # ---- scoring continuations ------------------------------------------------------------------------

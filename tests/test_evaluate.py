@@ -9,7 +9,7 @@ from ivft.engine import cut_at_stop, score_continuations
 from ivft.prompts import answer_ids, draw_shots, normalize_answer, render_prompt, reply_contains
 from ivft.report import print_table
 from ivft.tasks import Example
-from toy_models import TOK, bigram_model, lp, make_task, naive_score, tiny_model
+from toys import TOK, bigram_model, lp, make_task, naive_score, tiny_model
 
 
 # ---- metrics on a model with hand-set log-probabilities ---------------------------------------------

@@ -4,21 +4,18 @@ construction, the sweep's fast path, extraction, caching, the command line and b
 models only; runs in seconds. The settings, prompts, files and check have test files of their own."""
 import importlib.util
 import json
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import extract_iv as X  # noqa: E402
-from iv_toys import SMALL, TOK, char_model, llama_tiny, standin_task  # noqa: E402
-from ivft.ivcheck import check_iv  # noqa: E402
-from ivft.ivfile import iv_filename, load_iv, task_fingerprint  # noqa: E402
-from ivft.ivprompts import Prompt, load_task_by_name, score_prompts  # noqa: E402
-from ivft.ivsettings import ExtractError, Settings, default_layer, default_top_k  # noqa: E402
-from model import Intervention, ModelConfig, Transformer  # noqa: E402
-from ivft.tasks import Example, Task  # noqa: E402
+import extract_iv as X
+from toys import SMALL, TOK, char_model, llama_tiny, standin_task
+from ivft.ivcheck import check_iv
+from ivft.ivfile import iv_filename, load_iv, task_fingerprint
+from ivft.ivprompts import Prompt, load_task_by_name, score_prompts
+from ivft.ivsettings import ExtractError, Settings, default_layer, default_top_k
+from model import Intervention, ModelConfig, Transformer
+from ivft.tasks import Example, Task
 
 
 # ---- tiny models ------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import extract_iv as X
-from iv_toys import SMALL, TOK, char_model, llama_tiny, standin_task
+from toys import SMALL, TOK, char_model, llama_tiny, standin_task
 from ivft.ivfile import load_iv, save_iv
 from ivft.ivsettings import ExtractError
 from model import Intervention

@@ -2,7 +2,7 @@
 through the extraction (tests/test_extract_iv.py)."""
 import random
 
-from iv_toys import PAIRS, SMALL, TOK, standin_task
+from toys import PAIRS, SMALL, TEXT_TOK as TOK, standin_task
 from ivft.ivprompts import corrupted_prompts, plain_prompt
 from ivft.ivsettings import Settings
 from ivft.tasks import Example

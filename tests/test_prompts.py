@@ -4,7 +4,7 @@ import pytest
 
 from ivft import prompts as P
 from ivft.tasks import Example
-from toy_models import TOK, make_task
+from toys import TOK, make_task
 
 
 # ---- prompts and answers ---------------------------------------------------------------------------

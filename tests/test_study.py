@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+# experiments/ is on the tests' path (pyproject.toml), where study.py finds its sibling common.py
 spec = importlib.util.spec_from_file_location("study", ROOT / "experiments" / "study.py")
 study = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(study)
@@ -283,11 +282,10 @@ sys.exit(128 + got[0])
 
 DRIVER = """
 import sys
-sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 from common import run_child, stop_signals_to_children
 with stop_signals_to_children():
-    print("exit", run_child([sys.executable, "-c", sys.argv[2], sys.argv[3]], Path(sys.argv[4])), flush=True)
+    print("exit", run_child([sys.executable, "-c", sys.argv[1], sys.argv[2]], Path(sys.argv[3])), flush=True)
 """
 
 
@@ -302,8 +300,11 @@ def test_stop_signal_reaches_the_run_once_and_is_waited_for(tmp_path, how):
     import subprocess
     import time
     ready, log = tmp_path / "ready", tmp_path / "child.log"
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(ROOT / "experiments"), CHILD, str(ready), str(log)],
-                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    # the driver stands for a script in experiments/: run from there, `python -c` finds common.py in
+    # the current folder as such a script finds it in its own
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, CHILD, str(ready), str(log)],
+                              cwd=ROOT / "experiments", stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
     try:
         t0 = time.time()
         while not (ready.exists() and ready.read_text()) and time.time() - t0 < 60:
@@ -476,7 +477,7 @@ def test_report_with_nothing_finished(dirs):
 def test_analysis_on_a_toy(dirs, monkeypatch):
     """analysis() with the model loader, the tasks and the IV settings replaced by toys: every item
     lands in analysis_A.json, a second call redoes nothing, and the report reads it."""
-    from iv_toys import PAIRS, TOK, char_model
+    from toys import PAIRS, TOK, char_model
     from ivft import load as L
     from ivft import tasks as T
     from ivft.tasks import Example, Task

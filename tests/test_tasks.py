@@ -7,11 +7,10 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from ivft import tasks
+from ivft.tasks import Example, TaskError
 
-from ivft import tasks  # noqa: E402
-from ivft.tasks import Example, TaskError  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write(path, obj):

@@ -8,12 +8,10 @@ import importlib.util
 import json
 import os
 import random
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from ivft.tokenizer import Tokenizer  # noqa: E402
+from ivft.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")

@@ -24,27 +24,19 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ivft import lora
+import evaluate
+import train
+from ivft import checkpoint as ckpt
+from ivft.data import Item, collate
+from ivft.load import load_model, read_safetensors, save_hf
+from model import ModelConfig, Transformer
+from toys import byte_tokenizer
 
-from ivft import lora  # noqa: E402
-import evaluate  # noqa: E402
-import train  # noqa: E402
-from ivft import checkpoint as ckpt  # noqa: E402
-from ivft.data import Item, collate  # noqa: E402
-from ivft.load import load_model, read_safetensors, save_hf  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
-from ivft.tokenizer import GPT2_PATTERN, Tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- fixtures: a tiny model directory, tiny tasks, IV files -------------------------------------
-
-def byte_tokenizer() -> Tokenizer:
-    """256 byte tokens + the three ChatML control tokens: the chat format of SmolLM2, a vocab of 259."""
-    ranks = {bytes([b]): b for b in range(256)}
-    special = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
-    return Tokenizer(ranks, special, GPT2_PATTERN, merges=[], bos_id=257, eos_id=258, pad_id=258)
-
 
 def tiny_model(hidden=32, seed=0) -> Transformer:
     torch.manual_seed(seed)
@@ -603,7 +595,7 @@ def test_sigterm_saves_a_resumable_checkpoint(env, tmp_path):
     # a real process, a real SIGTERM (what a job scheduler sends before it kills)
     out = tmp_path / "term"
     flag = tmp_path / "started"
-    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import train\n"
+    code = (f"import time; import train\n"  # train is pip-installed (setup.sh), importable from anywhere
             f"def cb(stage, step, model):\n"
             f"    open({str(flag)!r}, 'w').close()\n"
             f"    time.sleep(0.2)\n"
