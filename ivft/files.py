@@ -1,17 +1,24 @@
 """Files that are never half-written: one atomic writer for every file the project writes, the
-swap that puts a finished directory in place, and the clean-up of what a killed writer left.
+swap that puts a finished directory in place, the clean-up of what a killed writer left, and the
+lock that keeps a second writer out of a run folder.
 
-Every temporary is named `.<target>.tmp-<pid>...` (a swapped-out directory `.<target>.old-<pid>`):
-the pid lets a later run tell a crashed writer's leftovers from a live one's (clean_leftovers).
+Every temporary is named `.<target>.tmp-<owner>...` (a swapped-out directory `.<target>.old-<owner>`),
+where <owner> is `<pid>-S<token>`: the token fingerprints the process's start (owner_tag), so a
+later run tells a crashed writer's leftovers from a live one's even when the pid has since been
+given to another process (clean_leftovers). Names with a bare `<pid>` come from older code.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+
+from ivft.runtime import TrainError
 
 
 def chmod_ordinary(path) -> None:
@@ -36,7 +43,7 @@ def write_atomic(path, data) -> Path:
     the temporary's path (e.g. safetensors' save_file). The temporary is removed on any failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
     os.close(fd)
     try:
         if callable(data):
@@ -76,7 +83,42 @@ def check_writable(folder) -> None:
         raise OSError(f"cannot write in {p} ({e.strerror or e})") from None
 
 
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)?")
+# ---------------------------------------------------------------------------------------------
+# Who wrote a leftover: a pid alone is not enough, since the kernel hands a dead process's pid to
+# a new one; the pid together with the process's start (boot id + start time) names one process.
+
+def _start_token(pid: int) -> str | None:
+    """8 hex digits fingerprinting the start of process `pid` (Linux /proc: the boot id and the start
+    time in clock ticks since boot), or None when the process does not exist or /proc is absent."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    # field 22 is the start time; field 2, the command name in parentheses, may hold spaces and ')'
+    start = stat.rpartition(")")[2].split()[19]
+    return hashlib.sha1(f"{boot}:{start}".encode()).hexdigest()[:8]
+
+
+_OWN_TOKEN: dict[int, str | None] = {}     # by pid: a forked child computes its own
+
+
+def owner_tag() -> str:
+    """`<pid>-S<token>` of this process (`<pid>` where /proc is absent): the owner part of the name
+    of every temporary and swapped-out copy. 'S' is not in mkstemp's alphabet, so a bare-pid name
+    of older code followed by mkstemp's random letters never reads as a token."""
+    pid = os.getpid()
+    if pid not in _OWN_TOKEN:
+        _OWN_TOKEN[pid] = _start_token(pid)
+    return f"{pid}-S{_OWN_TOKEN[pid]}" if _OWN_TOKEN[pid] else str(pid)
+
+
+def temp_prefix(target_name: str) -> str:
+    """The prefix of a temporary (file or folder, for mkstemp / mkdtemp) that becomes `target_name`."""
+    return f".{target_name}.tmp-{owner_tag()}-"
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)(?:-S(?P<token>[0-9a-f]{8}))?)?")
 
 
 def _alive(pid: int) -> bool:
@@ -91,10 +133,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _owner_alive(pid: int, token: str | None) -> bool:
+    """Is the process that wrote a leftover named with (pid, token) still running?"""
+    now = _start_token(pid) if token is not None else None
+    if now is None:     # a bare pid (older code), no such process, or no /proc here: kill(pid, 0) decides
+        return _alive(pid)
+    return now == token          # another start time: the pid was given to a new process since
+
+
 def clean_leftovers(folder) -> list[str]:
     """Remove what crashed writers of save_hf / replace_dir / atomic JSON writes left in `folder`:
-    temporaries `.<name>.tmp-<pid>...` and swapped-out copies `.<name>.old-<pid>` whose process is
-    gone (a name without a pid is from an older version of this code, and also stale). A swapped-out
+    temporaries `.<name>.tmp-<owner>...` and swapped-out copies `.<name>.old-<owner>` whose process
+    is gone, also when its pid now belongs to another process (the owner's start token differs; see
+    owner_tag). A name without a pid is from an older version of this code, and also stale. A swapped-out
     copy whose replacement never arrived is the only complete one: it is moved back, not deleted.
     -> one line per thing done."""
     folder = Path(folder)
@@ -103,7 +154,7 @@ def clean_leftovers(folder) -> list[str]:
         return done
     for p in sorted(folder.iterdir()):
         m = _LEFTOVER.match(p.name)
-        if not m or (m["pid"] and _alive(int(m["pid"]))):
+        if not m or (m["pid"] and _owner_alive(int(m["pid"]), m["token"])):
             continue
         target = folder / m["name"]
         if m["kind"] == "old" and not target.exists():
@@ -120,10 +171,131 @@ def replace_dir(new: Path, dst: Path):
     after the new one is in, so at every moment one complete copy exists on disk."""
     old = None
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        old = dst.with_name(f".{dst.name}.old-{owner_tag()}")
         os.replace(dst, old)
     os.replace(new, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per run folder
+
+RUN_LOCK = "run.lock"
+
+
+class FolderInUse(TrainError):
+    """A RunLock that another live process holds: one line, exit status 2."""
+
+
+class RunLock:
+    """An exclusive hold on a folder, for one process: fcntl.flock on the file `folder/name`, which
+    says "<pid> <host>[ <note>]" of its holder. acquire() (or `with`) takes it or raises FolderInUse
+    ("<what> is in use by PID n on host h: ..."); it is kept until release() or the end of the
+    process. The kernel drops a flock when its holder dies, even by SIGKILL, so a file left behind
+    by a dead process never blocks; its text is kept in `found` (None when there was none), for a
+    caller that wants to account for what the dead one was doing. release() deletes the file, and
+    the folders acquire() had to create when they are empty again, so a run refused after taking
+    the lock leaves nothing behind.
+
+    Two RunLocks on one file exclude each other even in one process (a flock belongs to an open
+    file). The descriptor is not inherited by exec'd children, but a fork without exec (e.g. data
+    loader workers) shares the hold while it lives. Between hosts it is as good as the file
+    system's flock (local disks, NFSv4: yes)."""
+
+    def __init__(self, folder, name: str = RUN_LOCK, what: str | None = None, note: str = ""):
+        self.folder = Path(folder)
+        self.path = self.folder / name
+        self.what = what or str(self.folder)
+        self.note = note
+        self.found: str | None = None
+        self._fd: int | None = None
+        self._made: list[Path] = []           # folders acquire() created, deepest first
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        if self._fd is not None:
+            return self
+        missing = self.folder
+        while not missing.exists() and missing.parent != missing:
+            self._made.append(missing)
+            missing = missing.parent
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_fd(fd).strip().split(" ", 2)
+                os.close(fd)
+                self._remove_made()
+                who = f"PID {holder[0]} on host {holder[1]}" if len(holder) >= 2 else "another process"
+                raise FolderInUse(f"{self.what} is in use by {who}: wait for it to end or stop it "
+                                  f"(it holds {self.path})") from None
+            except OSError as e:
+                os.close(fd)
+                self._remove_made()
+                raise TrainError(f"{self.path}: cannot lock ({e.strerror or e})") from None
+            # the holder before us may have deleted the file (release) between our open and our
+            # flock: that lock is on a file no one else can open any more, so take the one at the path
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        self.found = _read_fd(fd).strip() or None
+        text = f"{os.getpid()} {socket.gethostname()}" + (f" {self.note}" if self.note else "") + "\n"
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, text.encode(), 0)
+        except OSError as e:
+            self._fd = fd
+            self.release()
+            raise TrainError(f"{self.path}: cannot write ({e.strerror or e})") from None
+        self._fd = fd
+        return self
+
+    def _open(self) -> int:
+        """Open (or create) the lock file, creating its folder where needed."""
+        for _ in range(10):
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except FileNotFoundError:      # a releasing holder removed the empty folder just now: again
+                continue
+            except OSError as e:
+                self._remove_made()
+                raise TrainError(f"{self.path}: cannot write ({e.strerror or e})") from None
+        raise TrainError(f"{self.path}: cannot create (its folder keeps disappearing)")
+
+    def release(self):
+        if self._fd is None:
+            return
+        # deleted while still held: a newcomer that opened it before finds it gone (acquire's check)
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+        self._remove_made()
+
+    def _remove_made(self):
+        for d in self._made:
+            try:
+                d.rmdir()           # only while empty: someone else's file keeps it
+            except OSError:
+                break
+        self._made = []
+
+
+def _read_fd(fd: int) -> str:
+    return os.pread(fd, 4096, 0).decode("utf-8", "replace")
