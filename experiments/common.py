@@ -1,8 +1,10 @@
 """What the experiment scripts share: one train.py run as a child process, its output appended to a
-log file (the run's own folder holds only what train.py writes), and stop signals passed on to it."""
+log file (the run's own folder holds only what train.py writes), stop signals passed on to it, and
+its stop when the script itself dies."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -18,19 +20,53 @@ _LIVE: set = set()          # the running children; set.add/discard/copy are ato
 STOPPING = threading.Event()  # set by a stop signal: the scripts start no further run
 
 
+def _prctl():
+    """libc's prctl, resolved here in the parent so that the child, between fork and exec, only calls
+    it; None where there is none (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+PR_SET_PDEATHSIG = 1            # <linux/prctl.h>
+_PRCTL = _prctl()
+
+
+def die_with_parent():
+    """A Popen preexec_fn that has the kernel send the child SIGTERM when this process dies, even by
+    SIGKILL (Linux PR_SET_PDEATHSIG; kept across exec) -> None where prctl is absent: there an
+    orphaned train.py runs on, and only its run-folder lock keeps a second one out of its folder.
+    The signal comes when the *thread* that started the child ends; run_child's thread waits for
+    the child, so that is the script's death."""
+    if _PRCTL is None:
+        return None
+    parent = os.getpid()
+
+    def preexec():
+        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:      # the script died before prctl: no signal will come
+            os._exit(128 + signal.SIGTERM)
+    return preexec
+
+
 def run_child(cmd: list[str], log_path: Path) -> int:
     """Run cmd from the project root, output appended to log_path -> its exit status.
 
     The child runs in its own session, so a Ctrl-C in the terminal reaches only this script, which
     passes it on exactly once (see stop_signals_to_children). Sharing the terminal's process group
     instead, the child would get the Ctrl-C directly while this script, interrupted, killed it before
-    it had saved its checkpoint."""
+    it had saved its checkpoint. If this script is killed outright (SIGKILL: no handler runs), the
+    child gets SIGTERM from the kernel (die_with_parent), saves its checkpoint and exits as on any
+    SIGTERM, instead of writing on in its folder beside the rerun that would follow."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
         child = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                 preexec_fn=die_with_parent(), env={**os.environ, "PYTHONUNBUFFERED": "1"})
         _LIVE.add(child)
         if STOPPING.is_set():      # the signal came while it was starting, before it was in _LIVE
             child.send_signal(signal.SIGTERM)

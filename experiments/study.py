@@ -40,12 +40,18 @@ results/study/timings.json, results/study.md and results/study.json (the report;
 raw files when matplotlib is installed); IV files: the original model's in ivs/<model>/ (train.py's
 cache, where extract_iv.py puts them), the re-extracted ones in results/study/ivs/ (not in git).
 The analyses run in this process on --workers x --threads threads. A run that was cut off resumes
-from its last checkpoint (train.py --resume); a finished one is skipped; an analysis item that is
-in its file is not redone.
+from its last checkpoint (train.py --resume); a finished one (its raw copy is complete: what --list,
+a bare study.py and --report all count) is skipped; an analysis item that is in its file is not redone.
+One study.py at a time per part and per run: a second one is refused with one line (the locks
+runs/study/logs/<name>.lock; train.py locks its own out_dir as well). A study.py killed outright
+(SIGKILL) takes its train.py runs with it (the kernel sends them SIGTERM: they save and stop), and
+the next study.py of such a run adds the killed session's minutes to timings.json, up to the run's
+last log line.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import math
@@ -58,7 +64,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import STOPPING, run_train, stop_signals_to_children  # a sibling: on a script's own path
-from ivft.files import write_atomic
+from ivft.files import FolderInUse, RunLock, write_atomic
 from ivft.report import mean
 from ivft.runtime import STOP_SIGNALS
 
@@ -161,7 +167,10 @@ def read_json(path: Path):
 
 
 def run_done(name: str) -> bool:
-    return complete(read_json(RAW / f"run_{name}.json")) or complete(read_json(RUNS / name / "results.json"))
+    """The one notion of a finished run, for --list, a bare study.py and --report alike: its raw copy
+    results/study/run_<name>.json is complete (what the report reads). A run whose own results.json
+    is finished but not yet copied is not done: the next study.py of its part copies it, no training."""
+    return complete(read_json(RAW / f"run_{name}.json"))
 
 
 def run_started(name: str) -> bool:
@@ -297,6 +306,72 @@ def list_parts(workers: int = 1) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# One study.py per run and per part: the lock runs/study/logs/<name>.lock (ivft.files.RunLock),
+# taken by main for the part or run it was asked for and by do_run for each run, so a second
+# study.py on the same part or run is refused with one line and no run is trained or timed twice.
+# (train.py's own lock on its out_dir keeps out every other writer of a run folder.)
+
+_HELD: dict[str, RunLock] = {}     # the locks this process holds, by run or part name
+
+
+def claim(key: str, threads: int, workers: int) -> contextlib.AbstractContextManager:
+    """Take `key`'s lock now (a run's or a part's name; FolderInUse if another study.py holds it)
+    and hold it until the with block that the result opens ends; a key this process holds already
+    is not taken again (main's --run NAME, then do_run's). The lock file notes when this claim
+    began: a file left by a study.py that was killed (SIGKILL: no handler runs, nothing recorded)
+    is how its minutes are accounted for (killed_session)."""
+    if key in _HELD:
+        return contextlib.nullcontext()
+    stamp = {"started": round(time.time(), 1), "threads": threads, "workers": workers}
+    lock = RunLock(RUNS / "logs", f"{key}.lock", note=json.dumps(stamp),
+                   what=f"study {'run' if key in run_names() else 'part'} {key}")
+    lock.acquire()
+    _HELD[key] = lock
+    if lock.found:
+        msg = killed_session(key, lock.found)
+        if msg:
+            print(msg, flush=True)
+
+    @contextlib.contextmanager
+    def held():
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            lock.release()
+    return held()
+
+
+def last_activity(key: str) -> Path | None:
+    """The file whose modification time is the last sign of life of what `key` ran: a run's log
+    (train.py's output, to its last line), an analysis's file (saved after each item); None for
+    a part of runs (its runs are timed one by one)."""
+    if key in run_names():
+        return RUNS / "logs" / f"{key}.txt"
+    if key.startswith("analysis-"):
+        return RAW / f"analysis_{key.split('-', 1)[1]}.json"
+    return None
+
+
+def killed_session(key: str, found: str) -> str | None:
+    """A study.py killed while it held `key` (its lock file `found` is left, "<pid> <host> <note>")
+    recorded nothing: its minutes go into timings.json now as an unfinished session, counted from
+    its claim to the last sign of life of its work (last_activity): a killed run's train.py still
+    writes to its log until it has saved and stopped. Not counted: what ran after that last write
+    (at most a log interval of train.py, or one analysis item). -> the line saying so, or None."""
+    try:
+        pid, _, note = found.split(" ", 2)
+        stamp = json.loads(note)
+        seconds = last_activity(key).stat().st_mtime - float(stamp["started"])
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        return None            # no note (not a study.py's lock), or nothing of its work on disk
+    if seconds <= 0:
+        return None
+    add_timing(key, seconds, False, int(stamp.get("threads", 0)), int(stamp.get("workers", 0)))
+    return f"{key}: {seconds / 60:.1f} min of a study.py that was killed (PID {pid}) added to its timings"
+
+
+# ---------------------------------------------------------------------------------------------
 # Running a part
 
 def train_flags(name: str, threads: int) -> list[str]:
@@ -316,12 +391,24 @@ CUT_CODES = {code for sig in STOP_SIGNALS for code in (128 + sig, -sig)}
 
 def do_run(name: str, threads: int, workers: int = 1) -> tuple[bool, str]:
     """One train.py process (skipped when finished, resumed when cut off); then the raw copy, the
-    timing, and the checkpoints removed unless the analyses need them."""
-    d = RUNS / name
-    if complete(read_json(RAW / f"run_{name}.json")):
+    timing, and the checkpoints removed unless the analyses need them. Not started while another
+    study.py holds the run (claim)."""
+    if run_done(name):
         return True, f"{name}: done before"
     if STOPPING.is_set():
         return False, f"{name}: not started (a run of this part was cut)"
+    try:
+        held = claim(name, threads, workers)
+    except FolderInUse as e:
+        return False, f"{name}: not started: {e}"
+    with held:
+        return claimed_run(name, threads, workers)
+
+
+def claimed_run(name: str, threads: int, workers: int) -> tuple[bool, str]:
+    d = RUNS / name
+    if run_done(name):                            # the study.py that held it before finished it
+        return True, f"{name}: done before"
     if not complete(read_json(d / "results.json")):
         t0, rc = time.time(), None
         try:
@@ -378,13 +465,19 @@ def run_part(part: str, workers: int, threads: int, dry_run: bool = False, only:
                                 f"would analyse {', '.join(p['needs'])} on {threads * workers} threads"))
             return not missing
         try:
-            msg = analysis(p["regime"], threads * workers, say)
-        finally:
-            add_timing(part, time.time() - t0, part_status(part)[0] == "done", threads * workers, 1)
+            held = claim(part, threads * workers, 1)
+        except FolderInUse as e:
+            say(f"{part}: not started: {e}")
+            return False
+        with held:
+            try:
+                msg = analysis(p["regime"], threads * workers, say)
+            finally:
+                add_timing(part, time.time() - t0, part_status(part)[0] == "done", threads * workers, 1)
         say(msg)
         return part_status(part)[0] == "done"
     names = [only] if only else p["runs"]
-    pending = [n for n in names if not run_done(n) or not (RAW / f"run_{n}.json").is_file()]
+    pending = [n for n in names if not run_done(n)]
     problem = lora_unsettled() if p["regime"] == "B" and pending else None
     if problem and not dry_run:
         say(f"{part}: not started: {problem}")
@@ -568,12 +661,7 @@ def summarise(r: dict) -> dict:
 
 
 def load_runs() -> dict[str, dict]:
-    out = {}
-    for name in run_names():
-        r = read_json(RAW / f"run_{name}.json")
-        if complete(r):
-            out[name] = summarise(r)
-    return out
+    return {name: summarise(read_json(RAW / f"run_{name}.json")) for name in run_names() if run_done(name)}
 
 
 def by_seed(runs: dict, regime: str, method: str) -> dict[int, dict]:
@@ -753,7 +841,7 @@ def report() -> str:
     OUT.mkdir(parents=True, exist_ok=True)
     save_report(study, OUT / "study.json")
     plots = make_plots(runs, regimes)
-    (OUT / "study.md").write_text(markdown(study, runs, plots))
+    write_atomic(OUT / "study.md", markdown(study, runs, plots))
     return f"report: {OUT / 'study.md'} ({len(runs)} of {len(run_names())} runs, {len(plots)} plots)"
 
 
@@ -773,11 +861,9 @@ def make_plots(runs: dict, regimes: dict) -> list[str]:
 
     def save(fig, name):
         path = RAW / name
-        tmp = path.with_name(f".{name}.tmp.png")
         fig.tight_layout()
-        fig.savefig(tmp, dpi=110)
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # tmp has no suffix
         plt.close(fig)
-        os.replace(tmp, path)
         made.append(str(path.relative_to(OUT)))
 
     for regime, summ in regimes.items():
@@ -1053,10 +1139,19 @@ def main(argv=None) -> int:
         print("all parts are done")
         print(report())
         return 0
-    print(f"part {part}: {part_status(part)[0]}", flush=True)
-    ok = run_part(part, args.workers, threads, args.dry_run, only=args.run)
     if args.dry_run:
+        run_part(part, args.workers, threads, dry_run=True, only=args.run)
         return 0
+    analysing = parts()[part]["kind"] == "analysis"
+    try:      # before anything is printed: a second study.py of this part or run stops here, one line
+        held = claim(args.run or part, threads * args.workers if analysing else threads,
+                     1 if analysing else args.workers)
+    except FolderInUse as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with held:
+        print(f"part {part}: {part_status(part)[0]}", flush=True)
+        ok = run_part(part, args.workers, threads, only=args.run)
     print(report())
     nxt = next_part()
     print(f"part {part}: {part_status(part)[0]}; next: {nxt or 'none, the study is complete'}")

@@ -3,10 +3,13 @@ the run names and flags, the parts and which one runs next, a run's wrapping (re
 raw copy, timings, checkpoints kept only where the analyses need them) with train.py stubbed out,
 the decision rule and the paired differences on hand-made numbers, the recovered share and its noise
 rule, the report's JSON schema and study.md; the analyses once end to end on a tiny random model."""
+import contextlib
 import importlib.util
 import json
+import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -105,16 +108,15 @@ def test_next_part_and_status(dirs):
     for m in study.METHODS:
         write(dirs, f"A-{m}-s0", fake_run(0.3, 0.9))
     assert study.part_status("A-s0") == ("done", 6, 6) and study.next_part() == "B-s0a"
-    # a run whose results.json is finished in runs/ but not yet copied counts as done
     for m in study.METHODS:
-        d = dirs / "runs" / f"B-{m}-s0"
-        d.mkdir(parents=True)
-        (d / "results.json").write_text(json.dumps(fake_run(0.3, 0.9)))
+        if m != "guided":
+            write(dirs, f"B-{m}-s0", fake_run(0.3, 0.9))
     unfinished = fake_run(0.3, 0.9)
     unfinished["stages"] = [{}] * 3                                            # 2 of 4 stages
+    (dirs / "runs" / "B-guided-s0").mkdir(parents=True)
     (dirs / "runs" / "B-guided-s0" / "results.json").write_text(json.dumps(unfinished))
     assert study.part_status("B-s0a") == ("partly", 1, 2) and study.next_part() == "B-s0a"
-    (dirs / "runs" / "B-guided-s0" / "results.json").write_text(json.dumps(fake_run(0.3, 0.9)))
+    write(dirs, "B-guided-s0", fake_run(0.3, 0.9))
     assert study.next_part() == "analysis-A"
     items = study.analysis_items("A")
     (dirs / "results" / "study" / "analysis_A.json").write_text(json.dumps({items[0]: {}}))
@@ -125,6 +127,37 @@ def test_next_part_and_status(dirs):
     assert study.next_part() == "A-s1"                                         # B-s0b, B-s0c were done above
     listing = study.list_parts()
     assert "A-s0        done" in listing and "A-s1        not started" in listing and "next: A-s1" in listing
+
+
+def test_one_notion_of_done_for_list_bare_run_and_report(dirs, monkeypatch, capsys):
+    """A run whose runs/study/<name>/results.json is finished but whose raw copy is missing (the
+    study.py was killed between the two) is not done for --list nor for a bare study.py, as it is
+    not for --report: the bare study.py takes its part, copies the results without training, and
+    only then do all three count it. (Before, --list and the bare study.py said "all parts are
+    done" beside a report of 35 of 36 runs.)"""
+    for name in study.run_names():
+        write(dirs, name, fake_run(0.3, 0.9))
+    for part in ("analysis-A", "analysis-B"):
+        regime = part[-1]
+        (dirs / "results" / "study" / f"analysis_{regime}.json").write_text(
+            json.dumps({k: {} for k in study.analysis_items(regime)}))
+    (dirs / "results" / "study" / "run_B-iv_only-s2.json").unlink()
+    d = dirs / "runs" / "B-iv_only-s2"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(fake_run(0.3, 0.9)))
+    assert not study.run_done("B-iv_only-s2") and "B-iv_only-s2" not in study.load_runs()
+    assert study.part_status("B-s2c") == ("partly", 1, 2) and study.next_part() == "B-s2c"
+    assert "all parts done" not in study.list_parts() and "next: B-s2c" in study.list_parts()
+    from ivft.config import REGIME_PRESETS
+    lora = REGIME_PRESETS["lora"]
+    (dirs / "results" / "lora_pilot.json").write_text(json.dumps(
+        {"choice": {"lr": lora["lr"], "epochs": lora["epochs"], "all_learned": True}}))
+    monkeypatch.setattr(study.subprocess, "Popen", popen_of(lambda cmd: pytest.fail(f"trained: {cmd}")))
+    assert study.main([]) == 0
+    out = capsys.readouterr().out
+    assert "B-iv_only-s2: finished before, raw copy made now" in out and "36 of 36 runs" in out
+    assert study.run_done("B-iv_only-s2") and study.next_part() is None and len(study.load_runs()) == 36
+    assert "all parts done" in study.list_parts()
 
 
 def test_list_minutes_measured_then_estimated(dirs):
@@ -325,6 +358,132 @@ def test_stop_signal_reaches_the_run_once_and_is_waited_for(tmp_path, how):
     assert "saved after 1 signal(s)" in log.read_text()
 
 
+# A stand-in for train.py in a real study.py: it says it started (its pid in a file), writes a log line,
+# and on SIGTERM writes "terminated" and exits 143 as train.py does after saving `last`.
+TRAIN_STANDIN = """
+import os, signal, sys, time
+def stop(signum, frame):
+    print("terminated", flush=True)
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+print("step 1", flush=True)
+open(sys.argv[1], "w").write(str(os.getpid()))
+time.sleep(30)
+"""
+
+# a real study.py --run A-plain-s0 in the folders of the `dirs` fixture, train.py replaced by TRAIN_STANDIN
+STUDY_DRIVER = """
+import importlib.util, sys
+from pathlib import Path
+experiments, tmp, child = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+sys.path.insert(0, str(experiments))
+spec = importlib.util.spec_from_file_location("study", experiments / "study.py")
+study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study)
+import common
+study.RUNS, study.RAW, study.OUT = tmp / "runs", tmp / "results" / "study", tmp / "results"
+study.PROTOCOL = tmp / "protocol.md"
+standin = [sys.executable, "-c", child, str(tmp / "child.pid")]
+study.run_train = lambda flags, log: common.run_child(standin, log)
+with common.stop_signals_to_children():
+    sys.exit(study.main(["--run", "A-plain-s0", "--threads", "1"]))
+"""
+
+
+def wait_for(cond, what, timeout=30):
+    t0 = time.time()
+    while not cond():
+        assert time.time() - t0 < timeout, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_stopped_or_killed_study_stops_its_run_and_its_minutes_count(dirs, monkeypatch, capsys, how):
+    """A real study.py --run A-plain-s0 with its train.py running. A second study.py of that run is
+    refused with one line, and trains nothing. Then the first is stopped: by SIGTERM, it passes the
+    signal on and records the run's minutes; by SIGKILL (no handler runs), the kernel sends the run
+    SIGTERM (before, the orphaned train.py wrote on in the folder of the rerun that followed) and
+    the next study.py of the run adds the killed one's minutes to timings.json, up to the run's last
+    log line (before, they were never recorded)."""
+    import os
+    import signal
+    import subprocess
+    log, pid_file = dirs / "runs" / "logs" / "A-plain-s0.txt", dirs / "child.pid"
+    driver = subprocess.Popen([sys.executable, "-c", STUDY_DRIVER, str(ROOT / "experiments"), str(dirs),
+                               TRAIN_STANDIN], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        wait_for(lambda: pid_file.exists() and pid_file.read_text(), "the run started")
+        child = int(pid_file.read_text())
+        monkeypatch.setattr(study.subprocess, "Popen", popen_of(lambda cmd: pytest.fail("trained twice")))
+        capsys.readouterr()
+        assert study.main(["--run", "A-plain-s0", "--threads", "1"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.splitlines() == [
+            f"error: study run A-plain-s0 is in use by PID {driver.pid} on host {socket.gethostname()}: wait "
+            f"for it to end or stop it (it holds {dirs / 'runs' / 'logs' / 'A-plain-s0.lock'})"]
+        time.sleep(1.0)                                              # a run of a second at least
+        driver.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        driver.communicate(timeout=60)
+        # the run got SIGTERM either way, and stopped as train.py does
+        # a line of its own: the "$ command" line of the log holds the stand-in's source
+        wait_for(lambda: "terminated" in log.read_text().splitlines(), "the run got SIGTERM")
+        # gone, or a zombie that nobody reaps (an orphan's new parent in a container may not)
+        stat = Path(f"/proc/{child}/stat")
+        def gone():
+            try:
+                return stat.read_text().rpartition(")")[2].split()[0] == "Z"
+            except FileNotFoundError:
+                return True
+        wait_for(gone, "the run ended")
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        if pid_file.exists() and pid_file.read_text():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    timings = dirs / "results" / "study" / "timings.json"
+    lock = dirs / "runs" / "logs" / "A-plain-s0.lock"
+    if how == "sigterm":
+        assert driver.returncode == 1 and not lock.exists()
+        t = json.loads(timings.read_text())["A-plain-s0"]
+        assert t["sessions"] == 1 and t["complete"] is False and t["seconds"] >= 1.0
+        return
+    assert driver.returncode == -signal.SIGKILL and lock.exists() and not timings.exists()
+    run_for = log.stat().st_mtime - json.loads(lock.read_text().split(" ", 2)[2])["started"]
+
+    def fake_train(cmd):
+        out = Path(cmd[cmd.index("--out_dir") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(fake_run(0.3, 0.9)))
+        return 0
+    monkeypatch.setattr(study.subprocess, "Popen", popen_of(fake_train))
+    assert study.main(["--run", "A-plain-s0", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"min of a study.py that was killed (PID {driver.pid}) added to its timings" in out
+    t = json.loads(timings.read_text())["A-plain-s0"]
+    assert t["sessions"] == 2 and t["complete"] and t["seconds"] >= round(run_for, 1) >= 1.0
+    assert not lock.exists()
+
+
+def test_without_prctl_children_start_as_before(monkeypatch, tmp_path):
+    """Where prctl is absent (not Linux) the child is started without the parent-death signal, and
+    otherwise as before (own session)."""
+    import common
+    seen = {}
+
+    class Child:
+        def __init__(self, cmd, **kw):
+            seen.update(kw)
+
+        def wait(self):
+            return 0
+    monkeypatch.setattr(common.subprocess, "Popen", Child)
+    monkeypatch.setattr(common, "_PRCTL", None)
+    assert common.run_child(["true"], tmp_path / "log.txt") == 0
+    assert seen["preexec_fn"] is None and seen["start_new_session"] is True
+
+
 # ---- numbers ---------------------------------------------------------------------------------------
 
 def seeds(gp, nt):
@@ -470,6 +629,31 @@ def test_report_with_nothing_finished(dirs):
     out = json.loads((dirs / "results" / "study.json").read_text())
     assert out["regimes"]["A"]["methods"] == {} and out["regimes"]["A"]["decision"] is None
     assert all(v is None for v in out["regimes"]["B"]["findings"].values())
+
+
+def test_study_md_is_written_atomically(dirs, monkeypatch):
+    """A full disk while study.md is written: the previous report stays whole and no temporary is
+    left (study.md goes through ivft.files.write_atomic; a plain write_text left half a file)."""
+    import errno
+    import pathlib
+    md = dirs / "results" / "study.md"
+    md.write_text("the previous report\n")
+    real_bytes, real_text = pathlib.Path.write_bytes, pathlib.Path.write_text
+
+    def full_disk(real):
+        def write(self, data, *a, **kw):
+            if self.name == "study.md" or self.name.startswith(".study.md.tmp"):
+                real(self, data[: len(data) // 2], *a, **kw)        # half of it fits
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(self, data, *a, **kw)
+        return write
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full_disk(real_bytes))
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk(real_text))
+    with pytest.raises(OSError, match="No space left"):
+        study.report()
+    monkeypatch.undo()
+    assert md.read_text() == "the previous report\n"
+    assert sorted(p.name for p in md.parent.iterdir()) == ["study", "study.json", "study.md"]   # no temporary
 
 
 # ---- the analyses, end to end on a tiny random model -------------------------------------------------
