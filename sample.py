@@ -41,14 +41,24 @@ except LoadError as e:
 if tok is None:
     sys.exit(f"error: {args.model}: no tokenizer files (tokenizer.json or encoder.json + vocab.bpe) beside the weights")
 
-if args.raw or tok.chat_format is None:
-    ids = tok.encode(args.prompt)
-else:
-    ids = tok.chat_prompt(args.prompt, system=args.system)
+templated = not args.raw and tok.chat_format is not None
+ids = tok.chat_prompt(args.prompt, system=args.system) if templated else tok.encode(args.prompt)
+# positions past the model's context are outside what it was trained on (RoPE: fluent-looking
+# garbage, learned positions: an index error), so a prompt must leave room for at least one reply token
+context = model.config.max_position_embeddings
+if len(ids) >= context:
+    print(f"error: --prompt is {len(ids)} tokens{' with the chat template' if templated else ''}, but the "
+          f"model's context is {context} positions, one at least for the reply: shorten it by "
+          f"{len(ids) - context + 1} tokens or more", file=sys.stderr)
+    sys.exit(2)
+max_new = min(args.max_new_tokens, context - len(ids))
+if max_new < args.max_new_tokens:
+    print(f"note: --max_new_tokens {args.max_new_tokens} lowered to {max_new}: the prompt takes {len(ids)} "
+          f"of the model's {context} positions", file=sys.stderr)
 idx = torch.tensor([ids] * args.num_samples, device=args.device)
 gen = torch.Generator(device=args.device).manual_seed(args.seed)
 t0 = time.time()
-out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+out = model.generate(idx, max_new, temperature=args.temperature, top_k=args.top_k or None,
                      stop_ids=tok.stop_ids(), generator=gen)
 dt = time.time() - t0
 stop = tok.stop_ids()
