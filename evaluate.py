@@ -20,10 +20,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from ivft.engine import Decoder, autocast, cut_at_stop, eval_mode, model_device, run_prompts
+from ivft.engine import Decoder, autocast, eval_mode, model_device, run_prompts
 from ivft.files import check_writable, write_json_atomic
+from ivft.prompts import REPLY_TOKENS  # noqa: F401 (evaluate.REPLY_TOKENS: reply_contains's budget)
 from ivft.prompts import (answer_ids, choice_candidates, distinct_outputs, draw_shots, knowledge_ids,
-                          may_still_match, normalize_answer, render_prompt, reply_contains)
+                          render_prompt, reply_budgets, reply_verdicts, verdict_open)
 from ivft.report import mean, print_cl, print_table, save_report
 
 # ---------------------------------------------------------------------------------------------
@@ -33,9 +34,6 @@ from ivft.report import mean, print_cl, print_table, save_report
 CHAT_METRICS = ("exact_match", "reply_contains", "choice_accuracy", "instruction_logprob")
 KSHOT_SUFFIX = "_kshot"
 METRICS = CHAT_METRICS + ("knowledge_logprob",) + tuple(m + KSHOT_SUFFIX for m in CHAT_METRICS)
-# reply_contains: the greedy reply's budget. A chat model answers in a sentence ("The capital of
-# Peru is Lima."); 32 tokens hold one, and decoding stops as soon as the answer has appeared.
-REPLY_TOKENS = 32
 # Prompts per batch, and rows per decoding step. On a 2-core CPU fewer, wider matrix products win
 # (bench/bench_evaluate.py), and a task's 100 prompts prefill as one batch. Memory: for a 7B model
 # a k-shot pool of 128 rows holds ~15 GB of KV cache; pass a smaller batch_size there.
@@ -56,19 +54,23 @@ def canonical_metric(name: str) -> str:
 # Per-task metrics
 
 def evaluate_task(model, tok, task, n: int | None = None, k_shot: int = 0, metrics=METRICS,
-                  batch_size: int = BATCH_SIZE, seed: int = 0, progress: bool = True, timings: dict | None = None) -> dict:
+                  batch_size: int = BATCH_SIZE, seed: int = 0, progress: bool = True,
+                  timings: dict | None = None, intervention=None) -> dict:
     """Scores of `model` on the first n test examples of `task` -> {metric: value, "n": count}.
     `_kshot` metrics are computed only when k_shot > 0; knowledge_logprob only over examples that
-    have a knowledge prompt (absent when none has). `timings`, if given, collects seconds per phase."""
+    have a knowledge prompt (absent when none has). `timings`, if given, collects seconds per phase.
+    intervention (a model.Intervention, e.g. add_resid={layer: IV}): added at every chat prompt's last
+    token (engine.run_prompts), so the scores are the model's with it; knowledge prompts run without."""
     return _evaluate_tasks(model, tok, [task], n=n, k_shot=k_shot, metrics=metrics, batch_size=batch_size,
-                           seed=seed, progress=progress, timings=timings)[task.name]
+                           seed=seed, progress=progress, timings=timings,
+                           intervention=intervention)[task.name]
 
 
 def _evaluate_tasks(model, tok, tasks, *, batch_size: int = BATCH_SIZE, progress: bool = True,
                     timings: dict | None = None, **kw) -> dict:
     """{task name: evaluate_task's scores}. The decoders are shared by all tasks: rows still
-    decoding from one task step together with the next's. kw: n, k_shot, metrics, seed."""
-    kw = {"n": None, "k_shot": 0, "metrics": METRICS, "seed": 0, **kw}
+    decoding from one task step together with the next's. kw: n, k_shot, metrics, seed, intervention."""
+    kw = {"n": None, "k_shot": 0, "metrics": METRICS, "seed": 0, "intervention": None, **kw}
     decoders = _decoders(model, tok, batch_size, timings, progress)
     finish = {}
     with eval_mode(model):
@@ -86,7 +88,8 @@ def _decoders(model, tok, batch_size, timings, progress=False):
     return {suffix: Decoder(model, tok.stop_ids(), batch_size, timings, progress) for suffix in ("", KSHOT_SUFFIX)}
 
 
-def _start_task(model, tok, task, decoders, *, n, k_shot, metrics, batch_size, seed, progress, timings):
+def _start_task(model, tok, task, decoders, *, n, k_shot, metrics, batch_size, seed, progress, timings,
+                intervention=None):
     """evaluate_task up to its replies (the model already in eval mode): every score is computed,
     and the rows that need greedy decoding are queued in decoders[metric suffix]. -> a function
     that, once every decoder has finished, returns the task's scores."""
@@ -113,19 +116,16 @@ def _start_task(model, tok, task, decoders, *, n, k_shot, metrics, batch_size, s
             conts = _choice_conts(tok, task, test, golds, seed, labels)
         else:  # the gold alone: its log-prob, and the pass exact match's decoding starts from
             conts = [[g] for g in golds]
-        # One greedy reply per prompt serves both generation metrics: greedy decoding is
-        # deterministic, so exact match's reply is the first tokens of reply_contains's.
-        # exact_match: room for the longest gold answer and its end token (a model that goes on
-        # past the gold shows at least one extra token, so a truncated ramble never matches);
-        # reply_contains: REPLY_TOKENS, a sentence.
-        em_budget = max(len(g) for g in golds) if "exact_match" in want else 0
-        rc_budget = REPLY_TOKENS if "reply_contains" in want else 0
+        # one greedy reply per prompt serves both generation metrics (ivft.prompts.reply_budgets);
+        # engine.greedy_replies makes this same call for the IV check and the study's analyses
+        em_budget, rc_budget = reply_budgets(golds, want)
+        alive = verdict_open(tok, [ex.output for ex in test], stop, em_budget, rc_budget)
         scores, gens = run_prompts(model, prompts, conts, max_new_tokens=max(em_budget, rc_budget), stop_ids=stop,
-                                   alive=_verdict_open(tok, test, stop, em_budget, rc_budget),
+                                   alive=alive,
                                    prune="choice_accuracy" in want,
                                    batch_size=batch_size, desc=f"{task.name}{suffix or ' 0-shot'}",
                                    progress=progress, timings=timings, tag=(suffix or "_0shot")[1:] + "/",
-                                   decoder=decoders[suffix])
+                                   decoder=decoders[suffix], intervention=intervention)
         if "choice_accuracy" in want:
             # strictly first: a tie with a wrong answer counts as wrong
             out["choice_accuracy" + suffix] = mean(float(all(s[0] > x for x in s[1:])) for s in scores)
@@ -169,17 +169,6 @@ def _choice_conts(tok, task, test, golds, seed, labels) -> list:
     return conts
 
 
-def _verdict_open(tok, test, stop, em_budget, rc_budget):
-    """alive(i, tokens) for run_prompts: a row decodes on while either metric's verdict is open:
-    exact match until the reply can no longer match its gold (a rambling "The opposite of hot is
-    ..." would otherwise run the whole budget), reply_contains until the answer has appeared."""
-    def alive(i, toks):
-        text = tok.decode([t for t in toks if t not in stop])
-        return ((len(toks) < em_budget and may_still_match(text, test[i].output))
-                or (len(toks) < rc_budget and not reply_contains(text, test[i].output, final=False)))
-    return alive
-
-
 def _knowledge_logprob(model, tok, task, test, batch_size, progress, timings):
     """Mean log-prob of the knowledge answers over the examples that have a knowledge prompt, None
     when none has."""
@@ -200,17 +189,8 @@ def _knowledge_logprob(model, tok, task, test, batch_size, progress, timings):
 
 def _reply_scores(tok, test, gens, stop, suffix, em_budget, rc_budget) -> dict:
     """exact_match and reply_contains (those with a budget) from the decoded greedy replies."""
-    def text(g, budget):
-        return tok.decode([t for t in cut_at_stop(g[:budget], stop) if t not in stop])
-
-    out = {}
-    if em_budget:
-        out["exact_match" + suffix] = mean(
-            float(normalize_answer(text(g, em_budget)) == normalize_answer(ex.output)) for g, ex in zip(gens, test))
-    if rc_budget:
-        out["reply_contains" + suffix] = mean(float(reply_contains(text(g, rc_budget), ex.output))
-                                              for g, ex in zip(gens, test))
-    return out
+    verdicts = reply_verdicts(tok, [ex.output for ex in test], gens, stop, em_budget, rc_budget)
+    return {m + suffix: mean(v) for m, v in verdicts.items() if m != "text"}
 
 
 # ---------------------------------------------------------------------------------------------

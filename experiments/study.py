@@ -507,13 +507,12 @@ def analysis(regime: str, threads: int, say=print) -> str:
     import evaluate as E
     import extract_iv as X
     from ivft import tasks as T
+    from ivft.engine import autocast, greedy_replies, model_device
     from ivft.files import write_json_atomic
-    from ivft.ivcheck import replies
     from ivft.ivfile import iv_filename, model_tag
     from ivft.ivprompts import chat_prompt, score_prompts
-    from ivft.ivsettings import Settings
     from ivft.load import load_model
-    from ivft.prompts import normalize_answer, reply_contains
+    from model import Intervention
 
     torch.set_num_threads(threads)
     path = RAW / f"analysis_{regime}.json"
@@ -557,13 +556,22 @@ def analysis(regime: str, threads: int, say=print) -> str:
             stage_model[key] = load_model(str(RUNS / run / f"stage-{s}"))[0]
         return stage_model[key]
 
+    # the dtype the runs' stage reports were evaluated in: bf16 and fp32 greedy replies differ on a
+    # few examples (capital 0.34 against 0.36), so the analyses score in the same one
+    groups = [g for r in runs for g in raw[r]["stages"][0].get("settings", {}).get("groups", [])]
+    dtype = groups[0]["dtype"] if groups else "float32"
+
     def scores(model, name, add=None) -> list[int]:
         """Per test example: the greedy zero-shot chat reply scored by the task's primary metric
-        (reply_contains for the general suite, exact match for the training tasks)."""
-        reps = replies(model, tok, prompts[name], Settings(format="chat"), add, max_new=E.REPLY_TOKENS)
-        if metric[name] == "reply_contains":
-            return [int(reply_contains(r, p.text)) for r, p in zip(reps, prompts[name])]
-        return [int(normalize_answer(r) == normalize_answer(p.text)) for r, p in zip(reps, prompts[name])]
+        (reply_contains for the general suite, exact match for the training tasks), by evaluate.py's
+        own reply path (engine.greedy_replies), so these are the stage reports' scores."""
+        ps = prompts[name]
+        edit = Intervention(add_resid={add[0]: add[1]}) if add else None
+        with autocast(dtype, model_device(model).type):
+            reps = greedy_replies(model, tok, [p.ids for p in ps], [p.answer for p in ps],
+                                  [p.text for p in ps], (metric[name],), intervention=edit,
+                                  batch_size=E.BATCH_SIZE)
+        return [int(v) for v in reps[metric[name]]]
 
     # (c) re-injection: the original IV (own layer, scale 1) added to the final model; the original
     # model's scores are the same in both regimes (greedy replies)

@@ -1,6 +1,8 @@
 """Batched inference: the summed log-prob of continuations and greedy replies for many prompts at
 once (score_continuations, greedy_generate, and run_prompts under evaluate.py), each number equal to
 what a plain per-example loop computes; and the fp32 output layer (lm_head_fp32) every scorer uses.
+greedy_replies is evaluate's reply path on its own, for the IV check and the study's analyses; any
+of them may add an intervention (an IV) at every prompt's last token.
 
 Speed (all exact: the numbers equal a plain per-example loop; tests check each shortcut):
 - Prompts of one task share a long prefix (system prompt, demonstrations, instruction). It runs
@@ -22,13 +24,15 @@ Speed (all exact: the numbers equal a plain per-example loop; tests check each s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from model import KVCache
+from ivft.prompts import reply_budgets, reply_verdicts, verdict_open
+from model import Intervention, KVCache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,11 +121,12 @@ def _cache_rows(cache: KVCache, rows=None) -> KVCache:
     return new
 
 
-def _prefill(model, suffixes, prefix_cache, prefix_len, pad_side):
+def _prefill(model, suffixes, prefix_cache, prefix_len, pad_side, intervention=None):
     """Run a batch of prompt suffixes after a shared prefix (already in prefix_cache, batch 1).
     -> (cache, pad_mask (B, prefix_len + T), hidden at each row's last prompt token (B, C)).
     Padding sits between the prefix and a left-padded suffix: the model takes positions from the
-    mask, so a row's numbers are those of its unpadded prompt wherever the pads are."""
+    mask, so a row's numbers are those of its unpadded prompt wherever the pads are.
+    intervention (pos None) acts at each row's last prompt token, which is never in the prefix."""
     dev = model_device(model)
     B, T = len(suffixes), max(len(s) for s in suffixes)
     idx = torch.zeros(B, T, dtype=torch.long)
@@ -144,8 +149,25 @@ def _prefill(model, suffixes, prefix_cache, prefix_len, pad_side):
             cache.k[i] = prefix_cache.k[i].expand(B, -1, -1, -1)
             cache.v[i] = prefix_cache.v[i].expand(B, -1, -1, -1)
     mask = mask.to(dev)
-    h = model(idx.to(dev), pad_mask=mask, cache=cache, return_hidden=True)      # (B, T, C)
+    if intervention is not None:
+        # Intervention.pos counts columns of the whole sequence, the cached prefix included
+        intervention = dataclasses.replace(intervention, pos=prefix_len + last, z={}, resid={})
+    h = model(idx.to(dev), pad_mask=mask, cache=cache, intervention=intervention,
+              return_hidden=True)                                                # (B, T, C)
     return cache, mask, h[torch.arange(B, device=dev), last.to(dev)]             # (B, C)
+
+
+def _check_last_token_edit(intervention):
+    """run_prompts places an intervention at every prompt's last token, batch by batch, in its own
+    order: one that names positions, reads tensors back, or holds per-row values cannot follow."""
+    if intervention is None:
+        return
+    per_row = [v for v in intervention.add_resid.values() if v.dim() > 1] + \
+              [v for d in (intervention.set_z, intervention.add_z) for _, v in d.values() if v.dim() > 2]
+    if intervention.pos is not None or intervention.record_z or intervention.record_resid or per_row \
+            or (torch.is_tensor(intervention.scale) and intervention.scale.dim() > 0):
+        raise ValueError("run_prompts: the intervention must be an edit of every prompt at its last token: "
+                         "pos None, no record_z/record_resid, one vector for all rows and a scalar scale")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,9 +440,13 @@ def cut_at_stop(ids, stop_ids):
 
 @torch.no_grad()
 def run_prompts(model, prompts, conts, *, max_new_tokens=0, stop_ids=(), alive=None, prune=False,
-                batch_size=32, pad_side="left", desc=None, progress=True, timings=None, tag="", decoder=None):
+                batch_size=32, pad_side="left", desc=None, progress=True, timings=None, tag="", decoder=None,
+                intervention: Intervention | None = None):
     """For each prompt i: the summed log-prob of each continuation in conts[i], and (max_new_tokens
-    > 0) its greedy continuation, cut short where alive(i, tokens) returns False.
+    > 0) its greedy continuation, cut short where alive(i, tokens) returns False. An intervention
+    (model.Intervention with pos None, e.g. add_resid={layer: IV}) acts at every prompt's last token
+    in the prefill, so every score and reply is taken with it, as Transformer.generate would add it;
+    None (or one with nothing set) leaves every number as it is without.
     -> (scores: list[list[float]], gens: list[list[int]] | None).
     With a shared `decoder` (Decoder), rows that need decoding may still be in its pool on return:
     their gens[i] are filled in by decoder.finish().
@@ -442,6 +468,7 @@ def run_prompts(model, prompts, conts, *, max_new_tokens=0, stop_ids=(), alive=N
         raise ValueError("empty prompt: there is no position to predict the first answer token from")
     if any(len(c) == 0 for cs in conts for c in cs):
         raise ValueError("empty continuation")
+    _check_last_token_edit(intervention)
     n = len(prompts)
     scores = [[None] * len(cs) for cs in conts]
     gens = [None] * n if max_new_tokens else None
@@ -457,7 +484,8 @@ def run_prompts(model, prompts, conts, *, max_new_tokens=0, stop_ids=(), alive=N
         decoder = Decoder(model, stop_ids, batch_size, timings)
     for rows in tqdm(batches, desc=desc, disable=not progress, leave=False):
         t0 = _add_time(timings, tag + "prefill", t0)
-        cache, mask, last_h = _prefill(model, [prompts[i][plen:] for i in rows], prefix_cache, plen, pad_side)
+        cache, mask, last_h = _prefill(model, [prompts[i][plen:] for i in rows], prefix_cache, plen, pad_side,
+                                       intervention)
         t0 = _add_time(timings, tag + "prefill", t0)
         greedy = _score_batch(model, cache, mask, last_h, rows, conts, scores, prune, 2 * batch_size)
         t0 = _add_time(timings, tag + "score", t0)
@@ -490,9 +518,36 @@ def score_continuations(model, prompts, conts, batch_size: int = 32, pad_side: s
 
 
 def greedy_generate(model, prompts, max_new_tokens: int, stop_ids=(), batch_size: int = 32,
-                    progress: bool = False) -> list[list[int]]:
-    """Greedy continuations of prompts (lists of ids), up to and including the first stop id."""
+                    progress: bool = False, intervention: Intervention | None = None) -> list[list[int]]:
+    """Greedy continuations of prompts (lists of ids), up to and including the first stop id;
+    intervention: see run_prompts."""
     with eval_mode(model):
         _, gens = run_prompts(model, prompts, [[] for _ in prompts], max_new_tokens=max_new_tokens,
-                              stop_ids=stop_ids, batch_size=batch_size, progress=progress, desc="generating")
+                              stop_ids=stop_ids, batch_size=batch_size, progress=progress, desc="generating",
+                              intervention=intervention)
     return [cut_at_stop(g, stop_ids) for g in gens]
+
+
+def greedy_replies(model, tok, prompts, golds, golds_text, metrics=("exact_match", "reply_contains"), *,
+                   stop_ids=None, intervention: Intervention | None = None, batch_size: int = 32,
+                   progress: bool = False) -> dict:
+    """evaluate.py's greedy replies and their verdicts, for callers that want only those (the IV
+    check, the study's analyses): the same run_prompts call evaluate makes, from the same gold
+    passes, budgets and early stop (prompts.reply_budgets, verdict_open), so one model and one set of
+    examples get one score everywhere. prompts and golds are id lists (golds as prompts.answer_ids
+    makes them, ending in a stop token), golds_text the answers as text; stop_ids default to the
+    template's. intervention: see run_prompts. -> prompts.reply_verdicts' {"text": [...], metric:
+    [1.0 / 0.0 per example] for each of metrics}. The caller chooses the dtype (autocast)."""
+    if not len(prompts) == len(golds) == len(golds_text):
+        raise ValueError(f"{len(prompts)} prompts, {len(golds)} golds and {len(golds_text)} gold texts")
+    stop = set(tok.stop_ids() if stop_ids is None else stop_ids)
+    em_budget, rc_budget = reply_budgets(golds, metrics)
+    if not em_budget and not rc_budget:
+        raise ValueError(f"greedy_replies: no greedy metric in {list(metrics)}; "
+                         f"use exact_match, reply_contains or both")
+    with eval_mode(model):
+        _, gens = run_prompts(model, prompts, [[g] for g in golds], max_new_tokens=max(em_budget, rc_budget),
+                              stop_ids=stop, alive=verdict_open(tok, golds_text, stop, em_budget, rc_budget),
+                              batch_size=batch_size, progress=progress, desc="replies",
+                              intervention=intervention)
+    return reply_verdicts(tok, golds_text, gens, stop, em_budget, rc_budget)

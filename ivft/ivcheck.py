@@ -11,10 +11,10 @@ import random
 import torch
 from tqdm import tqdm
 
-from ivft.ivprompts import (Prompt, chat_prompt, clean_prompts, load_task_by_name, pad_left, render,
-                            score_prompts, split_train, stop_ids)
+from ivft.engine import greedy_replies
+from ivft.ivprompts import (Prompt, chat_prompt, clean_prompts, load_task_by_name, render, score_prompts,
+                            split_train, stop_ids)
 from ivft.ivsettings import MIN_PROMPTS, ExtractError, Settings
-from ivft.prompts import normalize_answer, reply_contains
 from model import Intervention
 
 
@@ -42,22 +42,15 @@ def gap_or_none(clean: torch.Tensor, cor: torch.Tensor, x_iv: torch.Tensor) -> t
 # ---------------------------------------------------------------------------------------------
 # The check: on held-out test examples, does the IV bring back what the demonstrations give?
 
-@torch.no_grad()
-def replies(model, tok, prompts: list[Prompt], s: Settings, add=None, max_new=24, batch_size=16) -> list[str]:
-    """Greedy replies cut at the first stop token. The IV, if any, is added in the prefill at the
-    last prompt token (left padding puts it in the last column of every row)."""
-    stop = stop_ids(tok, s)
-    out_text = []
-    for i in range(0, len(prompts), batch_size):
-        batch = prompts[i:i + batch_size]
-        idx, pad_mask = pad_left([p.ids for p in batch])
-        W = idx.shape[1]
-        edit = Intervention(pos=torch.full((len(batch),), W - 1), add_resid={add[0]: add[1]}) if add else None
-        out = model.generate(idx, max_new, stop_ids=stop, pad_mask=pad_mask, intervention=edit)
-        for r in range(len(batch)):
-            ids = out[r].tolist()
-            out_text.append(tok.decode(ids[:next((k for k, t in enumerate(ids) if t in stop), len(ids))]))
-    return out_text
+def replies(model, tok, prompts: list[Prompt], s: Settings, add=None, batch_size=16) -> dict:
+    """Greedy replies and their verdicts by evaluate.py's path (engine.greedy_replies: the same
+    budgets, early stop and scoring), so the check and evaluate give one model and one example one
+    score. The IV, if any (add = (layer, vector)), is added at the last prompt token in the prefill.
+    -> {"text": [reply], "exact_match": [1.0 / 0.0], "reply_contains": [1.0 / 0.0]}"""
+    edit = Intervention(add_resid={add[0]: add[1]}) if add else None
+    return greedy_replies(model, tok, [p.ids for p in prompts], [p.answer for p in prompts],
+                          [p.text for p in prompts], stop_ids=stop_ids(tok, s), intervention=edit,
+                          batch_size=batch_size)
 
 
 def check_iv(model, tok, task, iv, layer, *, n=50, settings=None, generate=True, progress=True,
@@ -94,10 +87,9 @@ def check_iv(model, tok, task, iv, layer, *, n=50, settings=None, generate=True,
         if generate:
             form = dataclasses.replace(s, format="chat") if name.startswith("chat") else s
             reps = replies(model, tok, prompts, form, add, batch_size=s.batch_size)
-            res[name]["exact"] = sum(normalize_answer(r) == normalize_answer(ex.output)
-                                     for r, ex in zip(reps, examples)) / len(examples)
-            res[name]["contains"] = sum(reply_contains(r, ex.output) for r, ex in zip(reps, examples)) / len(examples)
-            res[name]["examples"] = [[ex.input, ex.output, r] for ex, r in list(zip(examples, reps))[:3]]
+            res[name]["exact"] = sum(reps["exact_match"]) / len(examples)
+            res[name]["contains"] = sum(reps["reply_contains"]) / len(examples)
+            res[name]["examples"] = [[ex.input, ex.output, r] for ex, r in zip(examples[:3], reps["text"])]
     for metric, key in (("logprob", "logprob"), ("accuracy", "top1")):
         c, k, v = (raw[x][key].float() for x in ("clean", "corrupted", "iv"))
         res[f"restored_{metric}"], res[f"gap_{metric}"] = gap_or_none(c, k, v)

@@ -29,6 +29,9 @@ import unicodedata
 MAX_LABELS = 10          # a task with at most this many distinct outputs ranks all of them
 N_DISTRACTORS = 9        # otherwise: gold + this many outputs of other examples (see choice_candidates)
 QUOTES = "\"'`*“”‘’"   # stripped around an answer by normalize_answer
+# reply_contains: the greedy reply's budget. A chat model answers in a sentence ("The capital of
+# Peru is Lima."); 32 tokens hold one, and decoding stops as soon as the answer has appeared.
+REPLY_TOKENS = 32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +153,51 @@ def reply_contains(reply: str, gold: str, final: bool = True) -> bool:
     first = re.escape(g[0].lower()) + "|" + re.escape(g[0].upper())
     end = r"(?!\w)" if final else r"(?=\W)"
     return re.search(r"(?<!\w)(?:" + first + ")" + re.escape(g[1:]) + end, reply) is not None
+
+
+def reply_budgets(golds, metrics) -> tuple[int, int]:
+    """(exact match's, reply_contains's) token budgets, 0 for a metric not in `metrics`. One greedy
+    reply serves both (greedy decoding is deterministic, so exact match's reply is the first tokens of
+    reply_contains's). exact_match: room for the longest gold answer and its end token (a model that
+    goes on past the gold shows at least one extra token, so a truncated ramble does not match,
+    unless that token is one normalize_answer forgives: "cold." cut from "cold. It is ..." does);
+    reply_contains: REPLY_TOKENS, a sentence."""
+    em_budget = max(len(g) for g in golds) if "exact_match" in metrics else 0
+    rc_budget = REPLY_TOKENS if "reply_contains" in metrics else 0
+    return em_budget, rc_budget
+
+
+def reply_text(tok, tokens, stop_ids, budget: int) -> str:
+    """A greedy reply as text: its first `budget` tokens, up to (not including) the first stop token."""
+    head = list(tokens[:budget])
+    end = next((k for k, t in enumerate(head) if t in stop_ids), len(head))
+    return tok.decode(head[:end])
+
+
+def verdict_open(tok, golds_text, stop_ids, em_budget: int, rc_budget: int):
+    """alive(i, tokens) for engine.run_prompts: row i decodes on while either metric's verdict is
+    open: exact match until the reply can no longer match its gold golds_text[i] (a rambling "The
+    opposite of hot is ..." would otherwise run the whole budget), reply_contains until the answer
+    has appeared."""
+    def alive(i, toks):
+        text = tok.decode([t for t in toks if t not in stop_ids])
+        return ((len(toks) < em_budget and may_still_match(text, golds_text[i]))
+                or (len(toks) < rc_budget and not reply_contains(text, golds_text[i], final=False)))
+    return alive
+
+
+def reply_verdicts(tok, golds_text, replies, stop_ids, em_budget: int, rc_budget: int) -> dict:
+    """Per example, 1.0 or 0.0 under exact_match and reply_contains (those with a budget), from the
+    greedy replies (token lists, decoded under verdict_open); "text": each reply as decoded, which
+    ends once both verdicts are settled."""
+    out = {"text": [reply_text(tok, g, stop_ids, max(em_budget, rc_budget)) for g in replies]}
+    if em_budget:
+        out["exact_match"] = [float(normalize_answer(reply_text(tok, g, stop_ids, em_budget))
+                                    == normalize_answer(x)) for g, x in zip(replies, golds_text)]
+    if rc_budget:
+        out["reply_contains"] = [float(reply_contains(reply_text(tok, g, stop_ids, rc_budget), x))
+                                 for g, x in zip(replies, golds_text)]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ivft import engine
+from model import Intervention
 from toys import TOK, V, naive_score, tiny_model
 
 
@@ -128,6 +129,66 @@ def test_shared_decoder_pools_prompt_groups_exactly():
                                progress=False, decoder=dec)[1] for ps in groups]
         dec.finish()
         assert [[engine.cut_at_stop(x, stop) for x in gs] for gs in gens] == want, bs
+
+
+# ---- an intervention at every prompt's last token (the IV of the check and the study) -------------------
+
+def iv_edit(model, layer=1, scale=1.0, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    return Intervention(add_resid={layer: 3 * torch.randn(model.config.hidden_size, generator=g)}, scale=scale)
+
+
+@pytest.mark.parametrize("odd_one", [True, False])
+def test_intervention_acts_at_each_prompts_last_token(odd_one):
+    # replies and scores with the IV equal a plain per-example loop that adds it at the last prompt
+    # token, with and without a shared prefix (the IV's column is then counted past the prefix)
+    model = tiny_model(seed=7)
+    prompts, conts = random_pairs(seed=8, odd_one=odd_one)
+    uniq = [list(p) for p in dict.fromkeys(map(tuple, prompts))]
+    stop = {5, 9}
+    edit = iv_edit(model)
+
+    def at_last(p):
+        return Intervention(pos=torch.tensor([len(p) - 1]), add_resid=edit.add_resid)
+
+    got = engine.greedy_generate(model, uniq, 6, stop_ids=stop, batch_size=3, intervention=edit)
+    want = [engine.cut_at_stop(model.generate(torch.tensor([p]), 6, stop_ids=stop,
+                                              intervention=at_last(p))[0].tolist(), stop) for p in uniq]
+    assert got == want
+    assert got != engine.greedy_generate(model, uniq, 6, stop_ids=stop, batch_size=3)   # the IV acts
+    scores, _ = engine.run_prompts(model, prompts, [[c] for c in conts], batch_size=3, progress=False,
+                                   intervention=edit)
+    for p, c, (s,) in zip(prompts, conts, scores):
+        with torch.no_grad():
+            logp = model(torch.tensor([p + c]), intervention=at_last(p)).float().log_softmax(-1)[0]
+        ref = sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(c))
+        assert s == pytest.approx(ref, abs=1e-5), f"prompt {p}: ours {s}, per-example loop {ref}"
+
+
+def test_intervention_at_scale_zero_equals_none():
+    # the same scores and replies, bit for bit, and through the gold-guided decoding of greedy_replies
+    model = tiny_model(seed=12)
+    prompts = [[7, 8] + [9 + i, 20 + 3 * i] for i in range(8)]
+    golds = [[10 + i, 2] for i in range(8)]
+    kw = dict(max_new_tokens=6, stop_ids=TOK.stop_ids(), batch_size=3, progress=False)
+    none = engine.run_prompts(model, prompts, [[g] for g in golds], **kw)
+    zero = engine.run_prompts(model, prompts, [[g] for g in golds], intervention=iv_edit(model, scale=0.0),
+                              **kw)
+    assert zero == none
+    one = engine.run_prompts(model, prompts, [[g] for g in golds], intervention=iv_edit(model), **kw)
+    assert one[0] != none[0]
+    texts = [TOK.decode(g[:-1]) for g in golds]
+    assert engine.greedy_replies(model, TOK, prompts, golds, texts, intervention=iv_edit(model, scale=0.0)) \
+        == engine.greedy_replies(model, TOK, prompts, golds, texts)
+
+
+def test_intervention_that_cannot_follow_the_batches_is_refused():
+    model = tiny_model()
+    for bad in (Intervention(pos=torch.tensor([1]), add_resid={0: torch.zeros(32)}),
+                Intervention(record_resid=(0,)), Intervention(add_resid={0: torch.zeros(2, 32)}),
+                Intervention(add_resid={0: torch.zeros(32)}, scale=torch.ones(2))):
+        with pytest.raises(ValueError, match="last token"):
+            engine.run_prompts(model, [[5, 6]], [[[7]]], progress=False, intervention=bad)
 
 
 # ---- bad input ------------------------------------------------------------------------------------
