@@ -28,7 +28,12 @@ import unicodedata
 
 MAX_LABELS = 10          # a task with at most this many distinct outputs ranks all of them
 N_DISTRACTORS = 9        # otherwise: gold + this many outputs of other examples (see choice_candidates)
-QUOTES = "\"'`*“”‘’"   # stripped around an answer by normalize_answer
+QUOTES = "\"'`*“”‘’「」『』"   # stripped around an answer by normalize_answer (「」『』: Chinese, Japanese)
+END_PUNCT = ".!?。"        # sentence ends dropped after it (。 the ideographic full stop; NFKC maps ！？ to !?)
+# Scripts written without spaces between words (Thai, kana, CJK ideographs): a word's edge there is
+# not a letter next to a non-letter, so reply_contains looks for no boundary beside them.
+UNSPACED = "\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+SPACED_LETTER = rf"[^\W{UNSPACED}]"      # a word character of a script that separates words by spaces
 # reply_contains: the greedy reply's budget. A chat model answers in a sentence ("The capital of
 # Peru is Lima."); 32 tokens hold one, and decoding stops as soon as the answer has appeared.
 REPLY_TOKENS = 32
@@ -106,7 +111,7 @@ def knowledge_ids(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
 
 def normalize_answer(text: str) -> str:
     """Exact-match normalisation: forgive presentation, keep format. NFKC; collapse whitespace; drop
-    surrounding quotes, backticks and markdown stars and trailing sentence punctuation (. ! ?); lower
+    surrounding quotes, backticks and markdown stars and trailing sentence punctuation (. ! ? 。); lower
     the first character (a chat reply capitalises its first word: "Cold." = "cold").
     Deliberately not SQuAD's normalisation (lower case, no punctuation, no articles): the training
     tasks test the form of the answer ("TREE MORNING", "Young, Victor", "m-u-s-i-c", "1987-03-18"),
@@ -115,7 +120,7 @@ def normalize_answer(text: str) -> str:
     prev = None
     while prev != text:  # peel '"cold."' and 'cold."' alike, in any nesting
         prev = text
-        text = text.strip(QUOTES).rstrip(".!?").strip()
+        text = text.strip(QUOTES).rstrip(END_PUNCT).strip()
     return text[:1].lower() + text[1:]
 
 
@@ -133,7 +138,7 @@ def may_still_match(partial: str, gold: str) -> bool:
     if len(t) <= len(target):
         return target.startswith(t)
     # past the gold's length only the characters normalize_answer strips at the end may follow
-    return t.startswith(target) and all(c in QUOTES + ".!? " for c in t[len(target):])
+    return t.startswith(target) and all(c in QUOTES + END_PUNCT + " " for c in t[len(target):])
 
 
 def reply_contains(reply: str, gold: str, final: bool = True) -> bool:
@@ -151,8 +156,14 @@ def reply_contains(reply: str, gold: str, final: bool = True) -> bool:
         return False
     reply = " ".join(unicodedata.normalize("NFKC", reply).split())
     first = re.escape(g[0].lower()) + "|" + re.escape(g[0].upper())
-    end = r"(?!\w)" if final else r"(?=\W)"
-    return re.search(r"(?<!\w)(?:" + first + ")" + re.escape(g[1:]) + end, reply) is not None
+    # whole words: no letter of a spaced script on either side ("London" not in "Londoner"), none
+    # required beside a Chinese or Japanese character ("巴黎" in "首都是巴黎。", "apple" in "是apple")
+    start = "" if re.match(f"[{UNSPACED}]", g[0]) else f"(?<!{SPACED_LETTER})"
+    if re.match(f"[{UNSPACED}]", g[-1]):
+        end = ""
+    else:
+        end = f"(?!{SPACED_LETTER})" if final else rf"(?=[\W{UNSPACED}])"
+    return re.search(start + "(?:" + first + ")" + re.escape(g[1:]) + end, reply) is not None
 
 
 def reply_budgets(golds, metrics) -> tuple[int, int]:

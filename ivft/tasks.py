@@ -9,11 +9,16 @@ registry lives in data/tasks.json, written by data/make_tasks.py together with t
 
 User formats (each loader returns a Task; files without a split get a seeded random test fraction):
 - TRACE (Wang et al. 2023, github.com/BeyonderXX/TRACE): a folder with train.json / test.json
-  (eval.json ignored), each a JSON list of {"prompt", "answer"}; the prompt already holds the
-  instruction, so it becomes `instruction` and `input` stays empty.
+  (eval.json ignored), or one such file, each a JSON list of {"prompt", "answer"}. A prompt holds
+  the instruction and the input together; the leading lines that every prompt of the task shares
+  ("What is the monetary policy stance ...") are the instruction, the rest is the input, so the
+  prompt is unchanged (user_prompt joins them with the newline between) and the input alone is
+  what IV extraction's corrupted prompt keeps. Prompts that share no line: all input.
 - Super-NaturalInstructions (Wang et al. 2022): one task file, a JSON object with "Definition"
-  [str], "Positive Examples" [{"input", "output"}] and "Instances" [{"input", "output": [str, ...]}];
-  the first reference output is the target, the positive examples become `demos`.
+  (a string in older releases, a list of strings, joined by newlines, in newer ones), "Positive
+  Examples" [{"input", "output"}] and "Instances" [{"input", "output": [str, ...] or str}] (an "id"
+  per instance in newer releases, not used); the first reference output is the target, the
+  positive examples become `demos`.
 - Alpaca: a JSON list or JSONL of {"instruction", "input", "output"} (input may be missing/empty).
   The suite's own JSONL is this format plus the optional choices / knowledge_* fields.
 - Function vectors (Todd et al. 2023): a JSON list of {"input", "output"}, no instruction.
@@ -125,15 +130,24 @@ def load_task(name_or_path: str, test_fraction: float = 0.2, seed: int = 0) -> T
 
 def load_trace(path, test_fraction=0.2, seed=0) -> Task:
     def read(p):
-        return [Example(_text(r, "prompt", p, f"item {i}"), "", _text(r, "answer", p, f"item {i}", numbers_ok=True))
+        return [(_text(r, "prompt", p, f"item {i}"), _text(r, "answer", p, f"item {i}", numbers_ok=True))
                 for i, r in enumerate(_read_json_list(p))]
     if os.path.isdir(path):
         for split in ("train.json", "test.json"):
             if not os.path.exists(os.path.join(path, split)):
                 raise TaskError(f"{path}: a TRACE folder needs train.json and test.json; {split} is missing")
-        train, test = read(os.path.join(path, "train.json")), read(os.path.join(path, "test.json"))
+        splits = [read(os.path.join(path, "train.json")), read(os.path.join(path, "test.json"))]
     else:
-        train, test = _split(read(path), path, test_fraction, seed)
+        splits = [read(path)]
+    # the instruction: the leading lines all prompts share (train and test alike), each prompt keeping
+    # a non-empty input of its own (an empty one would drop the newline before it from the prompt)
+    lines = [p.split("\n") for rows in splits for p, _ in rows]
+    k = min(len(x) for x in lines) - 1 if lines else 0
+    while k and any(x[:k] != lines[0][:k] or not "\n".join(x[k:]) for x in lines):
+        k -= 1
+    splits = [[Example("\n".join(p.split("\n")[:k]), "\n".join(p.split("\n")[k:]), a) for p, a in rows]
+              for rows in splits]
+    train, test = splits if len(splits) == 2 else _split(splits[0], path, test_fraction, seed)
     return _task(path, train, test)
 
 
@@ -142,7 +156,8 @@ def load_superni(path, test_fraction=0.2, seed=0) -> Task:
     if not isinstance(data, dict):
         raise TaskError(f"{path}: a SuperNI task file is a JSON object")
     definition = _field(data, "Definition", path)
-    definition = definition[0] if isinstance(definition, list) and definition else definition
+    if isinstance(definition, list) and definition and all(isinstance(d, str) for d in definition):
+        definition = "\n".join(definition)      # newer releases: a list (of one string, as a rule)
     if not isinstance(definition, str):
         raise TaskError(f"{path}: field 'Definition' must be a string or a list of strings")
     def ex(r, where):

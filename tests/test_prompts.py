@@ -115,3 +115,15 @@ def test_draw_shots_fixed_and_from_the_tasks_own_demos():
     # a real SuperNI task ships 2: k = 3 takes both and one train example
     three = P.draw_shots(task, 3, seed=3)
     assert len(three) == 3 and {"yy", "zz"} <= {ex.input for ex in three}
+
+
+def test_chinese_answers_are_judged_as_words_are():
+    # Chinese writes no spaces between words, so a gold needs no word boundary beside a Chinese
+    # character; its full stop 。 is forgiven as "." is; spaced scripts keep whole-word matching
+    assert P.reply_contains("法国的首都是巴黎。", "巴黎") and P.reply_contains("答案是apple。", "apple")
+    assert P.reply_contains("首都是巴黎", "巴黎", final=False)            # nothing can follow that undoes it
+    assert not P.reply_contains("首都是东京。", "巴黎")
+    assert not P.reply_contains("a pineapple", "apple") and not P.reply_contains("apples", "apple")
+    assert not P.reply_contains("is London", "London", final=False)        # it may still become "Londoner"
+    assert P.normalize_answer("巴黎。") == P.normalize_answer("「巴黎」") == "巴黎"
+    assert P.may_still_match("巴黎。", "巴黎") and not P.may_still_match("巴黎人", "巴黎")

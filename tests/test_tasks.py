@@ -26,18 +26,34 @@ def test_trace_folder(tmp_path):
     write(tmp_path / "eval.json", [{"prompt": "ignored", "answer": "C"}])
     t = tasks.load_task(str(tmp_path))
     assert (len(t.train), len(t.test)) == (3, 1)
-    assert t.test[0] == Example("Classify: bad movie", "", "B")
+    assert t.test[0] == Example("", "Classify: bad movie", "B")     # one-line prompts share no line
     assert tasks.user_prompt(t.test[0]) == "Classify: bad movie"
+
+
+def test_trace_prompts_split_into_their_shared_instruction_and_input(tmp_path):
+    # the leading lines every prompt shares, train and test alike, are the instruction; the prompt
+    # itself is unchanged, and the input alone is what IV extraction's corrupted prompt keeps
+    head = "What is the stance of the text? Answer A, B or C.\nBe brief."
+    rows = [{"prompt": f"{head}\nText: {t}\nStance:", "answer": a} for t, a in (("up", "A"), ("down", "B"))]
+    write(tmp_path / "train.json", rows)
+    write(tmp_path / "test.json", [{"prompt": f"{head}\nText: flat\nStance:", "answer": "C"}])
+    t = tasks.load_task(str(tmp_path))
+    assert t.test[0] == Example(head, "Text: flat\nStance:", "C")
+    assert [tasks.user_prompt(e) for e in t.train] == [r["prompt"] for r in rows]
+    # every prompt keeps an input of its own: identical prompts are all input, a final newline stays
+    for prompt in ("Say A.", "Say A.\n"):
+        p = write(tmp_path / "same.json", [{"prompt": prompt, "answer": "A"}] * 3)
+        assert {(e.instruction, e.input) for e in tasks.load_task(p).train} == {("", prompt)}
 
 
 def test_trace_file_is_split_by_seed(tmp_path):
     p = write(tmp_path / "t.json", [{"prompt": f"q{i}", "answer": f"a{i}"} for i in range(10)])
     a, b = tasks.load_trace(p, test_fraction=0.3, seed=1), tasks.load_trace(p, test_fraction=0.3, seed=1)
     assert len(a.test) == 3 and len(a.train) == 7
-    assert [e.instruction for e in a.test] == [e.instruction for e in b.test]
-    assert not {e.instruction for e in a.test} & {e.instruction for e in a.train}
+    assert [e.input for e in a.test] == [e.input for e in b.test]
+    assert not {e.input for e in a.test} & {e.input for e in a.train}
     c = tasks.load_trace(p, test_fraction=0.3, seed=2)
-    assert [e.instruction for e in c.test] != [e.instruction for e in a.test]
+    assert [e.input for e in c.test] != [e.input for e in a.test]
 
 
 def superni(n=6):
