@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
@@ -284,51 +285,91 @@ def cl_metrics(reports: list, train_tasks: list, general_tasks: list = ()) -> di
 # One stage of a continual-learning sequence (train.py): the training tasks zero-shot, the general
 # suite zero-shot (GP) and k-shot (IP), each with what its scores need
 
-def stage_metrics(task, general: bool, cfg) -> tuple:
+def add_stage_flags(p: argparse.ArgumentParser):
+    """train.py's flags of the evaluation after every stage (read into StageEval)."""
+    g = p.add_argument_group("evaluation after every stage").add_argument
+    g("--eval_n", type=int, default=None, help="test examples per task and stage; 0 = no evaluation")
+    g("--eval_k_shot", type=int, default=None, help="demonstrations of the general suite's k-shot (IP) score")
+    g("--eval_batch", type=int, default=BATCH_SIZE, help="prompts per forward pass and rows per decoding "
+      "step (lower it for big models)")
+    g("--stage0_cache", default=None, metavar="PATH", help="reuse the original model's evaluation from this "
+      "JSON file when weights, task data and evaluation flags match (else written there)")
+    g("--eval_metrics", default="needed", choices=["needed", "all"], help="needed: each task's primary score "
+      "(+ k-shot for the general suite) and the instruction/knowledge log-probs; all: every metric")
+
+
+@dataclass(frozen=True)
+class StageEval:
+    """How train.py evaluates a stage (its --eval_* flags)."""
+    n: int                     # test examples per task
+    k_shot: int                # demonstrations of the general suite's in-context (IP) scores; 0 = none
+    batch_size: int = BATCH_SIZE
+    metrics: str = "needed"    # "needed" (stage_metrics) or "all"
+
+
+def stage_metrics(task, general: bool, ev: StageEval) -> tuple:
     """What a stage report needs of one task (--eval_metrics needed): its primary score and the
     instruction log-prob; for the general suite also choice accuracy, the knowledge log-prob
     (docs/method.md §1: instruction vs knowledge) and the k-shot scores. 'all' = every metric."""
-    if cfg["eval_metrics"] == "all":
+    if ev.metrics == "all":
         return tuple(METRICS)
     primary = canonical_metric(task.metric)
     out = [primary, "instruction_logprob"]
     if general:
         out += ["choice_accuracy", "knowledge_logprob"]
-        if cfg["eval_k_shot"] > 0:
+        if ev.k_shot > 0:
             out += [primary + KSHOT_SUFFIX, "instruction_logprob" + KSHOT_SUFFIX]
     return tuple(dict.fromkeys(out))
 
 
-def stage_cache_key(model, train_tasks, general, cfg) -> dict:
-    """What the original model's report depends on: --stage0_cache reuses it only when all agree."""
-    from ivft.ivfile import weight_fingerprint
-    keys = ("model", "model_dtype", "eval_n", "eval_k_shot", "eval_metrics", "dtype", "device")
-    return {"cfg": {k: cfg[k] for k in keys}, "weights": weight_fingerprint(model),
-            "train_tasks": [t.name for t in train_tasks], "general": [t.name for t in general]}
+def stage_cache_key(model, train_tasks, general, ev: StageEval, amp_dtype) -> dict:
+    """What the original model's report depends on, by content: the weights and config, every task's
+    data (a file task named like a registry task, or an edited task file, is another key), the
+    evaluation settings and the compute dtype and device. --stage0_cache reuses a report only then."""
+    from ivft.ivfile import config_hash, task_fingerprint, weight_fingerprint
+    settings = {k: v for k, v in asdict(ev).items() if k != "batch_size"}   # speed only
+    return {"settings": settings, "dtype": str(amp_dtype), "device": model_device(model).type,
+            "weights": weight_fingerprint(model), "config": config_hash(model),
+            "train_tasks": [[t.name, task_fingerprint(t)] for t in train_tasks],
+            "general": [[t.name, task_fingerprint(t)] for t in general]}
 
 
-def evaluate_stage(model, tok, train_tasks, general, cfg, label: str, amp_dtype, cache=None,
+def read_stage_cache(path) -> dict | None:
+    """The --stage0_cache file's content, None when it does not exist yet; anything else that is not
+    such a file is a ValueError naming it (train.py calls this before it writes anything)."""
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        kind = "a directory" if os.path.isdir(path) else f"not a JSON file ({type(e).__name__})"
+        raise ValueError(f"--stage0_cache {path}: {kind}; give a JSON file path (written if absent)") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("report"), dict):
+        raise ValueError(f"--stage0_cache {path}: not a stage-0 cache (needs keys 'key' and 'report')")
+    return saved
+
+
+def evaluate_stage(model, tok, train_tasks, general, ev: StageEval, label: str, amp_dtype, cache=None,
                    write_cache: bool = True) -> dict:
     """One report for this stage. Tasks are grouped by the metrics they need (one evaluate_suite
     call per group): greedy decoding for a likelihood-scored task would only cost time. cache: a
     JSON file holding an earlier identical evaluation (reused when its key matches, else written
     when write_cache: one process of several writes it)."""
-    key = stage_cache_key(model, train_tasks, general, cfg) if cache else None
-    if cache and os.path.exists(cache):
-        with open(cache, encoding="utf-8") as f:
-            saved = json.load(f)
-        if saved.get("key") == key:
-            return saved["report"]
+    key = stage_cache_key(model, train_tasks, general, ev, amp_dtype) if cache else None
+    saved = read_stage_cache(cache) if cache else None
+    if saved is not None and saved.get("key") == key:
+        return saved["report"]
     groups = {}
     for task in train_tasks:
-        groups.setdefault((stage_metrics(task, False, cfg), 0), []).append(task)
+        groups.setdefault((stage_metrics(task, False, ev), 0), []).append(task)
     for task in general:
-        groups.setdefault((stage_metrics(task, True, cfg), cfg["eval_k_shot"]), []).append(task)
+        groups.setdefault((stage_metrics(task, True, ev), ev.k_shot), []).append(task)
     dtype = "bfloat16" if amp_dtype == torch.bfloat16 else "float32"
     report = {"model": label, "tasks": {}, "primary": {}, "settings": {"seconds": 0.0, "groups": []}}
     for (metrics, k), tasks in groups.items():
-        r = evaluate_suite(model, tok, tasks, n=cfg["eval_n"], k_shot=k, metrics=metrics, dtype=dtype,
-                           batch_size=cfg["eval_batch"], model_name=label, progress=True)
+        r = evaluate_suite(model, tok, tasks, n=ev.n, k_shot=k, metrics=metrics, dtype=dtype,
+                           batch_size=ev.batch_size, model_name=label, progress=True)
         report["tasks"].update(r["tasks"])
         report["primary"].update(r["primary"])
         report["settings"]["seconds"] = round(report["settings"]["seconds"] + r["settings"]["seconds"], 1)

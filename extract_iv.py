@@ -53,10 +53,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ivft.ivcheck import SWEEP_MARGIN, check_iv, check_report, dev_accuracy, iv_advice, iv_verdict, restored
-from ivft.ivfile import cache_matches, iv_filename, iv_meta, model_tag, read_iv, save_iv
+from ivft.ivfile import cache_matches, check_iv_task, iv_filename, iv_meta, load_iv, model_tag, read_iv, save_iv
 from ivft.ivprompts import (Prompt, check_distinct, clean_prompts, corrupted_prompts, draw_examples,
                             load_task_by_name, mismatch_donor, pad_left, render, score_prompts, split_train)
-from ivft.ivsettings import CORRUPTIONS, EFFECTS, FORMATS, KINDS, METHODS, MIN_PROMPTS, ExtractError, Settings
+from ivft.ivsettings import (CORRUPTIONS, EFFECTS, FORMATS, KINDS, METHODS, MIN_PROMPTS, ExtractError, Settings,
+                             check_layer)
 from ivft.report import format_check, format_sweep, plot_sweep, save_report
 from model import Intervention, KVCache
 
@@ -433,21 +434,53 @@ def get_iv(model, tok, task, cache_path=None, *, model_id: str | None = None, pr
            **settings) -> dict:
     """The IV for `task` (a name or a tasks.Task): loaded from cache_path when that file was made
     from these very weights, the same task data and the same settings, else extracted and saved
-    there. cache_path None: ivs/<model_id>/<iv_filename(task)>."""
+    there. cache_path None: ivs/<model_id>/<iv_filename(task)>. A heads IV cached for one layer
+    serves every layer (Settings.key): r["layer"] is then the layer asked for."""
     task = load_task_by_name(task) if isinstance(task, str) else task
-    key = Settings(**settings).resolve(model).key()         # as extract_iv writes it
+    s = Settings(**settings).resolve(model)
     path = Path(cache_path) if cache_path is not None else Path("ivs") / (model_id or "model") / iv_filename(task)
     if path.is_file():
         try:
             r = read_iv(path)
-            if cache_matches(r["meta"], task, key, model):
+            if cache_matches(r["meta"], task, s.key(), model):
                 r["reused"] = True
+                r["layer"] = s.layer if s.layer != "auto" else r["layer"]
                 return r
-        except ExtractError:
-            pass  # a damaged cache file is simply rebuilt
+        except ExtractError as e:     # a damaged cache file is rebuilt, and said so
+            print(f"note: {e}; extracting it again", file=sys.stderr)
     r = extract_iv(model, tok, task, model_id=model_id, progress=progress, **settings)
     save_iv(r, path)
     return r
+
+
+def training_ivs(model, tok, tasks, *, iv_dir, model_id: str, files: dict | None = None, layer: int | None = None,
+                 progress=True, **settings) -> dict:
+    """train.py's IVs: -> {task name: (iv (C,), injection layer, meta)} for every training task, from
+    the model before any training: cached under iv_dir/<model_id>/ (get_iv), or files[task name]
+    (--iv_file). layer: where the IVs are added (None = each IV's own): a use-time choice, checked
+    here, that never changes which IV is extracted."""
+    files = files or {}
+    if unknown := sorted(set(files) - {t.name for t in tasks}):
+        raise ExtractError(f"--iv_file names tasks not in the sequence: {unknown}")
+    out = {}
+    for task in tasks:
+        where = files.get(task.name, f"IV of task {task.name!r}")
+        try:
+            if task.name in files:
+                iv, own_layer, meta = load_iv(files[task.name], model)
+                check_iv_task(meta, task, files[task.name])
+            else:
+                r = get_iv(model, tok, task, Path(iv_dir) / model_id / iv_filename(task), model_id=model_id,
+                           progress=progress, **settings)
+                iv, own_layer, meta = r["iv"], r["layer"], r.get("meta", {})
+        except (ValueError, KeyError, OSError) as e:
+            msg = str(e.args[0] if e.args else e)
+            raise ExtractError(msg if where in msg else f"{where}: {msg}") from None
+        use = check_layer(int(own_layer) if layer is None else layer, model.n_layers, "IV layer")
+        if tuple(iv.shape) != (model.config.hidden_size,):
+            raise ExtractError(f"{where}: shape {tuple(iv.shape)}, the model needs ({model.config.hidden_size},)")
+        out[task.name] = (iv.detach().float().cpu(), use, meta)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

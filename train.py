@@ -1,33 +1,24 @@
 """
 Continual instruction tuning, plain or guided by instruction vectors (IVs).
 
-Tasks T_1..T_n are fine-tuned one after another; after every task the model is evaluated on every
-training task and on a general-ability suite, and the continual-learning metrics of docs/method.md §5
-(AP, BWT, FWT, GP/IP drop) are written to out_dir/results.json.
+Tasks T_1..T_n are fine-tuned one after another; after each, every training task and a general-ability
+suite are evaluated, and the continual-learning metrics of docs/method.md §5 go to out_dir/results.json.
 
-IV-guided training (docs/method.md §4; the IV paper is Jiang et al., arXiv 2406.12227), per training
-task T_j with instruction vector θ_j extracted from the model *before any training*:
-  1. progressive intervention: α_t·θ_j is added to the residual stream after layer ℓ at the last
-     prompt token (per row) of the model being trained, α_t falling linearly from α_0 to 0 over the
-     task's optimizer steps, so the last steps (and inference) run without the IV;
-  2. L = CE(answer tokens) + λ·KL(P_θ ‖ P_ref+IV) at temperature τ, where P_ref+IV is the frozen
-     reference model (the original, or the previous stage's) with θ_j added at ℓ.
+IV-guided training (docs/method.md §4; Jiang et al., arXiv 2406.12227), per task T_j with the
+instruction vector θ_j extracted from the model *before any training*:
+  1. progressive intervention: α_t·θ_j is added to the residual stream after block ℓ at each row's
+     last prompt token, α_t falling linearly from α_0 to 0 over the task's steps (inference: no IV);
+  2. L = CE(answer tokens) + λ·KL(P_θ ‖ P_ref+IV) at temperature τ, P_ref+IV = the frozen reference
+     (the original, or the previous stage's: ivft/reference.py) with θ_j added after block ℓ.
 Baselines and the sibling code's loss are presets (--preset; ivft/config.py).
 
-Usage:
-    python train.py                     # plain sequential fine-tuning of the embedded SmolLM2-135M
-    python train.py --guided            # the same with IV guidance (--quick: a few minutes)
+    python train.py --guided --quick    # a few minutes; drop --guided for plain fine-tuning
     python train.py --preset fvg --regime lora   # the sibling code's loss in its LoRA regime
     python train.py --guided --resume   # continue an interrupted run in the same out_dir
     torchrun --nproc_per_node 4 train.py --guided --model path/to/hf_dir   # DDP (add --fsdp to shard)
 
-out_dir gets train_config.json, log.txt, results.json ({config, stages: a report per stage, stage 0 =
-the original model, metrics, cl}), stage-j/ and last/ (checkpoints: ivft/checkpoint.py).
-
-The file reads top to bottom: flags → the method (α schedule, IV intervention, loss) → train():
-data, model, reference and IVs → for each task: for each step: loss → step → log → evaluate →
-save. What is not the method is one call into the `ivft` package.
-
+Reads top to bottom: flags → the method (schedules, IV intervention, loss) → train(): data, model,
+IVs → per task: per step: loss → step → log; evaluate → save. The rest is one call into `ivft`.
 Shapes: B rows, T tokens, C d_model, V vocab, N answer tokens in a batch (legend of model.py).
 """
 from __future__ import annotations
@@ -38,7 +29,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -50,13 +41,17 @@ import evaluate
 import extract_iv
 from ivft import checkpoint as ckpt
 from ivft import lora
-from ivft.config import (METHOD_PRESETS, REGIME_PRESETS, HelpFormatter, add_iv_flags, add_run_flags, check_launch,
+from ivft.config import (METHOD_PRESETS, REGIME_PRESETS, HelpFormatter, add_run_flags, check_launch,
                          needs_reference, resolve_config, uses_iv)
-from ivft.data import collate, encode_task, load_task_list, lr_at, stage_pool, step_counts, step_micro_batches, steps_for
-from ivft.dist import all_reduce_floats, all_reduce_sum, barrier, resolve_amp, setup_distributed, wrap_for_parallel
+from ivft.data import (collate, encode_task, load_task_list, stage_pool, step_counts, step_micro_batches,
+                       steps_for)
+from ivft.dist import (all_reduce_floats, all_reduce_sum, barrier, resolve_amp, setup_distributed,
+                       wrap_for_parallel)
 from ivft.engine import autocast, lm_head_fp32
-from ivft.ivfile import training_ivs, union_of_top_heads
-from ivft.runtime import Diverged, Logger, StopFlag, TrainError, run_cli, write_json
+from ivft.files import RunLock
+from ivft.ivfile import model_tag, union_of_top_heads
+from ivft.reference import needs_original_copy, pick_reference
+from ivft.runtime import Diverged, Logger, StopFlag, TrainError, code_version, run_cli, write_json
 from model import Intervention, Transformer
 
 # ---------------------------------------------------------------------------------------------
@@ -67,86 +62,85 @@ from model import Intervention, Transformer
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("presets").add_argument
-    g("--preset", default=None, choices=list(METHOD_PRESETS), help="the method (default plain): plain, replay "
-      "(--replay 0.25), lwf (KL to the original, no IV), iv_only, guided, fvg (the FvForgetting code's loss)")
-    g("--guided", action="store_true", help="--preset guided: --iv_alpha0 1, --kl_weight 1, --kl_iv (docs/method.md §4)")
+    g("--preset", default=None, choices=list(METHOD_PRESETS), help="the method (default plain): plain, "
+      "replay, lwf (KL to the original, no IV), iv_only, guided, fvg (the FvForgetting code's loss); "
+      "each flag's help says what the presets set")
+    g("--guided", action="store_true",
+      help="--preset guided: progressive IV + KL to the reference with the IV (docs/method.md §4)")
     g("--regime", default="full", choices=list(REGIME_PRESETS), help="full fine-tuning, or lora: the sibling "
-      "code's LoRA (r 8, α 16, q_proj/v_proj, merged after every task, constant lr); ivft/config.py")
-    g("--quick", action="store_true", help="a run of a few minutes: few training/eval examples, one short epoch per task")
+      "code's LoRA (merged after every task, constant lr)")
+    g("--quick", action="store_true", help="a run of a few minutes: few examples and steps per task")
 
     g = p.add_argument_group("model").add_argument
     g("--model", default=None, help="HF directory or .gguf file; default: the embedded SmolLM2-135M-Instruct")
     g("--model_dtype", default="fp32", choices=["fp32", "bf16"],
       help="storage dtype of the weights; bf16 only makes sense for a frozen LoRA base")
-    g("--lora_r", type=int, default=None, help="LoRA rank; 0 = full fine-tuning (default 0; 8 under --regime lora)")
-    g("--lora_alpha", type=float, default=None, help="LoRA scale numerator (scale = alpha/r) (default 16)")
-    g("--lora_dropout", type=float, default=None, help="dropout on the LoRA input (default 0.1)")
-    g("--lora_targets", default=None,
-      help=f"comma-separated linear layers to adapt ({','.join(lora.KNOWN_TARGETS)}) (default q_proj,v_proj)")
-    g("--lora_merge", action=argparse.BooleanOptionalAction, default=None,
-      help="merge the adapters into the weights after every task and start fresh ones (as the sibling "
-      "code does); --no-lora_merge keeps one adapter for all tasks")
+    g("--lora_r", type=int, default=None, help="LoRA rank; 0 = full fine-tuning")
+    g("--lora_alpha", type=float, default=None, help="LoRA scale numerator (scale = alpha/r)")
+    g("--lora_dropout", type=float, default=None, help="dropout on the LoRA input")
+    g("--lora_targets", default=None, help=f"linear layers to adapt ({','.join(lora.KNOWN_TARGETS)})")
+    g("--lora_merge", action=argparse.BooleanOptionalAction, default=None, help="merge the adapters after "
+      "every task and start fresh ones (as the sibling code); --no-lora_merge: one adapter for all tasks")
 
     g = p.add_argument_group("data").add_argument
     g("--tasks", default=None, help="comma-separated training sequence: registry names or task files in any "
       "format tasks.load_task reads (default: tasks.default_sequence())")
-    g("--general", default=None, help="comma-separated general-ability suite, or 'none' (default: tasks.general_suite())")
-    g("--max_train", type=int, default=None, help="at most this many training examples per task (default 320; 24 under --quick)")
-    g("--max_len", type=int, default=256, help="longest training sequence in tokens; longer prompts lose their start")
-    g("--replay", type=float, default=None, help="mix in FRACTION x (task size) examples drawn from the earlier "
-      "tasks (default 0; 0.25 under --preset replay)")
+    g("--general", default=None,
+      help="comma-separated general-ability suite, or 'none' (default: tasks.general_suite())")
+    g("--max_train", type=int, default=None, help="at most this many training examples per task")
+    g("--max_len", type=int, default=256, help="longest training sequence; longer prompts lose their start")
+    g("--replay", type=float, default=None, help="add FRACTION x (task size) examples of the earlier tasks")
 
     g = p.add_argument_group("optimisation").add_argument
-    g("--epochs", type=float, default=None, help="epochs per task, fractions allowed (default 1)")
-    g("--max_steps", type=int, default=0, help="optimizer steps per task; overrides --epochs")
-    g("--batch_size", type=int, default=None, help="examples per optimizer step, all ranks together (default 8)")
-    g("--micro_batch", type=int, default=None, help="examples per forward pass per rank (default 8); "
-      "batch_size / (micro_batch x ranks) = gradient accumulation steps")
-    g("--lr", type=float, default=None, help="peak learning rate (default 1e-4 full, as in the sibling code; 3e-4 LoRA)")
+    g("--epochs", type=float, default=None, help="epochs per task, fractions allowed")
+    g("--max_steps", type=int, default=None, help="optimizer steps per task, 0 = from --epochs")
+    g("--batch_size", type=int, default=None, help="examples per optimizer step, all ranks together")
+    g("--micro_batch", type=int, default=None, help="examples per forward pass per rank (default: the "
+      "largest divisor <= 8 of the batch per rank); batch_size / (micro_batch x ranks) = accumulation steps")
+    g("--lr", type=float, default=None, help="peak learning rate (3e-4 whenever --lora_r > 0)")
     g("--lr_schedule", default=None, choices=["cosine", "linear", "constant"],
-      help="decay after warmup, restarted for every task (default cosine; constant under --regime lora)")
+      help="decay after warmup, restarted for every task")
     g("--min_lr_ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
-    g("--warmup", type=float, default=None, help="warmup: a fraction of the task's steps if < 1, else a number of "
-      "steps (default 0.1; 0 under --regime lora)")
+    g("--warmup", type=float, default=None, help="warmup: a fraction of the task's steps if < 1, else steps")
     g("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     g("--betas", default="0.9,0.999", help="AdamW betas")
     g("--grad_clip", type=float, default=1.0, help="clip the gradient norm; 0 = off")
     g("--seed", type=int, default=0, help="seed of data order, replay sampling and LoRA init")
 
-    g = p.add_argument_group("guidance (docs/method.md §4; --preset sets their defaults: ivft/config.py)").add_argument
-    g("--iv_alpha0", type=float, default=None,
-      help="starting scale α_0 of the IV added in the trained model (default 0; 1 with --guided)")
-    g("--kl_weight", type=float, default=None,
-      help="λ of the KL term (default 0; 1 with --guided); without --guided, the KL-to-reference baseline")
+    g = p.add_argument_group("guidance (docs/method.md §4)").add_argument
+    g("--iv_alpha0", type=float, default=None, help="starting scale α_0 of the IV in the trained model")
+    g("--kl_weight", type=float, default=None, help="λ of the KL term; without an IV: the lwf baseline")
     g("--kl_iv", action=argparse.BooleanOptionalAction, default=None,
-      help="add the IV to the KL reference (default: with --guided); --no-kl_iv: the reference without the IV (ablation)")
+      help="add the IV to the KL reference; --no-kl_iv: the reference without the IV (ablation)")
     g("--alpha_schedule", default="linear", choices=["linear", "constant"],
       help="α_t over a task's steps: linear from α_0 to 0, or constant α_0 (ablation)")
-    g("--kl_temp", type=float, default=None, help="softmax temperature τ of both KL sides (default 2)")
+    g("--kl_temp", type=float, default=None, help="softmax temperature τ of both KL sides")
     g("--kl_positions", default=None, choices=["last", "answer"],
-      help="KL at the last prompt token, or at every answer position (default last)")
+      help="KL at the last prompt token, or at every answer position")
     g("--kl_ref", default=None, choices=["original", "previous"],
-      help="the frozen reference: the model before any training, or after the previous task (default original)")
-    g("--kl_min", type=float, default=None, help="count a KL only when above this (default 0 = always; fvg 0.1)")
+      help="the frozen reference: the model before any training, or after the previous task")
+    g("--kl_min", type=float, default=None, help="count a KL only when above this (0 = always)")
     g("--kl_gate", default=None, choices=["row", "batch"],
-      help="--kl_min applies to each row's KL, or to the micro-batch mean as in the sibling code (default row)")
+      help="--kl_min applies to each row's KL, or to the micro-batch mean as in the sibling code")
     g("--kl_all_weight", type=float, default=None,
-      help="weight of a second KL over every real position, prompt and answer (default 0 = off; fvg 0.1)")
+      help="weight of a second KL over every real position, prompt and answer (0 = off)")
     g("--head_mse_weight", type=float, default=None, help="weight of the sibling paper's MSE between the top "
-      "heads' z and the reference's (without the IV), summed over heads (default 0 = off; fvg 1)")
-    g("--head_mse_min", type=float, default=None, help="count a head's MSE only when above this (default 0; fvg 0.01)")
-    add_iv_flags(p)      # which IVs: --iv_layer, --iv_file, extraction settings (extract_iv.py's)
+      "heads' z and the reference's (without the IV), summed over heads (0 = off)")
+    g("--head_mse_min", type=float, default=None, help="count a head's MSE only when above this")
 
-    g = p.add_argument_group("evaluation").add_argument
-    g("--eval_n", type=int, default=None, help="test examples per task and stage (default 40; 5 under --quick); 0 = no evaluation")
-    g("--eval_k_shot", type=int, default=None, help="demonstrations for the in-context (IP) score of the general suite (default 3)")
-    g("--eval_batch", type=int, default=128, help="prompts per forward pass and rows per decoding step in "
-      "evaluation (evaluate.py's default; lower it for big models)")
-    g("--stage0_cache", default=None, metavar="PATH", help="reuse the original model's evaluation from this JSON "
-      "file when model, tasks and evaluation flags match (written there otherwise): runs of one study share it")
-    g("--eval_metrics", default="needed", choices=["needed", "all"], help="needed: each task's primary score "
-      "(+ k-shot for the general suite) and the instruction/knowledge log-probs; all: every metric of evaluate.py")
+    g = p.add_argument_group("instruction vectors (extracted and cached by extract_iv.py)").add_argument
+    g("--iv_layer", type=int, default=None, help="add the IVs after this block (0-based); default: each IV's "
+      "own (extract_iv.py's); any layer reuses the cached IV")
+    g("--iv_dir", default=None, help="IV cache: <iv_dir>/<model tag>/<task>.safetensors (<name>-<data "
+      "hash> for a task file), the layout extract_iv.py writes")
+    g("--iv_method", default="exact", choices=["exact", "attribution"], help="AIE computation")
+    g("--iv_n_clean", type=int, default=None, help="clean prompts averaged into the heads' mean z")
+    g("--iv_n_corrupt", type=int, default=None, help="corrupted prompts averaged into the AIE")
+    g("--iv_top_k", type=int, default=None, help="heads in the IV (default: extract_iv.py's)")
+    g("--iv_file", action="append", default=[], metavar="TASK=PATH",
+      help="use this IV file for TASK instead of extracting one (repeatable)")
 
+    evaluate.add_stage_flags(p)    # --eval_n, --eval_k_shot, ...: how each stage is evaluated
     add_run_flags(p)     # I/O (out_dir, resume, logging) and system (device, dtype, threads, DDP/FSDP)
     return p
 
@@ -162,6 +156,23 @@ def alpha_at(step: int, total: int, alpha0: float, schedule: str = "linear") -> 
     return alpha0 * (1.0 - step / (total - 1))
 
 
+def lr_at(step: int, total: int, peak: float, schedule: str = "cosine", warmup: float = 0.0,
+          min_lr_ratio: float = 0.1) -> float:
+    """Learning rate of step `step` of `total`, restarted for every task: linear warmup (a fraction of
+    the task's steps if < 1, else a number of steps), then cosine, linear or constant down to
+    min_lr_ratio x peak at the last step."""
+    warm = int(warmup * total) if warmup < 1 else int(warmup)
+    low = peak * min_lr_ratio
+    if step < warm:
+        return peak * (step + 1) / warm
+    if schedule == "constant" or total - warm <= 1:
+        return peak
+    progress = (step - warm) / (total - warm - 1)          # 0 at the first step after warmup, 1 at the last
+    if schedule == "linear":
+        return peak + (low - peak) * progress
+    return low + (peak - low) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def kl_per_row(logits, ref_logits, temp: float):
     """KL(P ‖ Q) per row, P = softmax(logits/τ) (trained), Q = softmax(ref_logits/τ). (..., V) -> (...)"""
     logp = F.log_softmax(logits.float() / temp, dim=-1)
@@ -171,12 +182,13 @@ def kl_per_row(logits, ref_logits, temp: float):
 
 @dataclass
 class Guidance:
-    """What the loss needs beyond the batch: set once per run, alpha updated every step."""
+    """What the loss needs beyond the batch. The fields named like train.py's flags are filled from
+    them (Guidance.from_flags); alpha is updated every step."""
     ivs: torch.Tensor | None = None        # (n_tasks, C) the IV of every training task
     layers: torch.Tensor | None = None     # (n_tasks,) injection layer per task
     alpha: float = 0.0                     # α_t of the current step
     train_iv: bool = False                 # add α·IV in the trained model
-    ref_iv: bool = False                   # add 1·IV in the reference
+    kl_iv: bool = False                    # add 1·IV in the reference
     kl_weight: float = 0.0
     kl_temp: float = 2.0
     kl_positions: str = "last"
@@ -186,6 +198,11 @@ class Guidance:
     head_mse_weight: float = 0.0
     head_mse_min: float = 0.0              # a head's MSE counts only above this
     heads: dict | None = None              # {layer: LongTensor of head indices} for the MSE term
+
+    @classmethod
+    def from_flags(cls, cfg: dict, **given):
+        flags = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg and f.name not in given}
+        return cls(**flags, **given)
 
 
 def add_iv(g: Guidance, batch: dict, scale, record_z=()) -> Intervention:
@@ -210,8 +227,9 @@ def gate(values, threshold: float, per: str, n_rows: int):
 
 
 class LossModule(nn.Module):
-    """forward(batch, norms) -> (scalar to backpropagate, detached parts for logging). One module
-    around the model, so that DDP/FSDP see the whole computation as one forward.
+    """forward(batch, norms) -> (weighted total to backpropagate, {term: weighted value, detached}).
+    One module around the model, so that DDP/FSDP see the whole computation as one forward. The log,
+    the divergence check and the reports iterate over the terms that come back.
 
     norms = (answer tokens, rows) of the whole optimizer step over all ranks: each micro-batch's sums
     are divided by them, so gradient accumulation and any number of DDP ranks give the same gradient
@@ -227,6 +245,55 @@ class LossModule(nn.Module):
     def set_reference(self, ref: Transformer | None):
         self._ref[0] = ref
 
+    def forward(self, batch, norms):
+        # The paper's loss: CE(answer) + λ·KL(P_θ ‖ P_ref+IV) with α_t·IV in the trained model
+        g, model = self.guidance, self.model
+        n_tok, n_rows, B = norms[0], norms[1], len(batch["idx"])
+        record = tuple(g.heads) if g.head_mse_weight > 0 else ()
+        edit = add_iv(g, batch, g.alpha, record) if g.train_iv else \
+            (Intervention(pos=batch["last"], record_z=record) if record else None)
+        h = model(batch["idx"], pad_mask=batch["pad_mask"], intervention=edit, return_hidden=True)
+        sel = batch["targets"] != -100                                      # (B, T) answer positions
+        # the LM head runs only where something is scored, in fp32 (ivft/engine.py says why)
+        logits = lm_head_fp32(model, h[sel])                                 # (N, V): no logits elsewhere
+        parts = {"ce": F.cross_entropy(logits, batch["targets"][sel], reduction="sum") / n_tok}
+        # the frozen reference's hidden states and heads' z: run once, by the first term that needs them
+        ref = functools.cache(lambda: self.reference(batch))
+        ref_head = functools.partial(lm_head_fp32, model if self._ref[0] is None else self._ref[0])
+        if g.kl_weight > 0:
+            ref_h = ref()[0]
+            if g.kl_positions == "last":     # the last prompt token predicts the first answer token
+                at = torch.arange(B), batch["last"]
+                kl = kl_per_row(lm_head_fp32(model, h[at]), ref_head(ref_h[at]), g.kl_temp)       # (B,)
+                kl = gate(kl, g.kl_min, g.kl_gate, B) / n_rows
+            else:
+                kl = gate(kl_per_row(logits, ref_head(ref_h[sel]), g.kl_temp), g.kl_min, g.kl_gate, B) / n_tok
+            parts["kl"] = g.kl_weight * kl
+        parts.update(self.sibling_terms(batch, h, ref, ref_head, edit, n_rows))
+        loss = sum(parts.values())
+        return loss * self.world, {k: v.detach() for k, v in parts.items()}
+
+    def sibling_terms(self, batch, h, ref, ref_head, edit, n_rows) -> dict:
+        """The FvForgetting code's extra terms (--preset fvg): a KL over every real position and the
+        MSE between the top heads' z and the reference's, each gated like its KL."""
+        g, model, B, out = self.guidance, self.model, len(batch["idx"]), {}
+        if g.kl_all_weight > 0:
+            real = batch["pad_mask"]                                                  # (B, T) real tokens
+            real = torch.ones_like(batch["targets"], dtype=torch.bool) if real is None else real
+            kl_pos = kl_per_row(lm_head_fp32(model, h[real]), ref_head(ref()[0][real]), g.kl_temp)  # (n,)
+            per_row = torch.zeros(B, device=kl_pos.device).index_add(0, real.nonzero()[:, 0], kl_pos)
+            out["kl_all"] = g.kl_all_weight * (gate(per_row, g.kl_min, g.kl_gate, B) / n_rows)
+        if g.head_mse_weight > 0:
+            mse = 0.0
+            for layer, heads in g.heads.items():
+                # z: (B, 1, H, D) at the last prompt token -> the top heads; per head the mean over D
+                diff = edit.z[layer][:, 0, heads].float() - ref()[1][layer][:, 0, heads].float()  # (B, k, D)
+                per_head = diff.pow(2).mean(-1)                                                  # (B, k)
+                gated = [gate(per_head[:, i], g.head_mse_min, "batch", B) for i in range(len(heads))]
+                mse = mse + sum(gated) / n_rows
+            out["mse"] = g.head_mse_weight * mse
+        return out
+
     @torch.no_grad()
     def reference(self, batch) -> tuple[torch.Tensor, dict]:
         """-> (hidden states (B, T, C) of the reference (+IV), its top heads' z without the IV)."""
@@ -241,55 +308,14 @@ class LossModule(nn.Module):
             T = int(batch["last"].max()) + 1
             idx, pad_mask = idx[:, :T], (pad_mask[:, :T] if pad_mask is not None else None)
         with ctx:
-            edit = add_iv(g, batch, 1.0) if g.ref_iv else Intervention(pos=batch["last"], record_z=record)
+            edit = add_iv(g, batch, 1.0) if g.kl_iv else Intervention(pos=batch["last"], record_z=record)
             h = ref(idx, pad_mask=pad_mask, intervention=edit, return_hidden=True)       # (B, T, C)
             z = edit.z
-            if record and g.ref_iv:   # the heads' z are compared with the reference's own, without the IV
+            if record and g.kl_iv:   # the heads' z are compared with the reference's own, without the IV
                 z = Intervention(pos=batch["last"], record_z=record)
                 ref(idx, pad_mask=pad_mask, intervention=z)
                 z = z.z
         return h, z
-
-    def forward(self, batch, norms):
-        g, model = self.guidance, self.model
-        n_tok, n_rows, B = norms[0], norms[1], len(batch["idx"])
-        record = tuple(g.heads) if g.head_mse_weight > 0 else ()
-        edit = add_iv(g, batch, g.alpha, record) if g.train_iv else \
-            (Intervention(pos=batch["last"], record_z=record) if record else None)
-        h = model(batch["idx"], pad_mask=batch["pad_mask"], intervention=edit, return_hidden=True)
-        sel = batch["targets"] != -100                                      # (B, T) answer positions
-        # the LM head runs only where something is scored, in fp32 (ivft/engine.py says why)
-        logits = lm_head_fp32(model, h[sel])                                 # (N, V): no logits elsewhere
-        loss = F.cross_entropy(logits, batch["targets"][sel], reduction="sum") / n_tok
-        parts = {"ce": loss.detach()}
-        if g.kl_weight > 0 or g.kl_all_weight > 0 or g.head_mse_weight > 0:
-            ref_h, ref_z = self.reference(batch)
-            ref_head = functools.partial(lm_head_fp32, model if self._ref[0] is None else self._ref[0])
-            rows = torch.arange(B)
-        if g.kl_weight > 0:
-            if g.kl_positions == "last":     # the last prompt token predicts the first answer token
-                kl = kl_per_row(lm_head_fp32(model, h[rows, batch["last"]]), ref_head(ref_h[rows, batch["last"]]), g.kl_temp)
-                kl = gate(kl, g.kl_min, g.kl_gate, B) / n_rows                                     # (B,) -> ()
-            else:
-                kl = gate(kl_per_row(logits, ref_head(ref_h[sel]), g.kl_temp), g.kl_min, g.kl_gate, B) / n_tok
-            loss = loss + g.kl_weight * kl
-            parts["kl"] = kl.detach()
-        if g.kl_all_weight > 0:
-            real = batch["pad_mask"] if batch["pad_mask"] is not None else torch.ones_like(sel)    # (B, T)
-            kl_pos = kl_per_row(lm_head_fp32(model, h[real]), ref_head(ref_h[real]), g.kl_temp)  # (n real,)
-            per_row = torch.zeros(B, device=kl_pos.device).index_add(0, real.nonzero()[:, 0], kl_pos)
-            kl_all = gate(per_row, g.kl_min, g.kl_gate, B) / n_rows
-            loss = loss + g.kl_all_weight * kl_all
-            parts["kl_all"] = kl_all.detach()
-        if g.head_mse_weight > 0:
-            mse = 0.0
-            for layer, heads in g.heads.items():
-                # z: (B, 1, H, D) at the last prompt token -> the top heads; per head the mean over D
-                per_head = (edit.z[layer][:, 0, heads].float() - ref_z[layer][:, 0, heads].float()).pow(2).mean(-1)  # (B, k)
-                mse = mse + sum(gate(per_head[:, i], g.head_mse_min, "batch", B) for i in range(len(heads))) / n_rows
-            loss = loss + g.head_mse_weight * mse
-            parts["mse"] = mse.detach()
-        return loss * self.world, parts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,55 +325,73 @@ def train(cfg: dict, step_callback=None) -> dict:
     """Run (or resume) the whole sequence. `step_callback(stage, step, model)` is called after every
     optimizer step (tests use it to interrupt or poison a run). Returns the results dict."""
     d = setup_distributed(cfg["device"])
-    if cfg["num_threads"]:
-        torch.set_num_threads(cfg["num_threads"])
+    check_launch(cfg, d.world)        # before the lock, which creates out_dir: is it writable at all?
+    # one writer per run folder: rank 0 holds out_dir/run.lock while it runs (a second train.py, or a
+    # study driver's orphan, is refused in one line); released and removed when train() ends
+    with RunLock(cfg["out_dir"], what=f"--out_dir {cfg['out_dir']}") if d.main else nullcontext():
+        # the git commit (+ a hash of uncommitted changes) it runs on: train_config.json, results.json
+        return run_sequence({**cfg, "code": code_version()}, d, step_callback)
+
+
+def run_sequence(cfg: dict, d, step_callback) -> dict:
+    torch.set_num_threads(cfg["num_threads"] or torch.get_num_threads())
     out_dir = Path(cfg["out_dir"])
 
     # ---- data, model, reference and IVs: everything is checked before anything is written ------
     train_tasks = load_task_list(cfg["tasks"], "default_sequence", "training")
     general = load_task_list(cfg["general"], "general_suite", "general")
-    check_launch(cfg, d.world)
-    amp_dtype = resolve_amp(cfg, d.device)
-    start = ckpt.find_resume(cfg, out_dir, len(train_tasks), d.main, d)
+    amp_dtype = resolve_amp(cfg["dtype"], d.device)
+    adapters = (cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"], tuple(cfg["lora_targets"].split(",")))
+    spec = lora.LoraSpec(*adapters, cfg["lora_merge"]) if cfg["lora_r"] > 0 else None
+    run = ckpt.RunFiles(out_dir, cfg, cfg["model"], cfg["fsdp"], spec)
+    stage_eval = evaluate.StageEval(cfg["eval_n"], cfg["eval_k_shot"], cfg["eval_batch"], cfg["eval_metrics"])
+    try:
+        evaluate.read_stage_cache(cfg["stage0_cache"])       # a bad file fails now, not after stage 0
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    start = ckpt.find_resume(run, len(train_tasks), cfg["resume"], cfg["overwrite"], d.main, d)
     if start["finished"] is not None:
         return start["finished"]
     state = start["state"]
-    model, tok = ckpt.load_base_model(cfg, d.device)
-    encoded = [encode_task(tok, t, i, cfg) for i, t in enumerate(train_tasks)]
-    # IVs come from the model before any training: extracted (or loaded) before the weights of a
-    # resumed run are restored
-    ivs = training_ivs(cfg, model, tok, train_tasks, extract_iv.get_iv) if uses_iv(cfg) else {}
+    model, tok = ckpt.load_base_model(cfg["model"], cfg["model_dtype"], d.device)
+    encoded = [encode_task(tok, t, i, cfg["max_len"], cfg["max_train"]) for i, t in enumerate(train_tasks)]
+    # IVs come from the model before any training: extracted (or loaded) before a resumed run's weights
+    ivs = {} if not uses_iv(cfg) else extract_iv.training_ivs(
+        model, tok, train_tasks, iv_dir=cfg["iv_dir"], model_id=model_tag(cfg["model"]),
+        layer=cfg["iv_layer"], files=dict(f.split("=", 1) for f in cfg["iv_file"]), method=cfg["iv_method"],
+        n_clean=cfg["iv_n_clean"], n_corrupt=cfg["iv_n_corrupt"], top_k=cfg["iv_top_k"])
     heads = union_of_top_heads(ivs) if cfg["head_mse_weight"] > 0 else None
     if cfg["head_mse_weight"] > 0 and not heads:
         raise TrainError("--head_mse_weight needs IVs whose metadata names their top heads")
-    original = ckpt.frozen_copy(model) if ckpt.needs_original_copy(cfg, len(train_tasks)) else None
+    keep_original = needs_reference(cfg) and needs_original_copy(cfg["kl_ref"], spec, len(train_tasks))
+    original = ckpt.frozen_copy(model) if keep_original else None
     if state is not None:
-        ckpt.restore_model(model, start["ckpt"], state, cfg, out_dir)
+        ckpt.restore_model(model, start["ckpt"], state, spec, out_dir)
 
     # ---- from here on we write --------------------------------------------------------------------
-    ckpt.start_out_dir(out_dir, cfg, clear=(cfg["overwrite"] and not cfg["resume"]) or start["early_death"], d=d)
-    log = Logger(out_dir, cfg, d.main)
+    ckpt.start_out_dir(run, clear=(cfg["overwrite"] and not cfg["resume"]) or start["early_death"], d=d)
+    log = Logger(out_dir, d.main, cfg["wandb_project"] if cfg["wandb"] else None, cfg)
     if d.main:
         log.config(cfg)
         for n, (v, l, _) in ivs.items():
             log.line(f"IV {n}: layer {l}, norm {v.norm():.3f}")
 
-    loss_module = LossModule(model, d.world, Guidance(
-        ivs=torch.stack([ivs[t.name][0] for t in train_tasks]).to(d.device) if ivs else None,          # (n_tasks, C)
-        layers=torch.tensor([ivs[t.name][1] for t in train_tasks], device=d.device) if ivs else None,  # (n_tasks,)
-        train_iv=bool(ivs) and (cfg["guided"] or cfg["iv_alpha0"] > 0), ref_iv=bool(ivs) and cfg["kl_iv"], heads=heads,
-        **{k: cfg[k] for k in ("kl_weight", "kl_temp", "kl_positions", "kl_min", "kl_gate", "kl_all_weight",
-                               "head_mse_weight", "head_mse_min")}))
+    per_task = [ivs[t.name] for t in train_tasks] if ivs else None
+    loss_module = LossModule(model, d.world, Guidance.from_flags(
+        cfg, ivs=torch.stack([v for v, _, _ in per_task]).to(d.device) if ivs else None,       # (n_tasks, C)
+        layers=torch.tensor([l for _, l, _ in per_task], device=d.device) if ivs else None,      # (n_tasks,)
+        train_iv=bool(ivs) and (cfg["guided"] or cfg["iv_alpha0"] > 0), kl_iv=bool(ivs) and cfg["kl_iv"],
+        heads=heads))
     results = {"config": cfg, "stages": [], "metrics": {}}
 
-    def evaluate_and_record(label: str):   # on rank 0; under FSDP every rank (each forward gathers all shards)
+    def evaluate_and_record(label: str):   # on rank 0; under FSDP every rank (each forward gathers shards)
         cache = cfg["stage0_cache"] if label.startswith("stage 0") else None
         if d.main or cfg["fsdp"]:
             try:
-                report = evaluate.evaluate_stage(model, tok, train_tasks, general, cfg, label, amp_dtype,
-                                                 cache=cache, write_cache=d.main)
+                report = evaluate.evaluate_stage(model, tok, train_tasks, general, stage_eval, label,
+                                                 amp_dtype, cache=cache, write_cache=d.main)
             except OSError as e:        # the --stage0_cache file could not be written
-                raise TrainError(str(e)) from None
+                raise TrainError(f"--stage0_cache {cache}: cannot write ({e.strerror or e})") from None
         if d.main:
             evaluate.record_stage(results, report, train_tasks, general)
             write_json(out_dir / "results.json", results)
@@ -372,28 +416,30 @@ def train(cfg: dict, step_callback=None) -> dict:
             continue
         # ---- adapters, reference and optimizer of this task ---------------------------------------
         if cfg["lora_r"] > 0 and not lora.has_lora(model):
-            lora.add_lora(model, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"].split(","))
+            lora.add_lora(model, spec.r, spec.alpha, spec.dropout, list(spec.targets))
         if needs_reference(cfg):
-            loss_module.set_reference(ckpt.pick_reference(j, original, cfg, out_dir, model.model.embed_tokens.weight))
+            loss_module.set_reference(pick_reference(j, original, cfg["kl_ref"], spec, out_dir,
+                                                     model.model.embed_tokens.weight))
         # wrapped first: FSDP replaces the parameters by sharded ones, which the optimizer must hold
-        wrapped = wrap_for_parallel(loss_module, cfg, d)
+        wrapped = wrap_for_parallel(loss_module, d, cfg["compile"], cfg["fsdp"])
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(float(x) for x in cfg["betas"].split(",")),
                                 weight_decay=cfg["weight_decay"])
         step = 0
         if state is not None and j == start_stage and start_step > 0:     # resuming mid-task
-            ckpt.load_optimizer(opt, state, cfg, loss_module)
+            ckpt.load_optimizer(opt, state, cfg["fsdp"], loss_module)
             ckpt.set_rng_state(state, d.rank)
             step = start_step
-        pool = stage_pool(encoded, j, cfg)
-        total = steps_for(len(pool), cfg)
+        pool = stage_pool(encoded, j, cfg["replay"], cfg["seed"])
+        total = steps_for(len(pool), cfg["batch_size"], cfg["epochs"], cfg["max_steps"])
         model.train()
 
         def save_last(at_step):
-            ckpt.save_mid_task(out_dir, model, tok, cfg, opt, loss_module, j, at_step, rng_boundary, results["stages"], d)
+            ckpt.save_mid_task(run, model, tok, opt, loss_module, j, at_step, rng_boundary,
+                               results["stages"], d)
 
-        bar = tqdm(total=total, initial=step, desc=f"task {j + 1}/{len(train_tasks)} {task.name}",
-                   disable=not d.main, dynamic_ncols=True)
+        where = f"task {j + 1}/{len(train_tasks)} {task.name}"
+        bar = tqdm(total=total, initial=step, desc=where, disable=not d.main, dynamic_ncols=True)
         rng_boundary = ckpt.rng_state()          # the RNG as it was after the last completed step
         t_log, tok_log, in_update = time.time(), 0, False
         try:
@@ -401,13 +447,16 @@ def train(cfg: dict, step_callback=None) -> dict:
                 while step < total:
                     # ---- one optimizer step: micro-batches -> loss -> backward -> clip -> update ------
                     t0 = time.time()
-                    micro = [collate(c, tok.pad_id, d.device) for c in step_micro_batches(pool, step, cfg, j, d.rank, d.world)]
+                    micro = [collate(c, tok.pad_id, d.device) for c in step_micro_batches(
+                        pool, step, j, batch_size=cfg["batch_size"], micro_batch=cfg["micro_batch"],
+                        seed=cfg["seed"], rank=d.rank, world=d.world)]
                     # normalisers of the whole step over all ranks (see LossModule)
                     n_ans, n_rows, n_seen = all_reduce_sum(step_counts(micro, d.device), d).tolist()
                     # as a tensor, not floats: torch.compile would specialise on every new value
                     norms = torch.tensor([n_ans, n_rows], device=d.device)
-                    loss_module.guidance.alpha = alpha = alpha_at(step, total, cfg["iv_alpha0"], cfg["alpha_schedule"])
-                    lr = lr_at(step, total, cfg)
+                    alpha = alpha_at(step, total, cfg["iv_alpha0"], cfg["alpha_schedule"])
+                    loss_module.guidance.alpha = alpha
+                    lr = lr_at(step, total, cfg["lr"], cfg["lr_schedule"], cfg["warmup"], cfg["min_lr_ratio"])
                     for group in opt.param_groups:
                         group["lr"] = lr
                     logged = {}
@@ -420,14 +469,14 @@ def train(cfg: dict, step_callback=None) -> dict:
                             loss.backward()
                         for k, v in parts.items():
                             logged[k] = logged.get(k, 0.0) + v.float()
-                    logged = all_reduce_floats(logged, d)
-                    weights = {"ce": 1.0, "kl": cfg["kl_weight"], "kl_all": cfg["kl_all_weight"], "mse": cfg["head_mse_weight"]}
-                    total_loss = sum(weights[k] * v for k, v in logged.items())
+                    logged = all_reduce_floats(logged, d)          # {term: weighted value} over the step
+                    total_loss = sum(logged.values())
                     if not math.isfinite(total_loss):
-                        raise Diverged(f"loss is {total_loss} at task {j + 1} ({task.name}) step {step + 1}/{total} "
-                                       f"(lr {lr:.2e}): stopped without saving; last good checkpoint: "
+                        raise Diverged(f"loss is {total_loss} at {where} step {step + 1}/{total} (lr "
+                                       f"{lr:.2e}): stopped without saving; last good checkpoint: "
                                        f"{ckpt.newest_checkpoint(out_dir) or 'none'}. Try a lower --lr")
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
+                    clip = cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf")
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
                     in_update = True    # a second Ctrl-C in here leaves half-updated weights: not saved
                     opt.step()
                     in_update = False
@@ -438,13 +487,13 @@ def train(cfg: dict, step_callback=None) -> dict:
                         step_callback(j, step, model)
 
                     # ---- log, save, stop ------------------------------------------------------------
-                    dt = time.time() - t0
+                    dt = max(time.time() - t0, 1e-9)
                     tok_log += n_seen
                     bar.update(1)
-                    bar.set_postfix(loss=f"{total_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{n_seen / max(dt, 1e-9):.0f}")
+                    bar.set_postfix(loss=f"{total_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{n_seen / dt:.0f}")
                     if step % cfg["log_every"] == 0 or step == total:
-                        log.step(f"task {j + 1}/{len(train_tasks)} {task.name}", step, total, total_loss, logged, alpha,
-                                 lr, float(gnorm), tok_log / max(time.time() - t_log, 1e-9), dt, task=j + 1)
+                        log.step(where, step, total, total_loss, logged, alpha, lr, float(gnorm),
+                                 tok_log / max(time.time() - t_log, 1e-9), dt, task=j + 1)
                         t_log, tok_log = time.time(), 0
                     if cfg["save_every"] and step % cfg["save_every"] == 0 and step < total:
                         save_last(step)
@@ -476,16 +525,16 @@ def train(cfg: dict, step_callback=None) -> dict:
                 raise
         if cfg["lora_r"] > 0 and cfg["lora_merge"]:
             lora.merge(model)
-        path = ckpt.save_stage(out_dir, model, tok, cfg, j + 1, results["stages"], [t.name for t in train_tasks], d)
+        path = ckpt.save_stage(run, model, tok, j + 1, results["stages"], [t.name for t in train_tasks], d)
         if d.main:
             write_json(out_dir / "results.json", results)
-            log.line(f"task {j + 1}/{len(train_tasks)} {task.name} done: saved {path}")
+            log.line(f"{where} done: saved {path}")
         barrier(d)
         model.train()
 
     if d.main:
         write_json(out_dir / "results.json", results)
-        log.final(results["metrics"], out_dir / "results.json")
+        log.final(results, out_dir)     # metrics, a summary in plain words, summary.png
     barrier(d)
     return results
 

@@ -70,8 +70,7 @@ def make_batch(tok, args, device):
     from ivft import tasks
     name = args.task or tasks.default_sequence()[0]
     task = tasks.load_task(name)
-    cfg = {"max_len": 256}
-    items = [Item(*encode_example(tok, ex, cfg), 0) for ex in task.train[:args.batch]]
+    items = [Item(*encode_example(tok, ex, 256), 0) for ex in task.train[:args.batch]]
     return collate(items, tok.pad_id, device), name
 
 
@@ -86,7 +85,7 @@ def setting(model, kind: str, layer: int, iv: torch.Tensor, lora_r: int, copy_mo
     if kind.endswith("guided"):
         g = lm.guidance
         g.ivs, g.layers = iv[None].to(iv.device), torch.tensor([layer], device=iv.device)
-        g.train_iv, g.ref_iv, g.kl_weight, g.alpha, g.kl_temp = True, True, 1.0, 0.5, 2.0
+        g.train_iv, g.kl_iv, g.kl_weight, g.alpha, g.kl_temp = True, True, 1.0, 0.5, 2.0
         lm.set_reference(None if kind.startswith("lora") else frozen_copy(model))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -228,7 +227,7 @@ def estimate_7b_lora(act_bytes_per_token_layer_channel: float, tokens: int, lora
 # ---- main -----------------------------------------------------------------------------------------------
 
 def amp_ctx(args, device):
-    dtype = resolve_amp({"dtype": args.dtype}, device)
+    dtype = resolve_amp(args.dtype, device)
     if dtype is None:
         return nullcontext
     return lambda: torch.autocast(device.type, dtype=dtype)
@@ -257,7 +256,7 @@ def main(argv=None):
     amp = amp_ctx(args, device)
     print(f"model {args.model or 'SmolLM2-135M-Instruct'} | batch {args.batch} x {batch['idx'].shape[1]} "
           f"({n_tok} tokens, {n_ans} answer tokens) from task {task} | {args.device} | "
-          f"autocast {resolve_amp({'dtype': args.dtype}, device) or 'off (fp32)'} | "
+          f"autocast {resolve_amp(args.dtype, device) or 'off (fp32)'} | "
           f"threads {torch.get_num_threads()}")
 
     # ---- 1 + 3: step times, interleaved -------------------------------------------------------------

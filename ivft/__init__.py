@@ -1,6 +1,10 @@
-"""The library under the scripts: everything that is not the method itself. The method lives in
-the top-level scripts: model.py (the decoder and its Intervention argument), extract_iv.py (causal
-mediation), train.py (guided training), evaluate.py (the scores). No module here imports them.
+"""The library under the scripts. The method is in the top-level scripts: model.py (the decoder and
+its Intervention argument), extract_iv.py (causal mediation), train.py (guided training: flags,
+schedules, the loss), evaluate.py (the scores). The library takes explicit arguments (or a small
+record of its own, e.g. checkpoint.RunFiles); only ivft.config reads train.py's whole flag dict,
+to resolve presets and check values. Its modules import model.py (the decoder) but never the
+scripts. Two modules hold method decisions and say so in their first line: ivft.ivprompts (the
+clean and corrupted prompts of an extraction) and ivft.reference (the KL's frozen reference).
 
     models and data
     ivft.load        real weights (GGUF, HF directories) and HF export
@@ -15,15 +19,16 @@ mediation), train.py (guided training), evaluate.py (the scores). No module here
 
     instruction vectors (around extract_iv.py)
     ivft.ivsettings  extraction settings, their defaults and the cache key
-    ivft.ivprompts   clean and corrupted prompts of an extraction, and the batched run over them
-    ivft.ivfile      the IV file format, cache names and fingerprints, a training run's IVs
+    ivft.ivprompts   method: clean and corrupted prompts of an extraction; the batched run over them
+    ivft.ivfile      the IV file format, cache names and fingerprints
     ivft.ivcheck     does an IV bring the instruction back on held-out examples?
 
     training (around train.py)
-    ivft.config      flag presets, checks and derived facts
-    ivft.data        encoded examples, replay pools, batch order, micro-batches, lr schedule
+    ivft.config      flag presets, their help text, checks and derived facts
+    ivft.data        encoded examples, replay pools, batch order, micro-batches
     ivft.dist        torchrun setup, collectives, DDP / FSDP2 wrapping, autocast dtype
-    ivft.checkpoint  checkpoints, resume, RNG state, the frozen reference model
+    ivft.checkpoint  checkpoints, resume, RNG state
+    ivft.reference   method: which frozen model the KL keeps the trained one close to
     ivft.runtime     errors and exit statuses, the log, Ctrl-C / SIGTERM
-    ivft.files       one atomic writer, directory swaps, clean-up after crashes
+    ivft.files       one atomic writer, directory swaps, clean-up after crashes, the run-folder lock
 """

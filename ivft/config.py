@@ -12,12 +12,31 @@ from ivft.runtime import TrainError
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    # "(default: None)" says nothing for flags whose default depends on --guided/--quick: their help
-    # text spells the defaults out instead
+    # a flag whose default the presets set shows what each of them sets, generated from the tables
+    # below (so the help text cannot drift from them); "(default: None)" would say nothing
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
-            return action.help
+        text = action.help or ""
+        if preset_help(action.dest):
+            return f"{text} ({preset_help(action.dest)})"
+        if action.default in (None, False) or "default" in text:
+            return text
         return super()._get_help_string(action)
+
+
+def preset_help(dest: str) -> str:
+    """'default 0; guided 1, fvg 20; --regime lora 8; --quick 3' for a preset-dependent flag, else ''."""
+    def fmt(v):
+        return ",".join(v) if isinstance(v, tuple) else str(v)
+    if dest in SIZE_DEFAULTS:
+        normal, quick = SIZE_DEFAULTS[dest]
+        parts = [f"default {fmt(normal)}"] + ([f"--quick {fmt(quick)}"] if quick != normal else [])
+    elif dest in DEFAULTS:
+        parts = [f"default {fmt(DEFAULTS[dest])}"]
+    else:
+        return ""
+    methods = [f"{m} {fmt(v[dest])}" for m, v in METHOD_PRESETS.items() if dest in v]
+    regimes = [f"--regime {r} {fmt(v[dest])}" for r, v in REGIME_PRESETS.items() if dest in v]
+    return "; ".join(parts[:1] + ([", ".join(methods)] if methods else []) + regimes + parts[1:])
 
 
 def add_run_flags(p: argparse.ArgumentParser):
@@ -42,21 +61,6 @@ def add_run_flags(p: argparse.ArgumentParser):
     g("--num_threads", type=int, default=0, help="CPU threads for torch; 0 = torch's default")
 
 
-def add_iv_flags(p: argparse.ArgumentParser):
-    """train.py's flags about which IVs a run uses (extracted and cached by extract_iv.py, or files)."""
-    g = p.add_argument_group("instruction vectors (extract_iv.py)").add_argument
-    g("--iv_layer", type=int, default=None, help="inject after this block (0-based); default: the IV's own "
-      "(extract_iv.py's default, chosen on a dev split)")
-    g("--iv_dir", default=None, help="IV cache: <iv_dir>/<model tag>/<task>.safetensors (<name>-<data hash> for a "
-      "task file), the layout extract_iv.py writes (default ivs, ivs/quick under --quick)")
-    g("--iv_method", default="exact", choices=["exact", "attribution"], help="AIE computation of the IV extraction (extract_iv.py)")
-    g("--iv_n_clean", type=int, default=None, help="clean prompts averaged into the heads' mean z (default 50, 12 under --quick)")
-    g("--iv_n_corrupt", type=int, default=None, help="corrupted prompts averaged into the AIE (default 25, 4 under --quick)")
-    g("--iv_top_k", type=int, default=None, help="heads in the IV (default: extract_iv's)")
-    g("--iv_file", action="append", default=[], metavar="TASK=PATH",
-      help="use this IV file for TASK instead of extracting one (repeatable)")
-
-
 # Presets only change defaults: a flag given on the command line always wins, then the regime's
 # value, then the method's, then DEFAULTS. Methods (docs/method.md §4 and the baselines of the study):
 METHOD_PRESETS = {
@@ -78,27 +82,29 @@ METHOD_PRESETS = {
 # lr and epochs of lora are chosen on a dev split by experiments/lora_pilot.py (README): lr 3e-4, and
 # 16 epochs, the most that the study's protocol (amendment 1) tries; one task (acronym) stays just
 # under the 0.8 the study asks for (results/lora_pilot.json).
+LORA_LR = 3e-4     # the lr of any LoRA run (--lora_r > 0) that does not set --lr
 REGIME_PRESETS = {
     "full": {},
     "lora": {"lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.1, "lora_targets": "q_proj,v_proj",
-             "lora_merge": True, "lr_schedule": "constant", "warmup": 0.0, "lr": 3e-4, "epochs": 16.0},
+             "lora_merge": True, "lr_schedule": "constant", "warmup": 0.0, "lr": LORA_LR, "epochs": 16.0},
 }
 DEFAULTS = {"iv_alpha0": 0.0, "kl_weight": 0.0, "kl_iv": False, "replay": 0.0, "kl_temp": 2.0, "kl_positions": "last",
             "kl_min": 0.0, "kl_gate": "row", "kl_all_weight": 0.0, "head_mse_weight": 0.0, "head_mse_min": 0.0,
             "kl_ref": "original", "lora_r": 0, "lora_alpha": 16.0, "lora_dropout": 0.1, "lora_targets": "q_proj,v_proj",
-            "lora_merge": True, "lr_schedule": "cosine", "warmup": 0.1}
+            "lora_merge": True, "lr_schedule": "cosine", "warmup": 0.1, "lr": 1e-4}
 # Budget of the defaults: 4 tasks x 40 steps of 8, 5 stage evaluations, the 4 IVs
 # extracted once from 10-shot prompts (then cached). --quick: 4 x 3 steps, 5 evaluations of 5
 # examples, IVs from 12 clean / 4 corrupted prompts. The README has the measured run times.
-SIZE_DEFAULTS = {"max_train": (320, 24), "epochs": (1.0, 1.0), "batch_size": (8, 8),
-                 "micro_batch": (8, 8), "eval_n": (40, 5), "eval_k_shot": (3, 3),
+SIZE_DEFAULTS = {"max_train": (320, 24), "epochs": (1.0, 1.0), "batch_size": (8, 8), "max_steps": (0, 3),
+                 "eval_n": (40, 5), "eval_k_shot": (3, 3),
                  "iv_n_clean": (50, 12), "iv_n_corrupt": (25, 4), "iv_dir": ("ivs", os.path.join("ivs", "quick"))}
 # flags that may differ between a run and its --resume (they do not change the numbers)
 RESUME_FREE = {"resume", "overwrite", "save_every", "log_every", "wandb", "wandb_project", "num_threads",
-               "stage0_cache", "out_dir"}   # out_dir: a moved or copied run resumes where it now is
+               "stage0_cache", "out_dir",   # out_dir: a moved or copied run resumes where it now is
+               "code"}                      # a change of the code is warned about (check_resume_config)
 # what a run writes before its first checkpoint: a folder holding only these was a start that died
 # early (killed, or stopped by an error), and a rerun may start over in it
-RUN_START_FILES = {"train_config.json", "log.txt", "results.json"}
+RUN_START_FILES = {"train_config.json", "log.txt", "results.json", "run.lock"}
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
@@ -108,6 +114,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
         raise TrainError(f"--guided is --preset guided: it cannot be combined with --preset {cfg['preset']}")
     cfg["preset"] = cfg["preset"] or ("guided" if cfg["guided"] else "plain")
     cfg["guided"] = cfg["preset"] == "guided"
+    if cfg["lr"] is None and cfg["lora_r"] is not None and cfg["lora_r"] > 0:
+        cfg["lr"] = LORA_LR
     for source in (REGIME_PRESETS[cfg["regime"]], METHOD_PRESETS[cfg["preset"]], DEFAULTS):
         for k, v in source.items():
             if cfg[k] is None:
@@ -115,18 +123,15 @@ def resolve_config(args: argparse.Namespace) -> dict:
     for k, (normal, quick) in SIZE_DEFAULTS.items():
         if cfg[k] is None:
             cfg[k] = quick if cfg["quick"] else normal
-    if cfg["lr"] is None:
-        cfg["lr"] = 3e-4 if cfg["lora_r"] > 0 else 1e-4
     if cfg["out_dir"] is None:
         name = cfg["preset"] + ("-lora" if cfg["regime"] == "lora" else "") + ("-quick" if cfg["quick"] else "")
         cfg["out_dir"] = os.path.join("runs", name)
-    if cfg["max_steps"] == 0 and cfg["quick"]:
-        cfg["max_steps"] = 3
     checks = [
         (all(math.isfinite(v) for v in cfg.values() if isinstance(v, float)),
          "numeric flags must be finite: " + ", ".join(f"--{k} {v}" for k, v in cfg.items()
                                                       if isinstance(v, float) and not math.isfinite(v))),
-        (cfg["batch_size"] > 0 and cfg["micro_batch"] > 0, "--batch_size and --micro_batch must be positive"),
+        (cfg["batch_size"] > 0, f"--batch_size {cfg['batch_size']}: must be positive"),
+        (cfg["micro_batch"] is None or cfg["micro_batch"] > 0, f"--micro_batch {cfg['micro_batch']}: must be positive"),
         (cfg["max_len"] >= 8, "--max_len must be at least 8"),
         (cfg["lr"] > 0, "--lr must be positive"),
         (cfg["epochs"] > 0 or cfg["max_steps"] > 0, "--epochs or --max_steps must be positive"),
@@ -184,6 +189,11 @@ def check_launch(cfg: dict, world: int):
     from ivft.files import check_writable
     if cfg["fsdp"] and world == 1:
         raise TrainError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
+    if cfg["batch_size"] % world:
+        raise TrainError(f"--batch_size {cfg['batch_size']} must be a multiple of the {world} processes")
+    if cfg["micro_batch"] is None:       # derived from the batch the user asked for, so never the one at fault
+        per_rank = cfg["batch_size"] // world
+        cfg["micro_batch"] = max(m for m in range(1, min(8, per_rank) + 1) if per_rank % m == 0)
     if cfg["batch_size"] % (cfg["micro_batch"] * world):
         # every rank must run the same number of micro-batches per step, or the collectives hang
         raise TrainError(f"--batch_size {cfg['batch_size']} must be a multiple of --micro_batch "

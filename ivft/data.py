@@ -1,6 +1,6 @@
 """The training data: task lists from flags, examples encoded exactly as evaluation renders them,
-the per-stage pool (with replay), a deterministic batch order, padded micro-batches, and the
-learning-rate schedule.
+the per-stage pool (with replay), a deterministic batch order and padded micro-batches. (The
+learning-rate schedule is method: it is in train.py.)
 
 A training example is one token list: chat prompt + answer + end-of-turn token; only the answer
 part (incl. the end-of-turn token, so the model learns to stop) is trained on.
@@ -42,7 +42,7 @@ def load_task_list(spec: str | None, default_fn: str, what: str) -> list:
     return out
 
 
-def encode_example(tok, ex, cfg) -> tuple[list[int], int]:
+def encode_example(tok, ex, max_len: int) -> tuple[list[int], int]:
     """-> (token ids, prompt length). Prompt and answer are evaluation's (render_prompt zero-shot
     with the instruction; answer_ids = the answer + the end-of-turn token, which generation stops
     on, so it is trained on too): training and evaluation see the same tokens. A too-long prompt
@@ -52,8 +52,8 @@ def encode_example(tok, ex, cfg) -> tuple[list[int], int]:
     eot = end_of_turn_id(tok)
     if answer[-1] != eot:
         answer.append(eot)
-    answer = answer[:cfg["max_len"] - 1]
-    keep = cfg["max_len"] - len(answer)
+    answer = answer[:max_len - 1]
+    keep = max_len - len(answer)
     if len(prompt) > keep:
         prompt = prompt[len(prompt) - keep:]
     return prompt + answer, len(prompt)
@@ -66,30 +66,41 @@ class Item:
     task: int       # index into the training sequence (for replay rows and their IV)
 
 
-def encode_task(tok, task, index: int, cfg) -> list[Item]:
-    examples = list(task.train)[:cfg["max_train"]] if cfg["max_train"] else list(task.train)
+def encode_task(tok, task, index: int, max_len: int, max_train: int | None = None) -> list[Item]:
+    examples = list(task.train)[:max_train] if max_train else list(task.train)
     if not examples:
         raise TrainError(f"training task {task.name!r} has no training examples")
-    return [Item(*encode_example(tok, ex, cfg), index) for ex in examples]
+    items = [Item(*encode_example(tok, ex, max_len), index) for ex in examples]
+    # encode_example keeps a too-long prompt's end; say how many lost their start, once per task. Only
+    # a row that fills max_len can have been cut, so only those are rendered again to tell.
+    n_cut = sum(len(render_prompt(tok, ex, with_instruction=True)) > it.prompt_len
+                for ex, it in zip(examples, items) if len(it.ids) == max_len)
+    if n_cut:
+        import sys
+        print(f"warning: training task {task.name!r}: {n_cut} of {len(items)} examples are longer than "
+              f"--max_len {max_len} tokens: their prompts are cut from the start (an answer that is "
+              f"longer on its own is cut at its end)", file=sys.stderr)
+    return items
 
 
-def stage_pool(encoded: list[list[Item]], j: int, cfg) -> list[Item]:
+def stage_pool(encoded: list[list[Item]], j: int, replay: float, seed: int) -> list[Item]:
     """Training examples of stage j: task j's, plus (--replay) a fixed random sample of earlier ones."""
     pool = list(encoded[j])
-    n_replay = int(round(cfg["replay"] * len(pool)))
+    n_replay = int(round(replay * len(pool)))
     earlier = [it for i in range(j) for it in encoded[i]]
     if n_replay and earlier:
-        g = torch.Generator().manual_seed(cfg["seed"] * 1000 + j)
+        g = torch.Generator().manual_seed(seed * 1000 + j)
         pick = torch.randint(len(earlier), (n_replay,), generator=g) if n_replay > len(earlier) \
             else torch.randperm(len(earlier), generator=g)[:n_replay]
         pool += [earlier[i] for i in pick.tolist()]
     return pool
 
 
-def steps_for(n_items: int, cfg) -> int:
-    if cfg["max_steps"] > 0:
-        return cfg["max_steps"]
-    return max(1, math.ceil(cfg["epochs"] * n_items / cfg["batch_size"]))
+def steps_for(n_items: int, batch_size: int, epochs: float, max_steps: int = 0) -> int:
+    """Optimizer steps of a stage: max_steps if set, else enough for `epochs` passes over the pool."""
+    if max_steps > 0:
+        return max_steps
+    return max(1, math.ceil(epochs * n_items / batch_size))
 
 
 @functools.lru_cache(maxsize=4)
@@ -98,11 +109,11 @@ def epoch_order(seed: int, stage: int, epoch: int, n: int) -> tuple:
     return tuple(torch.randperm(n, generator=g).tolist())
 
 
-def batch_indices(n: int, step: int, cfg, stage: int) -> list[int]:
+def batch_indices(n: int, step: int, batch_size: int, seed: int, stage: int) -> list[int]:
     """Example indices of optimizer step `step`: consecutive slices of a stream of per-epoch
     permutations. A pure function of (seed, stage, step), which is what makes resuming exact."""
-    B = cfg["batch_size"]
-    return [epoch_order(cfg["seed"], stage, pos // n, n)[pos % n] for pos in range(step * B, (step + 1) * B)]
+    B = batch_size
+    return [epoch_order(seed, stage, pos // n, n)[pos % n] for pos in range(step * B, (step + 1) * B)]
 
 
 def collate(items: list[Item], pad_id: int, device) -> dict:
@@ -130,11 +141,13 @@ def collate(items: list[Item], pad_id: int, device) -> dict:
             "last": last.to(device), "task": task.to(device), "n_tokens": int(pad_mask.sum())}
 
 
-def step_micro_batches(pool: list[Item], step: int, cfg, stage: int, rank: int = 0, world: int = 1) -> list[list[Item]]:
+def step_micro_batches(pool: list[Item], step: int, stage: int, *, batch_size: int, micro_batch: int, seed: int,
+                       rank: int = 0, world: int = 1) -> list[list[Item]]:
     """This rank's micro-batches of one optimizer step. The global batch is sorted by length first
     so that rows of similar length share a micro-batch (less padding), then dealt out in slices."""
-    items = sorted((pool[i] for i in batch_indices(len(pool), step, cfg, stage)), key=lambda it: len(it.ids))
-    mb = cfg["micro_batch"]
+    order = batch_indices(len(pool), step, batch_size, seed, stage)
+    items = sorted((pool[i] for i in order), key=lambda it: len(it.ids))
+    mb = micro_batch
     chunks = [items[i:i + mb] for i in range(0, len(items), mb)]
     return chunks[rank::world]
 
@@ -143,19 +156,3 @@ def step_counts(micro: list[dict], device) -> torch.Tensor:
     """(answer tokens, rows, real tokens) of one rank's micro-batches, float64 for the all-reduce."""
     return torch.tensor([sum(int((m["targets"] != -100).sum()) for m in micro), sum(len(m["idx"]) for m in micro),
                          sum(m["n_tokens"] for m in micro)], dtype=torch.float64, device=device)
-
-
-# ---------------------------------------------------------------------------------------------
-
-def lr_at(step: int, total: int, cfg) -> float:
-    warm = int(cfg["warmup"] * total) if cfg["warmup"] < 1 else int(cfg["warmup"])
-    peak, low = cfg["lr"], cfg["lr"] * cfg["min_lr_ratio"]
-    if step < warm:
-        return peak * (step + 1) / warm
-    if cfg["lr_schedule"] == "constant" or total - warm <= 1:
-        return peak
-    progress = (step - warm) / (total - warm - 1)          # 0 at the first step after warmup, 1 at the last
-    if cfg["lr_schedule"] == "linear":
-        return peak + (low - peak) * progress
-    return low + (peak - low) * 0.5 * (1 + math.cos(math.pi * progress))
-

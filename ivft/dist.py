@@ -69,15 +69,15 @@ def gather_objects(obj, d: Dist) -> list:
     return out
 
 
-def wrap_for_parallel(loss_module, cfg, d: Dist):
+def wrap_for_parallel(loss_module, d: Dist, compile: bool = False, fsdp: bool = False):
     """The module the loop calls: compiled (--compile), DDP, or sharded in place with FSDP2."""
-    if cfg["compile"]:
+    if compile:
         # dynamic: sequence lengths change from batch to batch; without it the first few steps
         # would each recompile
         loss_module = torch.compile(loss_module, dynamic=True)
     if d.world == 1:
         return loss_module
-    if cfg["fsdp"]:
+    if fsdp:
         from torch.distributed.fsdp import fully_shard
         if not getattr(loss_module, "_sharded", False):
             # one unit per block, and the model itself as the root unit holding the embedding, final
@@ -102,11 +102,11 @@ def full_state_dict(model, fsdp: bool) -> dict:
     return model.state_dict()
 
 
-def resolve_amp(cfg, device):
+def resolve_amp(dtype: str, device):
     """The autocast dtype, or None for plain fp32. auto = bf16 where the hardware has it: CUDA with
     bf16 support, or a CPU with native bf16 matmuls (AVX512-BF16 / AMX, what oneDNN reports). An
     AVX2-only CPU emulates bf16 matmuls, which is much slower than fp32, not faster."""
-    if cfg["dtype"] == "fp32":
+    if dtype == "fp32":
         return None
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
@@ -115,9 +115,9 @@ def resolve_amp(cfg, device):
             ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):
             ok = False
-    if cfg["dtype"] == "bf16" and not ok and device.type == "cuda":
+    if dtype == "bf16" and not ok and device.type == "cuda":
         raise TrainError("this GPU does not support bf16; use --dtype fp32")
-    if cfg["dtype"] == "bf16":
+    if dtype == "bf16":
         return torch.bfloat16   # asked for explicitly: honoured on a CPU too, slow or not
     return torch.bfloat16 if ok else None
 

@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 
 from ivft.files import write_atomic
-from ivft.ivsettings import ExtractError
+from ivft.ivsettings import ExtractError, check_layer
 from ivft.report import save_heatmap
-from ivft.runtime import TrainError
 
 FORMAT_VERSION = 2    # 2: k-shot plain-text clean prompts, query-only corruption, dev-chosen layer/K
 
@@ -58,8 +57,8 @@ def iv_filename(task) -> str:
 # Fingerprints and the metadata that decide reuse
 
 def config_hash(model) -> str:
-    cfg = dataclasses.asdict(model.config)
-    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    mc = dataclasses.asdict(model.config)
+    return hashlib.sha1(json.dumps(mc, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 @torch.no_grad()
@@ -80,10 +79,10 @@ def weight_fingerprint(model) -> str:
 def iv_meta(model, task, key: dict, s, heads, info, model_id, universal=None) -> dict:
     """An IV file's metadata: the format, model and task fingerprints, the IV's layer / K / kind, the
     cache key (key: the settings as asked for) and the mediation's info. s: the Settings used."""
-    cfg = model.config
+    mc = model.config
     return {"format": FORMAT_VERSION, "model": model_id, "config_hash": config_hash(model),
-            "weights": weight_fingerprint(model), "n_layers": cfg.num_hidden_layers,
-            "n_heads": cfg.num_attention_heads, "d_model": cfg.hidden_size, "task": task.name,
+            "weights": weight_fingerprint(model), "n_layers": mc.num_hidden_layers,
+            "n_heads": mc.num_attention_heads, "d_model": mc.hidden_size, "task": task.name,
             "task_hash": task_fingerprint(task), "heads": [list(h) for h in heads], "layer": s.layer,
             "top_k": s.top_k, "kind": s.kind, "settings": key, "universal": universal, **info}
 
@@ -138,55 +137,32 @@ def load_iv(path, model) -> tuple[torch.Tensor, int, dict]:
     """-> (iv [C], layer, meta), checked against `model`'s architecture. The weights may differ (a
     fine-tuned copy of the model the IV came from is the normal case in training)."""
     r = read_iv(path)
-    meta, cfg = r["meta"], model.config
-    if r["iv"].shape != (cfg.hidden_size,) or tuple(r["aie"].shape) != (cfg.num_hidden_layers, cfg.num_attention_heads):
+    meta, mc = r["meta"], model.config
+    if r["iv"].shape != (mc.hidden_size,) or tuple(r["aie"].shape) != (mc.num_hidden_layers, mc.num_attention_heads):
         raise ExtractError(f"{path}: IV of shape {tuple(r['iv'].shape)} / AIE {tuple(r['aie'].shape)} "
-                           f"does not fit this model (d_model {cfg.hidden_size}, "
-                           f"{cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads)")
+                           f"does not fit this model (d_model {mc.hidden_size}, "
+                           f"{mc.num_hidden_layers} layers x {mc.num_attention_heads} heads)")
     if meta.get("config_hash") != config_hash(model):
         raise ExtractError(f"{path}: extracted from model {meta.get('model')!r} with config hash "
                            f"{meta.get('config_hash')}, this model's is {config_hash(model)}")
-    if not 0 <= r["layer"] < cfg.num_hidden_layers:
-        raise ExtractError(f"{path}: layer {r['layer']} is out of range for {cfg.num_hidden_layers} layers")
+    check_layer(r["layer"], mc.num_hidden_layers, f"{path}: layer")
     return r["iv"], r["layer"], meta
 
 
+def check_iv_task(meta: dict, task, path) -> None:
+    """An IV file given for `task` (--iv_file TASK=PATH) must be that task's: its metadata names the
+    task it was extracted for. The same name with other data is allowed, with a warning."""
+    import sys
+    if meta.get("task") != task.name:
+        raise ExtractError(f"{path}: this IV was extracted for task {meta.get('task')!r} (its metadata), "
+                           f"not {task.name!r}; give {task.name}'s IV file")
+    if meta.get("task_hash") not in (None, task_fingerprint(task)):
+        print(f"warning: {path}: IV of task {task.name!r} extracted from other data (hash "
+              f"{meta.get('task_hash')}, this task's {task_fingerprint(task)})", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------
-# The IVs of a training run: extracted from the model before any training (cached by extract_iv),
-# or given per task with --iv_file
-
-def training_ivs(cfg, model, tok, train_tasks, get_iv) -> dict:
-    """-> {task name: (iv (C,), layer, meta)} for every training task of train.py, validated against
-    `model`. get_iv: extract_iv.get_iv (passed in: the package does not import the scripts)."""
-    files = dict(spec.split("=", 1) for spec in cfg["iv_file"])
-    unknown = set(files) - {t.name for t in train_tasks}
-    if unknown:
-        raise TrainError(f"--iv_file names tasks not in the sequence: {sorted(unknown)}")
-    out = {}
-    for task in train_tasks:
-        try:
-            if task.name in files:
-                iv, layer, meta = load_iv(files[task.name], model)
-            else:
-                tag = model_tag(cfg["model"])
-                settings = {"method": cfg["iv_method"], "n_clean": cfg["iv_n_clean"],
-                            "n_corrupt": cfg["iv_n_corrupt"], "top_k": cfg["iv_top_k"], "layer": cfg["iv_layer"]}
-                # reused only when made from these weights, this task's data and these settings
-                r = get_iv(model, tok, task, Path(cfg["iv_dir"]) / tag / iv_filename(task),
-                         model_id=tag, progress=True, **settings)
-                iv, layer, meta = r["iv"], r["layer"], r.get("meta", {})
-        except (ValueError, KeyError, OSError) as e:
-            msg = str(e.args[0] if e.args else e)
-            where = files.get(task.name, f"IV of task {task.name!r}")
-            raise TrainError(msg if where in msg else f"{where}: {msg}") from None
-        layer = cfg["iv_layer"] if cfg["iv_layer"] is not None else int(layer)
-        if not 0 <= layer < model.n_layers:
-            raise TrainError(f"IV layer {layer} is out of range: the model has layers 0..{model.n_layers - 1}")
-        if tuple(iv.shape) != (model.config.hidden_size,):
-            raise TrainError(f"IV of {task.name} has shape {tuple(iv.shape)}, the model needs ({model.config.hidden_size},)")
-        out[task.name] = (iv.detach().float().cpu(), layer, meta)
-    return out
-
+# The head sets of a run's IVs (--head_mse_weight); the IVs themselves: extract_iv.training_ivs
 
 def union_of_top_heads(ivs: dict) -> dict:
     """{layer: LongTensor heads}: every head that is among some task's top heads (--head_mse_weight)."""

@@ -1,7 +1,8 @@
-"""The prompts of an IV extraction (extract_iv.py) and the plain batched run over them: the dev
-split, clean prompts (k demonstrations, each with the instruction, then the query), corrupted ones
-(the instruction's signal removed), and score_prompts, the teacher-forced forward that the
-extraction reads z and the residual stream from and the check (ivft.ivcheck) reads its scores from."""
+"""Method, not plumbing: the prompts of an IV extraction (extract_iv.py) — the dev split, the clean
+prompts (k demonstrations, each with the instruction, then the query) and the corrupted ones (the
+instruction's signal removed), which decide what the IV is. Also the plain batched run over them,
+score_prompts: the teacher-forced forward that the extraction reads z and the residual stream from
+and the check (ivft.ivcheck) reads its scores from."""
 from __future__ import annotations
 
 import dataclasses

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from ivft.runtime import TrainError
+
 MIN_PROMPTS = 4       # fewer clean or corrupted prompts than this is not an average worth saving
 CORRUPTIONS = ("query_only", "shuffled", "mismatched")
 FORMATS = ("plain", "chat")
@@ -13,8 +15,16 @@ EFFECTS = ("auto", "prob", "logprob")
 METHODS = ("exact", "attribution", "naive")
 
 
-class ExtractError(ValueError):
-    """Bad input (task, settings, IV file): the message is one line that says what to change."""
+class ExtractError(TrainError, ValueError):
+    """Bad input (task, settings, IV file): the message is one line that says what to change (a
+    TrainError too, so that train.py reports it as its own: one line, exit status 2)."""
+
+
+def check_layer(layer: int, n_layers: int, what: str = "layer") -> int:
+    """The one range check of an IV's block (extraction, an IV file, the injection layer of a run)."""
+    if not 0 <= layer < n_layers:
+        raise ExtractError(f"{what} {layer} is out of range: this model has blocks 0..{n_layers - 1}")
+    return layer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,11 +92,17 @@ class Settings:
         L, H = model.n_layers, model.config.num_attention_heads
         s = dataclasses.replace(self, top_k=self.top_k or default_top_k(L * H),
                                 layer=default_layer(L) if self.layer is None else self.layer)
-        if s.layer != "auto" and not 0 <= s.layer < L:
-            raise ExtractError(f"layer={s.layer} is out of range: this model has blocks 0..{L - 1}")
+        if s.layer != "auto":
+            check_layer(s.layer, L)
         if s.top_k > L * H:
             raise ExtractError(f"top_k={s.top_k} exceeds the model's {L * H} heads")
         return s
 
     def key(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.NOT_IN_KEY}
+        """The cache key. A heads IV is the same vector wherever it is added (a sum of head outputs),
+        so its layer is a use-time choice, not part of the key; a resid IV is read at its layer,
+        and layer "auto" chooses layer and K, so for those the layer is part of it."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.NOT_IN_KEY}
+        if self.kind == "heads" and self.layer != "auto":
+            del out["layer"]
+        return out

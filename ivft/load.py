@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from model import ModelConfig, Transformer
-from ivft.files import ordinary_permissions, replace_dir
+from ivft.files import ordinary_permissions, replace_dir, temp_prefix
 from ivft.tokenizer import Tokenizer
 
 
@@ -94,26 +94,26 @@ def config_from_hf(d: dict, where: str) -> ModelConfig:
                     f"(supported: {', '.join([*HF_LLAMA_FAMILY, 'gpt2'])})")
 
 
-def config_to_hf(cfg: ModelConfig, tok: Tokenizer | None) -> dict:
+def config_to_hf(mc: ModelConfig, tok: Tokenizer | None) -> dict:
     ids = {}
     if tok is not None:
         ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-    if cfg.architecture == "gpt2":
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
-                "n_embd": cfg.hidden_size, "n_inner": cfg.intermediate_size,
-                "n_layer": cfg.num_hidden_layers, "n_head": cfg.num_attention_heads,
-                "n_positions": cfg.max_position_embeddings, "layer_norm_epsilon": cfg.norm_eps,
-                "activation_function": "gelu_new", "tie_word_embeddings": cfg.tie_word_embeddings, **ids}
-    d = {"architectures": [HF_LLAMA_FAMILY[cfg.architecture]], "model_type": cfg.architecture,
-         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
-         "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-         "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_position_embeddings,
-         "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
-         "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu", **ids}
-    if cfg.architecture != "qwen2":
-        d["attention_bias"] = cfg.attention_bias
-    if cfg.architecture == "mistral":
+    if mc.architecture == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": mc.vocab_size,
+                "n_embd": mc.hidden_size, "n_inner": mc.intermediate_size,
+                "n_layer": mc.num_hidden_layers, "n_head": mc.num_attention_heads,
+                "n_positions": mc.max_position_embeddings, "layer_norm_epsilon": mc.norm_eps,
+                "activation_function": "gelu_new", "tie_word_embeddings": mc.tie_word_embeddings, **ids}
+    d = {"architectures": [HF_LLAMA_FAMILY[mc.architecture]], "model_type": mc.architecture,
+         "vocab_size": mc.vocab_size, "hidden_size": mc.hidden_size,
+         "intermediate_size": mc.intermediate_size, "num_hidden_layers": mc.num_hidden_layers,
+         "num_attention_heads": mc.num_attention_heads, "num_key_value_heads": mc.num_key_value_heads,
+         "head_dim": mc.head_dim, "max_position_embeddings": mc.max_position_embeddings,
+         "rms_norm_eps": mc.norm_eps, "rope_theta": mc.rope_theta, "rope_scaling": mc.rope_scaling,
+         "tie_word_embeddings": mc.tie_word_embeddings, "hidden_act": "silu", **ids}
+    if mc.architecture != "qwen2":
+        d["attention_bias"] = mc.attention_bias
+    if mc.architecture == "mistral":
         d["sliding_window"] = None  # this model attends to the full context
     return d
 
@@ -121,14 +121,14 @@ def config_to_hf(cfg: ModelConfig, tok: Tokenizer | None) -> dict:
 # ---------------------------------------------------------------------------------------------
 # State dicts: GPT-2's layout <-> ours (ours = HF Llama names)
 
-def gpt2_to_ours(sd: dict, cfg: ModelConfig) -> dict:
+def gpt2_to_ours(sd: dict, mc: ModelConfig) -> dict:
     """GPT-2 names and Conv1D [in, out] weights -> our names and nn.Linear [out, in] weights."""
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-    C = cfg.hidden_size
+    C = mc.hidden_size
     out = {"model.embed_tokens.weight": sd.pop("wte.weight"),
            "model.embed_positions.weight": sd.pop("wpe.weight"),
            "model.norm.weight": sd.pop("ln_f.weight"), "model.norm.bias": sd.pop("ln_f.bias")}
-    for i in range(cfg.num_hidden_layers):
+    for i in range(mc.num_hidden_layers):
         p, q = f"h.{i}.", f"model.layers.{i}."
         w, b = sd.pop(p + "attn.c_attn.weight").t(), sd.pop(p + "attn.c_attn.bias")   # (3C, C), (3C)
         for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
@@ -142,7 +142,7 @@ def gpt2_to_ours(sd: dict, cfg: ModelConfig) -> dict:
             out[q + dst + ".weight"] = sd.pop(p + src + ".weight")
             out[q + dst + ".bias"] = sd.pop(p + src + ".bias")
     # old GPT-2 files carry the causal-mask buffers attn.bias / attn.masked_bias: not weights
-    if not cfg.tie_word_embeddings and "lm_head.weight" in sd:
+    if not mc.tie_word_embeddings and "lm_head.weight" in sd:
         out["lm_head.weight"] = sd.pop("lm_head.weight")  # e.g. from a GGUF with its own output.weight
     leftover = [k for k in sd if not k.endswith(("attn.bias", "attn.masked_bias")) and k != "lm_head.weight"]
     if leftover:
@@ -150,11 +150,11 @@ def gpt2_to_ours(sd: dict, cfg: ModelConfig) -> dict:
     return out
 
 
-def ours_to_gpt2(sd: dict, cfg: ModelConfig) -> dict:
+def ours_to_gpt2(sd: dict, mc: ModelConfig) -> dict:
     out = {"transformer.wte.weight": sd["model.embed_tokens.weight"],
            "transformer.wpe.weight": sd["model.embed_positions.weight"],
            "transformer.ln_f.weight": sd["model.norm.weight"], "transformer.ln_f.bias": sd["model.norm.bias"]}
-    for i in range(cfg.num_hidden_layers):
+    for i in range(mc.num_hidden_layers):
         p, q = f"transformer.h.{i}.", f"model.layers.{i}."
         out[p + "attn.c_attn.weight"] = torch.cat(
             [sd[q + f"self_attn.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj")]).t().contiguous()
@@ -166,18 +166,18 @@ def ours_to_gpt2(sd: dict, cfg: ModelConfig) -> dict:
         for dst, src in (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm")):
             out[p + dst + ".weight"] = sd[q + src + ".weight"]
             out[p + dst + ".bias"] = sd[q + src + ".bias"]
-    if not cfg.tie_word_embeddings:
+    if not mc.tie_word_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     return out
 
 
-def build_model(cfg: ModelConfig, sd: dict, where: str, dtype=torch.float32, device="cpu") -> Transformer:
+def build_model(mc: ModelConfig, sd: dict, where: str, dtype=torch.float32, device="cpu") -> Transformer:
     """Check every tensor's name and shape against the config, then load without a second copy:
     the model is built on the meta device and the loaded tensors are assigned in place."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(mc)
     expected = model.state_dict()
-    if cfg.tie_word_embeddings:
+    if mc.tie_word_embeddings:
         expected.pop("lm_head.weight")
         sd.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
     missing = [k for k in expected if k not in sd]
@@ -192,11 +192,11 @@ def build_model(cfg: ModelConfig, sd: dict, where: str, dtype=torch.float32, dev
                             f"the config implies {tuple(t.shape)}")
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
+    if mc.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    if cfg.position == "rope":  # buffers are not in the state dict: make the real one
+    if mc.position == "rope":  # buffers are not in the state dict: make the real one
         from model import rope_inv_freq
-        model.inv_freq = rope_inv_freq(cfg).to(device)
+        model.inv_freq = rope_inv_freq(mc).to(device)
     return model.eval()
 
 
@@ -219,7 +219,7 @@ def load_hf_dir(path: Path, dtype=torch.float32, device="cpu"):
         cfg_dict = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise LoadError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    cfg = config_from_hf(cfg_dict, str(cfg_file))
+    mc = config_from_hf(cfg_dict, str(cfg_file))
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
         sd, where = read_safetensors(single), str(single)
@@ -236,12 +236,12 @@ def load_hf_dir(path: Path, dtype=torch.float32, device="cpu"):
     else:
         raise LoadError(f"{path}: no model.safetensors or model.safetensors.index.json "
                         "(PyTorch .bin checkpoints are not loaded: convert them to safetensors)")
-    if cfg.architecture == "gpt2":
+    if mc.architecture == "gpt2":
         try:
-            sd = gpt2_to_ours(sd, cfg)
+            sd = gpt2_to_ours(sd, mc)
         except KeyError as e:
             raise LoadError(f"{where}: GPT-2 tensor {e.args[0]} is missing") from None
-    model = build_model(cfg, sd, where, dtype, device)
+    model = build_model(mc, sd, where, dtype, device)
     tok = None
     if (path / "tokenizer.json").is_file():
         tok = Tokenizer.from_hf_dir(path)
@@ -288,14 +288,14 @@ def read_gguf(path: Path):
                   max_position_embeddings=field(f"{arch}.context_length"), architecture=arch)
     names = {t.name for t in reader.tensors}
     if arch == "gpt2":
-        cfg = ModelConfig(**common, norm_eps=field("gpt2.attention.layer_norm_epsilon"), attention_bias=True,
+        mc = ModelConfig(**common, norm_eps=field("gpt2.attention.layer_norm_epsilon"), attention_bias=True,
                           tie_word_embeddings="output.weight" not in names, norm="layernorm",
                           position="learned", mlp="gelu", bias=True)
     else:
         scaling = None
         if field(f"{arch}.rope.scaling.type", None) not in (None, "none"):
             raise LoadError(f"{path}: GGUF rope scaling is not supported")
-        cfg = ModelConfig(**common, num_key_value_heads=field(f"{arch}.attention.head_count_kv", H),
+        mc = ModelConfig(**common, num_key_value_heads=field(f"{arch}.attention.head_count_kv", H),
                           head_dim=field(f"{arch}.attention.key_length", None),
                           norm_eps=field(f"{arch}.attention.layer_norm_rms_epsilon"),
                           rope_theta=field(f"{arch}.rope.freq_base", 10000.0), rope_scaling=scaling,
@@ -310,24 +310,24 @@ def read_gguf(path: Path):
             raise LoadError(f"{path}: tensor {t.name} ({t.tensor_type.name}) cannot be decoded: {e}") from None
         shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
         sd[t.name] = torch.from_numpy(np.array(a, dtype=np.float32).reshape(shape))  # a copy: the mmap is read-only
-    return cfg, gguf_to_ours(sd, cfg, path), Tokenizer.from_gguf(reader)
+    return mc, gguf_to_ours(sd, mc, path), Tokenizer.from_gguf(reader)
 
 
-def gguf_to_ours(sd: dict, cfg: ModelConfig, path) -> dict:
-    H, G, C = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
+def gguf_to_ours(sd: dict, mc: ModelConfig, path) -> dict:
+    H, G, C = mc.num_attention_heads, mc.num_key_value_heads, mc.hidden_size
     out = {}
     try:
         out["model.embed_tokens.weight"] = sd.pop("token_embd.weight")
         out["model.norm.weight"] = sd.pop("output_norm.weight")
         if "output.weight" in sd:
             out["lm_head.weight"] = sd.pop("output.weight")
-        if cfg.architecture == "gpt2":
+        if mc.architecture == "gpt2":
             out["model.embed_positions.weight"] = sd.pop("position_embd.weight")
             out["model.norm.bias"] = sd.pop("output_norm.bias")
-        for i in range(cfg.num_hidden_layers):
+        for i in range(mc.num_hidden_layers):
             b, q = f"blk.{i}.", f"model.layers.{i}.self_attn."
             m, l = f"model.layers.{i}.mlp.", f"model.layers.{i}."
-            if cfg.architecture == "gpt2":
+            if mc.architecture == "gpt2":
                 w, bias = sd.pop(b + "attn_qkv.weight"), sd.pop(b + "attn_qkv.bias")
                 for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
                     out[q + name + ".weight"] = w[j * C:(j + 1) * C]
@@ -338,12 +338,12 @@ def gguf_to_ours(sd: dict, cfg: ModelConfig, path) -> dict:
                     out[dst + ".weight"] = sd.pop(b + src + ".weight")
                     out[dst + ".bias"] = sd.pop(b + src + ".bias")
                 continue
-            kinds = ("weight", "bias") if cfg.attention_bias else ("weight",)
+            kinds = ("weight", "bias") if mc.attention_bias else ("weight",)
             for s, n_heads in (("q", H), ("k", G), ("v", None)):
                 for kind in kinds:
                     w = sd.pop(b + f"attn_{s}.{kind}")
                     # only llama.cpp's llama converter permutes q/k rows, and their biases with them
-                    if n_heads and cfg.architecture == "llama":
+                    if n_heads and mc.architecture == "llama":
                         w = unpermute_rope(w, n_heads)
                     out[q + f"{s}_proj.{kind}"] = w
             for src, dst in [("attn_output", q + "o_proj"), ("ffn_gate", m + "gate_proj"),
@@ -372,17 +372,18 @@ def save_hf(model: Transformer, tok: Tokenizer | None, out_dir, extra_files: dic
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # the pid in the name lets a later run tell a crashed writer's leftovers from a live one's
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+    # the owner (pid + process start) in the name lets a later run tell a crashed writer's leftovers
+    # from a live one's, even when the pid has been reused
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir.name), dir=out_dir.parent))
     try:
-        cfg = model.config
+        mc = model.config
         sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        if cfg.tie_word_embeddings:
+        if mc.tie_word_embeddings:
             sd.pop("lm_head.weight", None)  # safetensors refuses shared storage; HF re-ties on load
-        if cfg.architecture == "gpt2":
-            sd = ours_to_gpt2(sd, cfg)
+        if mc.architecture == "gpt2":
+            sd = ours_to_gpt2(sd, mc)
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, tok), indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(mc, tok), indent=2))
         if tok is not None:
             tok.save_hf(tmp)
         for name, content in (extra_files or {}).items():
@@ -414,11 +415,12 @@ def load_model(name_or_path=None, *, dtype=torch.float32, device="cpu", use_cach
             return load_hf_dir(cached, dtype, device)
         except LoadError:
             pass  # a damaged cache entry is rebuilt below
-    cfg, sd, tok = read_gguf(path)
-    model = build_model(cfg, sd, str(path), dtype, device)
+    mc, sd, tok = read_gguf(path)
+    model = build_model(mc, sd, str(path), dtype, device)
     if use_cache:
+        from safetensors import SafetensorError
         try:
             save_hf(model, tok, cached)
-        except OSError:
-            pass  # a read-only cache only costs speed
+        except (OSError, SafetensorError):
+            pass  # a read-only or full cache only costs speed
     return model, tok

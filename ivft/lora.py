@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -68,6 +69,17 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self):
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The adapters of a run: rank, scale numerator (scale = alpha / r), input dropout, the adapted
+    linear layers, and whether they are merged into the weights after every task."""
+    r: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+    merge: bool = True
 
 
 def parse_targets(spec) -> tuple[str, ...]:

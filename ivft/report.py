@@ -80,31 +80,51 @@ def pyplot():
     return plt
 
 
-def plot_cl(cl: dict, path) -> str | None:
-    """PNG: heat map of R and the GP/IP curves over stages. Returns the path, or None (and draws
-    nothing) when matplotlib is not installed: plots are optional."""
+def new_task_scores(cl: dict) -> dict:
+    """{task: (score before any training, score right after its own stage)}: what was learned."""
+    return {t: (cl["R"][0][j], cl["R"][j + 1][j]) for j, t in enumerate(cl["train_tasks"]) if j + 1 < len(cl["R"])}
+
+
+def run_summary(cl: dict, preset: str) -> list[str]:
+    """The end of a run in plain words: what was learned, what the general suite kept, what to look at."""
+    learned = new_task_scores(cl)
+    lines = ["learned (right after its stage): " + ", ".join(f"{t} {a:.2f} -> {b:.2f}" for t, (a, b) in learned.items())]
+    mean_new = mean([b for _, b in learned.values()])
+    if cl.get("GP"):
+        gp = cl["GP"]
+        lines.append(f"general suite (zero-shot, never trained on): {gp[0]:.2f} before -> {gp[-1]:.2f} after "
+                     f"(drop {cl['GP_drop']:.2f}; lowest {min(gp[1:]):.2f}, after stage {gp.index(min(gp[1:]))})")
+        forgot = cl["GP_drop"] > 0.05
+        lines.append("look at: " + (f"the tasks were learned (mean {mean_new:.2f}) while the general suite "
+                                    f"{'fell' if forgot else 'held'}: " if mean_new >= 0.5 else
+                                    f"the tasks were barely learned (mean {mean_new:.2f}): ")
+                     + ("that drop is the forgetting this project is about; " if forgot else "")
+                     + ("run the same with --guided and compare the two with experiments/compare.py"
+                        if preset != "guided" else "compare with plain training (the same flags without "
+                        "--guided) with experiments/compare.py"))
+    return lines
+
+
+def plot_summary(cl: dict, path, title: str = "") -> str | None:
+    """PNG: the general suite's score and each training task's score after every stage. Returns the
+    path, or None (and draws nothing) when matplotlib is not installed: plots are optional."""
     plt = pyplot()
     if plt is None:
         return None
-    R = cl["R"]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    im = a1.imshow(R, aspect="auto", cmap="viridis")
-    a1.set_xticks(range(len(cl["train_tasks"])), cl["train_tasks"], rotation=30, ha="right")
-    a1.set_yticks(range(len(R)), ["orig"] + [f"after {i}" for i in range(1, len(R))])
-    for i, row in enumerate(R):
-        for j, v in enumerate(row):
-            a1.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
-    fig.colorbar(im, ax=a1)
-    a1.set_title(f"R  (AP {fmt_score(cl['AP'])}, BWT {fmt_score(cl['BWT'])})")
-    for name in ("GP", "IP"):
-        if cl.get(name):
-            a2.plot(range(len(cl[name])), cl[name], marker="o", label=f"{name} (drop {fmt_score(cl[name + '_drop'])})")
-    a2.set_xlabel("stage (0 = original)")
-    a2.set_title("general suite")
-    a2.legend()
+    stages = range(len(cl["R"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if cl.get("GP"):
+        ax.plot(stages, cl["GP"], "k-o", lw=2.5, label=f"general suite (drop {fmt_score(cl['GP_drop'])})")
+    for j, t in enumerate(cl["train_tasks"]):
+        ax.plot(stages, [row[j] for row in cl["R"]], "--", marker=".", label=f"{t} (trained in stage {j + 1})")
+    ax.set_xticks(list(stages), ["orig"] + [f"after {cl['train_tasks'][i - 1]}" for i in stages if i])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("score")
+    ax.set_title(title or f"AP {fmt_score(cl['AP'])}, BWT {fmt_score(cl['BWT'])}")
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    from ivft.files import write_atomic
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return os.fspath(path)
 

@@ -24,16 +24,19 @@ class Diverged(TrainError):
 # progress bar; optional wandb behind a flag, imported only when asked for
 
 class Logger:
-    def __init__(self, out_dir: Path, cfg: dict, enabled: bool):
+    """enabled: this process logs (rank 0). wandb_project: also log there (the run's settings are
+    sent as its config)."""
+
+    def __init__(self, out_dir: Path, enabled: bool, wandb_project: str | None = None, settings: dict | None = None):
         self.enabled = enabled
         self.file = Path(out_dir) / "log.txt"
         self.wandb = None
-        if enabled and cfg["wandb"]:
+        if enabled and wandb_project:
             try:
                 import wandb
             except ImportError:
                 raise TrainError("--wandb needs the wandb package: pip install wandb") from None
-            self.wandb = wandb.init(project=cfg["wandb_project"], config=cfg, dir=str(out_dir))
+            self.wandb = wandb.init(project=wandb_project, config=settings, dir=str(out_dir))
 
     def line(self, text: str, echo: bool = True):
         if not self.enabled:
@@ -47,20 +50,37 @@ class Logger:
             from tqdm import tqdm
             tqdm.write(text)      # above the progress bar, not through it
 
-    def config(self, cfg: dict):
-        print("config:\n" + "\n".join(f"  {k} = {v}" for k, v in cfg.items()))
-        self.line(f"config: {json.dumps(cfg, sort_keys=True)}", echo=False)
+    def config(self, settings: dict):
+        print("config:\n" + "\n".join(f"  {k} = {v}" for k, v in settings.items()))
+        self.line(f"config: {json.dumps(settings, sort_keys=True)}", echo=False)
 
-    def final(self, metrics: dict, results_path):
+    def final(self, results: dict, out_dir: Path):
+        """A run's last lines: its metrics, what it learned and forgot in plain words (report.run_summary)
+        and, where matplotlib is installed, that as a picture in out_dir/summary.png."""
+        from ivft.report import fmt_score, plot_summary, run_summary
+        if not self.enabled:
+            return
+        metrics, cl = results["metrics"], results.get("cl")
         if metrics:
             self.line("final: " + "  ".join(f"{k} {v:+.4f}" for k, v in metrics.items() if isinstance(v, (int, float))))
-        self.line(f"done: {results_path}")
+        if cl:
+            for text in run_summary(cl, results["config"].get("preset", "")):
+                self.line(text)
+            try:
+                png = plot_summary(cl, Path(out_dir) / "summary.png", title=f"{results['config'].get('preset')}: "
+                                   f"AP {fmt_score(cl['AP'])}, general-suite drop {fmt_score(cl.get('GP_drop'))}")
+            except OSError as e:
+                raise TrainError(f"{Path(out_dir) / 'summary.png'}: cannot write ({e.strerror or e})") from None
+            if png:
+                self.line(f"plot: {png}")
+        self.line(f"done: {Path(out_dir) / 'results.json'}")
 
     def step(self, where: str, step: int, total: int, loss: float, parts: dict, alpha: float, lr: float,
              gnorm: float, tok_s: float, dt: float, task: int = 0):
-        """The one line per --log_every optimizer steps (and the same numbers to wandb)."""
-        extra = "".join(f" {k} {parts[k]:.4f}" for k in ("kl", "kl_all", "mse") if k in parts)
-        self.line(f"{where} | step {step}/{total} | loss {loss:.4f} ce {parts.get('ce', 0.0):.4f}{extra} | "
+        """The one line per --log_every optimizer steps (and the same numbers to wandb). parts: the
+        loss's named terms as they enter the total (weights included), whatever the loss returns."""
+        terms = "".join(f" {k} {float(v):.4f}" for k, v in parts.items())
+        self.line(f"{where} | step {step}/{total} | loss {loss:.4f}{terms} | "
                   f"alpha {alpha:.3f} | lr {lr:.2e} | gnorm {gnorm:.3f} | {tok_s:.0f} tok/s | dt {dt:.2f}s | "
                   f"eta {fmt_time(dt * (total - step))}")
         if self.wandb is not None:
@@ -74,6 +94,23 @@ def write_json(path, obj):
         write_json_atomic(path, obj)
     except OSError as e:
         raise TrainError(str(e)) from None
+
+
+def code_version() -> dict:
+    """The code a run ran on: the git commit and a short hash of the uncommitted changes to its
+    Python files ("" when clean); None values outside a git checkout. Recorded in train_config.json."""
+    import hashlib
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, timeout=10, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+    commit, diff = git("rev-parse", "HEAD"), git("diff", "HEAD", "--", "*.py")     # the code, not the docs
+    return {"commit": commit.decode().strip() if commit else None,
+            "diff": hashlib.sha1(diff).hexdigest()[:12] if diff else ("" if diff is not None else None)}
 
 
 def fmt_time(s: float) -> str:

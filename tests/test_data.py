@@ -1,13 +1,13 @@
-"""Tests of ivft/data.py: the learning-rate schedule and collation (the loss sees answer tokens only)."""
+"""Tests of ivft/data.py (collation: the loss sees answer tokens only) and of train.py's lr schedule."""
 import pytest
 
-from ivft.data import Item, collate, lr_at
+from ivft.data import Item, collate
+from train import lr_at
 from toys import byte_tokenizer
 
 
 def test_lr_schedule():
-    cfg = {"lr": 1.0, "min_lr_ratio": 0.1, "warmup": 2, "lr_schedule": "cosine"}
-    lrs = [lr_at(s, 10, cfg) for s in range(10)]
+    lrs = [lr_at(s, 10, 1.0, "cosine", warmup=2, min_lr_ratio=0.1) for s in range(10)]
     assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0]) and lrs[-1] == pytest.approx(0.1)
     assert all(x >= y for x, y in zip(lrs[2:], lrs[3:]))           # monotone after warmup
 

@@ -202,7 +202,7 @@ def test_universal_shares_heads():
 def test_bad_settings_fail_clearly():
     # Settings' own checks: tests/test_ivsettings.py
     model, task = char_model(), standin_task()
-    with pytest.raises(ExtractError, match="layer=4 is out of range"):
+    with pytest.raises(ExtractError, match="layer 4 is out of range"):
         X.extract_iv(model, TOK, task, layer=4, progress=False, **SMALL)
     tiny = Task(name="tiny", kind="generate", metric="exact_match", train=task.train[:2], test=[])
     with pytest.raises(ExtractError, match="too few"):
@@ -230,7 +230,7 @@ def test_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(load, "load_model", lambda *a, **k: (char_model(), TOK))
     monkeypatch.setattr(X, "load_task_by_name", lambda name: big_task(name))
     assert X.main(["--task", "up3", "--layer", "9", "--quiet"]) == 2
-    assert "layer=9 is out of range" in capsys.readouterr().err
+    assert "layer 9 is out of range" in capsys.readouterr().err
     out, report = tmp_path / "up3.safetensors", tmp_path / "rep" / "check.json"
     assert X.main(["--task", "up3", "--out", str(out), "--n_clean", "4", "--n_corrupt", "4", "--shots", "2",
                    "--check", "--n_check", "4", "--sweep", "--report", str(report), "--quiet"]) == 0

@@ -2,9 +2,9 @@
 one shape: SuperNI of the older release ("Definition" a string, no instance ids) and the newer (a
 list, ids, several reference answers), Alpaca in Chinese, Alpaca with a 3,000-character article,
 TRACE as a folder and as one Chinese file. Each goes through the loading path of every command:
-ivft.tasks.load_task, evaluate.py's scores of one example, and extract_iv.py's clean and corrupted
-prompts scored on a tiny model. The tokenizer is byte-level, so any text, Chinese included, has
-tokens."""
+ivft.tasks.load_task, train.py's encoding (ivft.data.encode_task at --max_len 256), evaluate.py's
+scores of one example, and extract_iv.py's clean and corrupted prompts scored on a tiny model. The
+tokenizer is byte-level, so any text, Chinese included, has tokens."""
 import math
 import random
 from pathlib import Path
@@ -13,8 +13,10 @@ import pytest
 
 import evaluate as E
 from ivft import tasks
+from ivft.data import encode_task
 from ivft.ivprompts import clean_prompts, corrupted_prompts, score_prompts
 from ivft.ivsettings import Settings
+from ivft.prompts import answer_ids, render_prompt
 from ivft.tasks import Task
 from toys import byte_tokenizer, tiny_model
 
@@ -86,6 +88,30 @@ def test_trace_folder_and_file_split_their_shared_instruction():
     zh = load("trace_stance_zh.json")
     assert {e.instruction for e in examples(zh)} == {"判断下面的文本对指定对象的态度，选择一项：支持，反对，中立。输出A，B或者C。"}
     assert {e.output for e in examples(zh)} == {"A", "B", "C"}
+
+
+# ---- train.py: every example encoded, a too-long prompt cut from its start with a warning ------------------
+
+@pytest.mark.parametrize("name", FILES)
+def test_training_encodes_every_example_within_max_len(name, capsys):
+    task = load(name)
+    every = Task(task.name, task.kind, task.metric, examples(task), task.test)
+    items = encode_task(TOK, every, 0, 256)
+    assert len(items) == len(every.train)                                 # none dropped
+    n_long = 0
+    for ex, it in zip(every.train, items):
+        full = render_prompt(TOK, ex, with_instruction=True)
+        answer = answer_ids(TOK, ex.output)
+        assert len(it.ids) <= 256 and it.ids[it.prompt_len:] == answer     # the whole answer, its end token
+        assert it.ids[:it.prompt_len] == full[len(full) - it.prompt_len:]  # the prompt's end is kept
+        n_long += len(full) + len(answer) > 256
+    err = capsys.readouterr().err
+    if n_long:
+        assert f"training task {task.name!r}: {n_long} of {len(items)} examples are longer than " \
+               f"--max_len 256 tokens" in err and err.count("warning:") == 1
+    else:
+        assert "warning" not in err
+    assert (n_long > 0) == (name == "alpaca_long.jsonl")
 
 
 # ---- evaluate.py: one example (the longest), every metric ------------------------------------------------

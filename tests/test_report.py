@@ -1,4 +1,4 @@
-"""Tests for ivft/report.py: reports on disk, the printed tables and the continual-learning plot."""
+"""Tests for ivft/report.py: reports on disk, the printed tables, the end-of-run summary and its plot."""
 import importlib.util
 import json
 import sys
@@ -36,12 +36,22 @@ def test_print_cl(capsys):
     assert "0.900" in out and "forgetting A=-" in out
 
 
-def test_plot_cl_png_or_skip(tmp_path, monkeypatch):
-    path = R.plot_cl(CL, tmp_path / "cl.png")
+def test_run_summary_says_what_was_learned_and_forgotten():
+    lines = R.run_summary(CL, "plain")
+    assert lines[0] == "learned (right after its stage): A 0.10 -> 0.90"
+    assert lines[1].startswith("general suite (zero-shot, never trained on): 0.50 before -> 0.40 after (drop 0.10")
+    assert "the tasks were learned (mean 0.90) while the general suite fell" in lines[2] and "--guided" in lines[2]
+    held = {**CL, "GP": [0.5, 0.5], "GP_drop": 0.0}
+    assert "held" in R.run_summary(held, "guided")[2] and "without --guided" in R.run_summary(held, "guided")[2]
+
+
+def test_plot_summary_png_or_skip(tmp_path, monkeypatch):
+    path = R.plot_summary(CL, tmp_path / "summary.png")
     if importlib.util.find_spec("matplotlib") is None:
-        assert path is None and not (tmp_path / "cl.png").exists()
+        assert path is None and not (tmp_path / "summary.png").exists()
     else:
-        assert (tmp_path / "cl.png").read_bytes()[:4] == b"\x89PNG"
+        assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
+        assert [p.name for p in tmp_path.iterdir()] == ["summary.png"]       # written atomically
     # without matplotlib: nothing drawn, no error
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    assert R.plot_cl(CL, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    assert R.plot_summary(CL, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

@@ -375,8 +375,7 @@ time.sleep(30)
 STUDY_DRIVER = """
 import importlib.util, sys
 from pathlib import Path
-experiments, tmp, child = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-sys.path.insert(0, str(experiments))
+experiments, tmp, child = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]   # run in experiments/: common
 spec = importlib.util.spec_from_file_location("study", experiments / "study.py")
 study = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(study)
@@ -411,7 +410,7 @@ def test_stopped_or_killed_study_stops_its_run_and_its_minutes_count(dirs, monke
     log, pid_file = dirs / "runs" / "logs" / "A-plain-s0.txt", dirs / "child.pid"
     driver = subprocess.Popen([sys.executable, "-c", STUDY_DRIVER, str(ROOT / "experiments"), str(dirs),
                                TRAIN_STANDIN], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
+                              start_new_session=True, cwd=ROOT / "experiments")
     try:
         wait_for(lambda: pid_file.exists() and pid_file.read_text(), "the run started")
         child = int(pid_file.read_text())

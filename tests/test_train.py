@@ -146,11 +146,11 @@ def test_kl_zero_iff_model_equals_reference_with_iv(positions):
     g.ivs = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
     g.ivs = g.ivs / g.ivs.norm(dim=1, keepdim=True)
     g.layers = torch.tensor([1, 1])
-    g.train_iv, g.ref_iv, g.kl_weight, g.kl_positions = True, True, 1.0, positions
+    g.train_iv, g.kl_iv, g.kl_weight, g.kl_positions = True, True, 1.0, positions
     n = (float((batch["targets"] != -100).sum()), float(len(batch["idx"])))
 
     def kl(alpha, ref_iv=True):
-        g.alpha, g.ref_iv = alpha, ref_iv
+        g.alpha, g.kl_iv = alpha, ref_iv
         return float(lm(batch, n)[1]["kl"])
 
     assert abs(kl(1.0)) < 1e-6, "same weights, IV at α=1 on both sides: KL must vanish"
@@ -169,7 +169,7 @@ def test_kl_zero_with_lora_reference_adapters_off():
     lm = train.LossModule(model)
     g = lm.guidance
     g.ivs, g.layers = torch.ones(2, 32) / 32 ** 0.5, torch.tensor([2, 2])
-    g.train_iv, g.ref_iv, g.kl_weight, g.alpha = True, True, 1.0, 1.0
+    g.train_iv, g.kl_iv, g.kl_weight, g.alpha = True, True, 1.0, 1.0
     n = (float((batch["targets"] != -100).sum()), float(len(batch["idx"])))
     assert abs(float(lm(batch, n)[1]["kl"])) < 1e-6
     with torch.no_grad():
@@ -191,7 +191,7 @@ def fvg_setup(kl_min=0.1, mse_min=0.01):
     model, ref = sharp(0), sharp(1).eval()
     batch = guided_batch(tok)
     g = train.Guidance(ivs=torch.randn(2, 32, generator=torch.Generator().manual_seed(3)), layers=torch.tensor([1, 2]),
-                       train_iv=False, ref_iv=True, kl_weight=20.0, kl_temp=2.0, kl_positions="last", kl_min=kl_min,
+                       train_iv=False, kl_iv=True, kl_weight=20.0, kl_temp=2.0, kl_positions="last", kl_min=kl_min,
                        kl_gate="batch", kl_all_weight=0.1, head_mse_weight=1.0, head_mse_min=mse_min,
                        heads={0: torch.tensor([1, 3]), 2: torch.tensor([0])})
     lm = train.LossModule(model, guidance=g)
@@ -228,8 +228,9 @@ def test_fvg_loss_terms_equal_the_sibling_code_by_hand():
     mses = [F.mse_loss(rec.z[l][:, 0, h], rec_ref.z[l][:, 0, h]).detach() for l, hs in g.heads.items() for h in hs.tolist()]
     ce = F.cross_entropy(logits[batch["targets"] != -100], batch["targets"][batch["targets"] != -100])
     assert kl1 > 0.1 and kl2 > 0.1 and all(m > 0.01 for m in mses), "the toy must exceed every threshold"
-    torch.testing.assert_close(parts["kl"], kl1, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(parts["kl_all"], kl2, rtol=1e-4, atol=1e-6)
+    # the parts come back as they enter the loss, weights included (20 and 0.1, the MSE's 1)
+    torch.testing.assert_close(parts["kl"], 20 * kl1, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(parts["kl_all"], 0.1 * kl2, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(parts["mse"], sum(mses), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(loss, ce + 20 * kl1 + 0.1 * kl2 + sum(mses), rtol=1e-4, atol=1e-5)
     # thresholds: a term at or below its threshold counts zero (and so gives no gradient)
@@ -264,15 +265,14 @@ def test_presets_set_defaults_and_flags_win():
 def test_replay_mixes_a_fixed_sample_of_earlier_tasks_only():
     from ivft.data import stage_pool
     encoded = [[Item([i, t], 1, t) for i in range(10)] for t in range(3)]
-    cfg = {"replay": 0.5, "seed": 0}
-    assert stage_pool(encoded, 0, cfg) == encoded[0]                     # nothing earlier to replay
-    pool = stage_pool(encoded, 2, cfg)
+    assert stage_pool(encoded, 0, 0.5, 0) == encoded[0]                  # nothing earlier to replay
+    pool = stage_pool(encoded, 2, 0.5, 0)
     assert pool[:10] == encoded[2] and len(pool) == 15                    # the task + 0.5 x its size
     replayed = pool[10:]
     assert all(it.task in (0, 1) for it in replayed) and len({id(it) for it in replayed}) == 5
-    assert stage_pool(encoded, 2, cfg) == pool                            # the same sample every time
-    assert stage_pool(encoded, 2, {"replay": 0.5, "seed": 1}) != pool     # ... for this seed
-    assert len(stage_pool(encoded, 1, {"replay": 2.0, "seed": 0})) == 30  # more than there is: drawn with repeats
+    assert stage_pool(encoded, 2, 0.5, 0) == pool                         # the same sample every time
+    assert stage_pool(encoded, 2, 0.5, 1) != pool                         # ... for this seed
+    assert len(stage_pool(encoded, 1, 2.0, 0)) == 30                      # more than there is: drawn with repeats
 
 
 # ---- runs -------------------------------------------------------------------------------------------
@@ -572,23 +572,36 @@ def test_moved_run_resumes(env, tmp_path):
 def test_early_death_leaves_a_folder_a_rerun_can_use(env, tmp_path, capsys):
     out = tmp_path / "early"
     out.mkdir()
-    (out / "train_config.json").write_text("{}")            # what a run killed before its first
+    started = json.dumps({"preset": "plain", "tasks": "a,b", "out_dir": str(out)})
+    (out / "train_config.json").write_text(started)         # what a run killed before its first
     (out / "log.txt").write_text("config: ...\n")          # checkpoint leaves
     run_main(base_args(env, out))                           # a plain rerun starts over
     assert (out / "stage-2").is_dir() and "config: ..." not in (out / "log.txt").read_text()
+    assert not (out / "run.lock").exists()                  # the lock is gone with the run
     shutil.rmtree(out)
     out.mkdir()
-    (out / "train_config.json").write_text("{}")
+    (out / "train_config.json").write_text(started)
     capsys.readouterr()
     run_main(base_args(env, out, "--resume"))               # so does --resume, and says so
     assert "starting from the beginning" in capsys.readouterr().err and (out / "stage-2").is_dir()
-    # a folder with someone else's files is never taken over
+    # a folder with someone else's files is never taken over, --overwrite or not, and the message
+    # says what is there; files named like a run's (results.json, log.txt) without a run's
+    # train_config.json are someone else's too
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    assert "already holds" in expect_exit(base_args(env, other), capsys)
-    assert "no readable checkpoint" in expect_exit(base_args(env, other, "--resume"), capsys)
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        msg = expect_exit(base_args(env, other, *extra), capsys)
+        assert "not a run's (notes.txt)" in msg, msg
     assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
+    (other / "notes.txt").unlink()
+    for name in ("results.json", "log.txt", "paper.tex"):
+        (other / name).write_text("mine")
+    before = tree_digest(other)
+    assert "log.txt, paper.tex, results.json" in expect_exit(base_args(env, other, "--overwrite"), capsys)
+    (other / "paper.tex").unlink()
+    assert "log.txt, results.json" in expect_exit(base_args(env, other, "--overwrite"), capsys)
+    assert {k: v for k, v in tree_digest(other).items()} == {k: v for k, v in before.items() if k != "paper.tex"}
 
 
 def test_sigterm_saves_a_resumable_checkpoint(env, tmp_path):
@@ -670,3 +683,122 @@ def test_sample_flags_are_validated(capsys):
     for flag, value in (("--num_samples", "0"), ("--temperature", "-1"), ("--max_new_tokens", "0")):
         r = subprocess.run([sys.executable, str(ROOT / "sample.py"), flag, value], capture_output=True, text=True)
         assert r.returncode == 2 and f"{flag} " in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+# ---- caches, IV files and run folders: nothing silently wrong, nothing lost ----------------------
+
+def test_stage0_cache_is_keyed_by_task_content(env, tmp_path, monkeypatch):
+    # a general task file with the same name but other data must not get the cached stage-0 report
+    gdir = tmp_path / "g2"
+    gdir.mkdir()
+    general = write_task(gdir, "g", lambda w: w[-1], 9)          # same name "g", other answers
+    cache = tmp_path / "stage0.json"
+    ev = ["--eval_n", "3", "--eval_k_shot", "0", "--stage0_cache", str(cache)]
+    run_main([*base_args(env, tmp_path / "r1"), *ev, "--general", env["general"]])
+    calls = []
+    real = evaluate.evaluate_suite
+    monkeypatch.setattr(evaluate, "evaluate_suite", lambda *a, **k: calls.append(k["model_name"]) or real(*a, **k))
+    run_main([*base_args(env, tmp_path / "r2"), *ev, "--general", general])
+    assert calls and calls[0].startswith("stage 0"), "the cached report of other task data was reused"
+
+
+@pytest.mark.parametrize("content", ["garbage", "dir", "json"])
+def test_bad_stage0_cache_is_one_line_before_anything_is_written(env, tmp_path, capsys, content):
+    cache = tmp_path / "cache.json"
+    if content == "dir":
+        cache.mkdir()
+    else:
+        cache.write_bytes(b"\xff\xfe\x00garbage" if content == "garbage" else b'["not", "a cache"]')
+    out = tmp_path / "run"
+    msg = expect_exit(base_args(env, out, "--eval_n", "2", "--stage0_cache", str(cache)), capsys)
+    assert msg.startswith(f"error: --stage0_cache {cache}") and not out.exists()
+
+
+def test_iv_file_of_another_task_is_refused(env, tmp_path, capsys):
+    out = tmp_path / "swapped"
+    msg = expect_exit(base_args(env, out, "--guided", "--iv_file", f"a={env['ivs']['b']}",
+                                "--iv_file", f"b={env['ivs']['b']}"), capsys)
+    assert "extracted for task 'b'" in msg and env["ivs"]["b"] in msg and not out.exists()
+
+
+def test_a_second_writer_is_refused(env, tmp_path, capsys):
+    from ivft.files import RunLock
+    out = tmp_path / "busy"
+    with RunLock(out, what=f"--out_dir {out}"):               # another live train.py holds the folder
+        msg = expect_exit(base_args(env, out), capsys)
+    assert f"--out_dir {out} is in use by PID {os.getpid()}" in msg
+    assert not out.exists()                                   # the holder's lock was its only file
+    run_main(base_args(env, out))                             # once it is gone the folder is free
+    assert (out / "stage-2").is_dir() and not (out / "run.lock").exists()
+
+
+def test_resume_warns_when_the_code_changed(env, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "code"
+    monkeypatch.setattr(train, "code_version", lambda: {"commit": "aaa", "diff": ""})
+    run_main(base_args(env, out, "--max_steps", "2", "--save_every", "1"))
+    shutil.rmtree(out / "stage-2")
+    monkeypatch.setattr(train, "code_version", lambda: {"commit": "bbb", "diff": "123"})
+    capsys.readouterr()
+    run_main([*base_args(env, out, "--max_steps", "2", "--save_every", "1"), "--resume"])
+    err = capsys.readouterr().err
+    assert "the code changed" in err and "aaa" in err and "bbb" in err
+    assert json.loads((out / "train_config.json").read_text())["code"]["commit"] == "bbb"
+
+
+def without(args, flag):
+    i = args.index(flag)
+    return args[:i] + args[i + 2:]
+
+
+def test_micro_batch_follows_the_batch_size(env, tmp_path, capsys):
+    # --micro_batch defaults to what the batch allows: a flag the user did not set is never the
+    # one an error names
+    res = run_main(without(base_args(env, tmp_path / "b3", "--max_steps", "1"), "--micro_batch") + ["--batch_size", "3"])
+    assert res["config"]["micro_batch"] == 3
+    res = run_main(without(base_args(env, tmp_path / "b12", "--max_steps", "1"), "--micro_batch") + ["--batch_size", "12"])
+    assert res["config"]["micro_batch"] == 6                   # the largest divisor <= 8
+    msg = expect_exit(base_args(env, tmp_path / "b5", "--batch_size", "5"), capsys)
+    assert "--micro_batch 2" in msg                            # the user's own micro_batch is named
+
+
+def test_help_shows_each_presets_default():
+    from ivft.config import DEFAULTS, SIZE_DEFAULTS, preset_help
+    text = " ".join(train.build_parser().format_help().split())
+    for dest in [*DEFAULTS, *SIZE_DEFAULTS]:
+        if dest != "iv_dir":
+            assert preset_help(dest) in text, dest
+    assert "(default 1.0; --regime lora 16.0)" in text               # --epochs: the regime's value too
+    assert "default 0.0; iv_only 1.0, guided 1.0, fvg 0.0" in text  # --iv_alpha0, from METHOD_PRESETS
+
+
+def test_a_changed_injection_layer_reuses_the_cached_iv(env, tmp_path):
+    import extract_iv
+    from ivft.tasks import load_task
+    model, tok = load_model(env["model"])
+    task = load_task(env["tasks"].split(",")[0])
+    path = tmp_path / "iv.safetensors"
+    kw = dict(n_clean=4, n_corrupt=4, top_k=2, progress=False)
+    first = extract_iv.get_iv(model, tok, task, path, layer=1, **kw)
+    stamp = path.stat().st_mtime_ns
+    again = extract_iv.get_iv(model, tok, task, path, layer=2, **kw)
+    assert again.get("reused") and again["layer"] == 2 and path.stat().st_mtime_ns == stamp
+    assert torch.equal(again["iv"], first["iv"].float())
+    got = extract_iv.training_ivs(model, tok, [task], iv_dir=tmp_path / "cache", model_id="tiny", layer=0, **kw)
+    assert got[task.name][1] == 0
+    with pytest.raises(extract_iv.ExtractError, match="IV layer 7 is out of range"):
+        extract_iv.training_ivs(model, tok, [task], iv_dir=tmp_path / "cache", model_id="tiny", layer=7, **kw)
+
+
+def test_a_damaged_iv_cache_file_is_rebuilt_with_a_note(env, tmp_path, capsys):
+    import extract_iv
+    from ivft.tasks import load_task
+    model, tok = load_model(env["model"])
+    task = load_task(env["tasks"].split(",")[0])
+    path = tmp_path / "iv.safetensors"
+    kw = dict(n_clean=4, n_corrupt=4, top_k=2, layer=1, progress=False)
+    extract_iv.get_iv(model, tok, task, path, **kw)
+    path.write_bytes(path.read_bytes()[:200])
+    capsys.readouterr()
+    r = extract_iv.get_iv(model, tok, task, path, **kw)
+    assert not r.get("reused") and "extracting it again" in capsys.readouterr().err
+    assert extract_iv.get_iv(model, tok, task, path, **kw).get("reused")
