@@ -121,9 +121,8 @@ def _start_task(model, tok, task, decoders, *, n, k_shot, metrics, batch_size, s
         # engine.greedy_replies makes this same call for the IV check and the study's analyses
         em_budget, rc_budget = reply_budgets(golds, want)
         alive = verdict_open(tok, [ex.output for ex in test], stop, em_budget, rc_budget)
-        scores, gens = run_prompts(model, prompts, conts, max_new_tokens=max(em_budget, rc_budget), stop_ids=stop,
-                                   alive=alive,
-                                   prune="choice_accuracy" in want,
+        scores, gens = run_prompts(model, prompts, conts, max_new_tokens=max(em_budget, rc_budget),
+                                   stop_ids=stop, alive=alive, prune="choice_accuracy" in want,
                                    batch_size=batch_size, desc=f"{task.name}{suffix or ' 0-shot'}",
                                    progress=progress, timings=timings, tag=(suffix or "_0shot")[1:] + "/",
                                    decoder=decoders[suffix], intervention=intervention)
@@ -344,7 +343,7 @@ def read_stage_cache(path) -> dict | None:
             saved = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         kind = "a directory" if os.path.isdir(path) else f"not a JSON file ({type(e).__name__})"
-        raise ValueError(f"--stage0_cache {path}: {kind}; give a JSON file path (written if absent)") from None
+        raise ValueError(f"--stage0_cache {path}: {kind}; give a JSON file (written if absent)") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("report"), dict):
         raise ValueError(f"--stage0_cache {path}: not a stage-0 cache (needs keys 'key' and 'report')")
     return saved
@@ -409,12 +408,12 @@ def build_parser():
     g.add_argument("--tasks", default=None, help="comma-separated task names or task files; "
                    "none = the general suite")
     g.add_argument("--n", type=int, default=100, help="test examples per task, the first n (0 = all)")
-    g.add_argument("--k_shot", type=int, default=3, help="demonstrations for the *_kshot metrics (0 = skip them)")
+    g.add_argument("--k_shot", type=int, default=3, help="demonstrations of the *_kshot metrics (0 = none)")
     g.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metrics to compute")
     g.add_argument("--seed", type=int, default=0, help="seed for the demonstrations and fallback distractors")
     g = p.add_argument_group("system")
-    g.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="prompts per forward pass, and rows per "
-                   "decoding step (lower it for big models: the k-shot replies' KV cache grows with it)")
+    g.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="prompts per forward pass, and rows per"
+                   " decoding step (lower it for big models: the k-shot replies' KV cache grows with it)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype: bfloat16 = autocast with fp32 weights and fp32 output layer (a "
                    "gain on GPUs and on CPUs with AMX/AVX512-BF16; on AVX2-only CPUs ~4x slower than fp32; "
@@ -441,7 +440,8 @@ def main(argv=None) -> int:
     print("config: " + json.dumps(vars(args)))
     try:
         # tasks first: a typo in a task name should fail in a second, not after loading the model
-        tasks = resolve_tasks(None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()])
+        names = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        tasks = resolve_tasks(names)
         if args.out:
             try:
                 check_writable(os.path.dirname(os.path.abspath(args.out)))   # not after a whole evaluation
@@ -449,9 +449,10 @@ def main(argv=None) -> int:
                 raise OSError(f"{args.out}: {e}") from None
         from ivft.load import load_model
         model, tok = load_model(args.model, device=args.device)
-        report = evaluate_suite(model, tok, tasks, model_name=args.model or "SmolLM2-135M-Instruct (embedded)",
-                                dtype=args.dtype, progress=not args.no_progress, n=args.n or None,
-                                k_shot=args.k_shot, metrics=metrics, batch_size=args.batch_size, seed=args.seed)
+        name = args.model or "SmolLM2-135M-Instruct (embedded)"
+        report = evaluate_suite(model, tok, tasks, model_name=name, dtype=args.dtype,
+                                progress=not args.no_progress, n=args.n or None, k_shot=args.k_shot,
+                                metrics=metrics, batch_size=args.batch_size, seed=args.seed)
     except (ValueError, KeyError, OSError) as e:
         # bad input (unknown task, unreadable checkpoint, empty task...): one line, no traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -463,7 +464,8 @@ def main(argv=None) -> int:
         try:
             save_report(report, args.out)
         except OSError as e:
-            print(f"evaluate.py: error: {args.out}: cannot write the report ({e.strerror or e})", file=sys.stderr)
+            print(f"evaluate.py: error: {args.out}: cannot write the report ({e.strerror or e})",
+                  file=sys.stderr)
             return 2
         print(f"report written to {args.out}")
     return 0
