@@ -642,21 +642,36 @@ def test_unwritable_out_dir_and_full_disk(env, tmp_path, capsys, monkeypatch):
     msg = expect_exit(base_args(env, ro / "run"), capsys)
     assert "cannot write in" in msg and str(ro) in msg and not (ro / "run").exists()
     monkeypatch.setattr(tf, "TemporaryFile", real)
-    # a full disk while a checkpoint is written: one line naming the checkpoint, no temporaries left
-    from ivft import load as L
-    def full(*a, **k):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(L, "save_file", full, raising=False)
+    # a full disk while a checkpoint is written: one line naming the checkpoint, no temporaries left.
+    # The disk fills as an OSError, or as safetensors' own SafetensorError (not an OSError: it gave a
+    # traceback); in the second case after `last` (--save_every 2) fitted, which must stay intact.
+    import safetensors
     import safetensors.torch as st
-    monkeypatch.setattr(st, "save_file", full)
-    out = tmp_path / "full"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        run_main(base_args(env, out))
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert e.value.code == 2 and last.startswith("error: ") and str(out / "stage-1") in last
-    assert "No space left on device" in last
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    from ivft import load as L
+    real_save = st.save_file
+    for error, saves_that_fit, extra in [
+            (OSError(28, "No space left on device"), 0, []),
+            (safetensors.SafetensorError("No space left on device"), 1, ["--save_every", "2"])]:
+        fitted = []
+        def full(*a, **k):
+            if len(fitted) < saves_that_fit:
+                fitted.append(1)
+                return real_save(*a, **k)
+            raise error
+        monkeypatch.setattr(L, "save_file", full, raising=False)
+        monkeypatch.setattr(st, "save_file", full)
+        out = tmp_path / f"full-{type(error).__name__}"
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run_main(base_args(env, out, *extra))
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and last.startswith("error: ") and str(out / "stage-1") in last, last
+        assert "No space left on device" in last and "Traceback" not in last
+        assert not [p for p in out.iterdir() if p.name.startswith(".")]
+        assert not (out / "stage-1").exists()
+        if saves_that_fit:          # the checkpoint before the failed one is whole and resumable
+            assert ckpt.read_state(out / "last")["step"] == 2
+            assert read_safetensors(out / "last" / "model.safetensors")
 
 
 def test_checkpoints_have_ordinary_permissions(env, tmp_path):
