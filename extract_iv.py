@@ -1,42 +1,23 @@
-"""
-Instruction-vector (IV) extraction by causal mediation over attention heads, fast and exact.
+"""Instruction-vector (IV) extraction by causal mediation over attention heads, fast and exact.
 
     python extract_iv.py --task antonym --check         # -> ivs/<model-tag>/antonym.safetensors + a check
     python extract_iv.py --task antonym --sweep         # restored share per layer x K on a dev split (+ PNG)
-    python extract_iv.py --task my_pairs.json --check   # a function-vector file of {"input", "output"}
-    python extract_iv.py --universal antonym capital    # one head set for several tasks
 
-What it computes (Todd et al. 2023, "Function Vectors in Large Language Models", arXiv 2310.15213,
-code ericwtodd/function_vectors; Jiang et al., arXiv 2406.12227):
-1. clean prompts = k demonstrations, each with the instruction, then the query, in a form where the
-   model starts its reply with the answer (default: plain "Q: ...\\nA: ..." text); keep those the
-   model answers (first answer token is the argmax), topped up with the lowest-NLL others;
-   z̄[l, h] = mean per-head output z (the o_proj *input* slice of head h) at the last prompt token.
-2. corrupted prompts = the query alone, zero-shot, no instruction, no demonstrations: the form the IV
-   has to repair when it is added in training and in the analyses.
-3. AIE[l, h] = mean over corrupted prompts of the effect of z_lh := z̄_lh at the last prompt token on
-   P(first answer token) or, where the clean prompts give that token little mass, log P(answer).
-4. IV = sum over the top-K heads of z̄_lh pushed through head h's slice of W_O (no bias), added to the
-   residual stream after block `layer` at the last prompt token. `--kind resid` instead takes the
-   mean residual stream after `layer`, clean minus corrupted (a task vector, Hendel et al. 2023).
+Todd et al. 2023, "Function Vectors in Large Language Models", arXiv 2310.15213, code
+ericwtodd/function_vectors; Jiang et al., arXiv 2406.12227. In four steps (details: docs/iv.md):
+1. clean prompts = k demonstrations with the instruction, then the query; z̄[l, h] = head h's mean
+   output z (its o_proj input slice) at the last prompt token;
+2. corrupted prompts = the query alone, zero-shot: the form the IV has to repair;
+3. AIE[l, h] = mean effect of z_lh := z̄_lh (last token) on P(first answer token) or on log P(answer);
+4. IV = Σ over the top-K heads of z̄_lh through head h's W_O slice (no bias), added after block `layer`
+   (`--kind resid`: the mean residual stream there, clean minus corrupted; Hendel et al. 2023).
+Layer and K are chosen on a dev split of the training examples; `--check` scores test examples only.
 
-Layer and K are chosen on a dev split carved out of the training examples (`--sweep`, `--layer auto`);
-`--check` scores held-out test examples only.
-
-The cost of step 3 is the point of this file. Todd's code runs one full forward per (layer, head) per
-prompt. Patching z at the last position of layer l changes nothing at earlier positions (causal
-attention) and nothing below layer l, so here each corrupted prompt runs once with a KV cache, and
-every patched head only recomputes the last position from layer l upward, attending to the cached
-prefix; all heads go through as rows of one batch (`aie_exact`). The layer sweep reuses the same
-trick for vectors added to the residual stream (`_steered_logits`). `--method attribution`
-estimates all AIEs from one forward and one backward per prompt: dP/dz · (z̄ - z) (attribution
-patching, Nanda 2023).
-
-This file is the method; the rest is in ivft/: ivsettings (Settings), ivprompts (clean and corrupted
-prompts, score_prompts), ivfile (IV files, cache keys), ivcheck (--check), report (tables, plots).
-
-Conventions: layers and heads are 0-indexed; "after block l" = the residual stream that block l+1
-reads (Intervention.add_resid={l: iv}); a head is a query head (under GQA several share k/v).
+Step 3 is fast and exact: patching z at the last position of layer l changes no earlier position
+(causal attention) and nothing below l, so each corrupted prompt runs once with a KV cache and each
+patched head recomputes only that position from layer l up, all heads as rows of one batch
+(`aie_exact`; the sweep: `_steered_logits`). `--method attribution`: dP/dz · (z̄ - z), one backward
+(Nanda 2023). Layers, heads (query heads) 0-indexed; "after block l" = what block l+1 reads.
 """
 from __future__ import annotations
 
@@ -52,13 +33,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ivft.ivcheck import SWEEP_MARGIN, check_iv, check_report, dev_accuracy, iv_advice, iv_verdict, restored
-from ivft.ivfile import cache_matches, check_iv_task, iv_filename, iv_meta, load_iv, model_tag, read_iv, save_iv
+from ivft.ivcheck import (check_iv, check_report, choose_kind, dev_advice, restored, sweep_all, swept_advice,
+                          training_lines)
+from ivft.ivfile import (cached_iv, check_iv_task, check_outputs, iv_filename, iv_meta, iv_out_path, load_iv,
+                         model_tag, save_iv, written)
 from ivft.ivprompts import (Prompt, check_distinct, clean_prompts, corrupted_prompts, draw_examples,
                             load_task_by_name, mismatch_donor, pad_left, render, score_prompts, split_train)
-from ivft.ivsettings import (CORRUPTIONS, EFFECTS, FORMATS, KINDS, METHODS, MIN_PROMPTS, ExtractError, Settings,
-                             check_layer)
-from ivft.report import format_check, format_sweep, plot_sweep, save_report
+from ivft.ivsettings import (CORRUPTIONS, EFFECTS, FORMATS, KINDS, METHODS, MIN_PROMPTS, ExtractError,
+                             Settings, check_layer)
+from ivft.report import format_check, format_iv, format_sweep, plot_sweep, save_report
 from model import Intervention, KVCache
 
 K_GRID = (3, 5, 10, 20, 40)     # top-K values the sweep tries (those <= the model's head count)
@@ -68,11 +51,9 @@ K_GRID = (3, 5, 10, 20, 40)     # top-K values the sweep tries (those <= the mod
 AUTO_PROB_MIN = 0.3
 
 
-# ---------------------------------------------------------------------------------------------
-# Average indirect effect, three ways. All return AIE [L, H] (float32), rows = layers.
+# ---- Average indirect effect, three ways. All return AIE [L, H] (float32), rows = layers ---------
 # The metric: "prob" = P(answer[0]) after the last prompt token; "logprob" = sum of log P over the
 # answer tokens (teacher-forced), so the patched last prompt position is also seen by the answer.
-
 def _metric(logits, answer, effect) -> torch.Tensor:
     """logits (N, U, V) at the last prompt token and after it -> (N,) metric per row."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # fp32, or fp64 for tests
@@ -101,7 +82,8 @@ def aie_naive(model, prompts: list[Prompt], z_mean, *, effect="prob", progress=T
             for h in range(H):
                 edit = Intervention(pos=torch.tensor([T - 1]),
                                     set_z={l: (torch.tensor([h]), z_mean[l, h][None])})
-                total[l, h] += (_metric(model(idx, intervention=edit)[:, T - 1:], p.answer, effect) - base).item()
+                patched = _metric(model(idx, intervention=edit)[:, T - 1:], p.answer, effect)
+                total[l, h] += (patched - base).item()
     return (total / len(prompts)).float()
 
 
@@ -131,9 +113,9 @@ def _corrupted_state(model, p: Prompt, effect) -> dict:
 
 
 @torch.no_grad()
-def _patched_metrics(model, state: dict, heads: list[tuple[int, int]], z_mean, answer, effect) -> torch.Tensor:
+def _patched_metrics(model, state: dict, heads: list[tuple[int, int]], z_mean, answer,
+                     effect) -> torch.Tensor:
     """The metric with z of head (l, h) := z̄[l, h] at the last prompt token, one batch row per head.
-
     Rows are sorted by layer. At block i the rows patched at a layer <= i are "active": a row patched
     at layer l joins at block l with the recorded (unpatched) input of block l; before that its state
     equals the corrupted run's and costs nothing. Active rows attend to the cached prefix, shared by
@@ -220,16 +202,16 @@ def aie_attribution(model, prompts: list[Prompt], z_mean, *, effect="prob", batc
         batch = prompts[i:i + batch_size]
         seqs = [p.ids + suffix_ids(p, effect)[1:] for p in batch]
         idx, pad_mask = pad_left(seqs)
-        W = idx.shape[1]
-        last = torch.tensor([W - len(s) + len(p.ids) - 1 for s, p in zip(seqs, batch)])   # (B)
+        last = torch.tensor([idx.shape[1] - len(s) + len(p.ids) - 1 for s, p in zip(seqs, batch)])  # (B)
         zeros = [torch.zeros(len(batch), H, D, requires_grad=True) for _ in range(L)]
         edit = Intervention(pos=last, record_z=tuple(range(L)),
                             add_z={l: (torch.arange(H), zeros[l]) for l in range(L)})
         with torch.enable_grad():
             hidden = model(idx, pad_mask=pad_mask, intervention=edit, return_hidden=True)
             # rows are independent, so the gradient of the sum is each row's own gradient
-            m = sum(_metric(model.lm_head(hidden[r, last[r] + torch.arange(len(suffix_ids(p, effect)))])[None],
-                            p.answer, effect)[0] for r, p in enumerate(batch))
+            at = [last[r] + torch.arange(len(suffix_ids(p, effect))) for r, p in enumerate(batch)]
+            m = sum(_metric(model.lm_head(hidden[r, at[r]])[None], p.answer, effect)[0]
+                    for r, p in enumerate(batch))
             grads = torch.autograd.grad(m, zeros)
         for l in range(L):
             dz = z_mean[l][None] - edit.z[l][:, 0].detach().float()           # (B, H, D)
@@ -237,9 +219,7 @@ def aie_attribution(model, prompts: list[Prompt], z_mean, *, effect="prob", batc
     return (total / len(prompts)).float()
 
 
-# ---------------------------------------------------------------------------------------------
-# From AIE to the IV
-
+# ---- From AIE to the IV --------------------------------------------------------------------------
 def top_heads(aie: torch.Tensor, k: int) -> list[tuple[int, int]]:
     """The k heads with the largest AIE, best first, as (layer, head)."""
     H = aie.shape[1]
@@ -257,9 +237,7 @@ def build_iv(model, z_mean, heads) -> torch.Tensor:
     return iv
 
 
-# ---------------------------------------------------------------------------------------------
-# The pipeline
-
+# ---- The pipeline --------------------------------------------------------------------------------
 def mediation(model, tok, task, s: Settings, progress=True) -> dict:
     """Steps 1-3: z̄ from clean prompts, AIE from corrupted ones, on the training examples left
     after the dev split. -> dict(aie, z_mean, resid_diff [L, C], effect, info)."""
@@ -277,7 +255,8 @@ def mediation(model, tok, task, s: Settings, progress=True) -> dict:
     check_distinct(tok, picked, prompts, s, task.name)
     scores = score_prompts(model, prompts, record_z=True, record_resid=True, batch_size=s.batch_size,
                            desc="clean prompts" if progress else None)
-    order = sorted(range(len(picked)), key=lambda j: (not bool(scores["top1"][j]), -float(scores["logprob"][j])))
+    order = sorted(range(len(picked)),
+                   key=lambda j: (not bool(scores["top1"][j]), -float(scores["logprob"][j])))
     keep = order[:s.n_clean]
     z_mean = scores["z"][keep].mean(0)                                      # (L, H, D)
     # 2. corrupted prompts from other examples where the split allows
@@ -301,9 +280,8 @@ def mediation(model, tok, task, s: Settings, progress=True) -> dict:
         aie = aie_naive(model, cor, z_mean, effect=effect, progress=progress)
     info = {"n_pool": len(picked), "n_clean": len(keep), "n_clean_correct": int(scores["top1"][keep].sum()),
             "n_corrupt": len(cor), "n_dev": len(dev), "clean_p_first": clean_p_first,
-            "corrupted_p_first": cor_p_first,
-            "clean_top1_all": float(scores["top1"].float().mean()), "effect_used": effect,
-            "mismatch_task": other.name if other is not None else None,
+            "corrupted_p_first": cor_p_first, "clean_top1_all": float(scores["top1"].float().mean()),
+            "effect_used": effect, "mismatch_task": other.name if other is not None else None,
             "aie_seconds": round(time.perf_counter() - t0, 2)}
     return {"aie": aie, "z_mean": z_mean, "resid_diff": resid_diff, "effect": effect, "info": info}
 
@@ -322,11 +300,10 @@ def make_iv(model, med: dict, kind: str, layer: int, top_k: int) -> tuple[torch.
     return build_iv(model, med["z_mean"], heads), heads
 
 
-# ---------------------------------------------------------------------------------------------
-# Choosing layer and K on the dev split
-
+# ---- Choosing layer and K on the dev split -------------------------------------------------------
 @torch.no_grad()
-def sweep(model, tok, task, med: dict, s: Settings, *, progress=True, kinds=("heads",), k_grid=K_GRID) -> dict:
+def sweep(model, tok, task, med: dict, s: Settings, *, progress=True, kinds=("heads",),
+          k_grid=K_GRID) -> dict:
     """On the dev split: clean (the extraction form) and corrupted (query alone) prompts once, then
     the corrupted ones with each candidate IV added after each block: every K of k_grid for the heads
     IV (the heads from every layer, ranked by AIE) and, when med has it, the residual difference.
@@ -347,8 +324,7 @@ def sweep(model, tok, task, med: dict, s: Settings, *, progress=True, kinds=("he
             variants.append(("heads", k, iv[None].expand(L, -1)))
     if "resid" in kinds:
         variants.append(("resid", None, med["resid_diff"]))
-    rows = [(v, l) for v in range(len(variants)) for l in range(L)]
-    rows.sort(key=lambda r: r[1])
+    rows = sorted([(v, l) for v in range(len(variants)) for l in range(L)], key=lambda r: r[1])
     layers = [l for _, l in rows]
     vecs = torch.stack([variants[v][2][l] for v, l in rows])               # (N, C)
     lp = torch.zeros(len(variants), L, dtype=torch.float64)
@@ -368,13 +344,11 @@ def sweep(model, tok, task, med: dict, s: Settings, *, progress=True, kinds=("he
     n = len(dev)
     c = {"logprob": float(clean["logprob"].mean()), "top1": float(clean["top1"].float().mean())}
     k0 = {"logprob": sum(cor_lp) / n, "top1": sum(cor_top1) / n}
-    out_rows = []
-    for v, (kind, k, _) in enumerate(variants):
-        for l in range(L):
-            r = {"kind": kind, "k": k, "layer": l, "logprob": float(lp[v, l] / n), "top1": float(top1[v, l] / n)}
-            r["restored_logprob"] = restored(r["logprob"], k0["logprob"], c["logprob"])
-            r["accuracy_gain"] = r["top1"] - k0["top1"]
-            out_rows.append(r)
+    out_rows = [{"kind": kind, "k": k, "layer": l, "logprob": float(lp[v, l] / n),
+                 "top1": float(top1[v, l] / n)} for v, (kind, k, _) in enumerate(variants) for l in range(L)]
+    for r in out_rows:
+        r["restored_logprob"] = restored(r["logprob"], k0["logprob"], c["logprob"])
+        r["accuracy_gain"] = r["top1"] - k0["top1"]
     return {"task": task.name, "clean": c, "corrupted": k0, "rows": out_rows, "n": n}
 
 
@@ -385,12 +359,11 @@ def best_row(sw: dict, kind: str | None = None) -> dict:
     return max(rows, key=lambda r: (r["restored_logprob"], -(r["k"] or 0), -r["layer"]))
 
 
-# ---------------------------------------------------------------------------------------------
-# Extraction, and the cached entry point
-
+# ---- Extraction, and the cached entry point ------------------------------------------------------
 def extract_iv(model, tok, task, *, model_id: str | None = None, progress=True, **settings) -> dict:
     """-> dict(iv [C], aie [L, H], heads [(l, h)] best first, layer, z_mean [L, H, D], meta, and
-    with layer="auto" the sweep). task: a tasks.Task or its name; settings: the fields of Settings."""
+    with layer="auto" the sweep; then the kind too (ivcheck.choose_kind: a second call does nothing),
+    its advice in meta["advice"]). task: a tasks.Task or its name; settings: the fields of Settings."""
     task = load_task_by_name(task) if isinstance(task, str) else task
     s = Settings(**settings).resolve(model)
     key = s.key()          # the cache key: the settings as asked for ("auto" stays "auto")
@@ -404,26 +377,28 @@ def extract_iv(model, tok, task, *, model_id: str | None = None, progress=True, 
         med["info"]["chosen_by_sweep"] = {"layer": s.layer, "top_k": s.top_k,
                                           "dev_restored_logprob": b["restored_logprob"]}
     iv, heads = make_iv(model, med, s.kind, s.layer, s.top_k)
+    meta = iv_meta(model, task, key, s, heads, med["info"], model_id)
     out = {"iv": iv, "aie": med["aie"], "heads": heads, "layer": s.layer, "z_mean": med["z_mean"],
-           "resid_diff": med["resid_diff"], "meta": iv_meta(model, task, key, s, heads, med["info"], model_id)}
-    if sw is not None:
-        out["sweep"] = sw
+           "resid_diff": med["resid_diff"], "meta": meta}
+    if sw is not None:         # the other kind, where it restores clearly more on the dev split
+        out, advice = choose_kind(model, tok, task, {**out, "sweep": sw}, s, sweep=sweep, best_row=best_row,
+                                  make_iv=make_iv, k_grid=K_GRID, progress=progress)
+        out["meta"]["advice"] = advice
     return out
 
 
-def extract_universal(model, tok, tasks, *, model_id: str | None = None, progress=True,
-                      **settings) -> dict:
+def extract_universal(model, tok, tasks, *, model_id: str | None = None, progress=True, **settings) -> dict:
     """One head set for all tasks (FvForgetting's practice): AIE averaged over the tasks, top-K of
     that, then each task's IV from its own z̄ through the shared heads. -> {task name: result}."""
     tasks = [load_task_by_name(t) if isinstance(t, str) else t for t in tasks]
     s = Settings(**settings).resolve(model)
     if s.layer == "auto" or s.kind != "heads":
         raise ExtractError("--universal shares a head set: it needs --kind heads and a fixed --layer")
-    meds = {t.name: mediation(model, tok, t, s, progress) for t in tqdm(tasks, desc="tasks", disable=not progress)}
+    meds = {t.name: mediation(model, tok, t, s, progress)
+            for t in tqdm(tasks, desc="tasks", disable=not progress)}
     aie = torch.stack([m["aie"] for m in meds.values()]).mean(0)
     heads = top_heads(aie, s.top_k)
-    names = list(meds)
-    by_name = {t.name: t for t in tasks}
+    names, by_name = list(meds), {t.name: t for t in tasks}
     return {n: {"iv": build_iv(model, m["z_mean"], heads), "aie": aie, "aie_task": m["aie"],
                 "heads": heads, "layer": s.layer, "z_mean": m["z_mean"],
                 "meta": iv_meta(model, by_name[n], s.key(), s, heads, m["info"], model_id, universal=names)}
@@ -435,30 +410,29 @@ def get_iv(model, tok, task, cache_path=None, *, model_id: str | None = None, pr
     """The IV for `task` (a name or a tasks.Task): loaded from cache_path when that file was made
     from these very weights, the same task data and the same settings, else extracted and saved
     there. cache_path None: ivs/<model_id>/<iv_filename(task)>. A heads IV cached for one layer
-    serves every layer (Settings.key): r["layer"] is then the layer asked for."""
+    serves every layer (Settings.key): r["layer"] is then the layer asked for. A fresh IV's
+    meta["advice"]: what it can do on the dev split (ivft.ivcheck.dev_advice), for training_ivs."""
     task = load_task_by_name(task) if isinstance(task, str) else task
     s = Settings(**settings).resolve(model)
-    path = Path(cache_path) if cache_path is not None else Path("ivs") / (model_id or "model") / iv_filename(task)
-    if path.is_file():
-        try:
-            r = read_iv(path)
-            if cache_matches(r["meta"], task, s.key(), model):
-                r["reused"] = True
-                r["layer"] = s.layer if s.layer != "auto" else r["layer"]
-                return r
-        except ExtractError as e:     # a damaged cache file is rebuilt, and said so
-            print(f"note: {e}; extracting it again", file=sys.stderr)
+    path = Path(cache_path if cache_path is not None
+                else Path("ivs") / (model_id or "model") / iv_filename(task))
+    if (r := cached_iv(path, task, s.key(), model)) is not None:
+        r["layer"] = s.layer if s.layer != "auto" else r["layer"]
+        return r
     r = extract_iv(model, tok, task, model_id=model_id, progress=progress, **settings)
+    if "advice" not in r["meta"]:      # (layer "auto" has choose_kind's) the cheap verdict, no sweep: three
+        # scoring passes over the <= n_dev dev examples, about a third of the mediation's clean pass
+        r["meta"]["advice"] = dev_advice(model, tok, task, r, s)
     save_iv(r, path)
     return r
 
 
-def training_ivs(model, tok, tasks, *, iv_dir, model_id: str, files: dict | None = None, layer: int | None = None,
-                 progress=True, **settings) -> dict:
+def training_ivs(model, tok, tasks, *, iv_dir, model_id: str, files: dict | None = None,
+                 layer: int | None = None, progress=True, **settings) -> dict:
     """train.py's IVs: -> {task name: (iv (C,), injection layer, meta)} for every training task, from
     the model before any training: cached under iv_dir/<model_id>/ (get_iv), or files[task name]
     (--iv_file). layer: where the IVs are added (None = each IV's own): a use-time choice, checked
-    here, that never changes which IV is extracted."""
+    here, that never changes which IV is extracted. Each IV's stored advice is printed (training_lines)."""
     files = files or {}
     if unknown := sorted(set(files) - {t.name for t in tasks}):
         raise ExtractError(f"--iv_file names tasks not in the sequence: {unknown}")
@@ -478,77 +452,77 @@ def training_ivs(model, tok, tasks, *, iv_dir, model_id: str, files: dict | None
             raise ExtractError(msg if where in msg else f"{where}: {msg}") from None
         use = check_layer(int(own_layer) if layer is None else layer, model.n_layers, "IV layer")
         if tuple(iv.shape) != (model.config.hidden_size,):
-            raise ExtractError(f"{where}: shape {tuple(iv.shape)}, the model needs ({model.config.hidden_size},)")
+            raise ExtractError(f"{where}: shape {tuple(iv.shape)}, the model needs "
+                               f"({model.config.hidden_size},)")
+        for line in training_lines(task, meta.get("advice") or []):
+            print(line)
         out[task.name] = (iv.detach().float().cpu(), use, meta)
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-def _layer_arg(v: str):
-    if v == "auto":
-        return v
-    try:
-        return int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a block number or 'auto', got {v!r}") from None
-
-
+# ---- Command line --------------------------------------------------------------------------------
 def parse_args(argv=None):
+    def layer_arg(v: str):
+        if v == "auto":
+            return v
+        try:
+            return int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a block number or 'auto', got {v!r}") from None
+
     ap = argparse.ArgumentParser(description="Extract instruction vectors by causal mediation over heads.")
-    g = ap.add_argument_group("task and files")
-    g.add_argument("--task", help="registry task name (see tasks.list_tasks()) or a task file / folder")
-    g.add_argument("--universal", nargs="+", metavar="TASK", help="one head set from the AIE averaged over these tasks")
-    g.add_argument("--out", help="IV file (default ivs/<model-tag>/<task>.safetensors, for a file task "
-                   "<name>-<data hash>.safetensors); with --universal a directory")
-    g.add_argument("--model", default=None, help="a .gguf file or HF directory (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--reuse", action="store_true", help="load --out instead when it matches model, data and settings")
-    g = ap.add_argument_group("prompts")
-    g.add_argument("--n_clean", type=int, default=50, help="clean prompts averaged into the mean head outputs")
-    g.add_argument("--n_corrupt", type=int, default=25, help="corrupted prompts averaged into the AIE")
-    g.add_argument("--n_dev", type=int, default=32, help="training examples held out for --sweep / --layer auto")
-    g.add_argument("--shots", type=int, default=10, help="demonstrations per clean prompt, each with the instruction")
-    g.add_argument("--format", default="plain", choices=FORMATS,
-                   help="plain: 'Q: ...\\nA: ...' text (the model answers with the answer); chat: chat turns")
-    g.add_argument("--corrupt", default="query_only", choices=CORRUPTIONS,
-                   help="query_only: the input alone, zero-shot; shuffled: demonstrations with permuted "
-                        "answers; mismatched: another task's instruction")
-    g.add_argument("--mismatch_task", help="task lending its instruction to --corrupt mismatched")
-    g.add_argument("--seed", type=int, default=0, help="example selection seed")
-    g = ap.add_argument_group("mediation and the vector")
-    g.add_argument("--method", default="exact", choices=METHODS,
-                   help="exact: fast patching; attribution: gradient estimate; naive: Todd's full-forward loop")
-    g.add_argument("--effect", default="auto", choices=EFFECTS,
-                   help=f"prob: P(first answer token); logprob: log P(answer); auto: prob where the clean "
-                        f"prompts give the first token >= {AUTO_PROB_MIN} more mean probability than the "
-                        f"corrupted ones, else logprob")
-    g.add_argument("--kind", default="heads", choices=KINDS,
-                   help="heads: top-K heads' mean outputs through W_O (the paper's IV); resid: mean residual "
-                        "stream after --layer, clean minus corrupted")
-    g.add_argument("--top_k", type=int, default=None, help="heads in the IV (default: 40 per 270 heads, at least 3)")
-    g.add_argument("--layer", type=_layer_arg, default=None,
-                   help="block after which the IV is added (default: 0.57 of the depth); 'auto': the best "
-                        "layer and K on the dev split, and the other --kind where it restores clearly more "
-                        "and the IV so chosen restores little")
-    g = ap.add_argument_group("measurement")
-    g.add_argument("--check", action="store_true", help="score held-out test prompts: clean, query alone, query alone + IV")
-    g.add_argument("--n_check", type=int, default=50, help="held-out test examples for --check")
-    g.add_argument("--report", help="with --check: write the check as JSON here")
-    g.add_argument("--sweep", action="store_true", help="print restored shares per layer x K on the dev "
-                   "split (heads and resid) and plot them beside the IV file (<out>.sweep.png, with matplotlib)")
-    g = ap.add_argument_group("system")
-    g.add_argument("--batch_size", type=int, default=16, help="prompts per forward")
-    g.add_argument("--max_rows", type=int, default=512, help="patched rows per batch (exact method and sweep)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    arg = ap.add_argument_group("task and files").add_argument
+    arg("--task", help="registry task name (see tasks.list_tasks()) or a task file / folder")
+    arg("--universal", nargs="+", metavar="TASK", help="one head set from the AIE averaged over these tasks")
+    arg("--out", help="IV file (default ivs/<model-tag>/<task>.safetensors, for a file task "
+        "<name>-<data hash>.safetensors); with --universal a directory")
+    arg("--model", help="a .gguf file or HF directory (default: embedded SmolLM2-135M-Instruct)")
+    arg("--reuse", action="store_true", help="load --out instead when it matches model, data and settings")
+    arg = ap.add_argument_group("prompts").add_argument
+    arg("--n_clean", type=int, default=50, help="clean prompts averaged into the mean head outputs")
+    arg("--n_corrupt", type=int, default=25, help="corrupted prompts averaged into the AIE")
+    arg("--n_dev", type=int, default=32, help="training examples held out for --sweep / --layer auto")
+    arg("--shots", type=int, default=10, help="demonstrations per clean prompt, each with the instruction")
+    arg("--format", default="plain", choices=FORMATS,
+        help="plain: 'Q: ...\\nA: ...' text (the model answers with the answer); chat: chat turns")
+    arg("--corrupt", default="query_only", choices=CORRUPTIONS,
+        help="query_only: the input alone, zero-shot; shuffled: demonstrations with permuted answers; "
+             "mismatched: another task's instruction")
+    arg("--mismatch_task", help="task lending its instruction to --corrupt mismatched")
+    arg("--seed", type=int, default=0, help="example selection seed")
+    arg = ap.add_argument_group("mediation and the vector").add_argument
+    arg("--method", default="exact", choices=METHODS,
+        help="exact: fast patching; attribution: gradient estimate; naive: Todd's full-forward loop")
+    arg("--effect", default="auto", choices=EFFECTS,
+        help=f"prob: P(first answer token); logprob: log P(answer); auto: prob where the clean prompts "
+             f"give the first token >= {AUTO_PROB_MIN} more mean probability than the corrupted ones, "
+             f"else logprob")
+    arg("--kind", default="heads", choices=KINDS,
+        help="heads: top-K heads' mean outputs through W_O (the paper's IV); resid: mean residual stream "
+             "after --layer, clean minus corrupted")
+    arg("--top_k", type=int, default=None, help="heads in the IV (default: 40 per 270 heads, at least 3)")
+    arg("--layer", type=layer_arg, default=None,
+        help="block after which the IV is added (default: 0.57 of the depth); 'auto': the best layer and "
+             "K on the dev split, and the other --kind where it restores clearly more and the IV so "
+             "chosen restores little")
+    arg = ap.add_argument_group("measurement").add_argument
+    arg("--check", action="store_true",
+        help="score held-out test prompts: clean, query alone, query alone + IV")
+    arg("--n_check", type=int, default=50, help="held-out test examples for --check")
+    arg("--report", help="with --check: write the check as JSON here")
+    arg("--sweep", action="store_true", help="print restored shares per layer x K on the dev split (heads "
+        "and resid) and plot them beside the IV file (<out>.sweep.png, with matplotlib)")
+    arg = ap.add_argument_group("system").add_argument
+    arg("--batch_size", type=int, default=16, help="prompts per forward")
+    arg("--max_rows", type=int, default=512, help="patched rows per batch (exact method and sweep)")
+    arg("--threads", type=int, default=None, help="torch CPU threads")
+    arg("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     if (args.task is None) == (args.universal is None):
         ap.error("give exactly one of --task or --universal")
-    if args.n_check < 1:
-        ap.error(f"--n_check {args.n_check}: must be >= 1")
-    if args.threads is not None and args.threads < 1:
-        ap.error(f"--threads {args.threads}: must be >= 1")
+    for flag, v in (("--n_check", args.n_check), ("--threads", args.threads)):
+        if v is not None and v < 1:
+            ap.error(f"{flag} {v}: must be >= 1")
     if args.report and not args.check:
         ap.error("--report writes the check: add --check")
     if args.universal and (args.check or args.sweep):
@@ -569,13 +543,12 @@ def _run(args) -> int:
     from ivft.load import LoadError, load_model
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}   # every flag of that name
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}   # Settings' flags
     Settings(**settings)                                      # bad settings fail before the slow load
-    names = args.universal or [args.task]
-    tasks = [load_task_by_name(n) for n in names]
-    tag = model_tag(args.model)
-    out = _out_path(args, tasks, tag)
-    _check_outputs(args, out)                                 # before the minutes that a bad path would waste
+    tasks = [load_task_by_name(n) for n in args.universal or [args.task]]
+    task, tag = tasks[0], model_tag(args.model)      # --task's, or --universal's first
+    out = iv_out_path(args.out, tag, None if args.universal else task)   # checked before the slow load:
+    check_outputs(out, bool(args.universal), "--out" if args.out else "IV file", args.report)
     try:
         model, tok = load_model(args.model)
     except LoadError as e:
@@ -587,163 +560,39 @@ def _run(args) -> int:
     if args.universal:
         results = extract_universal(model, tok, tasks, model_id=tag, progress=progress, **settings)
         for name, r in results.items():
-            r["path"] = _written(out / f"{name}.safetensors", save_iv, r, out / f"{name}.safetensors")
+            r["path"] = written(out / f"{name}.safetensors", save_iv, r, out / f"{name}.safetensors")
     else:
-        task = tasks[0]
-        if args.reuse:
-            r = _written(out, get_iv, model, tok, task, out, model_id=tag, progress=progress, **settings)
-        else:
-            r = extract_iv(model, tok, task, model_id=tag, progress=progress, **settings)
-        if s.layer == "auto" and not r.get("reused"):
-            r, lines = auto_kind(model, tok, task, r, settings, progress=progress)
-            for line in lines:
-                print(line)
+        r = (written(out, get_iv, model, tok, task, out, model_id=tag, progress=progress, **settings)
+             if args.reuse else extract_iv(model, tok, task, model_id=tag, progress=progress, **settings))
         if not r.get("reused"):
-            _written(out, save_iv, r, out)
+            for line in r["meta"]["advice"] if s.layer == "auto" else []:    # what choose_kind found
+                print(line)
+            written(out, save_iv, r, out)
         r["path"] = out
         results = {task.name: r}
     for name, r in results.items():
-        m = r["meta"]
-        heads = ", ".join(f"({l},{h}) {float(r['aie'][l, h]):+.4f}" for l, h in r["heads"])
-        print(f"{name}: {m['kind']} IV" + (f", heads {heads}" if m["kind"] == "heads" else "") +
-              f"; layer {r['layer']}; |iv| {float(r['iv'].norm()):.3f}; AIE by {m.get('effect_used')}; "
-              f"clean prompts {m.get('n_clean')} ({m.get('n_clean_correct')} answered, first-token accuracy "
-              f"of all scored {m.get('clean_top1_all', float('nan')):.2f}, P(first) {m.get('clean_p_first', float('nan')):.3f}), "
-              f"corrupted {m.get('n_corrupt')}{' (reused)' if r.get('reused') else ''} -> {r['path']}")
-    task, r = tasks[0], results[tasks[0].name]       # --sweep and --check work on one task
-    sw = r.get("sweep_all")                          # auto_kind's, where it ran one
+        print(format_iv(name, r))
+    r = results[task.name]                           # --sweep and --check work on one task
+    sw = r.get("sweep_all")                          # choose_kind's, where it ran one
     if args.sweep:
-        sw = sw or _sweep_all(model, tok, task, r, s, progress)
+        sw = sw or sweep_all(model, tok, task, r, s, sweep=sweep, k_grid=K_GRID, progress=progress)
         print(format_sweep(sw, best_row(sw)))
-        png_path = out.with_suffix(".sweep.png")
-        png = _written(png_path, plot_sweep, sw, png_path)
-        if png:
+        if png := written(out.with_suffix(".sweep.png"), plot_sweep, sw, out.with_suffix(".sweep.png")):
             print(f"sweep plot -> {png}")
     if args.check:
-        res = check_iv(model, tok, task, r["iv"], r["layer"], n=args.n_check, settings=settings, progress=progress)
+        res = check_iv(model, tok, task, r["iv"], r["layer"], n=args.n_check, settings=settings,
+                       progress=progress)
         print(format_check(res))
         numbers = (res["clean"]["top1"], res["corrupted"]["top1"], res["iv"]["top1"],
                    res["restored_accuracy"])
-        lines, sw = _advice(model, tok, task, r, s, numbers, where="held-out test examples", sw=sw,
-                            progress=progress)
+        lines, sw = swept_advice(model, tok, task, r, s, numbers, where="held-out test examples", sw=sw,
+                                 sweep=sweep, best_row=best_row, k_grid=K_GRID, progress=progress)
         for line in lines:
             print(line)
         if args.report:
-            report = {**check_report(res, r, task.name), "advice": lines}
-            if sw is not None:
-                report["sweep"] = sw
-            _written(Path(args.report), save_report, report, args.report)
+            written(Path(args.report), save_report, check_report(res, r, task.name, lines, sw), args.report)
             print(f"report -> {args.report}")
     return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Output files: checked before the work, every write error one line naming the file
-
-def _out_path(args, tasks, tag) -> Path:
-    """The IV file (--task) or folder (--universal) this run writes."""
-    if args.universal:
-        return Path(args.out or Path("ivs") / tag / "universal")
-    return Path(args.out or Path("ivs") / tag / iv_filename(tasks[0]))
-
-
-def _check_outputs(args, out: Path) -> None:
-    """Every place this run writes (the IV file or folder, with the heatmap and sweep plot beside it,
-    and --report) must be writable before the model is loaded. Nothing is created."""
-    from ivft.files import check_writable
-    targets = [("--out" if args.out else "IV file", out, bool(args.universal))]
-    if args.report:
-        targets.append(("--report", Path(args.report), False))
-    for flag, path, is_folder in targets:
-        if path.exists() and path.is_dir() != is_folder:
-            raise ExtractError(f"{flag} {path}: is a {'file' if is_folder else 'folder'}, this needs a "
-                               f"{'folder' if is_folder else 'file path'}")
-        try:
-            check_writable(path if is_folder else path.parent)
-        except OSError as e:
-            raise ExtractError(f"{flag} {path}: {e}") from None
-
-
-def _written(path, write, *args, **kwargs):
-    """write(*args, **kwargs), with a write error as one line naming `path`: a full disk raises an
-    OSError without a file name, and safetensors its own SafetensorError, not an OSError."""
-    from safetensors import SafetensorError
-    try:
-        return write(*args, **kwargs)
-    except (OSError, SafetensorError) as e:
-        detail = (e.strerror if isinstance(e, OSError) else None) or str(e)
-        where = getattr(e, "filename", None) or path       # the heatmap beside the IV file, say
-        raise ExtractError(detail if str(where) in detail else f"{where}: cannot write ({detail})") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# What the IV can carry on the task (ivft.ivcheck.iv_advice): where it restores little although the
-# clean prompts work, the dev sweep says whether another layer, K or kind does better
-
-def _sweep_all(model, tok, task, r: dict, s: Settings, progress=True) -> dict:
-    """The dev sweep over layers, K (K_GRID plus the IV's own) and both kinds, for the IV `r`."""
-    own_k = r["meta"].get("top_k") if r["meta"].get("kind") == "heads" else None
-    med = {"aie": r["aie"], "z_mean": r["z_mean"], "resid_diff": r.get("resid_diff")}
-    kinds = KINDS if med["resid_diff"] is not None else ("heads",)   # an older file may lack resid_diff
-    return sweep(model, tok, task, med, s, progress=progress, kinds=kinds,
-                 k_grid=tuple(sorted(set(K_GRID) | ({own_k} if own_k else set()))))
-
-
-def _own_row(sw: dict, r: dict) -> dict | None:
-    """The sweep's row for the IV's own kind, K and layer."""
-    kind, k = r["meta"].get("kind"), r["meta"].get("top_k")
-    return next((row for row in sw["rows"] if row["kind"] == kind and row["layer"] == r["layer"]
-                 and (kind == "resid" or row["k"] == k)), None)
-
-
-def _advice(model, tok, task, r, s, numbers, *, where, sw=None, chosen=False, progress=True):
-    """-> (iv_advice's lines for numbers = (clean, corrupted, +IV accuracy, restored share), the sweep
-    or None); the dev sweep runs (unless given) only where the IV restores little."""
-    if iv_verdict(numbers[0], numbers[3]) != "little" or len(split_train(task, s)[1]) < MIN_PROMPTS:
-        return iv_advice(*numbers, where=where), sw
-    sw = sw or _sweep_all(model, tok, task, r, s, progress)
-    return iv_advice(*numbers, current=_own_row(sw, r), best=best_row(sw), chosen=chosen, where=where), sw
-
-
-def advise(model, tok, task, r: dict, settings: dict | None = None, *, progress=True) -> list[str]:
-    """What the IV r (an extract_iv / get_iv result, or read_iv of its file) can do on `task`,
-    measured on the dev split: zero, one or two advice lines (ivft.ivcheck.iv_advice) for train.py to
-    print after it extracts. settings: the extraction settings, as for get_iv."""
-    task = load_task_by_name(task) if isinstance(task, str) else task
-    s = Settings(**(settings or {})).resolve(model)
-    numbers = dev_accuracy(model, tok, task, r["iv"], r["layer"], s)
-    if numbers is None:      # no dev split to measure on: the clean accuracy of the extraction's prompts
-        return iv_advice(r["meta"].get("clean_top1_all", 1.0), float("nan"), float("nan"), None,
-                         where="extraction's training examples")
-    return _advice(model, tok, task, r, s, numbers, where="dev split", progress=progress)[0]
-
-
-def auto_kind(model, tok, task, r: dict, settings: dict | None = None, *,
-              progress=True) -> tuple[dict, list[str]]:
-    """layer "auto" chooses the layer and K on the dev split, for the kind asked for; where the IV so
-    chosen restores little there although the clean prompts work, both kinds are swept and the best
-    setting is taken when it restores SWEEP_MARGIN more of the log-P gap. -> (r, possibly rebuilt;
-    the advice lines). The cache key stays the settings as asked for; meta["chosen_by_sweep"]["kind"]
-    marks the choice as made, so a second call does nothing."""
-    chosen = r["meta"].get("chosen_by_sweep") or {}
-    if "kind" in chosen:
-        return r, []
-    s = Settings(**(settings or {})).resolve(model)
-    numbers = dev_accuracy(model, tok, task, r["iv"], r["layer"], s)
-    lines, sw = ([], None) if numbers is None else _advice(model, tok, task, r, s, numbers, where="dev split",
-                                                             chosen=True, progress=progress)
-    b, own = (best_row(sw), _own_row(sw, r)) if sw is not None else (None, None)
-    if b is None or own is None or b["restored_logprob"] - own["restored_logprob"] < SWEEP_MARGIN:
-        r["meta"]["chosen_by_sweep"] = {**chosen, "kind": r["meta"]["kind"]}
-        return ({**r, "sweep_all": sw} if sw is not None else r), lines
-    k = b["k"] or r["meta"]["top_k"]
-    med = {"aie": r["aie"], "z_mean": r["z_mean"], "resid_diff": r.get("resid_diff")}
-    iv, heads = make_iv(model, med, b["kind"], b["layer"], k)
-    meta = {**r["meta"], "kind": b["kind"], "layer": b["layer"], "top_k": k,
-            "heads": [list(h) for h in heads],
-            "chosen_by_sweep": {"layer": b["layer"], "top_k": k, "kind": b["kind"],
-                                "dev_restored_logprob": b["restored_logprob"], "instead_of": chosen}}
-    return {**r, "iv": iv, "heads": heads, "layer": b["layer"], "meta": meta, "sweep_all": sw}, lines
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Measuring an IV rather than extracting it: on held-out test examples, how much of what the
 demonstrations give does the IV bring back (check_iv, extract_iv.py --check, experiments/iv_check.py)?
-Also the restored share that extract_iv's sweep ranks layers and K by, greedy replies, and a rank
-correlation for comparing two AIE maps."""
+Also the restored share that extract_iv's sweep ranks layers and K by, greedy replies, a rank
+correlation for comparing two AIE maps, and the advice on what an IV can carry (with extract_iv's
+dev sweep, passed in, where it restores little; --layer auto's choice of kind)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ from tqdm import tqdm
 from ivft.engine import greedy_replies
 from ivft.ivprompts import (Prompt, chat_prompt, clean_prompts, load_task_by_name, render, score_prompts,
                             split_train, stop_ids)
-from ivft.ivsettings import MIN_PROMPTS, ExtractError, Settings
+from ivft.ivsettings import KINDS, MIN_PROMPTS, ExtractError, Settings
 from model import Intervention
 
 
@@ -97,8 +98,10 @@ def check_iv(model, tok, task, iv, layer, *, n=50, settings=None, generate=True,
     return res
 
 
-def check_report(res: dict, r: dict, task_name: str) -> dict:
-    """The check as flat JSON (extract_iv.py --report): the IV's identity, then the scores."""
+def check_report(res: dict, r: dict, task_name: str, advice: list[str] | None = None,
+                 sweep: dict | None = None) -> dict:
+    """The check as flat JSON (extract_iv.py --report): the IV's identity, then the scores, then
+    (where given) the advice lines and the dev sweep behind them."""
     m = r["meta"]
     out = {"task": task_name, "layer": res["layer"], "heads": [list(h) for h in r["heads"]],
            "kind": m.get("kind"), "top_k": m.get("top_k"), "effect": m.get("effect_used"),
@@ -112,6 +115,10 @@ def check_report(res: dict, r: dict, task_name: str) -> dict:
         for k, v in res.get(cond, {}).items():
             if k != "top1":
                 out[f"{cond}_{k}"] = v
+    if advice is not None:
+        out["advice"] = advice
+    if sweep is not None:
+        out["sweep"] = sweep
     return out
 
 
@@ -153,6 +160,7 @@ RESTORED_ACCURACY_MIN = 0.5
 # log-P gap than the IV's own: dev splits hold 7-32 examples, and neighbouring layers of one K already
 # differ by about 0.05 (results/iv_layers.json).
 SWEEP_MARGIN = 0.1
+RESTORES_LITTLE = "advice: the IV restores little"     # how the "little" verdict's line starts
 
 
 def iv_verdict(clean_accuracy: float, restored_accuracy: float | None) -> str | None:
@@ -188,7 +196,7 @@ def iv_advice(clean_accuracy: float, corrupted_accuracy: float, iv_accuracy: flo
                 f"model cannot do; guidance by this IV will not help"]
     if verdict is None:
         return []
-    lines = [f"advice: the IV restores little although the clean prompts work (first-token accuracy on "
+    lines = [f"{RESTORES_LITTLE} although the clean prompts work (first-token accuracy on "
              f"the {where}: clean {clean_accuracy:.2f}, query alone {corrupted_accuracy:.2f}, query alone + "
              f"IV {iv_accuracy:.2f}: {restored_accuracy:.2f} of the gap < {RESTORED_ACCURACY_MIN})"]
     if current is None or best is None:
@@ -222,3 +230,90 @@ def dev_accuracy(model, tok, task, iv, layer, s: Settings) -> tuple[float, float
     with_iv = score_prompts(model, query, add=(layer, iv), batch_size=s.batch_size)
     c, k, v = (x["top1"].float() for x in (clean, cor, with_iv))
     return float(c.mean()), float(k.mean()), float(v.mean()), gap_or_none(c, k, v)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The advice with the dev sweep behind it (extract_iv.py --check, --layer auto), and the cheap one
+# without (an IV file's meta["advice"], printed by extract_iv.training_ivs). The sweep, its best_row,
+# K grid and make_iv are extract_iv.py's, passed in: the library never imports the scripts.
+
+def sweep_all(model, tok, task, r: dict, s: Settings, *, sweep, k_grid, progress=True) -> dict:
+    """The dev sweep (extract_iv.sweep) over layers, K (k_grid plus the IV's own) and both kinds, for
+    the IV r (an extraction's result, or read_iv of its file)."""
+    own_k = r["meta"].get("top_k") if r["meta"].get("kind") == "heads" else None
+    med = {"aie": r["aie"], "z_mean": r["z_mean"], "resid_diff": r.get("resid_diff")}
+    kinds = KINDS if med["resid_diff"] is not None else ("heads",)   # an older file may lack resid_diff
+    return sweep(model, tok, task, med, s, progress=progress, kinds=kinds,
+                 k_grid=tuple(sorted(set(k_grid) | ({own_k} if own_k else set()))))
+
+
+def own_row(sw: dict, r: dict) -> dict | None:
+    """The sweep's row for the IV's own kind, K and layer."""
+    kind, k = r["meta"].get("kind"), r["meta"].get("top_k")
+    return next((row for row in sw["rows"] if row["kind"] == kind and row["layer"] == r["layer"]
+                 and (kind == "resid" or row["k"] == k)), None)
+
+
+def swept_advice(model, tok, task, r: dict, s: Settings, numbers, *, where: str, sweep=None,
+                 best_row=None, k_grid=(), sw=None, chosen=False,
+                 progress=True) -> tuple[list[str], dict | None]:
+    """-> (iv_advice's lines for numbers = (clean, corrupted, +IV accuracy, restored share), the sweep
+    or None). Only where the IV restores little does the dev sweep run (sweep_all, unless sw is given;
+    never without `sweep`), to say whether the layer, K or kind limits it."""
+    if (iv_verdict(numbers[0], numbers[3]) != "little" or sweep is None
+            or len(split_train(task, s)[1]) < MIN_PROMPTS):
+        return iv_advice(*numbers, where=where), sw
+    sw = sw or sweep_all(model, tok, task, r, s, sweep=sweep, k_grid=k_grid, progress=progress)
+    return iv_advice(*numbers, current=own_row(sw, r), best=best_row(sw), chosen=chosen, where=where), sw
+
+
+def dev_advice(model, tok, task, r: dict, s: Settings, *, sweep=None, best_row=None, k_grid=(),
+               progress=True) -> list[str]:
+    """What the IV r can do on `task`, measured on the dev split: zero, one or two iv_advice lines.
+    Without `sweep`, the cheap verdict: three scoring passes over the dev split (dev_accuracy)."""
+    numbers = dev_accuracy(model, tok, task, r["iv"], r["layer"], s)
+    if numbers is None:      # no dev split to measure on: the clean accuracy of the extraction's prompts
+        return iv_advice(r["meta"].get("clean_top1_all", 1.0), float("nan"), float("nan"), None,
+                         where="extraction's training examples")
+    return swept_advice(model, tok, task, r, s, numbers, where="dev split", sweep=sweep,
+                        best_row=best_row, k_grid=k_grid, progress=progress)[0]
+
+
+def choose_kind(model, tok, task, r: dict, s: Settings, *, sweep, best_row, make_iv, k_grid,
+                progress=True) -> tuple[dict, list[str]]:
+    """layer "auto" chooses the layer and K on the dev split, for the kind asked for; where the IV so
+    chosen restores little there although the clean prompts work, both kinds are swept and the best
+    setting is taken when it restores SWEEP_MARGIN more of the log-P gap. -> (r, possibly rebuilt by
+    make_iv(model, mediation, kind, layer, k); the advice lines). The cache key stays the settings as
+    asked for; meta["chosen_by_sweep"]["kind"] marks the choice as made, so a second call does nothing."""
+    chosen = r["meta"].get("chosen_by_sweep") or {}
+    if "kind" in chosen:
+        return r, []
+    numbers = dev_accuracy(model, tok, task, r["iv"], r["layer"], s)
+    lines, sw = ([], None) if numbers is None else swept_advice(
+        model, tok, task, r, s, numbers, where="dev split", sweep=sweep, best_row=best_row, k_grid=k_grid,
+        chosen=True, progress=progress)
+    b, own = (best_row(sw), own_row(sw, r)) if sw is not None else (None, None)
+    if b is None or own is None or b["restored_logprob"] - own["restored_logprob"] < SWEEP_MARGIN:
+        r["meta"]["chosen_by_sweep"] = {**chosen, "kind": r["meta"]["kind"]}
+        return ({**r, "sweep_all": sw} if sw is not None else r), lines
+    k = b["k"] or r["meta"]["top_k"]
+    med = {"aie": r["aie"], "z_mean": r["z_mean"], "resid_diff": r.get("resid_diff")}
+    iv, heads = make_iv(model, med, b["kind"], b["layer"], k)
+    meta = {**r["meta"], "kind": b["kind"], "layer": b["layer"], "top_k": k,
+            "heads": [list(h) for h in heads],
+            "chosen_by_sweep": {"layer": b["layer"], "top_k": k, "kind": b["kind"],
+                                "dev_restored_logprob": b["restored_logprob"], "instead_of": chosen}}
+    return {**r, "iv": iv, "heads": heads, "layer": b["layer"], "meta": meta, "sweep_all": sw}, lines
+
+
+def training_lines(task, advice: list[str]) -> list[str]:
+    """An IV's stored advice (meta["advice"]) as train.py says it, each line naming the task; where the
+    IV restores little and no sweep has said why, one more line with the command that runs it."""
+    from ivft.ivfile import is_registered
+    lines = [f"IV of {task.name}: {line}" for line in advice]
+    if len(advice) == 1 and advice[0].startswith(RESTORES_LITTLE):
+        name = task.name if is_registered(task) else "<its task file>"
+        lines.append(f"IV of {task.name}: `python extract_iv.py --task {name} --check` sweeps layers, K "
+                     f"and kinds on the dev split and says whether another setting restores more")
+    return lines

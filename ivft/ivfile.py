@@ -1,17 +1,18 @@
 """IV files and their cache keys: the safetensors file extract_iv.py writes (the tensors, and the
 metadata as one JSON string), reading it and loading it against a model, file names under
-ivs/<model-tag>/, and the fingerprints of config, weights and task data that decide whether a cached
-IV may be reused."""
+ivs/<model-tag>/, the fingerprints of config, weights and task data that decide whether a cached
+IV may be reused, and extract_iv.py's output paths, checked before the work."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from ivft.files import write_atomic
+from ivft.files import check_writable, write_atomic
 from ivft.ivsettings import ExtractError, check_layer
 from ivft.report import save_heatmap
 
@@ -133,6 +134,20 @@ def read_iv(path) -> dict:
     return out
 
 
+def cached_iv(path: Path, task, key: dict, model) -> dict | None:
+    """read_iv(path), marked r["reused"], when the file was made from these very weights, the same
+    task data and the same settings (cache_matches); else None: no file, another IV, or a damaged
+    file, which is then extracted again, and said so."""
+    if not path.is_file():
+        return None
+    try:
+        r = read_iv(path)
+    except ExtractError as e:
+        print(f"note: {e}; extracting it again", file=sys.stderr)
+        return None
+    return {**r, "reused": True} if cache_matches(r["meta"], task, key, model) else None
+
+
 def load_iv(path, model) -> tuple[torch.Tensor, int, dict]:
     """-> (iv [C], layer, meta), checked against `model`'s architecture. The weights may differ (a
     fine-tuned copy of the model the IV came from is the normal case in training)."""
@@ -152,13 +167,50 @@ def load_iv(path, model) -> tuple[torch.Tensor, int, dict]:
 def check_iv_task(meta: dict, task, path) -> None:
     """An IV file given for `task` (--iv_file TASK=PATH) must be that task's: its metadata names the
     task it was extracted for. The same name with other data is allowed, with a warning."""
-    import sys
     if meta.get("task") != task.name:
         raise ExtractError(f"{path}: this IV was extracted for task {meta.get('task')!r} (its metadata), "
                            f"not {task.name!r}; give {task.name}'s IV file")
     if meta.get("task_hash") not in (None, task_fingerprint(task)):
         print(f"warning: {path}: IV of task {task.name!r} extracted from other data (hash "
               f"{meta.get('task_hash')}, this task's {task_fingerprint(task)})", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# extract_iv.py's outputs: checked before the work, every write error one line naming the file
+
+def iv_out_path(out, tag: str, task=None) -> Path:
+    """The IV file of `task` or, task None, the folder of --universal: `out` (--out) when given,
+    else under ivs/<tag>/."""
+    if task is None:
+        return Path(out or Path("ivs") / tag / "universal")
+    return Path(out or Path("ivs") / tag / iv_filename(task))
+
+
+def check_outputs(out: Path, is_folder: bool, out_flag: str, report=None) -> None:
+    """Every place an extraction writes (the IV file or folder `out`, with the heatmap and sweep plot
+    beside it, and the --report file) must be writable before the model is loaded. Nothing is
+    created. out_flag: how the error names `out` ("--out", or "IV file" for the default path)."""
+    targets = [(out_flag, out, is_folder)] + ([("--report", Path(report), False)] if report else [])
+    for flag, path, folder in targets:
+        if path.exists() and path.is_dir() != folder:
+            raise ExtractError(f"{flag} {path}: is a {'file' if folder else 'folder'}, this needs a "
+                               f"{'folder' if folder else 'file path'}")
+        try:
+            check_writable(path if folder else path.parent)
+        except OSError as e:
+            raise ExtractError(f"{flag} {path}: {e}") from None
+
+
+def written(path, write, *args, **kwargs):
+    """write(*args, **kwargs), with a write error as one line naming `path`: a full disk raises an
+    OSError without a file name, and safetensors its own SafetensorError, not an OSError."""
+    from safetensors import SafetensorError
+    try:
+        return write(*args, **kwargs)
+    except (OSError, SafetensorError) as e:
+        detail = (e.strerror if isinstance(e, OSError) else None) or str(e)
+        where = getattr(e, "filename", None) or path       # the heatmap beside the IV file, say
+        raise ExtractError(detail if str(where) in detail else f"{where}: cannot write ({detail})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,4 +222,6 @@ def union_of_top_heads(ivs: dict) -> dict:
     for _, _, meta in ivs.values():
         for layer, head in (meta.get("heads") or []):
             by_layer.setdefault(int(layer), set()).add(int(head))
+    if not by_layer:
+        raise ExtractError("--head_mse_weight needs IVs whose metadata names their top heads (--kind heads)")
     return {l: torch.tensor(sorted(h)) for l, h in sorted(by_layer.items())}

@@ -148,9 +148,21 @@ def save_heatmap(aie, heads, path, title=""):
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="AIE")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from ivft.files import write_atomic
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))   # never half a PNG
     plt.close(fig)
     return path
+
+
+def format_iv(name: str, r: dict) -> str:
+    """One line per IV that extract_iv.py made or reused (r: its result, with r["path"])."""
+    m, nan = r["meta"], float("nan")
+    heads = ", ".join(f"({l},{h}) {float(r['aie'][l, h]):+.4f}" for l, h in r["heads"])
+    return (f"{name}: {m['kind']} IV" + (f", heads {heads}" if m["kind"] == "heads" else "")
+            + f"; layer {r['layer']}; |iv| {float(r['iv'].norm()):.3f}; AIE by {m.get('effect_used')}; "
+            f"clean prompts {m.get('n_clean')} ({m.get('n_clean_correct')} answered, first-token accuracy "
+            f"of all scored {m.get('clean_top1_all', nan):.2f}, P(first) {m.get('clean_p_first', nan):.3f}), "
+            f"corrupted {m.get('n_corrupt')}{' (reused)' if r.get('reused') else ''} -> {r['path']}")
 
 
 def format_sweep(sw: dict, best: dict) -> str:

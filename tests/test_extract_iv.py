@@ -10,7 +10,7 @@ import torch
 
 import extract_iv as X
 from toys import SMALL, TOK, char_model, llama_tiny, standin_task
-from ivft.ivcheck import check_iv
+from ivft.ivcheck import check_iv, choose_kind, dev_advice
 from ivft.ivfile import iv_filename, load_iv, task_fingerprint
 from ivft.ivprompts import Prompt, load_task_by_name, score_prompts
 from ivft.ivsettings import ExtractError, Settings, default_layer, default_top_k
@@ -400,20 +400,89 @@ def test_check_says_what_restores_more_where_the_iv_restores_little(tmp_path, mo
     assert {r["kind"] for r in rep["sweep"]["rows"]} == {"heads", "resid"}
 
 
+# extract_iv's method, as extract_iv.py passes it to ivft.ivcheck's advice
+METHOD = dict(sweep=X.sweep, best_row=X.best_row, k_grid=X.K_GRID, progress=False)
+
+
 def test_layer_auto_takes_the_other_kind_where_it_restores_clearly_more():
-    # a resid IV at block 0 standing in for a poor sweep choice: auto_kind sweeps both kinds and rebuilds
+    # a resid IV at block 0 standing in for a poor sweep choice: choose_kind sweeps both kinds and rebuilds
     model, tok, task = planted_model(), PlantTok(), plant_task()
     settings = dict(n_clean=8, n_corrupt=8, kind="resid", layer=0)
+    s = Settings(**settings).resolve(model)
     r = X.extract_iv(model, tok, task, progress=False, **settings)
     r["meta"]["chosen_by_sweep"] = {"layer": 0, "top_k": r["meta"]["top_k"]}
-    new, lines = X.auto_kind(model, tok, task, r, {**settings, "layer": "auto"}, progress=False)
+    new, lines = choose_kind(model, tok, task, r, s, make_iv=X.make_iv, **METHOD)
     assert lines[-1].endswith("chosen (--layer auto)")
     assert new["layer"] != 0 or new["meta"]["kind"] != "resid"
     assert new["meta"]["chosen_by_sweep"]["instead_of"]["layer"] == 0
     res = check_iv(model, tok, task, new["iv"], new["layer"], n=8, progress=False, generate=False)
     assert res["iv"]["top1"] == 1
-    assert X.auto_kind(model, tok, task, new, settings, progress=False) == (new, [])   # done once
-    # advise (for train.py) measures on the dev split: nothing to say about the good IV
-    assert X.advise(model, tok, task, new, settings, progress=False) == []
-    assert "restores little" in X.advise(model, tok, task, r, settings, progress=False)[0]
+    assert choose_kind(model, tok, task, new, s, make_iv=X.make_iv, **METHOD) == (new, [])   # done once
+    # measured on the dev split: nothing to say about the good IV; the poor one restores little, and
+    # the sweep says what does better
+    assert dev_advice(model, tok, task, new, s, **METHOD) == []
+    said = dev_advice(model, tok, task, r, s, **METHOD)
+    assert len(said) == 2 and "restores little" in said[0] and "--kind heads" in said[1]
+
+
+def test_get_iv_with_layer_auto_chooses_the_kind_as_the_cli_does(tmp_path, monkeypatch, capsys):
+    # get_iv (train.py's path) and extract_iv.py --layer auto end with the same IV: layer, K and kind
+    # chosen on the dev split, marked done, so that choosing again changes nothing
+    model, tok, task = planted_model(), PlantTok(), plant_task()
+    settings = dict(n_clean=8, n_corrupt=8, kind="resid", layer="auto")
+    r = X.get_iv(model, tok, task, tmp_path / "a.safetensors", model_id="SmolLM2-135M-Instruct", progress=False,
+                 **settings)
+    assert r["meta"]["chosen_by_sweep"]["kind"] == "resid" and r["meta"]["advice"] == []
+    s = Settings(**settings).resolve(model)
+    assert choose_kind(model, tok, task, r, s, make_iv=X.make_iv, **METHOD) == (r, [])
+    from ivft import load
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: (planted_model(), PlantTok()))
+    monkeypatch.setattr(X, "load_task_by_name", lambda name: plant_task())
+    assert X.main(["--task", "plant", "--out", str(tmp_path / "b.safetensors"), "--n_clean", "8", "--n_corrupt",
+                   "8", "--kind", "resid", "--layer", "auto", "--quiet"]) == 0
+    capsys.readouterr()
+    from ivft.ivfile import read_iv
+    cli, api = read_iv(tmp_path / "b.safetensors"), read_iv(tmp_path / "a.safetensors")
+    assert torch.equal(cli["iv"], api["iv"]) and cli["layer"] == api["layer"]
+    drop = ("aie_seconds",)
+    assert {k: v for k, v in cli["meta"].items() if k not in drop} == \
+        {k: v for k, v in api["meta"].items() if k not in drop}
+
+
+# ---- train.py --guided says what an IV can carry: the cheap verdict, stored with a fresh IV --------
+
+def test_training_ivs_says_when_the_model_cannot_do_the_task(tmp_path, monkeypatch, capsys):
+    # a random model does not capitalise even in context: said once per task, from the fresh
+    # extraction and again from the cache, with no sweep run (that is extract_iv.py --check's job)
+    def no_sweep(*a, **k):
+        raise AssertionError("get_iv ran the sweep")
+    monkeypatch.setattr(X, "sweep", no_sweep)
+    model, task = char_model(), big_task()
+    kw = dict(iv_dir=tmp_path, model_id="tiny", progress=False, n_clean=4, n_corrupt=4, shots=2)
+    for _ in ("fresh", "reused"):
+        X.training_ivs(model, TOK, [task], **kw)
+        said = capsys.readouterr().out.splitlines()
+        assert len(said) == 1 and said[0].startswith("IV of up3: advice: the model does not do this task "
+                                                     "even in context (clean first-token accuracy on the dev split")
+    meta = load_iv(tmp_path / "tiny" / iv_filename(task), model)[2]
+    assert meta["advice"] == [said[0].removeprefix("IV of up3: ")]
+
+
+def test_training_ivs_says_nothing_where_the_model_does_the_task(tmp_path, capsys):
+    model, tok, task = planted_model(), PlantTok(), plant_task()
+    got = X.training_ivs(model, tok, [task], iv_dir=tmp_path, model_id="plant", progress=False,
+                         n_clean=8, n_corrupt=8)
+    assert got["plant"][2]["advice"] == [] and capsys.readouterr().out == ""
+
+
+def test_a_fresh_iv_that_restores_little_is_said_with_the_check_to_run(tmp_path, capsys):
+    # the planted task done in context, but a resid IV read after block 0 carries none of it
+    model, tok, task = planted_model(), PlantTok(), plant_task()
+    r = X.get_iv(model, tok, task, tmp_path / "p.safetensors", progress=False, n_clean=8, n_corrupt=8,
+                 kind="resid", layer=0)
+    assert len(r["meta"]["advice"]) == 1 and "restores little" in r["meta"]["advice"][0]
+    X.training_ivs(model, tok, [task], iv_dir=tmp_path, model_id="x", files={"plant": tmp_path / "p.safetensors"})
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) == 2 and said[0].startswith("IV of plant: advice: the IV restores little")
+    assert said[1].startswith("IV of plant: `python extract_iv.py --task <its task file> --check`")
 

@@ -1,10 +1,12 @@
-"""Tests for ivft/ivcheck.py: the restored share and its noise guard, the rank correlation. check_iv
-itself runs on a planted head in tests/test_extract_iv.py."""
+"""Tests for ivft/ivcheck.py: the restored share and its noise guard, the rank correlation, the advice
+and how train.py says it. check_iv, the sweep behind the advice and --layer auto's choice of kind run
+on a planted head in tests/test_extract_iv.py."""
 import pytest
 import torch
 
 from ivft.ivcheck import (CLEAN_ACCURACY_MIN, RESTORED_ACCURACY_MIN, SWEEP_MARGIN, gap_or_none, iv_advice,
-                          iv_verdict, spearman)
+                          iv_verdict, spearman, training_lines)
+from ivft.tasks import Task
 
 
 def test_restored_share_and_its_noise_guard():
@@ -63,3 +65,20 @@ def test_an_iv_that_restores_little_and_what_limits_it():
     lines = iv_advice(0.58, 0.0, 0.12, 0.21, current=own, best=close)
     assert "what limits it is the model, not the setting" in lines[1] and "rerun" not in lines[1]
 
+
+def test_train_py_says_the_advice_naming_the_task_and_the_check_that_sweeps():
+    from ivft.tasks import load_task
+    antonym = load_task("antonym")
+    assert training_lines(antonym, []) == []
+    cannot = iv_advice(0.1, 0.0, 0.0, 0.0)
+    assert training_lines(antonym, cannot) == [f"IV of antonym: {cannot[0]}"]      # no sweep would help
+    little = iv_advice(0.58, 0.0, 0.12, 0.21)
+    said = training_lines(antonym, little)
+    assert len(said) == 2 and said[0] == f"IV of antonym: {little[0]}"
+    assert said[1].startswith("IV of antonym: `python extract_iv.py --task antonym --check` sweeps")
+    # a task read from a file (not the registry's, whatever its name) is named by its file
+    mine = Task(name="antonym", kind="train", metric="exact_match", train=[], test=[])
+    assert "--task <its task file> --check" in training_lines(mine, little)[1]
+    # the sweep has already said what limits the IV (--layer auto): no pointer to it
+    swept = iv_advice(0.58, 0.0, 0.12, 0.21, current=row("heads", 17, 0.58, k=40), best=row("resid", 21, 0.77))
+    assert training_lines(antonym, swept) == [f"IV of antonym: {line}" for line in swept]

@@ -1,6 +1,7 @@
 """Tests for ivft/ivfile.py: an IV file round-trips (atomically, readable by others, with its
-heatmap) and is refused by a model it does not fit. Caching on weights and settings (get_iv):
-tests/test_extract_iv.py."""
+heatmap, itself written atomically), is refused by a model it does not fit, and a damaged cache file
+is said and not reused. Caching on weights and settings (get_iv): tests/test_extract_iv.py. The
+output paths checked before the work: tests/test_extract_iv_writes.py."""
 import importlib.util
 import os
 
@@ -9,7 +10,8 @@ import torch
 
 import extract_iv as X
 from toys import SMALL, TOK, char_model, llama_tiny, standin_task
-from ivft.ivfile import load_iv, save_iv
+from ivft.ivfile import cached_iv, load_iv, save_iv
+from ivft.ivsettings import Settings
 from ivft.ivsettings import ExtractError
 from model import Intervention
 
@@ -45,3 +47,37 @@ def test_load_iv_rejects_another_model(tmp_path):
         load_iv(bad, other)
     with pytest.raises(ExtractError, match="missing.safetensors"):
         load_iv(tmp_path / "missing.safetensors", other)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="the heatmap needs matplotlib")
+def test_the_heatmap_is_a_png_written_atomically(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    a = X.extract_iv(char_model(), TOK, standin_task(), progress=False, **SMALL)
+    path = save_iv(a, tmp_path / "opp.safetensors")
+    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    path.with_suffix(".png").unlink()
+    real = Figure.savefig
+
+    def full_disk(self, fname, **kw):          # half a PNG, then a full disk
+        real(self, fname, **kw)
+        with open(fname, "r+b") as f:
+            f.truncate(100)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_iv(a, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["opp.safetensors"]   # no half PNG, no temporary
+
+
+def test_a_damaged_cache_file_is_said_and_not_reused(tmp_path, capsys):
+    model, task = char_model(), standin_task()
+    key = Settings(**SMALL).resolve(model).key()
+    path = tmp_path / "opp.safetensors"
+    assert cached_iv(path, task, key, model) is None                 # no file: nothing to say
+    save_iv(X.extract_iv(model, TOK, task, progress=False, **SMALL), path)
+    assert cached_iv(path, task, key, model)["reused"]
+    assert cached_iv(path, task, {**key, "seed": 1}, model) is None  # other settings
+    capsys.readouterr()
+    path.write_bytes(b"damaged")
+    assert cached_iv(path, task, key, model) is None
+    assert f"note: {path}: not a readable IV file" in capsys.readouterr().err
