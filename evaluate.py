@@ -27,6 +27,7 @@ from ivft.prompts import REPLY_TOKENS  # noqa: F401 (evaluate.REPLY_TOKENS: repl
 from ivft.prompts import (answer_ids, choice_candidates, distinct_outputs, draw_shots, knowledge_ids,
                           render_prompt, reply_budgets, reply_verdicts, verdict_open)
 from ivft.report import mean, print_cl, print_table, save_report
+from ivft.runtime import TrainError
 
 # ---------------------------------------------------------------------------------------------
 # Metric names. The three chat metrics come zero-shot and, with k_shot > 0, in-context ("_kshot");
@@ -333,6 +334,10 @@ def stage_cache_key(model, train_tasks, general, ev: StageEval, amp_dtype) -> di
             "general": [[t.name, task_fingerprint(t)] for t in general]}
 
 
+class StageCacheError(TrainError, ValueError):
+    """A --stage0_cache file that cannot be read or written: one line naming it (train.py's exit 2)."""
+
+
 def read_stage_cache(path) -> dict | None:
     """The --stage0_cache file's content, None when it does not exist yet; anything else that is not
     such a file is a ValueError naming it (train.py calls this before it writes anything)."""
@@ -343,9 +348,9 @@ def read_stage_cache(path) -> dict | None:
             saved = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         kind = "a directory" if os.path.isdir(path) else f"not a JSON file ({type(e).__name__})"
-        raise ValueError(f"--stage0_cache {path}: {kind}; give a JSON file (written if absent)") from None
+        raise StageCacheError(f"--stage0_cache {path}: {kind}; give a JSON file (written if absent)") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("report"), dict):
-        raise ValueError(f"--stage0_cache {path}: not a stage-0 cache (needs keys 'key' and 'report')")
+        raise StageCacheError(f"--stage0_cache {path}: not a stage-0 cache (needs keys 'key' and 'report')")
     return saved
 
 
@@ -376,7 +381,10 @@ def evaluate_stage(model, tok, train_tasks, general, ev: StageEval, label: str, 
     # keep the sequence's order (training tasks first, then the general suite)
     report["tasks"] = {t.name: report["tasks"][t.name] for t in [*train_tasks, *general]}
     if cache and write_cache:
-        write_json_atomic(cache, {"key": key, "report": report})
+        try:
+            write_json_atomic(cache, {"key": key, "report": report})
+        except OSError as e:
+            raise StageCacheError(f"--stage0_cache {cache}: cannot write ({e})") from None
     return report
 
 

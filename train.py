@@ -24,11 +24,11 @@ Shapes: B rows, T tokens, C d_model, V vocab, N answer tokens in a batch (legend
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -45,13 +45,14 @@ from ivft.config import (METHOD_PRESETS, REGIME_PRESETS, HelpFormatter, add_run_
                          needs_reference, resolve_config, uses_iv)
 from ivft.data import (collate, encode_task, load_task_list, stage_pool, step_counts, step_micro_batches,
                        steps_for)
-from ivft.dist import (all_reduce_floats, all_reduce_sum, barrier, resolve_amp, setup_distributed,
-                       wrap_for_parallel)
-from ivft.engine import autocast, lm_head_fp32
+from ivft.dist import (accumulate_gradients, all_reduce_floats, all_reduce_sum, barrier, resolve_amp,
+                       setup_distributed, wrap_for_parallel)
+from ivft.engine import lm_head_fp32
 from ivft.files import RunLock
 from ivft.ivfile import model_tag, union_of_top_heads
 from ivft.reference import needs_original_copy, pick_reference
-from ivft.runtime import Diverged, Logger, StopFlag, TrainError, code_version, run_cli, write_json
+from ivft.report import term_means
+from ivft.runtime import Diverged, Logger, StopFlag, code_version, run_cli, write_json
 from model import Intervention, Transformer
 
 # ---------------------------------------------------------------------------------------------
@@ -70,17 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     g("--regime", default="full", choices=list(REGIME_PRESETS), help="full fine-tuning, or lora: the sibling "
       "code's LoRA (merged after every task, constant lr)")
     g("--quick", action="store_true", help="a run of a few minutes: few examples and steps per task")
-
-    g = p.add_argument_group("model").add_argument
-    g("--model", default=None, help="HF directory or .gguf file; default: the embedded SmolLM2-135M-Instruct")
-    g("--model_dtype", default="fp32", choices=["fp32", "bf16"],
-      help="storage dtype of the weights; bf16 only makes sense for a frozen LoRA base")
-    g("--lora_r", type=int, default=None, help="LoRA rank; 0 = full fine-tuning")
-    g("--lora_alpha", type=float, default=None, help="LoRA scale numerator (scale = alpha/r)")
-    g("--lora_dropout", type=float, default=None, help="dropout on the LoRA input")
-    g("--lora_targets", default=None, help=f"linear layers to adapt ({','.join(lora.KNOWN_TARGETS)})")
-    g("--lora_merge", action=argparse.BooleanOptionalAction, default=None, help="merge the adapters after "
-      "every task and start fresh ones (as the sibling code); --no-lora_merge: one adapter for all tasks")
 
     g = p.add_argument_group("data").add_argument
     g("--tasks", default=None, help="comma-separated training sequence: registry names or task files in any "
@@ -115,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     g("--alpha_schedule", default="linear", choices=["linear", "constant"],
       help="α_t over a task's steps: linear from α_0 to 0, or constant α_0 (ablation)")
     g("--kl_temp", type=float, default=None, help="softmax temperature τ of both KL sides")
-    g("--kl_positions", default=None, choices=["last", "answer"],
-      help="KL at the last prompt token, or at every answer position")
+    g("--kl_positions", default=None, choices=["last", "answer", "all"],
+      help="KL at the last prompt token, at every answer position, or at every real position")
     g("--kl_ref", default=None, choices=["original", "previous"],
       help="the frozen reference: the model before any training, or after the previous task")
     g("--kl_min", type=float, default=None, help="count a KL only when above this (0 = always)")
@@ -127,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     g("--head_mse_weight", type=float, default=None, help="weight of the sibling paper's MSE between the top "
       "heads' z and the reference's (without the IV), summed over heads (0 = off)")
     g("--head_mse_min", type=float, default=None, help="count a head's MSE only when above this")
+    g("--free_kl_weight", type=float, default=0.0, help="weight of KL(P_θ ‖ P_ref) at the last token of "
+      "the batch's prompts without the instruction (beyond the paper: where it is absent, behave as before)")
 
     g = p.add_argument_group("instruction vectors (extracted and cached by extract_iv.py)").add_argument
     g("--iv_layer", type=int, default=None, help="add the IVs after this block (0-based); default: each IV's "
@@ -141,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="use this IV file for TASK instead of extracting one (repeatable)")
 
     evaluate.add_stage_flags(p)    # --eval_n, --eval_k_shot, ...: how each stage is evaluated
-    add_run_flags(p)     # I/O (out_dir, resume, logging) and system (device, dtype, threads, DDP/FSDP)
+    add_run_flags(p)     # the model and LoRA, I/O (out_dir, resume, log), system (device, dtype, DDP/FSDP)
     return p
 
 
@@ -198,6 +190,7 @@ class Guidance:
     head_mse_weight: float = 0.0
     head_mse_min: float = 0.0              # a head's MSE counts only above this
     heads: dict | None = None              # {layer: LongTensor of head indices} for the MSE term
+    free_kl_weight: float = 0.0            # the KL on the prompts without the instruction
 
     @classmethod
     def from_flags(cls, cfg: dict, **given):
@@ -216,6 +209,12 @@ def add_iv(g: Guidance, batch: dict, scale, record_z=()) -> Intervention:
     return Intervention(pos=batch["last"], add_resid=add, scale=scale, record_z=record_z)
 
 
+def real_positions(batch):
+    """(B, T) True at the batch's real (not padded) positions."""
+    m = batch["pad_mask"]
+    return torch.ones_like(batch["targets"], dtype=torch.bool) if m is None else m
+
+
 def gate(values, threshold: float, per: str, n_rows: int):
     """The sibling code's thresholds: a KL (or MSE) counts only when above `threshold`, judged per
     row (per="row") or on the micro-batch mean (per="batch"). values: per row or per position."""
@@ -227,13 +226,11 @@ def gate(values, threshold: float, per: str, n_rows: int):
 
 
 class LossModule(nn.Module):
-    """forward(batch, norms) -> (weighted total to backpropagate, {term: weighted value, detached}).
-    One module around the model, so that DDP/FSDP see the whole computation as one forward. The log,
-    the divergence check and the reports iterate over the terms that come back.
-
-    norms = (answer tokens, rows) of the whole optimizer step over all ranks: each micro-batch's sums
-    are divided by them, so gradient accumulation and any number of DDP ranks give the same gradient
-    as one big batch (DDP averages over ranks, hence the factor `world`)."""
+    """forward(batch, norms) -> (weighted total to backpropagate, {term: weighted value, detached}): one
+    module around the model, so that DDP/FSDP see one forward; the log, the divergence check and the
+    reports iterate over the terms that come back. norms = (answer tokens, rows, real tokens) of the whole
+    step over all ranks: each micro-batch's sums are divided by them, so gradient accumulation and any
+    number of DDP ranks give one big batch's gradient (DDP averages over ranks, hence `world`)."""
 
     def __init__(self, model: Transformer, world: int = 1, guidance: Guidance | None = None):
         super().__init__()
@@ -245,7 +242,7 @@ class LossModule(nn.Module):
     def set_reference(self, ref: Transformer | None):
         self._ref[0] = ref
 
-    def forward(self, batch, norms):
+    def forward(self, batch, norms, keep_graph: bool = False):
         # The paper's loss: CE(answer) + λ·KL(P_θ ‖ P_ref+IV) with α_t·IV in the trained model
         g, model = self.guidance, self.model
         n_tok, n_rows, B = norms[0], norms[1], len(batch["idx"])
@@ -266,20 +263,35 @@ class LossModule(nn.Module):
                 at = torch.arange(B), batch["last"]
                 kl = kl_per_row(lm_head_fp32(model, h[at]), ref_head(ref_h[at]), g.kl_temp)       # (B,)
                 kl = gate(kl, g.kl_min, g.kl_gate, B) / n_rows
-            else:
+            elif g.kl_positions == "answer":
                 kl = gate(kl_per_row(logits, ref_head(ref_h[sel]), g.kl_temp), g.kl_min, g.kl_gate, B) / n_tok
+            else:                            # every real position, prompt and answer
+                real = real_positions(batch)
+                kl = kl_per_row(lm_head_fp32(model, h[real]), ref_head(ref_h[real]), g.kl_temp)
+                kl = gate(kl, g.kl_min, g.kl_gate, B) / norms[2]
             parts["kl"] = g.kl_weight * kl
+        if g.free_kl_weight > 0:
+            parts["free_kl"] = g.free_kl_weight * self.instruction_free_kl(batch, ref_head, n_rows)
         parts.update(self.sibling_terms(batch, h, ref, ref_head, edit, n_rows))
         loss = sum(parts.values())
-        return loss * self.world, {k: v.detach() for k, v in parts.items()}
+        return loss * self.world, parts if keep_graph else {k: v.detach() for k, v in parts.items()}
+
+    def instruction_free_kl(self, batch, ref_head, n_rows):
+        """Beyond the paper: KL(P_θ ‖ P_ref) at the last token of the same rows' prompts without the
+        task's instruction (the input alone), the reference without the IV. The KL on the task's own
+        prompts cannot see the new format leaking into prompts with other instructions; this one does."""
+        at = torch.arange(len(batch["idx"])), batch["free_last"]
+        h = self.model(batch["free"], pad_mask=batch["free_mask"], return_hidden=True)[at]         # (B, C)
+        with torch.no_grad(), self.reference_model() as ref:
+            ref_h = ref(batch["free"], pad_mask=batch["free_mask"], return_hidden=True)[at]
+        return kl_per_row(lm_head_fp32(self.model, h), ref_head(ref_h), self.guidance.kl_temp).sum() / n_rows
 
     def sibling_terms(self, batch, h, ref, ref_head, edit, n_rows) -> dict:
         """The FvForgetting code's extra terms (--preset fvg): a KL over every real position and the
         MSE between the top heads' z and the reference's, each gated like its KL."""
         g, model, B, out = self.guidance, self.model, len(batch["idx"]), {}
         if g.kl_all_weight > 0:
-            real = batch["pad_mask"]                                                  # (B, T) real tokens
-            real = torch.ones_like(batch["targets"], dtype=torch.bool) if real is None else real
+            real = real_positions(batch)
             kl_pos = kl_per_row(lm_head_fp32(model, h[real]), ref_head(ref()[0][real]), g.kl_temp)  # (n,)
             per_row = torch.zeros(B, device=kl_pos.device).index_add(0, real.nonzero()[:, 0], kl_pos)
             out["kl_all"] = g.kl_all_weight * (gate(per_row, g.kl_min, g.kl_gate, B) / n_rows)
@@ -294,12 +306,16 @@ class LossModule(nn.Module):
             out["mse"] = g.head_mse_weight * mse
         return out
 
+    @contextlib.contextmanager
+    def reference_model(self):
+        """The frozen reference: a model of its own, or the trained one with its LoRA adapters off."""
+        with lora.adapters_off(self.model) if self._ref[0] is None else contextlib.nullcontext():
+            yield self.model if self._ref[0] is None else self._ref[0]
+
     @torch.no_grad()
     def reference(self, batch) -> tuple[torch.Tensor, dict]:
         """-> (hidden states (B, T, C) of the reference (+IV), its top heads' z without the IV)."""
-        g, ref = self.guidance, self._ref[0]
-        ctx = lora.adapters_off(self.model) if ref is None else nullcontext()
-        ref = self.model if ref is None else ref
+        g = self.guidance
         record = tuple(g.heads) if g.head_mse_weight > 0 else ()
         idx, pad_mask = batch["idx"], batch["pad_mask"]
         if g.kl_positions == "last" and g.kl_all_weight == 0:
@@ -307,7 +323,7 @@ class LossModule(nn.Module):
             # the heads' z), so the reference reads only the prompt part of the batch
             T = int(batch["last"].max()) + 1
             idx, pad_mask = idx[:, :T], (pad_mask[:, :T] if pad_mask is not None else None)
-        with ctx:
+        with self.reference_model() as ref:
             edit = add_iv(g, batch, 1.0) if g.kl_iv else Intervention(pos=batch["last"], record_z=record)
             h = ref(idx, pad_mask=pad_mask, intervention=edit, return_hidden=True)       # (B, T, C)
             z = edit.z
@@ -328,7 +344,7 @@ def train(cfg: dict, step_callback=None) -> dict:
     check_launch(cfg, d.world)        # before the lock, which creates out_dir: is it writable at all?
     # one writer per run folder: rank 0 holds out_dir/run.lock while it runs (a second train.py, or a
     # study driver's orphan, is refused in one line); released and removed when train() ends
-    with RunLock(cfg["out_dir"], what=f"--out_dir {cfg['out_dir']}") if d.main else nullcontext():
+    with RunLock(cfg["out_dir"], what=f"--out_dir {cfg['out_dir']}") if d.main else contextlib.nullcontext():
         # the git commit (+ a hash of uncommitted changes) it runs on: train_config.json, results.json
         return run_sequence({**cfg, "code": code_version()}, d, step_callback)
 
@@ -345,24 +361,20 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
     spec = lora.LoraSpec(*adapters, cfg["lora_merge"]) if cfg["lora_r"] > 0 else None
     run = ckpt.RunFiles(out_dir, cfg, cfg["model"], cfg["fsdp"], spec)
     stage_eval = evaluate.StageEval(cfg["eval_n"], cfg["eval_k_shot"], cfg["eval_batch"], cfg["eval_metrics"])
-    try:
-        evaluate.read_stage_cache(cfg["stage0_cache"])       # a bad file fails now, not after stage 0
-    except ValueError as e:
-        raise TrainError(str(e)) from None
+    evaluate.read_stage_cache(cfg["stage0_cache"])       # a bad file fails now, not after stage 0
     start = ckpt.find_resume(run, len(train_tasks), cfg["resume"], cfg["overwrite"], d.main, d)
     if start["finished"] is not None:
         return start["finished"]
     state = start["state"]
     model, tok = ckpt.load_base_model(cfg["model"], cfg["model_dtype"], d.device)
-    encoded = [encode_task(tok, t, i, cfg["max_len"], cfg["max_train"]) for i, t in enumerate(train_tasks)]
+    encoded = [encode_task(tok, t, i, cfg["max_len"], cfg["max_train"], free=cfg["free_kl_weight"] > 0)
+               for i, t in enumerate(train_tasks)]
     # IVs come from the model before any training: extracted (or loaded) before a resumed run's weights
     ivs = {} if not uses_iv(cfg) else extract_iv.training_ivs(
         model, tok, train_tasks, iv_dir=cfg["iv_dir"], model_id=model_tag(cfg["model"]),
         layer=cfg["iv_layer"], files=dict(f.split("=", 1) for f in cfg["iv_file"]), method=cfg["iv_method"],
         n_clean=cfg["iv_n_clean"], n_corrupt=cfg["iv_n_corrupt"], top_k=cfg["iv_top_k"])
-    heads = union_of_top_heads(ivs) if cfg["head_mse_weight"] > 0 else None
-    if cfg["head_mse_weight"] > 0 and not heads:
-        raise TrainError("--head_mse_weight needs IVs whose metadata names their top heads")
+    heads = union_of_top_heads(ivs) if cfg["head_mse_weight"] > 0 else None     # {} raises there
     keep_original = needs_reference(cfg) and needs_original_copy(cfg["kl_ref"], spec, len(train_tasks))
     original = ckpt.frozen_copy(model) if keep_original else None
     if state is not None:
@@ -382,16 +394,14 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
         layers=torch.tensor([l for _, l, _ in per_task], device=d.device) if ivs else None,      # (n_tasks,)
         train_iv=bool(ivs) and (cfg["guided"] or cfg["iv_alpha0"] > 0), kl_iv=bool(ivs) and cfg["kl_iv"],
         heads=heads))
-    results = {"config": cfg, "stages": [], "metrics": {}}
+    results = {"config": cfg, "stages": [], "metrics": {}, "training": []}
+    regularised = uses_iv(cfg) or needs_reference(cfg)     # more terms than ce: log their gradient shares
 
     def evaluate_and_record(label: str):   # on rank 0; under FSDP every rank (each forward gathers shards)
         cache = cfg["stage0_cache"] if label.startswith("stage 0") else None
         if d.main or cfg["fsdp"]:
-            try:
-                report = evaluate.evaluate_stage(model, tok, train_tasks, general, stage_eval, label,
-                                                 amp_dtype, cache=cache, write_cache=d.main)
-            except OSError as e:        # the --stage0_cache file could not be written
-                raise TrainError(f"--stage0_cache {cache}: cannot write ({e.strerror or e})") from None
+            report = evaluate.evaluate_stage(model, tok, train_tasks, general, stage_eval, label, amp_dtype,
+                                             cache=cache, write_cache=d.main)
         if d.main:
             evaluate.record_stage(results, report, train_tasks, general)
             write_json(out_dir / "results.json", results)
@@ -402,7 +412,7 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
     # init); on resume it is what it was at the checkpoint (set again below for a mid-task stage)
     start_stage, start_step = (state["stage_done"], state["step"]) if state is not None else (0, 0)
     if state is not None:
-        results["stages"] = state["stages"]
+        results["stages"], results["training"] = state["stages"], state.get("training", [])
         log.line(f"resuming from {start['ckpt']}: {start_stage} task(s) done, step {start_step} of the next")
         ckpt.set_rng_state(state, d.rank)
     else:
@@ -425,23 +435,23 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(float(x) for x in cfg["betas"].split(",")),
                                 weight_decay=cfg["weight_decay"])
-        step = 0
+        step, term_log = 0, []        # term_log: the loss's terms and gradient shares at log steps
         if state is not None and j == start_stage and start_step > 0:     # resuming mid-task
             ckpt.load_optimizer(opt, state, cfg["fsdp"], loss_module)
             ckpt.set_rng_state(state, d.rank)
-            step = start_step
+            step, term_log = start_step, state.get("term_log", [])
         pool = stage_pool(encoded, j, cfg["replay"], cfg["seed"])
         total = steps_for(len(pool), cfg["batch_size"], cfg["epochs"], cfg["max_steps"])
         model.train()
 
         def save_last(at_step):
-            ckpt.save_mid_task(run, model, tok, opt, loss_module, j, at_step, rng_boundary,
-                               results["stages"], d)
+            ckpt.save_mid_task(run, model, tok, opt, loss_module, j, at_step, rng_boundary, results["stages"],
+                               d, training=results["training"], term_log=term_log)
 
         where = f"task {j + 1}/{len(train_tasks)} {task.name}"
         bar = tqdm(total=total, initial=step, desc=where, disable=not d.main, dynamic_ncols=True)
         rng_boundary = ckpt.rng_state()          # the RNG as it was after the last completed step
-        t_log, tok_log, in_update = time.time(), 0, False
+        t_log, tok_log, in_update, evaluating = time.time(), 0, False, False
         try:
             with StopFlag() as stop:
                 while step < total:
@@ -453,30 +463,22 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
                     # normalisers of the whole step over all ranks (see LossModule)
                     n_ans, n_rows, n_seen = all_reduce_sum(step_counts(micro, d.device), d).tolist()
                     # as a tensor, not floats: torch.compile would specialise on every new value
-                    norms = torch.tensor([n_ans, n_rows], device=d.device)
+                    norms = torch.tensor([n_ans, n_rows, n_seen], device=d.device)
                     alpha = alpha_at(step, total, cfg["iv_alpha0"], cfg["alpha_schedule"])
                     loss_module.guidance.alpha = alpha
                     lr = lr_at(step, total, cfg["lr"], cfg["lr_schedule"], cfg["warmup"], cfg["min_lr_ratio"])
                     for group in opt.param_groups:
                         group["lr"] = lr
-                    logged = {}
-                    for i, batch in enumerate(micro):
-                        # DDP: all-reduce the gradients only after the last micro-batch
-                        sync = i == len(micro) - 1 or not hasattr(wrapped, "no_sync")
-                        with nullcontext() if sync else wrapped.no_sync():
-                            with autocast(amp_dtype, d.device.type):
-                                loss, parts = wrapped(batch, norms)
-                            loss.backward()
-                        for k, v in parts.items():
-                            logged[k] = logged.get(k, 0.0) + v.float()
+                    log_now = (step + 1) % cfg["log_every"] == 0 or step + 1 == total
+                    logged, shares = accumulate_gradients(wrapped, micro, norms, amp_dtype, d.device.type,
+                                                          params if log_now and regularised else None)
                     logged = all_reduce_floats(logged, d)          # {term: weighted value} over the step
                     total_loss = sum(logged.values())
                     if not math.isfinite(total_loss):
                         raise Diverged(f"loss is {total_loss} at {where} step {step + 1}/{total} (lr "
                                        f"{lr:.2e}): stopped without saving; last good checkpoint: "
                                        f"{ckpt.newest_checkpoint(out_dir) or 'none'}. Try a lower --lr")
-                    clip = cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf")
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))  # 0: off
                     in_update = True    # a second Ctrl-C in here leaves half-updated weights: not saved
                     opt.step()
                     in_update = False
@@ -491,41 +493,40 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
                     tok_log += n_seen
                     bar.update(1)
                     bar.set_postfix(loss=f"{total_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{n_seen / dt:.0f}")
-                    if step % cfg["log_every"] == 0 or step == total:
+                    if log_now:
                         log.step(where, step, total, total_loss, logged, alpha, lr, float(gnorm),
-                                 tok_log / max(time.time() - t_log, 1e-9), dt, task=j + 1)
+                                 tok_log / max(time.time() - t_log, 1e-9), dt, task=j + 1, shares=shares)
+                        term_log.append({"step": step, "terms": logged, "grad_share": shares or {}})
                         t_log, tok_log = time.time(), 0
                     if cfg["save_every"] and step % cfg["save_every"] == 0 and step < total:
                         save_last(step)
                     # every rank stops at the same step, or DDP's collectives would hang
                     if all_reduce_sum(torch.tensor([float(stop.requested)], device=d.device), d).item() > 0:
                         raise KeyboardInterrupt
+            # ---- end of the task: evaluate (before merging: a Ctrl-C here saves the trained task,
+            # step = total, with its adapters as they are, and --resume goes straight to this evaluation)
+            bar.close()
+            if cfg["eval_n"] > 0:
+                evaluating = True
+                evaluate_and_record(f"stage {j + 1} (after {task.name})")
         except KeyboardInterrupt:
             bar.close()  # before any message, so that it starts on a line of its own
             if in_update:
                 log.line("interrupted inside an optimizer update: nothing saved, the last checkpoint is kept")
                 raise
             save_last(step)
-            log.line(f"interrupted at task {j + 1} step {step}/{total}: saved {out_dir / 'last'}; "
-                     "rerun the same command with --resume to continue")
+            log.line(f"interrupted {'while evaluating' if evaluating else 'at'} task {j + 1} step {step}/"
+                     f"{total}: saved {out_dir / 'last'}; rerun the same command with --resume to continue")
             raise
         finally:
             bar.close()
 
-        # ---- end of the task: evaluate, merge, checkpoint ---------------------------------------
-        if cfg["eval_n"] > 0:
-            try:
-                # before merging: a Ctrl-C here saves the trained task (step = total) with its adapters
-                # as they are, and --resume goes straight to this evaluation
-                evaluate_and_record(f"stage {j + 1} (after {task.name})")
-            except KeyboardInterrupt:
-                save_last(total)
-                log.line(f"interrupted while evaluating task {j + 1}: saved {out_dir / 'last'}; "
-                         "rerun the same command with --resume to continue")
-                raise
+        # ---- merge, checkpoint -------------------------------------------------------------------
         if cfg["lora_r"] > 0 and cfg["lora_merge"]:
             lora.merge(model)
-        path = ckpt.save_stage(run, model, tok, j + 1, results["stages"], [t.name for t in train_tasks], d)
+        results["training"].append(term_means(task.name, term_log))
+        path = ckpt.save_stage(run, model, tok, j + 1, results["stages"], [t.name for t in train_tasks], d,
+                               training=results["training"])
         if d.main:
             write_json(out_dir / "results.json", results)
             log.line(f"{where} done: saved {path}")

@@ -280,7 +280,8 @@ def load_optimizer(opt, state: dict, fsdp: bool, module):
         raise TrainError(f"optimizer state does not fit the model ({e})") from None
 
 
-def save_mid_task(run: RunFiles, model, tok, opt, module, stage_done: int, step: int, rng: dict, stages: list, d):
+def save_mid_task(run: RunFiles, model, tok, opt, module, stage_done: int, step: int, rng: dict, stages: list, d,
+                  training: list | None = None, term_log: list | None = None):
     """The resumable checkpoint out_dir/last: weights, optimizer, step, RNG of every rank, results.
     Under FSDP parameters and optimizer state are gathered to full tensors (every rank takes part)."""
     sd = None
@@ -291,18 +292,19 @@ def save_mid_task(run: RunFiles, model, tok, opt, module, stage_done: int, step:
     else:
         optim = opt.state_dict()
     state = {"stage_done": stage_done, "step": step, "optimizer": optim, "rng": gather_objects(rng, d),
-             "stages": stages, "version": 1}
+             "stages": stages, "training": training or [], "term_log": term_log or [], "version": 1}
     if d.main:
         save_checkpoint(run.out_dir / "last", model, tok, run, state, sd)
     barrier(d)
 
 
-def save_stage(run: RunFiles, model, tok, stage_done: int, stages: list, task_names: list, d) -> Path:
+def save_stage(run: RunFiles, model, tok, stage_done: int, stages: list, task_names: list, d,
+               training: list | None = None) -> Path:
     """out_dir/stage-j after task j (no optimizer: the next task starts a fresh one). The mid-task
     checkpoint of this task is then behind and is removed, so that resume never picks it."""
     import shutil
     state = {"stage_done": stage_done, "step": 0, "rng": gather_objects(rng_state(), d), "stages": stages,
-             "tasks": task_names, "version": 1}
+             "training": training or [], "tasks": task_names, "version": 1}
     sd = full_state_dict(model, True) if run.fsdp else None
     path = run.out_dir / f"stage-{stage_done}"
     if d.main:

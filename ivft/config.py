@@ -29,18 +29,32 @@ def preset_help(dest: str) -> str:
         return ",".join(v) if isinstance(v, tuple) else str(v)
     if dest in SIZE_DEFAULTS:
         normal, quick = SIZE_DEFAULTS[dest]
-        parts = [f"default {fmt(normal)}"] + ([f"--quick {fmt(quick)}"] if quick != normal else [])
+        parts = ([f"default {fmt(normal)}"] if normal is not None else []) + \
+            ([f"--quick {fmt(quick)}"] if quick != normal else [])
     elif dest in DEFAULTS:
         parts = [f"default {fmt(DEFAULTS[dest])}"]
     else:
         return ""
     methods = [f"{m} {fmt(v[dest])}" for m, v in METHOD_PRESETS.items() if dest in v]
     regimes = [f"--regime {r} {fmt(v[dest])}" for r, v in REGIME_PRESETS.items() if dest in v]
-    return "; ".join(parts[:1] + ([", ".join(methods)] if methods else []) + regimes + parts[1:])
+    first = parts[:1] if parts and parts[0].startswith("default") else []
+    return "; ".join(first + ([", ".join(methods)] if methods else []) + regimes + parts[len(first):])
 
 
 def add_run_flags(p: argparse.ArgumentParser):
-    """train.py's flags about where and how a run runs, not what it computes."""
+    """train.py's flags about which model a run trains (and in which regime: full or LoRA), and where
+    and how it runs; not the method's, which train.py defines itself."""
+    g = p.add_argument_group("model").add_argument
+    g("--model", default=None, help="HF directory or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+    g("--model_dtype", default="fp32", choices=["fp32", "bf16"],
+      help="storage dtype of the weights; bf16 only makes sense for a frozen LoRA base")
+    g("--lora_r", type=int, default=None, help="LoRA rank; 0 = full fine-tuning")
+    g("--lora_alpha", type=float, default=None, help="LoRA scale numerator (scale = alpha/r)")
+    g("--lora_dropout", type=float, default=None, help="dropout on the LoRA input")
+    g("--lora_targets", default=None, help=f"linear layers to adapt ({','.join(lora.KNOWN_TARGETS)})")
+    g("--lora_merge", action=argparse.BooleanOptionalAction, default=None, help="merge the adapters after "
+      "every task and start fresh ones (as the sibling code); --no-lora_merge: one adapter for all tasks")
+
     g = p.add_argument_group("I/O").add_argument
     g("--out_dir", default=None, help="where checkpoints, log.txt and results.json go "
       "(default runs/<preset>, with -lora and -quick suffixes for --regime lora and --quick)")
@@ -92,11 +106,12 @@ DEFAULTS = {"iv_alpha0": 0.0, "kl_weight": 0.0, "kl_iv": False, "replay": 0.0, "
             "kl_min": 0.0, "kl_gate": "row", "kl_all_weight": 0.0, "head_mse_weight": 0.0, "head_mse_min": 0.0,
             "kl_ref": "original", "lora_r": 0, "lora_alpha": 16.0, "lora_dropout": 0.1, "lora_targets": "q_proj,v_proj",
             "lora_merge": True, "lr_schedule": "cosine", "warmup": 0.1, "lr": 1e-4}
-# Budget of the defaults: 4 tasks x 40 steps of 8, 5 stage evaluations, the 4 IVs
-# extracted once from 10-shot prompts (then cached). --quick: 4 x 3 steps, 5 evaluations of 5
-# examples, IVs from 12 clean / 4 corrupted prompts. The README has the measured run times.
-SIZE_DEFAULTS = {"max_train": (320, 24), "epochs": (1.0, 1.0), "batch_size": (8, 8), "max_steps": (0, 3),
-                 "eval_n": (40, 5), "eval_k_shot": (3, 3),
+# Budget of the defaults: 4 tasks x 40 steps of 8, 5 stage evaluations, the 4 IVs extracted once
+# from 10-shot prompts (then cached). --quick is a miniature of that: 2 tasks the model learns in 24
+# steps (date_iso, reverse_words), 3 evaluations of 10 examples per task, IVs from 12 clean / 4
+# corrupted prompts; the same with and without --guided. The README has its measured times and scores.
+SIZE_DEFAULTS = {"tasks": (None, "date_iso,reverse_words"), "max_train": (320, 192), "epochs": (1.0, 1.0),
+                 "batch_size": (8, 8), "max_steps": (0, 24), "eval_n": (40, 10), "eval_k_shot": (3, 3),
                  "iv_n_clean": (50, 12), "iv_n_corrupt": (25, 4), "iv_dir": ("ivs", os.path.join("ivs", "quick"))}
 # flags that may differ between a run and its --resume (they do not change the numbers)
 RESUME_FREE = {"resume", "overwrite", "save_every", "log_every", "wandb", "wandb_project", "num_threads",
@@ -157,6 +172,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         (cfg["weight_decay"] >= 0 and cfg["grad_clip"] >= 0, "--weight_decay and --grad_clip must be >= 0"),
         (cfg["iv_alpha0"] >= 0 and cfg["kl_min"] >= 0, "--iv_alpha0 and --kl_min must be >= 0"),
         (cfg["kl_all_weight"] >= 0 and cfg["head_mse_min"] >= 0, "--kl_all_weight and --head_mse_min must be >= 0"),
+        (cfg["free_kl_weight"] >= 0, f"--free_kl_weight {cfg['free_kl_weight']}: must be >= 0"),
         (all(cfg[k] is None or cfg[k] >= 1 for k in ("iv_n_clean", "iv_n_corrupt", "iv_top_k")),
          "--iv_n_clean, --iv_n_corrupt and --iv_top_k must be >= 1"),
     ]
@@ -181,7 +197,7 @@ def uses_iv(cfg) -> bool:
 
 
 def needs_reference(cfg) -> bool:
-    return cfg["kl_weight"] > 0 or cfg["kl_all_weight"] > 0 or cfg["head_mse_weight"] > 0
+    return cfg["kl_weight"] > 0 or cfg["kl_all_weight"] > 0 or cfg["head_mse_weight"] > 0 or cfg["free_kl_weight"] > 0
 
 
 def check_launch(cfg: dict, world: int):

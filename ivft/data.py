@@ -64,13 +64,20 @@ class Item:
     ids: list       # prompt + answer token ids
     prompt_len: int
     task: int       # index into the training sequence (for replay rows and their IV)
+    free: list | None = None   # the prompt without the task's instruction (the input alone), if asked for
 
 
-def encode_task(tok, task, index: int, max_len: int, max_train: int | None = None) -> list[Item]:
+def encode_task(tok, task, index: int, max_len: int, max_train: int | None = None,
+                free: bool = False) -> list[Item]:
+    """The task's training examples as Items; free: also each prompt without the instruction (the
+    query alone, cut to max_len from its start), for a KL on prompts the new instruction is absent from."""
     examples = list(task.train)[:max_train] if max_train else list(task.train)
     if not examples:
         raise TrainError(f"training task {task.name!r} has no training examples")
     items = [Item(*encode_example(tok, ex, max_len), index) for ex in examples]
+    if free:
+        for ex, it in zip(examples, items):
+            it.free = list(render_prompt(tok, ex, with_instruction=False))[-max_len:]
     # encode_example keeps a too-long prompt's end; say how many lost their start, once per task. Only
     # a row that fills max_len can have been cut, so only those are rendered again to tell.
     n_cut = sum(len(render_prompt(tok, ex, with_instruction=True)) > it.prompt_len
@@ -136,9 +143,19 @@ def collate(items: list[Item], pad_id: int, device) -> dict:
         targets[b, it.prompt_len - 1:L] = ids[it.prompt_len:]
     last = torch.tensor([it.prompt_len - 1 for it in items], dtype=torch.long)
     task = torch.tensor([it.task for it in items], dtype=torch.long)
-    return {"idx": idx.to(device), "targets": targets.to(device),
-            "pad_mask": None if pad_mask.all() else pad_mask.to(device),
-            "last": last.to(device), "task": task.to(device), "n_tokens": int(pad_mask.sum())}
+    out = {"idx": idx.to(device), "targets": targets.to(device),
+           "pad_mask": None if pad_mask.all() else pad_mask.to(device),
+           "last": last.to(device), "task": task.to(device), "n_tokens": int(pad_mask.sum())}
+    if items[0].free is not None:     # the same rows' prompts without the instruction: free (B, T'), ...
+        Tf = max(len(it.free) for it in items)
+        free = torch.full((B, Tf), pad_id, dtype=torch.long)
+        free_mask = torch.zeros(B, Tf, dtype=torch.bool)
+        for b, it in enumerate(items):
+            free[b, :len(it.free)] = torch.tensor(it.free, dtype=torch.long)
+            free_mask[b, :len(it.free)] = True
+        out.update(free=free.to(device), free_mask=None if free_mask.all() else free_mask.to(device),
+                   free_last=torch.tensor([len(it.free) - 1 for it in items], dtype=torch.long).to(device))
+    return out
 
 
 def step_micro_batches(pool: list[Item], step: int, stage: int, *, batch_size: int, micro_batch: int, seed: int,

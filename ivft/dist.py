@@ -121,3 +121,40 @@ def resolve_amp(dtype: str, device):
         return torch.bfloat16   # asked for explicitly: honoured on a CPU too, slow or not
     return torch.bfloat16 if ok else None
 
+
+def accumulate_gradients(wrapped, micro: list[dict], norms, amp_dtype, device_type: str, share_params=None):
+    """Forward and backward every micro-batch of one optimizer step (gradients add up in .grad;
+    under DDP they are all-reduced only after the last one) -> ({term: its sum over the micro-batches}
+    of the loss's detached named terms, {term: gradient share} or None). share_params: the trainable
+    parameters, to measure each term's ‖∇ term‖ / ‖∇ ce‖ on the first micro-batch first (grad_shares)."""
+    from contextlib import nullcontext
+    from ivft.engine import autocast
+    shares = None
+    if share_params is not None:
+        with autocast(amp_dtype, device_type):
+            shares = grad_shares(getattr(wrapped, "module", wrapped), micro[0], norms, share_params)
+    summed = {}
+    for i, batch in enumerate(micro):
+        sync = i == len(micro) - 1 or not hasattr(wrapped, "no_sync")
+        with nullcontext() if sync else wrapped.no_sync():
+            with autocast(amp_dtype, device_type):
+                loss, parts = wrapped(batch, norms)
+            loss.backward()
+        for k, v in parts.items():
+            summed[k] = summed.get(k, 0.0) + v.float()
+    return summed, shares
+
+
+def grad_shares(loss_module, batch, norms, params) -> dict:
+    """{term: ‖∇ term‖ / ‖∇ ce‖} over `params` on one micro-batch, for every term but ce: whether a
+    regulariser acts at all (a small term can still steer the update; a large one can do nothing).
+    Costs one more forward and a backward per term; the RNG (dropout) is put back, so a run gives the
+    same numbers with or without it."""
+    devices = [batch["idx"].device] if batch["idx"].device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        _, parts = loss_module(batch, norms, keep_graph=True)
+        norm = {}
+        for k, v in parts.items():
+            grads = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
+            norm[k] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) or torch.zeros(())))
+    return {k: n / max(norm["ce"], 1e-12) for k, n in norm.items() if k != "ce"}

@@ -80,6 +80,15 @@ def pyplot():
     return plt
 
 
+def term_means(task: str, term_log: list) -> dict:
+    """One stage's loss terms (weights included) and gradient shares, averaged over its log steps
+    (results.json "training"): whether each regulariser was active, and how strongly."""
+    def avg(key):
+        names = dict.fromkeys(k for rec in term_log for k in rec[key])
+        return {k: mean([rec[key][k] for rec in term_log if k in rec[key]]) for k in names}
+    return {"task": task, "log_steps": len(term_log), "terms": avg("terms"), "grad_share": avg("grad_share")}
+
+
 def new_task_scores(cl: dict) -> dict:
     """{task: (score before any training, score right after its own stage)}: what was learned."""
     return {t: (cl["R"][0][j], cl["R"][j + 1][j]) for j, t in enumerate(cl["train_tasks"]) if j + 1 < len(cl["R"])}

@@ -76,15 +76,19 @@ class Logger:
         self.line(f"done: {Path(out_dir) / 'results.json'}")
 
     def step(self, where: str, step: int, total: int, loss: float, parts: dict, alpha: float, lr: float,
-             gnorm: float, tok_s: float, dt: float, task: int = 0):
+             gnorm: float, tok_s: float, dt: float, task: int = 0, shares: dict | None = None):
         """The one line per --log_every optimizer steps (and the same numbers to wandb). parts: the
-        loss's named terms as they enter the total (weights included), whatever the loss returns."""
+        loss's named terms as they enter the total (weights included), whatever the loss returns;
+        shares: each term's gradient norm over the cross-entropy's (dist.grad_shares)."""
         terms = "".join(f" {k} {float(v):.4f}" for k, v in parts.items())
+        if shares:
+            terms += " | grad share" + "".join(f" {k} {v:.3f}" for k, v in shares.items())
         self.line(f"{where} | step {step}/{total} | loss {loss:.4f}{terms} | "
                   f"alpha {alpha:.3f} | lr {lr:.2e} | gnorm {gnorm:.3f} | {tok_s:.0f} tok/s | dt {dt:.2f}s | "
                   f"eta {fmt_time(dt * (total - step))}")
         if self.wandb is not None:
-            self.wandb.log({"loss": loss, **parts, "lr": lr, "alpha": alpha, "grad_norm": gnorm, "task": task}, step=step)
+            self.wandb.log({"loss": loss, **parts, **{f"share_{k}": v for k, v in (shares or {}).items()}, "lr": lr,
+                            "alpha": alpha, "grad_norm": gnorm, "task": task}, step=step)
 
 
 def write_json(path, obj):

@@ -30,6 +30,7 @@ import train
 from ivft import checkpoint as ckpt
 from ivft.data import Item, collate
 from ivft.load import load_model, read_safetensors, save_hf
+from ivft.runtime import TrainError
 from model import ModelConfig, Transformer
 from toys import byte_tokenizer
 
@@ -135,7 +136,13 @@ def guided_batch(tok):
     return collate(items, tok.pad_id, "cpu")
 
 
-@pytest.mark.parametrize("positions", ["last", "answer"])
+def norms_of(batch):
+    """(answer tokens, rows, real tokens) of a one-micro-batch step, as train.py passes them."""
+    real = batch["pad_mask"].sum() if batch["pad_mask"] is not None else batch["idx"].numel()
+    return (float((batch["targets"] != -100).sum()), float(len(batch["idx"])), float(real))
+
+
+@pytest.mark.parametrize("positions", ["last", "answer", "all"])
 def test_kl_zero_iff_model_equals_reference_with_iv(positions):
     tok = byte_tokenizer()
     model = tiny_model()
@@ -147,15 +154,16 @@ def test_kl_zero_iff_model_equals_reference_with_iv(positions):
     g.ivs = g.ivs / g.ivs.norm(dim=1, keepdim=True)
     g.layers = torch.tensor([1, 1])
     g.train_iv, g.kl_iv, g.kl_weight, g.kl_positions = True, True, 1.0, positions
-    n = (float((batch["targets"] != -100).sum()), float(len(batch["idx"])))
+    n = norms_of(batch)
 
     def kl(alpha, ref_iv=True):
         g.alpha, g.kl_iv = alpha, ref_iv
         return float(lm(batch, n)[1]["kl"])
 
     assert abs(kl(1.0)) < 1e-6, "same weights, IV at α=1 on both sides: KL must vanish"
-    assert kl(0.0) > 1e-4, "no IV in the trained model but IV in the reference: KL must be positive"
-    assert kl(1.0, ref_iv=False) > 1e-4
+    # (with "all" positions the prompt before the IV's position dilutes the mean, hence the lower bar)
+    assert kl(0.0) > 1e-5, "no IV in the trained model but IV in the reference: KL must be positive"
+    assert kl(1.0, ref_iv=False) > 1e-5
     assert abs(kl(0.0, ref_iv=False)) < 1e-6
 
 
@@ -258,7 +266,7 @@ def test_presets_set_defaults_and_flags_win():
     plain = resolve_config(train.build_parser().parse_args([]))
     assert plain["preset"] == "plain" and (plain["kl_weight"], plain["replay"], plain["lora_r"]) == (0, 0, 0)
     assert resolve_config(train.build_parser().parse_args(["--preset", "replay"]))["replay"] == 0.25
-    with pytest.raises(train.TrainError, match="--guided is --preset guided"):
+    with pytest.raises(TrainError, match="--guided is --preset guided"):
         resolve_config(train.build_parser().parse_args(["--guided", "--preset", "fvg"]))
 
 
@@ -817,3 +825,71 @@ def test_a_damaged_iv_cache_file_is_rebuilt_with_a_note(env, tmp_path, capsys):
     r = extract_iv.get_iv(model, tok, task, path, **kw)
     assert not r.get("reused") and "extracting it again" in capsys.readouterr().err
     assert extract_iv.get_iv(model, tok, task, path, **kw).get("reused")
+
+
+# ---- beyond the paper: the KL on prompts without the instruction; the loss's gradient shares ----
+
+def free_batch(tok):
+    from ivft.data import encode_task
+    from ivft.tasks import Example, Task
+    ex = [Example("Answer in capitals.", w, w.upper()) for w in ["cat", "doggo", "owl"]]
+    task = Task(name="caps", kind="generate", metric="exact_match", train=ex, test=[])
+    return collate(encode_task(tok, task, 0, 256, free=True), tok.pad_id, "cpu")
+
+
+def test_instruction_free_kl_prompts_carry_no_instruction_and_vanish_at_the_original():
+    tok = byte_tokenizer()
+    batch = free_batch(tok)
+    for row, mask, last in zip(batch["free"], batch["free_mask"] if batch["free_mask"] is not None
+                               else [None] * 3, batch["free_last"]):
+        text = tok.decode(row[: last + 1].tolist())
+        assert "Answer in capitals" not in text and text.rstrip().endswith("assistant")
+    assert "Answer in capitals" in tok.decode(batch["idx"][0].tolist())
+    model = tiny_model()
+    lm = train.LossModule(model, guidance=train.Guidance(free_kl_weight=2.0))
+    lm.set_reference(ckpt.frozen_copy(model))
+    assert abs(float(lm(batch, norms_of(batch))[1]["free_kl"])) < 1e-6    # the model is the original
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(0.5)
+    kl = float(lm(batch, norms_of(batch))[1]["free_kl"])
+    assert kl > 1e-4
+    lm.guidance.free_kl_weight = 1.0
+    assert float(lm(batch, norms_of(batch))[1]["free_kl"]) == pytest.approx(kl / 2)   # the weight, once
+
+
+def test_grad_shares_equal_a_hand_computation():
+    from ivft.dist import grad_shares
+    tok = byte_tokenizer()
+    model = tiny_model()
+    batch = free_batch(tok)
+    g = train.Guidance(ivs=torch.randn(1, 32, generator=torch.Generator().manual_seed(0)), layers=torch.tensor([1]),
+                       train_iv=True, kl_iv=True, kl_weight=3.0, alpha=0.5, free_kl_weight=1.0)
+    lm = train.LossModule(model, guidance=g)
+    ref = tiny_model(seed=1)
+    lm.set_reference(ref)
+    params = [p for p in model.parameters() if p.requires_grad]
+    shares = grad_shares(lm, batch, norms_of(batch), params)
+    # by hand: each term's own backward, the gradient's norm over all trainable parameters
+    def grad_norm(term):
+        model.zero_grad(set_to_none=True)
+        lm(batch, norms_of(batch), keep_graph=True)[1][term].backward()
+        return torch.sqrt(sum((p.grad ** 2).sum() for p in params if p.grad is not None))
+    ce = grad_norm("ce")
+    assert set(shares) == {"kl", "free_kl"}
+    for term in ("kl", "free_kl"):
+        assert shares[term] == pytest.approx(float(grad_norm(term) / ce), rel=1e-4)
+    model.zero_grad(set_to_none=True)
+    state = torch.get_rng_state()
+    grad_shares(lm, batch, norms_of(batch), params)
+    assert torch.equal(torch.get_rng_state(), state) and all(p.grad is None for p in params)
+
+
+def test_a_guided_run_records_its_terms_and_gradient_shares(env, tmp_path):
+    res = run_main(base_args(env, tmp_path / "g", "--guided", "--free_kl_weight", "0.5", *iv_args(env)))
+    assert [t["task"] for t in res["training"]] == ["a", "b"]
+    for t in res["training"]:
+        assert set(t["terms"]) == {"ce", "kl", "free_kl"} and set(t["grad_share"]) == {"kl", "free_kl"}
+        assert t["log_steps"] == 2 and all(v > 0 for v in t["grad_share"].values())
+    steps = [line for line in (tmp_path / "g" / "log.txt").read_text().splitlines() if "| step" in line]
+    assert all("| grad share kl " in line and " free_kl " in line for line in steps)
+
