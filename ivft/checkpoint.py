@@ -261,8 +261,10 @@ def start_out_dir(run: RunFiles, clear: bool, d):
     import shutil
     out_dir = run.out_dir
     if d.main:
-        if clear:
-            for p in [*out_dir.glob("stage-*"), *(out_dir / n for n in ("last", "results.json", "log.txt", "summary.png"))]:
+        if clear and out_dir.is_dir():
+            # what a run writes (is_run_file), but the lock this run holds and the flags it rewrites now
+            for p in [p for p in out_dir.iterdir() if is_run_file(p.name)
+                      and p.name not in ("run.lock", "train_config.json")]:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "train_config.json", run.settings)

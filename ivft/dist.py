@@ -156,5 +156,5 @@ def grad_shares(loss_module, batch, norms, params) -> dict:
         norm = {}
         for k, v in parts.items():
             grads = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
-            norm[k] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) or torch.zeros(())))
+            norm[k] = float(sum(((g.float() ** 2).sum() for g in grads if g is not None), 0.0)) ** 0.5
     return {k: n / max(norm["ce"], 1e-12) for k, n in norm.items() if k != "ce"}
