@@ -36,11 +36,12 @@ from tqdm import tqdm
 from ivft.ivcheck import (check_iv, check_report, choose_kind, dev_advice, restored, sweep_all, swept_advice,
                           training_lines)
 from ivft.ivfile import (cached_iv, check_iv_task, check_outputs, iv_filename, iv_meta, iv_out_path, load_iv,
-                         model_tag, save_iv, written)
+                         model_tag, save_iv, scale_to_state, written)
 from ivft.ivprompts import (Prompt, check_distinct, clean_prompts, corrupted_prompts, draw_examples,
-                            load_task_by_name, mismatch_donor, pad_left, render, score_prompts, split_train)
+                            load_task_by_name, mismatch_donor, pad_left, render, score_prompts, split_train,
+                            state_norms)
 from ivft.ivsettings import (CORRUPTIONS, EFFECTS, FORMATS, KINDS, METHODS, MIN_PROMPTS, ExtractError,
-                             Settings, check_layer)
+                             Settings, check_layer, layer_arg)
 from ivft.report import format_check, format_iv, format_sweep, plot_sweep, save_report
 from model import Intervention, KVCache
 
@@ -416,23 +417,29 @@ def get_iv(model, tok, task, cache_path=None, *, model_id: str | None = None, pr
     s = Settings(**settings).resolve(model)
     path = Path(cache_path if cache_path is not None
                 else Path("ivs") / (model_id or "model") / iv_filename(task))
+    chat = hasattr(tok, "render_chat")     # a tokenizer without a chat template is never trained on
     if (r := cached_iv(path, task, s.key(), model)) is not None:
         r["layer"] = s.layer if s.layer != "auto" else r["layer"]
-        return r
-    r = extract_iv(model, tok, task, model_id=model_id, progress=progress, **settings)
+        if "state_norms" in r["meta"] or not chat:
+            return r
+    else:
+        r = extract_iv(model, tok, task, model_id=model_id, progress=progress, **settings)
     if "advice" not in r["meta"]:      # (layer "auto" has choose_kind's) the cheap verdict, no sweep: three
         # scoring passes over the <= n_dev dev examples, about a third of the mediation's clean pass
         r["meta"]["advice"] = dev_advice(model, tok, task, r, s)
+    if chat:        # one pass (an older cached file gets them too) over the chat prompts train.py trains on
+        r["meta"]["state_norms"] = state_norms(model, tok, task)
     save_iv(r, path)
     return r
 
 
 def training_ivs(model, tok, tasks, *, iv_dir, model_id: str, files: dict | None = None,
-                 layer: int | None = None, progress=True, **settings) -> dict:
+                 layer: int | None = None, norm_ratio: float = 0.0, progress=True, **settings) -> dict:
     """train.py's IVs: -> {task name: (iv (C,), injection layer, meta)} for every training task, from
     the model before any training: cached under iv_dir/<model_id>/ (get_iv), or files[task name]
     (--iv_file). layer: where the IVs are added (None = each IV's own): a use-time choice, checked
-    here, that never changes which IV is extracted. Each IV's stored advice is printed (training_lines)."""
+    here, that never changes which IV is extracted; so is norm_ratio (> 0: the IV rescaled to that
+    fraction of the hidden-state norm at its layer). Each IV's stored advice is printed (training_lines)."""
     files = files or {}
     if unknown := sorted(set(files) - {t.name for t in tasks}):
         raise ExtractError(f"--iv_file names tasks not in the sequence: {unknown}")
@@ -456,20 +463,14 @@ def training_ivs(model, tok, tasks, *, iv_dir, model_id: str, files: dict | None
                                f"({model.config.hidden_size},)")
         for line in training_lines(task, meta.get("advice") or []):
             print(line)
-        out[task.name] = (iv.detach().float().cpu(), use, meta)
+        if norm_ratio > 0 and "state_norms" not in meta:      # an --iv_file of an older version
+            meta = {**meta, "state_norms": state_norms(model, tok, task)}
+        out[task.name] = (scale_to_state(iv.detach().float().cpu(), meta, use, norm_ratio, where), use, meta)
     return out
 
 
 # ---- Command line --------------------------------------------------------------------------------
 def parse_args(argv=None):
-    def layer_arg(v: str):
-        if v == "auto":
-            return v
-        try:
-            return int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a block number or 'auto', got {v!r}") from None
-
     ap = argparse.ArgumentParser(description="Extract instruction vectors by causal mediation over heads.")
     arg = ap.add_argument_group("task and files").add_argument
     arg("--task", help="registry task name (see tasks.list_tasks()) or a task file / folder")

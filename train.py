@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("guidance (docs/method.md §4)").add_argument
     g("--iv_alpha0", type=float, default=None, help="starting scale α_0 of the IV in the trained model")
+    g("--iv_norm_ratio", type=float, default=0.0, help="rescale each IV to this fraction of the mean hidden-"
+      "state norm at its layer on its training prompts, in model and reference alike (0: as extracted)")
     g("--kl_weight", type=float, default=None, help="λ of the KL term; without an IV: the lwf baseline")
     g("--kl_iv", action=argparse.BooleanOptionalAction, default=None,
       help="add the IV to the KL reference; --no-kl_iv: the reference without the IV (ablation)")
@@ -174,8 +176,7 @@ def kl_per_row(logits, ref_logits, temp: float):
 
 @dataclass
 class Guidance:
-    """What the loss needs beyond the batch. The fields named like train.py's flags are filled from
-    them (Guidance.from_flags); alpha is updated every step."""
+    """What the loss needs beyond the batch; the fields named like flags come from them (from_flags)."""
     ivs: torch.Tensor | None = None        # (n_tasks, C) the IV of every training task
     layers: torch.Tensor | None = None     # (n_tasks,) injection layer per task
     alpha: float = 0.0                     # α_t of the current step
@@ -210,14 +211,13 @@ def add_iv(g: Guidance, batch: dict, scale, record_z=()) -> Intervention:
 
 
 def real_positions(batch):
-    """(B, T) True at the batch's real (not padded) positions."""
-    m = batch["pad_mask"]
-    return torch.ones_like(batch["targets"], dtype=torch.bool) if m is None else m
+    # (B, T) True at the batch's real (not padded) positions
+    return torch.ones_like(batch["targets"], dtype=torch.bool) if (m := batch["pad_mask"]) is None else m
 
 
 def gate(values, threshold: float, per: str, n_rows: int):
-    """The sibling code's thresholds: a KL (or MSE) counts only when above `threshold`, judged per
-    row (per="row") or on the micro-batch mean (per="batch"). values: per row or per position."""
+    """The sibling code's thresholds: values (per row or position) count only above `threshold`, judged
+    per row (per="row") or on the micro-batch mean (per="batch")."""
     if threshold <= 0:
         return values.sum()
     if per == "row":
@@ -373,7 +373,8 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
     ivs = {} if not uses_iv(cfg) else extract_iv.training_ivs(
         model, tok, train_tasks, iv_dir=cfg["iv_dir"], model_id=model_tag(cfg["model"]),
         layer=cfg["iv_layer"], files=dict(f.split("=", 1) for f in cfg["iv_file"]), method=cfg["iv_method"],
-        n_clean=cfg["iv_n_clean"], n_corrupt=cfg["iv_n_corrupt"], top_k=cfg["iv_top_k"])
+        norm_ratio=cfg["iv_norm_ratio"], n_clean=cfg["iv_n_clean"], n_corrupt=cfg["iv_n_corrupt"],
+        top_k=cfg["iv_top_k"])
     heads = union_of_top_heads(ivs) if cfg["head_mse_weight"] > 0 else None     # {} raises there
     keep_original = needs_reference(cfg) and needs_original_copy(cfg["kl_ref"], spec, len(train_tasks))
     original = ckpt.frozen_copy(model) if keep_original else None

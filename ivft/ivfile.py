@@ -216,6 +216,19 @@ def written(path, write, *args, **kwargs):
 # ---------------------------------------------------------------------------------------------
 # The head sets of a run's IVs (--head_mse_weight); the IVs themselves: extract_iv.training_ivs
 
+def scale_to_state(iv: torch.Tensor, meta: dict, layer: int, ratio: float, where: str) -> torch.Tensor:
+    """The IV rescaled to `ratio` x the mean hidden-state norm at `layer` on the task's training prompts
+    (meta["state_norms"], stored at extraction): an IV larger than the state it is added to overwrites
+    it rather than steering it. ratio 0 = the IV as extracted."""
+    if ratio <= 0:
+        return iv
+    norms = meta.get("state_norms")
+    if not norms or len(norms) <= layer:
+        raise ExtractError(f"{where}: no hidden-state norm at layer {layer} stored (meta['state_norms']); "
+                           "extract it again with this version of extract_iv.py")
+    return iv * (ratio * norms[layer] / iv.norm().clamp_min(1e-12))
+
+
 def union_of_top_heads(ivs: dict) -> dict:
     """{layer: LongTensor heads}: every head that is among some task's top heads (--head_mse_weight)."""
     by_layer = {}

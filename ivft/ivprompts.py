@@ -214,3 +214,21 @@ def score_prompts(model, prompts: list[Prompt], *, record_z=False, record_resid=
     if record_resid:
         out["resid"] = torch.cat(rs)
     return out
+
+
+def state_norms(model, tok, task, n: int = 32, batch_size: int = 16) -> list[float]:
+    """The mean norm of the residual stream after every block at the last prompt token, over the first n
+    training examples in the form train.py trains on (the chat prompt with the instruction): the scale
+    an IV is added to (train.py --iv_norm_ratio). -> [L] floats."""
+    seqs = [render_prompt(tok, ex) for ex in list(task.train)[:n]]
+    if not seqs:
+        raise ExtractError(f"task {task.name!r} has no training examples to measure the hidden-state norm on")
+    L, total = model.n_layers, 0.0
+    for i in range(0, len(seqs), batch_size):
+        idx, pad_mask = pad_left(seqs[i:i + batch_size])        # left padding: every last token at W - 1
+        edit = Intervention(pos=torch.full((len(idx),), idx.shape[1] - 1), record_resid=tuple(range(L)))
+        with torch.no_grad():
+            model(idx, pad_mask=pad_mask, intervention=edit)
+        resid = torch.stack([edit.resid[layer][:, 0] for layer in range(L)], 1)          # (b, L, C)
+        total = total + resid.float().norm(dim=-1).sum(0)
+    return [float(f"{float(x):.7g}") for x in total / len(seqs)]

@@ -3,6 +3,7 @@ cache key, the model-dependent defaults of layer and K, and ExtractError, the on
 input anywhere in an extraction (task, settings, IV file)."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 from ivft.runtime import TrainError
@@ -106,3 +107,13 @@ class Settings:
         if self.kind == "heads" and self.layer != "auto":
             del out["layer"]
         return out
+
+
+def layer_arg(v: str):
+    """argparse type of extract_iv.py --layer: a block number or 'auto'."""
+    if v == "auto":
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a block number or 'auto', got {v!r}") from None

@@ -893,3 +893,61 @@ def test_a_guided_run_records_its_terms_and_gradient_shares(env, tmp_path):
     steps = [line for line in (tmp_path / "g" / "log.txt").read_text().splitlines() if "| step" in line]
     assert all("| grad share kl " in line and " free_kl " in line for line in steps)
 
+
+
+def naive_state_norms(model, tok, task, n=32) -> list[float]:
+    """The residual stream after each block at the last prompt token, one unpadded prompt at a time,
+    read by forward hooks on the blocks (not through the Intervention that ivprompts.state_norms uses)."""
+    from ivft.prompts import render_prompt
+    seen = {}
+    hooks = [blk.register_forward_hook(lambda m, i, out, l=l: seen.__setitem__(l, out[0] if isinstance(out, tuple)
+                                                                                else out))
+             for l, blk in enumerate(model.model.layers)]
+    sums = torch.zeros(len(hooks))
+    try:
+        for ex in list(task.train)[:n]:
+            with torch.no_grad():
+                model(torch.tensor([render_prompt(tok, ex)]))
+            sums += torch.stack([seen[l][0, -1].norm() for l in range(len(hooks))])
+    finally:
+        for h in hooks:
+            h.remove()
+    return (sums / min(n, len(task.train))).tolist()
+
+
+def test_scaled_iv_has_the_asked_norm_the_same_in_model_and_reference(env, tmp_path):
+    import extract_iv
+    from ivft.tasks import load_task
+    model, tok = load_model(env["model"])
+    task = load_task(env["tasks"].split(",")[0])
+    want = naive_state_norms(model, tok, task)
+    # an --iv_file without stored norms gets them measured; a fresh extraction stores them in its file
+    got = extract_iv.training_ivs(model, tok, [task], iv_dir=tmp_path, model_id="tiny", layer=2, norm_ratio=0.5,
+                                  files={"a": env["ivs"]["a"]})["a"]
+    assert got[0].norm().item() == pytest.approx(0.5 * want[2], rel=1e-4)
+    assert got[2]["state_norms"] == pytest.approx(want, rel=1e-4)
+    fresh = extract_iv.get_iv(model, tok, task, tmp_path / "iv.safetensors", n_clean=4, n_corrupt=4, top_k=2,
+                              layer=1, progress=False)
+    from ivft.ivfile import read_iv
+    assert read_iv(tmp_path / "iv.safetensors")["meta"]["state_norms"] == pytest.approx(want, rel=1e-4)
+    assert fresh["iv"].norm() != pytest.approx(0.5 * want[1], rel=1e-2)       # extraction itself is unscaled
+    # the run: the trained model (α_0 = 1, first step) and the reference add one and the same vector
+    added = {"model": [], "ref": []}
+    run_main(base_args(env, tmp_path / "run", "--guided", "--iv_norm_ratio", "0.5", "--max_steps", "1",
+                       *iv_args(env)), callback=None)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    norm_a = float(log.split("IV a: layer ")[1].split("norm ")[1].split()[0])
+    assert norm_a == pytest.approx(0.5 * want[int(log.split("IV a: layer ")[1].split(",")[0])], abs=6e-4)  # 3 decimals
+    lm = train.LossModule(model, guidance=train.Guidance(
+        ivs=got[0][None].repeat(2, 1), layers=torch.tensor([2, 2]), alpha=1.0, train_iv=True, kl_iv=True,
+        kl_weight=1.0))
+    ref = ckpt.frozen_copy(model)
+    lm.set_reference(ref)
+    for who, m in (("model", model), ("ref", ref)):
+        forward = m.forward
+        m.forward = lambda *a, who=who, forward=forward, **k: (added[who].append(k["intervention"].add_resid[2]
+                                                                               * k["intervention"].scale),
+                                                               forward(*a, **k))[1]
+    lm(guided_batch(tok), norms_of(guided_batch(tok)))
+    assert torch.equal(added["model"][0], added["ref"][0])
+    assert added["model"][0][0].norm().item() == pytest.approx(0.5 * want[2], rel=1e-4)
