@@ -1,0 +1,207 @@
+"""
+Where IV guidance helps: trade-off curves of new-task learning against general forgetting, on a dev
+split, then a pre-registered confirmation on the test split (experiments/study_protocol.md,
+amendment 2). Runs in parts and resumes: every finished train.py run leaves a raw JSON file in
+results/tradeoff/, and a rerun skips it.
+
+    python experiments/tradeoff.py --sweep --workers 2     # stage 1 on the dev split: every method x strength
+    python experiments/tradeoff.py --sweep --dry_run       # prints the train.py commands only
+    python experiments/tradeoff.py --confirm --workers 2   # the registered confirmation (needs the sweep)
+    python experiments/tradeoff.py --report                # results/tradeoff.json, tradeoff.md, tradeoff.png
+
+The sweep: stage 1 only (one task: uppercase, or date_iso), regime A (full fine-tuning, batch 8, one
+epoch of the first 320 training examples = 40 steps, cosine lr with 10% warmup), seed 0. Each
+method at several strengths (GRID): plain ("do less": lower lr or fewer steps), lwf (λ), guided
+(λ x the IV's norm as a fraction r of the hidden state's, --iv_norm_ratio), the instruction-free
+KL (beyond the paper, --free_kl_weight) and fvg (its weights x a factor). The dev split: the new task
+is scored on its training examples 320-399 (never trained on), the general suite zero-shot on its
+tasks' training examples (no test number uses them: the suite is never trained on). Each point
+scores the new task and the general suite after the stage.
+
+Files: runs/tradeoff/ (train.py's out_dirs, dev task files, stage-0 caches; not in git),
+results/tradeoff/sweep/<task>.<key>.json and results/tradeoff/confirm/<label>-s<seed>.json (each
+run's record, in git), results/tradeoff.json, results/tradeoff.md, results/tradeoff.png.
+One tradeoff.py at a time (runs/tradeoff/driver.lock).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from common import STOPPING, run_train, stop_signals_to_children  # a sibling: on a script's own path
+import tradeoff_report as report
+from ivft.files import FolderInUse, RunLock, write_atomic
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "tradeoff"
+RAW = ROOT / "results" / "tradeoff"
+SWEEP_TASKS = ("uppercase", "date_iso")
+N_TRAIN, N_DEV, EVAL_N = 320, 80, 40
+
+# method -> [(label, strength, train.py flags)]; strength orders a method's points: plain's is its
+# lr x epochs (more training), the others' their regulariser's weight. Every point trains at the
+# defaults of regime A (lr 1e-4) except plain's own grid.
+FVG = {"kl_weight": 20.0, "kl_all_weight": 0.1, "head_mse_weight": 1.0}
+GRID = {
+    "plain": [(f"lr={lr:g}" + ("" if ep == 1 else f",ep={ep:g}"), lr * ep,
+               ["--lr", str(lr), "--epochs", str(ep)])
+              for lr, ep in ((1e-5, 1), (3e-5, 1), (1e-4, 0.5), (1e-4, 1))],
+    "lwf": [(f"λ={w:g}", w, ["--preset", "lwf", "--kl_weight", str(w)]) for w in (1, 3, 10, 30)],
+    "guided": [("λ=1,as extracted", 0.0, ["--preset", "guided"])]
+              + [(f"λ={w:g},r={r:g}", w * 10 + r, ["--preset", "guided", "--kl_weight", str(w),
+                                                   "--iv_norm_ratio", str(r)])
+                 for w, r in ((1, 0.25), (1, 0.5), (1, 1.0), (10, 0.5))],
+    "free_kl": [(f"λ_free={w:g}", w, ["--free_kl_weight", str(w)]) for w in (1, 3, 10, 30)],
+    "fvg": [(f"x{f:g}", f, ["--preset", "fvg", *[a for k, v in FVG.items() for a in (f"--{k}", str(v * f))]])
+            for f in (0.1, 0.3, 1.0)],
+}
+
+
+def key_of(label: str) -> str:
+    """A file-name form of a point's label."""
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in label.replace("λ", "l"))
+
+
+# ---- the dev split ------------------------------------------------------------------------------------
+
+def write_split(folder: Path, name: str, train, test) -> str:
+    """A task in the suite's layout (<name>.train.jsonl + .test.jsonl) -> the train file's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", train), ("test", test)):
+        text = "".join(json.dumps({"instruction": e.instruction, "input": e.input, "output": e.output,
+                                   "choices": e.choices}) + "\n" for e in rows)
+        path = folder / f"{name}.{split}.jsonl"
+        if not path.is_file() or path.read_text() != text:    # unchanged files keep the IV cache's hash
+            write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return str(folder / f"{name}.train.jsonl")
+
+
+def dev_files() -> tuple[dict, str]:
+    """-> ({task: its dev task file}, the general suite's dev files, comma-separated). A training task:
+    train = its first 320 training examples, test = examples 320-399. A general task: test = its
+    training examples (zero-shot scoring needs no demonstrations; train repeats them for the loader)."""
+    from ivft import tasks as T
+    folder = RUNS / "dev"
+    new = {n: write_split(folder, n, (t := T.load_task(n)).train[:N_TRAIN], t.train[N_TRAIN:N_TRAIN + N_DEV])
+           for n in SWEEP_TASKS}
+    general = [write_split(folder / "general", n, T.load_task(n).train, T.load_task(n).train)
+               for n in T.general_suite()]
+    return new, ",".join(general)
+
+
+# ---- one run -------------------------------------------------------------------------------------------
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def train_run(out_dir: Path, flags: list[str], threads: int, log: Path) -> dict | None:
+    """train.py FLAGS into out_dir (resumed where a cut run left a checkpoint) -> its results.json, or
+    None when it failed or was stopped (its log says why)."""
+    resume = (out_dir / "last").exists() or any(out_dir.glob("stage-*"))
+    rc = run_train([*flags, "--out_dir", str(out_dir), "--num_threads", str(threads),
+                    "--resume" if resume else "--overwrite"], log)
+    return read_json(out_dir / "results.json") if rc == 0 else None
+
+
+def sweep_point(task: str, method: str, label: str, strength: float, flags: list[str], files, threads: int,
+                dry_run: bool = False) -> str:
+    raw = RAW / "sweep" / f"{task}.{method}.{key_of(label)}.json"
+    if raw.is_file():
+        return f"{raw.name}: done"
+    new, general = files
+    out = RUNS / "sweep" / f"{task}.{method}.{key_of(label)}"
+    full = ["--regime", "full", "--tasks", new[task], "--general", general, "--eval_n", str(EVAL_N),
+            "--eval_k_shot", "0", "--stage0_cache", str(RUNS / "dev" / f"stage0-{task}.json"),
+            "--log_every", "10", "--seed", "0", *flags]
+    if dry_run:
+        return "python train.py " + " ".join(full + ["--out_dir", str(out)])
+    t0 = time.time()
+    r = train_run(out, full, threads, RUNS / "logs" / f"{out.name}.txt")
+    if r is None:
+        return f"{raw.name}: FAILED or stopped (see {RUNS / 'logs' / (out.name + '.txt')})"
+    cl = r["cl"]
+    record = {"method": method, "label": label, "strength": strength, "settings": flags, "task": task,
+              "split": "dev", "new_task": cl["R"][1][0], "general_before": cl["GP"][0],
+              "general_after": cl["GP"][1], "general_tasks": {g: [s["tasks"][g][s["primary"][g]] for s in r["stages"]]
+                                                               for g in cl["general_tasks"]},
+              "terms": r.get("training", []), "seconds": round(time.time() - t0), "code": r["config"].get("code")}
+    write_atomic(raw, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    shutil.rmtree(out, ignore_errors=True)        # checkpoints: 0.5 GB a run, nothing reads them again
+    return f"{raw.name}: new task {record['new_task']:.2f}, general {record['general_before']:.3f} -> " \
+           f"{record['general_after']:.3f} ({record['seconds']} s)"
+
+
+def sweep_jobs():
+    """Every point, the two tasks' points interleaved and the costly methods spread out."""
+    return [(t, m, *pt) for i in range(max(len(v) for v in GRID.values())) for m, v in GRID.items()
+            if i < len(v) for t in SWEEP_TASKS for pt in [v[i]]]
+
+
+def run_all(jobs, workers: int, fn) -> int:
+    failed = 0
+    with ThreadPoolExecutor(workers) as pool:
+        for msg in pool.map(lambda j: "skipped (stopping)" if STOPPING.is_set() else fn(*j), jobs):
+            print(msg, flush=True)
+            failed += "FAILED" in msg
+    return failed
+
+
+def sweep_records() -> list[dict]:
+    return sorted((r for p in (RAW / "sweep").glob("*.json") if (r := read_json(p))),
+                  key=lambda r: (r["task"], list(GRID).index(r["method"]) if r["method"] in GRID else 99,
+                                 r["strength"]))
+
+
+def write_report() -> str:
+    d = {"sweep": sweep_records(), "confirm": {}, "decision": {"holds": None, "text": "not yet decided: the "
+                                                                "confirmatory runs have not been run"}}
+    report.check_tradeoff(d)
+    out = ROOT / "results"
+    write_atomic(out / "tradeoff.json", lambda tmp: Path(tmp).write_text(json.dumps(d, indent=1)))
+    plots = [p.name for p in [report.plot_curves(d["sweep"], out / "tradeoff.png")] if p]
+    md = report.markdown(d, plots)
+    write_atomic(out / "tradeoff.md", lambda tmp: Path(tmp).write_text(md))
+    return f"wrote results/tradeoff.json ({len(d['sweep'])} sweep points), results/tradeoff.md"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sweep", action="store_true", help="run the dev sweep's missing points")
+    p.add_argument("--report", action="store_true", help="only rebuild the report from the raw files")
+    p.add_argument("--only", default=None, help="with --sweep: only points of this method")
+    p.add_argument("--workers", type=int, default=1, help="train.py runs at a time")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--dry_run", action="store_true", help="print the commands only")
+    args = p.parse_args(argv)
+    if args.sweep:
+        files = dev_files()
+        jobs = [j for j in sweep_jobs() if args.only in (None, j[1])]
+        if args.dry_run:
+            for j in jobs:
+                print(sweep_point(*j, files, args.threads, dry_run=True))
+            return 0
+        RUNS.mkdir(parents=True, exist_ok=True)
+        try:
+            with RunLock(RUNS, what="runs/tradeoff (another tradeoff.py)", name="driver.lock"):
+                failed = run_all(jobs, args.workers, lambda *j: sweep_point(*j, files, args.threads))
+        except FolderInUse as e:
+            print(e, file=sys.stderr)
+            return 1
+        print(write_report())
+        return 1 if failed else 0
+    print(write_report())
+    return 0
+
+
+if __name__ == "__main__":
+    with stop_signals_to_children():     # Ctrl-C / SIGTERM: its train.py runs save and stop
+        sys.exit(main())
