@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "tradeoff"
 RAW = ROOT / "results" / "tradeoff"
 SWEEP_TASKS = ("uppercase", "date_iso")
-N_TRAIN, N_DEV, EVAL_N = 320, 80, 40
+N_TRAIN, N_DEV, EVAL_N = 320, 80, 30
 
 # method -> [(label, strength, train.py flags)]; strength orders a method's points: plain's is its
 # lr x epochs (more training), the others' their regulariser's weight. Every point trains at the
@@ -50,13 +50,11 @@ FVG = {"kl_weight": 20.0, "kl_all_weight": 0.1, "head_mse_weight": 1.0}
 GRID = {
     "plain": [(f"lr={lr:g}" + ("" if ep == 1 else f",ep={ep:g}"), lr * ep,
                ["--lr", str(lr), "--epochs", str(ep)])
-              for lr, ep in ((1e-5, 1), (3e-5, 1), (1e-4, 0.5), (1e-4, 1))],
-    "lwf": [(f"λ={w:g}", w, ["--preset", "lwf", "--kl_weight", str(w)]) for w in (1, 3, 10, 30)],
+              for lr, ep in ((1e-5, 1), (3e-5, 1), (1e-4, 1))],
+    "lwf": [(f"λ={w:g}", w, ["--preset", "lwf", "--kl_weight", str(w)]) for w in (1, 10, 30)],
     "guided": [("λ=1,as extracted", 0.0, ["--preset", "guided"])]
-              + [(f"λ={w:g},r={r:g}", w * 10 + r, ["--preset", "guided", "--kl_weight", str(w),
-                                                   "--iv_norm_ratio", str(r)])
-                 for w, r in ((1, 0.25), (1, 0.5), (1, 1.0), (10, 0.5))],
-    "free_kl": [(f"λ_free={w:g}", w, ["--free_kl_weight", str(w)]) for w in (1, 3, 10, 30)],
+              + [(f"λ=1,r={r:g}", r, ["--preset", "guided", "--iv_norm_ratio", str(r)]) for r in (0.25, 0.5, 1.0)],
+    "free_kl": [(f"λ_free={w:g}", w, ["--free_kl_weight", str(w)]) for w in (1, 10, 30)],
     "fvg": [(f"x{f:g}", f, ["--preset", "fvg", *[a for k, v in FVG.items() for a in (f"--{k}", str(v * f))]])
             for f in (0.1, 0.3, 1.0)],
 }
@@ -69,16 +67,19 @@ def key_of(label: str) -> str:
 
 # ---- the dev split ------------------------------------------------------------------------------------
 
-def write_split(folder: Path, name: str, train, test) -> str:
-    """A task in the suite's layout (<name>.train.jsonl + .test.jsonl) -> the train file's path."""
+def write_split(folder: Path, task, train, test) -> str:
+    """The task in the suite's layout (<name>.train.jsonl + .test.jsonl + .meta.json: its registry
+    metric and kind) with these splits -> the train file's path."""
     folder.mkdir(parents=True, exist_ok=True)
-    for split, rows in (("train", train), ("test", test)):
-        text = "".join(json.dumps({"instruction": e.instruction, "input": e.input, "output": e.output,
-                                   "choices": e.choices}) + "\n" for e in rows)
-        path = folder / f"{name}.{split}.jsonl"
+    meta = json.dumps({"metric": task.metric, "kind": task.kind, "description": task.description})
+    for split, rows in (("train", train), ("test", test), ("meta", None)):
+        text = meta if rows is None else "".join(json.dumps(
+            {"instruction": e.instruction, "input": e.input, "output": e.output, "choices": e.choices,
+             "knowledge_prompt": e.knowledge_prompt, "knowledge_answer": e.knowledge_answer}) + "\n" for e in rows)
+        path = folder / (f"{task.name}.{split}.json" + ("" if rows is None else "l"))
         if not path.is_file() or path.read_text() != text:    # unchanged files keep the IV cache's hash
             write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-    return str(folder / f"{name}.train.jsonl")
+    return str(folder / f"{task.name}.train.jsonl")
 
 
 def dev_files() -> tuple[dict, str]:
@@ -87,10 +88,9 @@ def dev_files() -> tuple[dict, str]:
     training examples (zero-shot scoring needs no demonstrations; train repeats them for the loader)."""
     from ivft import tasks as T
     folder = RUNS / "dev"
-    new = {n: write_split(folder, n, (t := T.load_task(n)).train[:N_TRAIN], t.train[N_TRAIN:N_TRAIN + N_DEV])
-           for n in SWEEP_TASKS}
-    general = [write_split(folder / "general", n, T.load_task(n).train, T.load_task(n).train)
-               for n in T.general_suite()]
+    new = {n: write_split(folder, t, t.train[:N_TRAIN], t.train[N_TRAIN:N_TRAIN + N_DEV])
+           for n in SWEEP_TASKS for t in [T.load_task(n)]}
+    general = [write_split(folder / "general", t, t.train, t.train) for t in map(T.load_task, T.general_suite())]
     return new, ",".join(general)
 
 

@@ -26,6 +26,7 @@ User formats (each loader returns a Task; files without a split get a seeded ran
 Every malformed input raises TaskError (a ValueError) naming the file, the line (JSONL) or item
 index (JSON list), and the field.
 """
+import dataclasses
 import json
 import os
 import random
@@ -185,9 +186,25 @@ def load_alpaca(path, test_fraction=0.2, seed=0) -> Task:
     rows = _read_jsonl(path) if path.endswith(".jsonl") else [
         _example(r, path, f"item {i}") for i, r in enumerate(_read_json_list(path))]
     # The suite's own layout: x.train.jsonl next to x.test.jsonl is one task with its fixed split.
-    if path.endswith(".train.jsonl") and os.path.exists(path[:-len(".train.jsonl")] + ".test.jsonl"):
-        return _task(path, rows, _read_jsonl(path[:-len(".train.jsonl")] + ".test.jsonl"))
+    # An optional x.meta.json beside them sets the task's metric, kind and description as the registry does.
+    stem = path[:-len(".train.jsonl")]
+    if path.endswith(".train.jsonl") and os.path.exists(stem + ".test.jsonl"):
+        task = _task(path, rows, _read_jsonl(stem + ".test.jsonl"))
+        return _with_meta(task, stem + ".meta.json") if os.path.exists(stem + ".meta.json") else task
     return _task(path, *_split(rows, path, test_fraction, seed))
+
+
+def _with_meta(task: Task, path: str) -> Task:
+    """The task with the metric / kind / description of the JSON object in `path`."""
+    meta = _read_json(path)
+    allowed = {"metric": METRICS, "kind": ("general", "train", "extra"), "description": None}
+    if not isinstance(meta, dict) or set(meta) - set(allowed):
+        raise TaskError(f"{path}: expected a JSON object with some of the fields {', '.join(allowed)}")
+    for key, values in allowed.items():
+        if key in meta and (not isinstance(meta[key], str) or (values and meta[key] not in values)):
+            raise TaskError(f"{path}: field {key!r} is {meta[key]!r}; expected "
+                            + (f"one of {', '.join(values)}" if values else "a string"))
+    return dataclasses.replace(task, **meta)
 
 
 def load_fv(path, test_fraction=0.2, seed=0, instruction="") -> Task:

@@ -95,6 +95,21 @@ def test_suite_layout_pairs_train_and_test(tmp_path):
     t = tasks.load_task(str(tmp_path / "copy.train.jsonl"))
     assert t.name == "copy" and len(t.train) == 2 and t.test[0].input == "z"
     assert t.train[0].choices == ["x", "y"]
+    assert (t.metric, t.kind) == ("exact_match", "train")
+
+
+def test_suite_layout_meta_sets_metric_and_kind(tmp_path):
+    row = json.dumps({"instruction": "Name it.", "input": "x", "output": "x"}) + "\n"
+    for split in ("train", "test"):
+        write(tmp_path / f"g.{split}.jsonl", row)
+    write(tmp_path / "g.meta.json", json.dumps({"metric": "reply_contains", "kind": "general"}))
+    t = tasks.load_task(str(tmp_path / "g.train.jsonl"))
+    assert (t.name, t.metric, t.kind) == ("g", "reply_contains", "general")
+    for meta, what in (({"metric": "bleu"}, "field 'metric' is 'bleu'"), ({"colour": "red"}, "some of the fields"),
+                       ([1], "some of the fields"), ({"kind": 3}, "field 'kind' is 3")):
+        write(tmp_path / "g.meta.json", json.dumps(meta))
+        with pytest.raises(tasks.TaskError, match=f"g.meta.json: .*{what}"):
+            tasks.load_task(str(tmp_path / "g.train.jsonl"))
 
 
 def test_fv(tmp_path):
