@@ -129,7 +129,7 @@ def sweep_point(task: str, method: str, label: str, strength: float, flags: list
     if r is None:
         return f"{raw.name}: FAILED or stopped (see {RUNS / 'logs' / (out.name + '.txt')})"
     cl = r["cl"]
-    record = {"method": method, "label": label, "strength": strength, "settings": flags, "task": task,
+    record = {"method": method, "label": label, "strength": strength, "settings": settings_of(flags), "task": task,
               "split": "dev", "new_task": cl["R"][1][0], "general_before": cl["GP"][0],
               "general_after": cl["GP"][1], "general_tasks": {g: [s["tasks"][g][s["primary"][g]] for s in r["stages"]]
                                                                for g in cl["general_tasks"]},
@@ -155,15 +155,153 @@ def run_all(jobs, workers: int, fn) -> int:
     return failed
 
 
+def settings_of(flags: list[str]) -> dict:
+    """["--preset", "lwf", "--kl_weight", "10"] -> {"preset": "lwf", "kl_weight": 10.0}"""
+    def value(v):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return {k[2:]: value(v) for k, v in zip(flags[::2], flags[1::2])}
+
+
+def flags_of(settings: dict) -> list[str]:
+    return [a for k, v in settings.items() for a in (f"--{k}", f"{v:g}" if isinstance(v, float) else str(v))]
+
+
 def sweep_records() -> list[dict]:
-    return sorted((r for p in (RAW / "sweep").glob("*.json") if (r := read_json(p))),
+    """The finished points; settings as {flag: value} (the flags of the run are flags_of(settings))."""
+    recs = [r for p in (RAW / "sweep").glob("*.json") if (r := read_json(p))]
+    for r in recs:
+        r["settings"] = settings_of(r["settings"]) if isinstance(r["settings"], list) else r["settings"]
+    return sorted(recs,
                   key=lambda r: (r["task"], list(GRID).index(r["method"]) if r["method"] in GRID else 99,
                                  r["strength"]))
 
 
+# ---- the registered choice and the confirmation (protocol, amendment 2) ------------------------------
+
+QUALIFY = 0.9          # a strength qualifies at >= 0.9 x plain's best new-task dev score, on both tasks
+SEEDS = (0, 1, 2)
+TEST_SIZE = ["--eval_n", "50", "--eval_k_shot", "3"]        # the study's test-split evaluation
+NON_IV, IV_METHODS = ("plain-less", "replay", "lwf", "free_kl"), ("guided", "guided+replay", "fvg")
+KEEP = {"plain-s0", "guided-s0"}     # their final checkpoints are read by the re-injection analysis
+MARGIN = 0.02                        # new_task within 2 points of plain's
+
+
+def choose_setting(sweep: list[dict], method: str) -> dict | None:
+    """The registered rule: among the method's strengths that reach >= QUALIFY x plain's best new-task
+    score on every sweep task, the highest mean general score after the stage (ties: higher new task);
+    none qualifies -> the highest mean new task, marked. -> {label, settings, qualified, new_task,
+    general_after} or None before the sweep has the method's points on every task."""
+    tasks = sorted({r["task"] for r in sweep})
+    best = {t: max((r["new_task"] for r in sweep if r["task"] == t and r["method"] == "plain"), default=None)
+            for t in tasks}
+    by_label = {}
+    for r in sweep:
+        if r["method"] == method:
+            by_label.setdefault(r["label"], {})[r["task"]] = r
+    rows = []
+    for label, per in by_label.items():
+        if set(per) != set(tasks) or None in best.values():
+            continue
+        nt = sum(p["new_task"] for p in per.values()) / len(per)
+        ga = sum(p["general_after"] for p in per.values()) / len(per)
+        ok = all(per[t]["new_task"] >= QUALIFY * best[t] - 1e-9 for t in tasks)
+        rows.append({"label": label, "settings": next(iter(per.values()))["settings"], "qualified": ok,
+                     "new_task": nt, "general_after": ga})
+    if not rows or len(rows) < len({r["label"] for r in sweep if r["method"] == method}):
+        return None
+    ok = [r for r in rows if r["qualified"]]
+    return max(ok, key=lambda r: (r["general_after"], r["new_task"])) if ok else max(rows, key=lambda r: r["new_task"])
+
+
+def confirm_plan(sweep: list[dict]) -> dict[str, list[str]] | None:
+    """label -> the settings of the 8 confirmatory methods; None until every chosen point is known."""
+    chosen = {m: choose_setting(sweep, m) for m in ("plain", "lwf", "guided", "free_kl", "fvg")}
+    if any(c is None for c in chosen.values()):
+        return None
+    c = {m: v["settings"] for m, v in chosen.items()}
+    return {"plain": {}, "plain-less": c["plain"], "replay": {"preset": "replay"}, "lwf": c["lwf"],
+            "guided": c["guided"], "free_kl": c["free_kl"], "fvg": c["fvg"], "guided+replay": {**c["guided"], "replay": 0.25}}
+
+
+def confirm_run(label: str, settings: dict, seed: int, threads: int, dry_run: bool = False) -> str:
+    name = f"{key_of(label)}-s{seed}"
+    raw = RAW / "confirm" / f"{name}.json"
+    if raw.is_file():
+        return f"{raw.name}: done"
+    out = RUNS / "confirm" / name
+    full = ["--regime", "full", *flags_of(settings), "--seed", str(seed), *TEST_SIZE, "--stage0_cache",
+            str(RUNS / "confirm" / "stage0.json"), "--log_every", "10", "--save_every", "40"]
+    if dry_run:
+        return "python train.py " + " ".join(full + ["--out_dir", str(out)])
+    t0 = time.time()
+    r = train_run(out, full, threads, RUNS / "logs" / f"confirm-{name}.txt")
+    if r is None:
+        return f"{raw.name}: FAILED or stopped (see {RUNS / 'logs' / f'confirm-{name}.txt'})"
+    r["seconds"] = round(time.time() - t0)
+    r["label"], r["settings"] = label, settings
+    write_atomic(raw, lambda tmp: Path(tmp).write_text(json.dumps(r)))
+    if f"{label}-s{seed}" not in KEEP:
+        shutil.rmtree(out, ignore_errors=True)
+    return f"{raw.name}: GP_drop {r['cl']['GP_drop']:.3f} ({r['seconds']} s)"
+
+
+def confirm_jobs(plan: dict) -> list:
+    return [(label, settings, seed) for seed in SEEDS for label, settings in plan.items()]   # seed 0 of all first
+
+
+def endpoints(r: dict) -> dict:
+    """One confirmatory run's endpoints (fractions; instruction log P in nats)."""
+    cl = r["cl"]
+    R, n = cl["R"], len(cl["train_tasks"])
+    lp = cl.get("general", {}).get("instruction_logprob")
+    return {"GP_drop": cl["GP_drop"], "IP_drop": cl["IP_drop"], "BWT": cl["BWT"],
+            "new_task": sum(R[j + 1][j] for j in range(n)) / n, "general_stage_mean": sum(cl["GP"][1:]) / n,
+            "instruction_logprob": lp[-1] if lp else None}
+
+
+def confirm_table(plan: dict | None) -> dict:
+    from study import stat
+    out = {}
+    for label, settings in (plan or {}).items():
+        runs = {s: read_json(RAW / "confirm" / f"{key_of(label)}-s{s}.json") for s in SEEDS}
+        runs = {s: endpoints(r) for s, r in runs.items() if r}
+        if runs:
+            out[label] = {"method": label, "regime": "A", "settings": settings, "seeds": sorted(runs),
+                          **{k: stat([e[k] for e in runs.values()]) for k in next(iter(runs.values()))}}
+    return out
+
+
+def decide(table: dict) -> dict:
+    """The registered rule for guided (and, reported beside it, the other IV methods)."""
+    need = ("plain", "guided", *NON_IV)
+    if any(table.get(m, {}).get("GP_drop", {}).get("n", 0) < len(SEEDS) for m in need):
+        done = sum(len(t["seeds"]) for t in table.values())
+        return {"holds": None, "text": f"not yet decided: {done} of {len(SEEDS) * 8} confirmatory runs done"}
+    mean = lambda m, k: table[m][k]["mean"]
+    nt_ok = lambda m: mean(m, "new_task") >= mean("plain", "new_task") - MARGIN - 1e-9
+    base = min((m for m in NON_IV if nt_ok(m)), key=lambda m: mean(m, "GP_drop"), default=None)
+    lines, verdicts = [], {}
+    for m in [m for m in IV_METHODS if m in table]:
+        halved = mean(m, "GP_drop") <= 0.5 * mean("plain", "GP_drop") + 1e-9
+        beats = base is not None and mean(m, "GP_drop") <= mean(base, "GP_drop") - 0.03 + 1e-9
+        verdicts[m] = bool(halved and nt_ok(m) and beats)
+        lines.append(f"{m}: GP drop {100 * mean(m, 'GP_drop'):.1f} vs plain {100 * mean('plain', 'GP_drop'):.1f} "
+                     f"(halved: {halved}), new task {100 * mean(m, 'new_task'):.1f} vs plain "
+                     f"{100 * mean('plain', 'new_task'):.1f} (kept: {nt_ok(m)}), best non-IV method at matched "
+                     f"learning {base} ({100 * mean(base, 'GP_drop'):.1f} GP drop; beaten by >= 3 points: {beats})"
+                     if base else f"{m}: no non-IV method learned within 2 points of plain")
+    return {"holds": verdicts.get("guided"), "text": "; ".join(lines), "per_method": verdicts}
+
+
 def write_report() -> str:
-    d = {"sweep": sweep_records(), "confirm": {}, "decision": {"holds": None, "text": "not yet decided: the "
-                                                                "confirmatory runs have not been run"}}
+    sweep = sweep_records()
+    plan = confirm_plan(sweep)
+    table = confirm_table(plan)
+    chosen = {m: choose_setting(sweep, m) for m in GRID}
+    d = {"sweep": sweep, "chosen": chosen, "confirm": table, "decision": decide(table)}
     report.check_tradeoff(d)
     out = ROOT / "results"
     write_atomic(out / "tradeoff.json", lambda tmp: Path(tmp).write_text(json.dumps(d, indent=1)))
@@ -176,8 +314,9 @@ def write_report() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sweep", action="store_true", help="run the dev sweep's missing points")
+    p.add_argument("--confirm", action="store_true", help="run the missing confirmatory runs (seed 0 of all first)")
     p.add_argument("--report", action="store_true", help="only rebuild the report from the raw files")
-    p.add_argument("--only", default=None, help="with --sweep: only points of this method")
+    p.add_argument("--only", default=None, help="only points (sweep) or runs (confirm) of this method")
     p.add_argument("--workers", type=int, default=1, help="train.py runs at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--dry_run", action="store_true", help="print the commands only")
@@ -185,21 +324,30 @@ def main(argv=None) -> int:
     if args.sweep:
         files = dev_files()
         jobs = [j for j in sweep_jobs() if args.only in (None, j[1])]
-        if args.dry_run:
-            for j in jobs:
-                print(sweep_point(*j, files, args.threads, dry_run=True))
-            return 0
-        RUNS.mkdir(parents=True, exist_ok=True)
-        try:
-            with RunLock(RUNS, what="runs/tradeoff (another tradeoff.py)", name="driver.lock"):
-                failed = run_all(jobs, args.workers, lambda *j: sweep_point(*j, files, args.threads))
-        except FolderInUse as e:
-            print(e, file=sys.stderr)
+        fn = lambda *j: sweep_point(*j, files, args.threads, dry_run=args.dry_run)
+    elif args.confirm:
+        plan = confirm_plan(sweep_records())
+        if plan is None:
+            print("the dev sweep is not complete: the confirmatory points cannot be chosen yet", file=sys.stderr)
             return 1
+        jobs = [j for j in confirm_jobs(plan) if args.only in (None, j[0])]
+        fn = lambda *j: confirm_run(*j, args.threads, dry_run=args.dry_run)
+    else:
         print(write_report())
-        return 1 if failed else 0
+        return 0
+    if args.dry_run:
+        for j in jobs:
+            print(fn(*j))
+        return 0
+    RUNS.mkdir(parents=True, exist_ok=True)
+    try:
+        with RunLock(RUNS, what="runs/tradeoff (another tradeoff.py)", name="driver.lock"):
+            failed = run_all(jobs, args.workers, fn)
+    except FolderInUse as e:
+        print(e, file=sys.stderr)
+        return 1
     print(write_report())
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

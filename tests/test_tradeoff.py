@@ -1,0 +1,122 @@
+"""experiments/tradeoff.py: the registered choice rule, the confirmatory plan, the decision rule by
+hand, the dev split's files, and the keys of results/tradeoff.json (issue "Where IV guidance helps")."""
+import json
+
+import pytest
+
+import tradeoff as T
+import tradeoff_report as R
+
+
+def point(method, label, task, new, after, settings=None, before=0.33):
+    return {"method": method, "label": label, "strength": 0.0, "settings": settings or {"x": label}, "task": task,
+            "split": "dev", "new_task": new, "general_before": before, "general_after": after}
+
+
+def sweep():
+    pts = []
+    for task, scale in (("uppercase", 1.0), ("date_iso", 0.9)):
+        pts += [point("plain", "lr=1e-5", task, 0.5 * scale, 0.30, {"lr": 1e-5}),
+                point("plain", "lr=3e-5", task, 0.95 * scale, 0.20, {"lr": 3e-5}),
+                point("plain", "lr=1e-4", task, 1.0 * scale, 0.05, {"lr": 1e-4}),
+                # lwf: λ=30 keeps the most but learns too little on date_iso only; λ=10 qualifies
+                point("lwf", "λ=10", task, 0.92 * scale, 0.15, {"preset": "lwf", "kl_weight": 10.0}),
+                point("lwf", "λ=30", task, (0.95 if task == "uppercase" else 0.5) * scale, 0.29),
+                point("lwf", "λ=1", task, 1.0 * scale, 0.06)]
+    return pts
+
+
+def test_choice_rule_by_hand():
+    s = sweep()
+    # plain's best new task: 1.0 (uppercase), 0.9 (date_iso); the bar 0.9 x that on each task
+    c = T.choose_setting(s, "plain")
+    assert c["label"] == "lr=3e-5" and c["qualified"] and c["settings"] == {"lr": 3e-5}
+    assert c["general_after"] == pytest.approx(0.20) and c["new_task"] == pytest.approx((0.95 + 0.855) / 2)
+    c = T.choose_setting(s, "lwf")
+    assert c["label"] == "λ=10", "λ=30 keeps more but fails the bar on date_iso: it must not be chosen"
+    # nothing qualifies: the highest mean new task, marked
+    s2 = [p for p in s if p["method"] == "plain"] + [point("fvg", f"x{f}", t, 0.1 * f, 0.3) for f in (1, 2)
+                                                    for t in ("uppercase", "date_iso")]
+    c = T.choose_setting(s2, "fvg")
+    assert c["label"] == "x2" and not c["qualified"]
+    # a method missing a task's point is not chosen yet; so is a method with no points at all
+    assert T.choose_setting(s[:-1], "lwf") is None and T.choose_setting(s, "guided") is None
+
+
+def test_confirm_plan_waits_for_every_method_then_sets_the_chosen_points():
+    s = sweep()
+    assert T.confirm_plan(s) is None
+    for m, kw in (("guided", {"preset": "guided", "iv_norm_ratio": 0.5}), ("free_kl", {"free_kl_weight": 10.0}),
+                  ("fvg", {"preset": "fvg"})):
+        s += [point(m, "only", t, 1.0, 0.2, kw) for t in ("uppercase", "date_iso")]
+    plan = T.confirm_plan(s)
+    assert list(plan) == ["plain", "plain-less", "replay", "lwf", "guided", "free_kl", "fvg", "guided+replay"]
+    assert plan["plain"] == {} and plan["plain-less"] == {"lr": 3e-5}
+    assert plan["guided+replay"] == {"preset": "guided", "iv_norm_ratio": 0.5, "replay": 0.25}
+    assert T.flags_of(plan["guided+replay"]) == ["--preset", "guided", "--iv_norm_ratio", "0.5", "--replay", "0.25"]
+    assert T.settings_of(["--lr", "1e-05", "--preset", "lwf"]) == {"lr": 1e-5, "preset": "lwf"}
+    assert len(T.confirm_jobs(plan)) == 24 and [j[2] for j in T.confirm_jobs(plan)[:8]] == [0] * 8
+
+
+def table(**gp_nt):
+    return {m: {"method": m, "regime": "A", "settings": {}, "seeds": [0, 1, 2],
+                "GP_drop": {"mean": gp, "std": 0.0, "n": 3}, "new_task": {"mean": nt, "std": 0.0, "n": 3}}
+            for m, (gp, nt) in gp_nt.items()}
+
+
+def test_decision_rule_by_hand():
+    base = dict(plain=(0.30, 0.90), **{"plain-less": (0.20, 0.80)}, replay=(0.14, 0.89), lwf=(0.25, 0.90),
+                free_kl=(0.10, 0.85))
+    # replay is the best non-IV method within 2 points of plain's learning (free_kl learns too little)
+    d = T.decide(table(**base, guided=(0.11, 0.89)))
+    assert d["holds"] is True and "replay" in d["text"]
+    d = T.decide(table(**base, guided=(0.12, 0.89)))        # halved, learned, but only 2 points below replay
+    assert d["holds"] is False
+    d = T.decide(table(**base, guided=(0.05, 0.87)))        # forgets little but learns 3 points less
+    assert d["holds"] is False
+    d = T.decide(table(**{k: v for k, v in base.items() if k != "lwf"}, guided=(0.05, 0.9)))
+    assert d["holds"] is None and "not yet decided" in d["text"]
+
+
+def test_endpoints_of_a_run():
+    r = {"cl": {"train_tasks": ["a", "b"], "R": [[0, 0], [0.8, 0.1], [0.5, 0.9]], "GP": [0.4, 0.3, 0.2],
+                "GP_drop": 0.2, "IP_drop": 0.1, "BWT": -0.3, "general": {"instruction_logprob": [-9.0, -8.0, -7.5]}}}
+    e = T.endpoints(r)
+    assert e["new_task"] == pytest.approx(0.85) and e["general_stage_mean"] == pytest.approx(0.25)
+    assert e["instruction_logprob"] == -7.5 and e["GP_drop"] == 0.2
+
+
+def test_dev_split_files_keep_the_registry_metric_and_never_the_test_split(tmp_path, monkeypatch):
+    from ivft import tasks
+    monkeypatch.setattr(T, "RUNS", tmp_path)
+    new, general = T.dev_files()
+    up, reg = tasks.load_task(new["uppercase"]), tasks.load_task("uppercase")
+    assert up.train == reg.train[:320] and up.test == reg.train[320:400]
+    test_inputs = {e.input for e in reg.test}
+    assert not test_inputs & {e.input for e in up.test}
+    for path in general.split(","):
+        g = tasks.load_task(path)
+        r = tasks.load_task(g.name)
+        assert (g.metric, g.kind) == (r.metric, "general") and g.test == r.train
+    stamp = (tmp_path / "dev" / "uppercase.train.jsonl").stat().st_mtime_ns
+    T.dev_files()        # unchanged files are not rewritten (the IV cache keys on the data, not the time)
+    assert (tmp_path / "dev" / "uppercase.train.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_report_writes_tradeoff_json_with_the_issue_keys(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "RAW", tmp_path / "raw")
+    monkeypatch.setattr(T, "ROOT", tmp_path)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "raw" / "sweep").mkdir(parents=True)
+    for i, p in enumerate(sweep()):
+        p = {**p, "settings": T.flags_of(p["settings"])} if i == 0 else p     # as an older record had them
+        (tmp_path / "raw" / "sweep" / f"{i}.json").write_text(json.dumps(p))
+    T.write_report()
+    d = json.loads((tmp_path / "results" / "tradeoff.json").read_text())
+    R.check_tradeoff(d)
+    assert {"sweep", "confirm", "decision"} <= set(d) and d["decision"]["holds"] is None
+    for rec in d["sweep"]:
+        assert {"method", "settings", "task", "split", "new_task", "general_before", "general_after"} <= set(rec)
+        assert isinstance(rec["settings"], dict) and rec["split"] == "dev"
+    assert d["chosen"]["plain"]["label"] == "lr=3e-5"
+    assert "lr=3e-5" in (tmp_path / "results" / "tradeoff.md").read_text()
