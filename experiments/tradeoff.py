@@ -50,10 +50,11 @@ FVG = {"kl_weight": 20.0, "kl_all_weight": 0.1, "head_mse_weight": 1.0}
 GRID = {
     "plain": [(f"lr={lr:g}" + ("" if ep == 1 else f",ep={ep:g}"), lr * ep,
                ["--lr", str(lr), "--epochs", str(ep)])
-              for lr, ep in ((1e-5, 1), (3e-5, 1), (1e-4, 1))],
+              for lr, ep in ((1e-5, 1), (3e-5, 1), (1e-4, 0.5), (1e-4, 1))],
     "lwf": [(f"λ={w:g}", w, ["--preset", "lwf", "--kl_weight", str(w)]) for w in (1, 10, 30)],
     "guided": [("λ=1,as extracted", 0.0, ["--preset", "guided"])]
-              + [(f"λ=1,r={r:g}", r, ["--preset", "guided", "--iv_norm_ratio", str(r)]) for r in (0.25, 0.5, 1.0)],
+              + [(f"λ={w:g},r={r:g}", w + r, ["--preset", "guided", "--kl_weight", str(w), "--iv_norm_ratio", str(r)])
+                 for w, r in ((1, 0.25), (1, 0.5), (1, 1.0), (3, 0.5), (10, 0.5), (10, 0.25))],
     "free_kl": [(f"λ_free={w:g}", w, ["--free_kl_weight", str(w)]) for w in (1, 10, 30)],
     "fvg": [(f"x{f:g}", f, ["--preset", "fvg", *[a for k, v in FVG.items() for a in (f"--{k}", str(v * f))]])
             for f in (0.1, 0.3, 1.0)],
