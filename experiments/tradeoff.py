@@ -114,30 +114,38 @@ def train_run(out_dir: Path, flags: list[str], threads: int, log: Path) -> dict 
     return read_json(out_dir / "results.json") if rc == 0 else None
 
 
+def one_run(raw: Path, out: Path, full: list[str], threads: int, dry_run: bool) -> tuple[dict | None, str]:
+    """train.py FULL into out unless raw (the run's record) exists -> (results.json with "seconds" added,
+    "") when it ran, else (None, what happened: done, the command of a dry run, or the failure)."""
+    if raw.is_file():
+        return None, f"{raw.name}: done"
+    if dry_run:
+        return None, "python train.py " + " ".join(full + ["--out_dir", str(out)])
+    t0, log = time.time(), RUNS / "logs" / f"{out.parent.name}-{out.name}.txt"
+    r = train_run(out, full, threads, log)
+    if r is None:
+        return None, f"{raw.name}: FAILED or stopped (see {log})"
+    return {**r, "seconds": round(time.time() - t0)}, ""
+
+
 def sweep_point(task: str, method: str, label: str, strength: float, flags: list[str], files, threads: int,
                 dry_run: bool = False) -> str:
     raw = RAW / "sweep" / f"{task}.{method}.{key_of(label)}.json"
-    if raw.is_file():
-        return f"{raw.name}: done"
     new, general = files
-    out = RUNS / "sweep" / f"{task}.{method}.{key_of(label)}"
     full = ["--regime", "full", "--tasks", new[task], "--general", general, "--eval_n", str(EVAL_N),
             "--eval_k_shot", "0", "--stage0_cache", str(RUNS / "dev" / f"stage0-{task}.json"),
             "--log_every", "10", "--seed", "0", *flags]
-    if dry_run:
-        return "python train.py " + " ".join(full + ["--out_dir", str(out)])
-    t0 = time.time()
-    r = train_run(out, full, threads, RUNS / "logs" / f"{out.name}.txt")
+    r, msg = one_run(raw, RUNS / "sweep" / raw.stem, full, threads, dry_run)
     if r is None:
-        return f"{raw.name}: FAILED or stopped (see {RUNS / 'logs' / (out.name + '.txt')})"
+        return msg
     cl = r["cl"]
     record = {"method": method, "label": label, "strength": strength, "settings": settings_of(flags), "task": task,
               "split": "dev", "new_task": cl["R"][1][0], "general_before": cl["GP"][0],
               "general_after": cl["GP"][1], "general_tasks": {g: [s["tasks"][g][s["primary"][g]] for s in r["stages"]]
                                                                for g in cl["general_tasks"]},
-              "terms": r.get("training", []), "seconds": round(time.time() - t0), "code": r["config"].get("code")}
+              "terms": r.get("training", []), "seconds": r["seconds"], "code": r["config"].get("code")}
     write_atomic(raw, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
-    shutil.rmtree(out, ignore_errors=True)        # checkpoints: 0.5 GB a run, nothing reads them again
+    shutil.rmtree(RUNS / "sweep" / raw.stem, ignore_errors=True)   # checkpoints: 0.5 GB, never read again
     return f"{raw.name}: new task {record['new_task']:.2f}, general {record['general_before']:.3f} -> " \
            f"{record['general_after']:.3f} ({record['seconds']} s)"
 
@@ -229,20 +237,13 @@ def confirm_plan(sweep: list[dict]) -> dict[str, list[str]] | None:
 
 
 def confirm_run(label: str, settings: dict, seed: int, threads: int, dry_run: bool = False) -> str:
-    name = f"{key_of(label)}-s{seed}"
-    raw = RAW / "confirm" / f"{name}.json"
-    if raw.is_file():
-        return f"{raw.name}: done"
-    out = RUNS / "confirm" / name
+    raw = RAW / "confirm" / f"{key_of(label)}-s{seed}.json"
     full = ["--regime", "full", *flags_of(settings), "--seed", str(seed), *TEST_SIZE, "--stage0_cache",
             str(RUNS / "confirm" / "stage0.json"), "--log_every", "10", "--save_every", "40"]
-    if dry_run:
-        return "python train.py " + " ".join(full + ["--out_dir", str(out)])
-    t0 = time.time()
-    r = train_run(out, full, threads, RUNS / "logs" / f"confirm-{name}.txt")
+    out = RUNS / "confirm" / raw.stem
+    r, msg = one_run(raw, out, full, threads, dry_run)
     if r is None:
-        return f"{raw.name}: FAILED or stopped (see {RUNS / 'logs' / f'confirm-{name}.txt'})"
-    r["seconds"] = round(time.time() - t0)
+        return msg
     r["label"], r["settings"] = label, settings
     write_atomic(raw, lambda tmp: Path(tmp).write_text(json.dumps(r)))
     if f"{label}-s{seed}" not in KEEP:
