@@ -120,3 +120,40 @@ def test_report_writes_tradeoff_json_with_the_issue_keys(tmp_path, monkeypatch):
         assert isinstance(rec["settings"], dict) and rec["split"] == "dev"
     assert d["chosen"]["plain"]["label"] == "lr=3e-5"
     assert "lr=3e-5" in (tmp_path / "results" / "tradeoff.md").read_text()
+
+
+def fake_results(new=0.8, gp=(0.33, 0.2)):
+    stages = [{"tasks": {"antonym": {"reply_contains": g}}, "primary": {"antonym": "reply_contains"}} for g in gp]
+    return {"cl": {"R": [[0.0], [new]], "GP": list(gp), "general_tasks": ["antonym"], "GP_drop": gp[0] - gp[-1]},
+            "stages": stages, "training": [{"task": "t", "terms": {"ce": 1.0, "kl": 0.1}, "grad_share": {"kl": 0.3}}],
+            "config": {"code": {"commit": "abc"}}}
+
+
+def test_a_sweep_point_and_a_confirmatory_run_leave_their_record_and_are_skipped_after(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(T, "RAW", tmp_path / "raw")
+    calls = []
+
+    def fake_train(out_dir, flags, threads, log):
+        calls.append(flags)
+        out_dir.mkdir(parents=True)
+        (out_dir / "stage-1").mkdir()
+        return fake_results()
+    monkeypatch.setattr(T, "train_run", fake_train)
+    files = ({"uppercase": "dev/uppercase.train.jsonl"}, "g1,g2")
+    msg = T.sweep_point("uppercase", "lwf", "λ=10", 10.0, ["--preset", "lwf", "--kl_weight", "10"], files, 1)
+    assert "new task 0.80" in msg and len(calls) == 1
+    assert calls[0][calls[0].index("--tasks") + 1] == "dev/uppercase.train.jsonl" and "--eval_k_shot" in calls[0]
+    rec = json.loads((tmp_path / "raw" / "sweep" / "uppercase.lwf.l_10.json").read_text())
+    assert rec["settings"] == {"preset": "lwf", "kl_weight": 10.0} and rec["general_after"] == 0.2
+    assert rec["general_tasks"] == {"antonym": [0.33, 0.2]} and rec["terms"][0]["grad_share"] == {"kl": 0.3}
+    assert not (tmp_path / "runs" / "sweep" / "uppercase.lwf.l_10").exists(), "its checkpoints are deleted"
+    assert T.sweep_point("uppercase", "lwf", "λ=10", 10.0, [], files, 1).endswith("done") and len(calls) == 1
+    # confirmatory runs: the chosen settings as flags, the study's test evaluation; seed 0 of guided kept
+    for label, kept in (("guided", True), ("lwf", False)):
+        T.confirm_run(label, {"preset": label, "kl_weight": 3.0}, 0, 1)
+        flags = calls[-1]
+        assert flags[flags.index("--preset") + 1] == label and flags[flags.index("--kl_weight") + 1] == "3"
+        assert flags[flags.index("--eval_n") + 1] == "50" and flags[flags.index("--seed") + 1] == "0"
+        assert (tmp_path / "runs" / "confirm" / f"{label}-s0").exists() == kept
+        assert json.loads((tmp_path / "raw" / "confirm" / f"{label}-s0.json").read_text())["label"] == label
