@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import STOPPING, run_train, stop_signals_to_children  # a sibling: on a script's own path
+from common import STOPPING, run_child, run_train, stop_signals_to_children  # a sibling: on the script's path
 import tradeoff_report as report
 from ivft.files import FolderInUse, RunLock, write_atomic
 
@@ -195,7 +195,7 @@ QUALIFY = 0.9          # a strength qualifies at >= 0.9 x plain's best new-task 
 SEEDS = (0, 1, 2)
 TEST_SIZE = ["--eval_n", "50", "--eval_k_shot", "3"]        # the study's test-split evaluation
 NON_IV, IV_METHODS = ("plain-less", "replay", "lwf", "free_kl"), ("guided", "guided+replay", "fvg")
-KEEP = {"plain-s0", "guided-s0"}     # their final checkpoints are read by the re-injection analysis
+KEEP = {"plain-s0", "guided-s0"}     # the re-injection analysis runs on their final models
 MARGIN = 0.02                        # new_task within 2 points of plain's
 
 
@@ -245,9 +245,14 @@ def confirm_run(label: str, settings: dict, seed: int, threads: int, dry_run: bo
     if r is None:
         return msg
     r["label"], r["settings"] = label, settings
+    if raw.stem in KEEP:       # re-injection reads the final model now: its checkpoints do not outlive a session
+        rc = run_child([sys.executable, str(ROOT / "experiments" / "reinject.py"), "--final", str(out), "--out",
+                        str(RAW / "reinject" / f"{raw.stem}.json"), "--threads", str(threads)],
+                       RUNS / "logs" / f"reinject-{raw.stem}.txt")
+        if rc != 0:
+            return f"{raw.name}: re-injection FAILED (see {RUNS / 'logs' / f'reinject-{raw.stem}.txt'})"
     write_atomic(raw, lambda tmp: Path(tmp).write_text(json.dumps(r)))
-    if f"{label}-s{seed}" not in KEEP:
-        shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
     return f"{raw.name}: GP_drop {r['cl']['GP_drop']:.3f} ({r['seconds']} s)"
 
 
@@ -327,7 +332,8 @@ def write_report() -> str:
     plan = confirm_plan(sweep)
     table = confirm_table(plan)
     chosen = {m: choose_setting(sweep, m) for m in GRID}
-    d = {"sweep": sweep, "chosen": chosen, "confirm": table, "decision": decide(table)}
+    d = {"sweep": sweep, "chosen": chosen, "confirm": table, "decision": decide(table),
+         "reinjection": {p.stem: read_json(p) for p in sorted((RAW / "reinject").glob("*.json"))}}
     report.check_tradeoff(d)
     note = choice_note(chosen, sweep)
     out = ROOT / "results"

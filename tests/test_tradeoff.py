@@ -149,11 +149,19 @@ def test_a_sweep_point_and_a_confirmatory_run_leave_their_record_and_are_skipped
     assert rec["general_tasks"] == {"antonym": [0.33, 0.2]} and rec["terms"][0]["grad_share"] == {"kl": 0.3}
     assert not (tmp_path / "runs" / "sweep" / "uppercase.lwf.l_10").exists(), "its checkpoints are deleted"
     assert T.sweep_point("uppercase", "lwf", "λ=10", 10.0, [], files, 1).endswith("done") and len(calls) == 1
-    # confirmatory runs: the chosen settings as flags, the study's test evaluation; seed 0 of guided kept
-    for label, kept in (("guided", True), ("lwf", False)):
+    # confirmatory runs: the chosen settings as flags, the study's test evaluation; seed 0 of guided gets
+    # the re-injection analysis on its final model before its checkpoints go
+    children = []
+    monkeypatch.setattr(T, "run_child", lambda cmd, log: children.append(cmd) or 0)
+    for label, analysed in (("guided", True), ("lwf", False)):
         T.confirm_run(label, {"preset": label, "kl_weight": 3.0}, 0, 1)
         flags = calls[-1]
         assert flags[flags.index("--preset") + 1] == label and flags[flags.index("--kl_weight") + 1] == "3"
         assert flags[flags.index("--eval_n") + 1] == "50" and flags[flags.index("--seed") + 1] == "0"
-        assert (tmp_path / "runs" / "confirm" / f"{label}-s0").exists() == kept
+        assert not (tmp_path / "runs" / "confirm" / f"{label}-s0").exists()
         assert json.loads((tmp_path / "raw" / "confirm" / f"{label}-s0.json").read_text())["label"] == label
+        assert len(children) == 1 and children[0][children[0].index("--final") + 1].endswith("confirm/guided-s0")
+    # a failed analysis leaves no record: the run is done again, with its analysis, next time
+    monkeypatch.setattr(T, "run_child", lambda cmd, log: 1)
+    assert "FAILED" in T.confirm_run("plain", {}, 0, 1)
+    assert not (tmp_path / "raw" / "confirm" / "plain-s0.json").exists()
