@@ -232,8 +232,10 @@ def confirm_plan(sweep: list[dict]) -> dict[str, list[str]] | None:
     if any(c is None for c in chosen.values()):
         return None
     c = {m: v["settings"] for m, v in chosen.items()}
-    return {"plain": {}, "plain-less": c["plain"], "replay": {"preset": "replay"}, "lwf": c["lwf"],
-            "guided": c["guided"], "free_kl": c["free_kl"], "fvg": c["fvg"], "guided+replay": {**c["guided"], "replay": 0.25}}
+    # the order runs are started in (within a seed): the reference, then the dev curves' best, then the rest
+    return {"plain": {}, "free_kl": c["free_kl"], "guided": c["guided"], "plain-less": c["plain"],
+            "replay": {"preset": "replay"}, "lwf": c["lwf"], "fvg": c["fvg"],
+            "guided+replay": {**c["guided"], "replay": 0.25}}
 
 
 def confirm_run(label: str, settings: dict, seed: int, threads: int, dry_run: bool = False) -> str:

@@ -50,7 +50,7 @@ def test_confirm_plan_waits_for_every_method_then_sets_the_chosen_points():
                   ("fvg", {"preset": "fvg"})):
         s += [point(m, "only", t, 1.0, 0.2, kw) for t in ("uppercase", "date_iso")]
     plan = T.confirm_plan(s)
-    assert list(plan) == ["plain", "plain-less", "replay", "lwf", "guided", "free_kl", "fvg", "guided+replay"]
+    assert list(plan) == ["plain", "free_kl", "guided", "plain-less", "replay", "lwf", "fvg", "guided+replay"]
     assert plan["plain"] == {} and plan["plain-less"] == {"lr": 3e-5}
     assert plan["guided+replay"] == {"preset": "guided", "iv_norm_ratio": 0.5, "replay": 0.25}
     assert T.flags_of(plan["guided+replay"]) == ["--preset", "guided", "--iv_norm_ratio", "0.5", "--replay", "0.25"]
