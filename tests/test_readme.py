@@ -7,7 +7,7 @@ import re
 from conftest import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "results" / "README.md"]
-STUDY_DOCS = [ROOT / "README.md", ROOT / "results" / "README.md"]    # where the study's tables are
+STUDY_DOCS = [ROOT / "results" / "README.md"]    # where the study's tables are (the README: its prose)
 
 
 def test_readme_is_short():
@@ -188,3 +188,21 @@ def test_study_findings_match_the_results():
                 assert re.search(rf"\({ref} before\)|\(noise floor {ref}\)", name), \
                     f"results/README.md findings, {name}: not {ref}"
     assert seen == set(rows), f"results/README.md's findings table lacks {set(rows) - seen}"
+
+
+def test_readme_tradeoff_table_matches_the_sweep():
+    """Every "new / general" cell of the README's trade-off table is a point of results/tradeoff.json on
+    that task (the sweep's raw numbers, × 100): the README cannot drift from the runs."""
+    import json
+    sweep = json.loads((ROOT / "results" / "tradeoff.json").read_text())["sweep"]
+    have = {(r["task"], f"{100 * r['new_task']:.1f}", f"{100 * r['general_after']:.1f}") for r in sweep}
+    table = re.search(r"^\| method at a point of its curve.*\| (\w+) new / general \| (\w+) new / general \|\n"
+                      r"\|[-|]+\n((?:\|.*\n)+)", (ROOT / "README.md").read_text(), re.M)
+    assert table, "README shows no trade-off table"
+    rows = table.group(3).strip().splitlines()
+    assert len(rows) >= 5
+    for row in rows:
+        cells = [c.strip() for c in row.strip(" |").split("|")][1:]
+        for task, c in zip(table.groups()[:2], cells):
+            new, general = (x.strip() for x in c.split("/"))
+            assert (task, new, general) in have, f"README: {row!r}: {task} {c} is no point of the sweep"
