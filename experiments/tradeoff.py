@@ -329,6 +329,25 @@ def choice_note(chosen: dict, sweep: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def reinjection_md(found: dict) -> str:
+    """The re-injection analysis of each finished run it was made for (experiments/reinject.py)."""
+    if not found:
+        return ""
+    L = ["", "## Re-injection (amendment 2; the original general-suite IVs added to the final model)", "",
+         "Scores × 100, means over the six general tasks; shares are means over the tasks where the gap "
+         "exceeds 2 binomial standard errors.", "",
+         "| run | original | original + IV | final | final + IV | + random | + other IV | recovered vs original "
+         "| vs original + IV | random | other IV |", "|---|" + "---|" * 10]
+    for name, r in found.items():
+        m = r["mean"]
+        cells = [m[k] for k in ("original", "original_iv", "final", "final_iv", "final_random", "final_other_iv")]
+        shares = [m[k] for k in ("recovery_vs_original", "recovery_vs_original_iv", "recovery_random",
+                                 "recovery_other_iv")]
+        L.append(f"| {name} | " + " | ".join(f"{100 * x:.1f}" for x in cells) + " | "
+                 + " | ".join("—" if x is None else f"{x:.2f}" for x in shares) + " |")
+    return "\n".join(L) + "\n"
+
+
 def write_report() -> str:
     sweep = sweep_records()
     plan = confirm_plan(sweep)
@@ -341,7 +360,7 @@ def write_report() -> str:
     out = ROOT / "results"
     write_atomic(out / "tradeoff.json", lambda tmp: Path(tmp).write_text(json.dumps(d, indent=1)))
     plots = [p.name for p in [report.plot_curves(d["sweep"], out / "tradeoff.png")] if p]
-    md = report.markdown(d, plots, protocol_note=note)
+    md = report.markdown(d, plots, protocol_note=note) + reinjection_md(d["reinjection"])
     write_atomic(out / "tradeoff.md", lambda tmp: Path(tmp).write_text(md))
     return f"wrote results/tradeoff.json ({len(d['sweep'])} sweep points), results/tradeoff.md"
 
