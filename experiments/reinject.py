@@ -33,7 +33,7 @@ from ivft.ivfile import config_hash, iv_filename, model_tag
 from ivft.ivsettings import check_layer
 from ivft.load import load_model
 from ivft.report import mean, save_report
-from ivft.runtime import TrainError
+from ivft.runtime import TrainError, code_version
 from model import Intervention
 from study import IV_SETTINGS          # a sibling: the study's IV settings, so its IV files serve here
 
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"reinject.py: error: {msg}", file=sys.stderr)
         return 2
-    res["settings"] |= {"final": str(ckpt), "model": tag, "iv_settings": IV_SETTINGS}
+    res["settings"] |= {"final": str(ckpt), "model": tag, "iv_settings": IV_SETTINGS, "code": code_version()}
     save_report(res, args.out)
     heads = ("orig", "orig+IV", "final", "fin+IV", "fin+rnd", "fin+oth", "rec/o", "rec/o+IV", "rec/rnd",
              "rec/oth")

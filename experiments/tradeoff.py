@@ -36,6 +36,8 @@ from pathlib import Path
 from common import STOPPING, run_child, run_train, stop_signals_to_children  # a sibling: on the script's path
 import tradeoff_report as report
 from ivft.files import FolderInUse, RunLock, write_atomic
+from ivft.report import save_report
+from study import read_json, stat, summarise      # the study's run summary and statistics
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "tradeoff"
@@ -98,13 +100,6 @@ def dev_files() -> tuple[dict, str]:
 
 # ---- one run -------------------------------------------------------------------------------------------
 
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def train_run(out_dir: Path, flags: list[str], threads: int, log: Path) -> dict | None:
     """train.py FLAGS into out_dir (resumed where a cut run left a checkpoint) -> its results.json, or
     None when it failed or was stopped (its log says why)."""
@@ -144,7 +139,7 @@ def sweep_point(task: str, method: str, label: str, strength: float, flags: list
               "general_after": cl["GP"][1], "general_tasks": {g: [s["tasks"][g][s["primary"][g]] for s in r["stages"]]
                                                                for g in cl["general_tasks"]},
               "terms": r.get("training", []), "seconds": r["seconds"], "code": r["config"].get("code")}
-    write_atomic(raw, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    save_report(record, raw)
     shutil.rmtree(RUNS / "sweep" / raw.stem, ignore_errors=True)   # checkpoints: 0.5 GB, never read again
     return f"{raw.name}: new task {record['new_task']:.2f}, general {record['general_before']:.3f} -> " \
            f"{record['general_after']:.3f} ({record['seconds']} s)"
@@ -253,7 +248,7 @@ def confirm_run(label: str, settings: dict, seed: int, threads: int, dry_run: bo
                        RUNS / "logs" / f"reinject-{raw.stem}.txt")
         if rc != 0:
             return f"{raw.name}: re-injection FAILED (see {RUNS / 'logs' / f'reinject-{raw.stem}.txt'})"
-    write_atomic(raw, lambda tmp: Path(tmp).write_text(json.dumps(r)))
+    save_report(r, raw)
     shutil.rmtree(out, ignore_errors=True)
     return f"{raw.name}: GP_drop {r['cl']['GP_drop']:.3f} ({r['seconds']} s)"
 
@@ -263,17 +258,14 @@ def confirm_jobs(plan: dict) -> list:
 
 
 def endpoints(r: dict) -> dict:
-    """One confirmatory run's endpoints (fractions; instruction log P in nats)."""
-    cl = r["cl"]
-    R, n = cl["R"], len(cl["train_tasks"])
-    lp = cl.get("general", {}).get("instruction_logprob")
-    return {"GP_drop": cl["GP_drop"], "IP_drop": cl["IP_drop"], "BWT": cl["BWT"],
-            "new_task": sum(R[j + 1][j] for j in range(n)) / n, "general_stage_mean": sum(cl["GP"][1:]) / n,
-            "instruction_logprob": lp[-1] if lp else None}
+    """One confirmatory run's endpoints (fractions; instruction log P in nats), from the study's summary."""
+    sm = summarise(r)
+    lp = sm["general"].get("instruction_logprob")
+    return {k: sm[k] for k in ("GP_drop", "IP_drop", "BWT", "new_task")} | {
+        "general_stage_mean": sum(sm["GP"][1:]) / len(sm["train_tasks"]), "instruction_logprob": lp[-1] if lp else None}
 
 
 def confirm_table(plan: dict | None) -> dict:
-    from study import stat
     out = {}
     for label, settings in (plan or {}).items():
         runs = {s: read_json(RAW / "confirm" / f"{key_of(label)}-s{s}.json") for s in SEEDS}
@@ -358,7 +350,7 @@ def write_report() -> str:
     report.check_tradeoff(d)
     note = choice_note(chosen, sweep)
     out = ROOT / "results"
-    write_atomic(out / "tradeoff.json", lambda tmp: Path(tmp).write_text(json.dumps(d, indent=1)))
+    save_report(d, out / "tradeoff.json")
     plots = [p.name for p in [report.plot_curves(d["sweep"], out / "tradeoff.png")] if p]
     md = report.markdown(d, plots, protocol_note=note) + reinjection_md(d["reinjection"])
     write_atomic(out / "tradeoff.md", lambda tmp: Path(tmp).write_text(md))

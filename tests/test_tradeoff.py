@@ -80,7 +80,8 @@ def test_decision_rule_by_hand():
 
 def test_endpoints_of_a_run():
     r = {"cl": {"train_tasks": ["a", "b"], "R": [[0, 0], [0.8, 0.1], [0.5, 0.9]], "GP": [0.4, 0.3, 0.2],
-                "GP_drop": 0.2, "IP_drop": 0.1, "BWT": -0.3, "general": {"instruction_logprob": [-9.0, -8.0, -7.5]}}}
+                "GP_drop": 0.2, "IP_drop": 0.1, "BWT": -0.3, "general": {"instruction_logprob": [-9.0, -8.0, -7.5]},
+                "AP": 0.7, "FWT": 0.0, "IP": [0.5, 0.45, 0.4]}}       # as results.json's cl has them
     e = T.endpoints(r)
     assert e["new_task"] == pytest.approx(0.85) and e["general_stage_mean"] == pytest.approx(0.25)
     assert e["instruction_logprob"] == -7.5 and e["GP_drop"] == 0.2
