@@ -35,9 +35,11 @@ from pathlib import Path
 
 from common import STOPPING, run_child, run_train, stop_signals_to_children  # a sibling: on the script's path
 import tradeoff_report as report
+from ivft.config import resolve_config
 from ivft.files import FolderInUse, RunLock, write_atomic
 from ivft.report import save_report
 from study import read_json, stat, summarise      # the study's run summary and statistics
+from train import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "tradeoff"
@@ -233,14 +235,56 @@ def confirm_plan(sweep: list[dict]) -> dict[str, list[str]] | None:
             "guided+replay": {**c["guided"], "replay": 0.25}}
 
 
-def confirm_run(label: str, settings: dict, seed: int, threads: int, dry_run: bool = False) -> str:
-    raw = RAW / "confirm" / f"{key_of(label)}-s{seed}.json"
-    full = ["--regime", "full", *flags_of(settings), "--seed", str(seed), *TEST_SIZE, "--stage0_cache",
+def confirm_flags(settings: dict, seed: int) -> list[str]:
+    return ["--regime", "full", *flags_of(settings), "--seed", str(seed), *TEST_SIZE, "--stage0_cache",
             str(RUNS / "confirm" / "stage0.json"), "--log_every", "10", "--save_every", "40"]
-    out = RUNS / "confirm" / raw.stem
+
+
+RUN_ONLY = ("out_dir", "num_threads", "code", "resume", "overwrite")   # where and how fast, not what is trained
+
+
+def resolved(settings: dict) -> dict:
+    """The train.py configuration a label's settings resolve to (presets and defaults filled, as train.py
+    does), without the fields that do not change what is trained."""
+    cfg = resolve_config(build_parser().parse_args(confirm_flags(settings, 0)))
+    return {k: v for k, v in cfg.items() if k not in RUN_ONLY}
+
+
+def twins(plan: dict) -> dict[str, str]:
+    """label -> the earlier label of the plan that trains the very same run (amendment 2b)."""
+    out, seen = {}, {}                                  # seen: a configuration -> the first label with it
+    for label, settings in plan.items():
+        key = json.dumps(resolved(settings), sort_keys=True)
+        if key in seen:
+            out[label] = seen[key]
+        seen.setdefault(key, label)
+    return out
+
+
+SCORED = ("stages", "training", "metrics", "cl")      # a record's scores and losses (not its timing or config)
+
+
+def reuse_twin(label: str, settings: dict, seed: int, twin: str) -> str | None:
+    """Write label's record at seed from twin's, when both ran identically at seed 0 and twin has this
+    seed's record -> the message, else None (then the run is trained)."""
+    rec = lambda lab, s: read_json(RAW / "confirm" / f"{key_of(lab)}-s{s}.json")
+    mine0, twin0, theirs = rec(label, 0), rec(twin, 0), rec(twin, seed)
+    if seed == 0 or not (mine0 and twin0 and theirs) or any(mine0.get(k) != twin0.get(k) for k in SCORED):
+        return None
+    raw = RAW / "confirm" / f"{key_of(label)}-s{seed}.json"
+    save_report({**theirs, "label": label, "settings": settings, "same_as": f"{key_of(twin)}-s{seed}"}, raw)
+    return f"{raw.name}: the same run as {key_of(twin)}-s{seed} (identical at seed 0; amendment 2b)"
+
+
+def confirm_run(label: str, settings: dict, seed: int, threads: int, dry_run: bool = False,
+                twin: str | None = None) -> str:
+    raw = RAW / "confirm" / f"{key_of(label)}-s{seed}.json"
+    if twin and not raw.is_file() and not dry_run and (msg := reuse_twin(label, settings, seed, twin)):
+        return msg
+    full, out = confirm_flags(settings, seed), RUNS / "confirm" / raw.stem
     r, msg = one_run(raw, out, full, threads, dry_run)
     if r is None:
-        return msg
+        return msg + (f"   # or {key_of(twin)}-s{seed}'s record (amendment 2b)" if dry_run and twin and seed else "")
     r["label"], r["settings"] = label, settings
     if raw.stem in KEEP:       # re-injection reads the final model now: its checkpoints do not outlive a session
         rc = run_child([sys.executable, str(ROOT / "experiments" / "reinject.py"), "--final", str(out), "--out",
@@ -254,7 +298,11 @@ def confirm_run(label: str, settings: dict, seed: int, threads: int, dry_run: bo
 
 
 def confirm_jobs(plan: dict) -> list:
-    return [(label, settings, seed) for seed in SEEDS for label, settings in plan.items()]   # seed 0 of all first
+    """(label, settings, seed, twin) in the order they start: seed 0 of all first; a twin's later seeds
+    last, so that its twin's record of that seed is there to be reused."""
+    tw = twins(plan)
+    jobs = [(label, settings, seed, tw.get(label)) for seed in SEEDS for label, settings in plan.items()]
+    return sorted(jobs, key=lambda j: bool(j[3]) and j[2] > 0)      # a stable sort keeps the rest's order
 
 
 def endpoints(r: dict) -> dict:
@@ -377,7 +425,8 @@ def main(argv=None) -> int:
             print("the dev sweep is not complete: the confirmatory points cannot be chosen yet", file=sys.stderr)
             return 1
         jobs = [j for j in confirm_jobs(plan) if args.only in (None, j[0])]
-        fn = lambda *j: confirm_run(*j, args.threads, dry_run=args.dry_run)
+        fn = lambda label, settings, seed, twin: confirm_run(label, settings, seed, args.threads,
+                                                                 dry_run=args.dry_run, twin=twin)
     else:
         print(write_report())
         return 0

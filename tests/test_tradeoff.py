@@ -166,3 +166,43 @@ def test_a_sweep_point_and_a_confirmatory_run_leave_their_record_and_are_skipped
     monkeypatch.setattr(T, "run_child", lambda cmd, log: 1)
     assert "FAILED" in T.confirm_run("plain", {}, 0, 1)
     assert not (tmp_path / "raw" / "confirm" / "plain-s0.json").exists()
+
+
+def test_a_label_that_resolves_to_another_labels_run_reuses_its_records_only_after_seed_0_agrees(tmp_path, monkeypatch):
+    # amendment 2b: plain-less chosen at plain's own point (lr 1e-4, one epoch: train.py's defaults)
+    plan = {"plain": {}, "free_kl": {"free_kl_weight": 30.0}, "plain-less": {"lr": 1e-4, "epochs": 1.0},
+            "lwf": {"preset": "lwf", "kl_weight": 1.0}}
+    assert T.twins(plan) == {"plain-less": "plain"}
+    assert T.twins({**plan, "plain-less": {"lr": 3e-5}}) == {}, "another lr is another run"
+    assert "lwf" not in T.twins({**plan, "lwf": {"preset": "lwf", "kl_weight": 0.0}}), "λ 0 keeps its preset"
+    jobs = T.confirm_jobs(plan)
+    assert [(j[0], j[2]) for j in jobs[-2:]] == [("plain-less", 1), ("plain-less", 2)], "a twin's later seeds go last"
+    assert ("plain-less", 0, "plain") in [(j[0], j[2], j[3]) for j in jobs[:4]], "seed 0 of both is trained"
+
+    monkeypatch.setattr(T, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(T, "RAW", tmp_path / "raw")
+    trained = []
+
+    def fake_train(out_dir, flags, threads, log):
+        trained.append(out_dir.name)
+        return fake_results(new=0.8 if "plain-less" not in out_dir.name else got_less)
+    monkeypatch.setattr(T, "train_run", fake_train)
+    monkeypatch.setattr(T, "run_child", lambda cmd, log: 0)      # plain-s0's re-injection analysis
+    got_less = 0.8                                # seed 0: both labels train, and agree
+    for label, seed in (("plain", 0), ("plain-less", 0), ("plain", 1)):
+        T.confirm_run(label, plan[label], seed, 1, twin=T.twins(plan).get(label))
+    msg = T.confirm_run("plain-less", plan["plain-less"], 1, 1, twin="plain")
+    assert "same run as plain-s1" in msg and trained == ["plain-s0", "plain-less-s0", "plain-s1"]
+    rec = json.loads((tmp_path / "raw" / "confirm" / "plain-less-s1.json").read_text())
+    assert rec["label"] == "plain-less" and rec["same_as"] == "plain-s1" and rec["cl"] == fake_results()["cl"]
+    # plain's record of seed 2 is missing: plain-less trains
+    T.confirm_run("plain-less", plan["plain-less"], 2, 1, twin="plain")
+    assert trained[-1] == "plain-less-s2"
+    # seed 0 differed: nothing is reused
+    (tmp_path / "raw" / "confirm" / "plain-less-s0.json").unlink()
+    (tmp_path / "raw" / "confirm" / "plain-less-s1.json").unlink()
+    got_less = 0.7
+    T.confirm_run("plain-less", plan["plain-less"], 0, 1, twin="plain")
+    T.confirm_run("plain-less", plan["plain-less"], 1, 1, twin="plain")
+    assert trained[-2:] == ["plain-less-s0", "plain-less-s1"]
+    assert "same_as" not in json.loads((tmp_path / "raw" / "confirm" / "plain-less-s1.json").read_text())
