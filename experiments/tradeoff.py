@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
 from pathlib import Path
 
 from common import STOPPING, run_child, run_train, stop_signals_to_children  # a sibling: on the script's path
@@ -191,6 +193,9 @@ def sweep_records() -> list[dict]:
 QUALIFY = 0.9          # a strength qualifies at >= 0.9 x plain's best new-task dev score, on both tasks
 SEEDS = (0, 1, 2)
 TEST_SIZE = ["--eval_n", "50", "--eval_k_shot", "3"]        # the study's test-split evaluation
+# fp32 on every machine (amendment 2c): --dtype auto is bf16 autocast on a CPU with AMX and fp32 on an
+# AVX2 one, and the two give different runs of one configuration (plain seed 0: GP drop 34.0 vs 35.3)
+DTYPE, DTYPE_RAN = ["--dtype", "fp32"], "float32"
 NON_IV, IV_METHODS = ("plain-less", "replay", "lwf", "free_kl"), ("guided", "guided+replay", "fvg")
 KEEP = {"plain-s0", "guided-s0"}     # the re-injection analysis runs on their final models
 MARGIN = 0.02                        # new_task within 2 points of plain's
@@ -235,8 +240,18 @@ def confirm_plan(sweep: list[dict]) -> dict[str, list[str]] | None:
             "guided+replay": {**c["guided"], "replay": 0.25}}
 
 
+def machine() -> dict:
+    """Where a run ran: the CPU's model, which of the instruction sets that change its numbers it has,
+    and torch's version (fp32 kernels differ a little between AVX2 and AVX-512 machines)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    field = lambda name: next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith(name)), "")
+    flags = field("flags").split()
+    return {"cpu": field("model name") or platform.machine(), "torch": version("torch"),
+            "isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]}
+
+
 def confirm_flags(settings: dict, seed: int) -> list[str]:
-    return ["--regime", "full", *flags_of(settings), "--seed", str(seed), *TEST_SIZE, "--stage0_cache",
+    return ["--regime", "full", *flags_of(settings), "--seed", str(seed), *TEST_SIZE, *DTYPE, "--stage0_cache",
             str(RUNS / "confirm" / "stage0.json"), "--log_every", "10", "--save_every", "40"]
 
 
@@ -267,7 +282,7 @@ SCORED = ("stages", "training", "metrics", "cl")      # a record's scores and lo
 def reuse_twin(label: str, settings: dict, seed: int, twin: str) -> str | None:
     """Write label's record at seed from twin's, when both ran identically at seed 0 and twin has this
     seed's record -> the message, else None (then the run is trained)."""
-    rec = lambda lab, s: read_json(RAW / "confirm" / f"{key_of(lab)}-s{s}.json")
+    rec = lambda lab, s: confirm_record(RAW / "confirm" / f"{key_of(lab)}-s{s}.json")
     mine0, twin0, theirs = rec(label, 0), rec(twin, 0), rec(twin, seed)
     if seed == 0 or not (mine0 and twin0 and theirs) or any(mine0.get(k) != twin0.get(k) for k in SCORED):
         return None
@@ -285,7 +300,7 @@ def confirm_run(label: str, settings: dict, seed: int, threads: int, dry_run: bo
     r, msg = one_run(raw, out, full, threads, dry_run)
     if r is None:
         return msg + (f"   # or {key_of(twin)}-s{seed}'s record (amendment 2b)" if dry_run and twin and seed else "")
-    r["label"], r["settings"] = label, settings
+    r["label"], r["settings"], r["machine"] = label, settings, machine()
     if raw.stem in KEEP:       # re-injection reads the final model now: its checkpoints do not outlive a session
         rc = run_child([sys.executable, str(ROOT / "experiments" / "reinject.py"), "--final", str(out), "--out",
                         str(RAW / "reinject" / f"{raw.stem}.json"), "--threads", str(threads)],
@@ -313,10 +328,24 @@ def endpoints(r: dict) -> dict:
         "general_stage_mean": sum(sm["GP"][1:]) / len(sm["train_tasks"]), "instruction_logprob": lp[-1] if lp else None}
 
 
+def ran_in(r: dict) -> set[str]:
+    """The dtypes a run's stage evaluations were computed in (training used the same autocast)."""
+    return {g["dtype"] for st in r["stages"] for g in st.get("settings", {}).get("groups", [])}
+
+
+def confirm_record(path: Path) -> dict | None:
+    """A confirmatory run's record, None when it has not run; one that did not run in fp32 is refused."""
+    r = read_json(path)
+    if r and ran_in(r) != {DTYPE_RAN}:
+        raise SystemExit(f"{path}: evaluated in {', '.join(sorted(ran_in(r)))}, not {DTYPE_RAN} (amendment 2c): "
+                         "move it out of results/tradeoff/confirm/ and run it again")
+    return r
+
+
 def confirm_table(plan: dict | None) -> dict:
     out = {}
     for label, settings in (plan or {}).items():
-        runs = {s: read_json(RAW / "confirm" / f"{key_of(label)}-s{s}.json") for s in SEEDS}
+        runs = {s: confirm_record(RAW / "confirm" / f"{key_of(label)}-s{s}.json") for s in SEEDS}
         runs = {s: endpoints(r) for s, r in runs.items() if r}
         if runs:
             out[label] = {"method": label, "regime": "A", "settings": settings, "seeds": sorted(runs),

@@ -123,8 +123,9 @@ def test_report_writes_tradeoff_json_with_the_issue_keys(tmp_path, monkeypatch):
     assert "lr=3e-5" in (tmp_path / "results" / "tradeoff.md").read_text()
 
 
-def fake_results(new=0.8, gp=(0.33, 0.2)):
-    stages = [{"tasks": {"antonym": {"reply_contains": g}}, "primary": {"antonym": "reply_contains"}} for g in gp]
+def fake_results(new=0.8, gp=(0.33, 0.2), dtype="float32"):
+    stages = [{"tasks": {"antonym": {"reply_contains": g}}, "primary": {"antonym": "reply_contains"},
+               "settings": {"groups": [{"k_shot": 0, "dtype": dtype}]}} for g in gp]
     return {"cl": {"R": [[0.0], [new]], "GP": list(gp), "general_tasks": ["antonym"], "GP_drop": gp[0] - gp[-1]},
             "stages": stages, "training": [{"task": "t", "terms": {"ce": 1.0, "kl": 0.1}, "grad_share": {"kl": 0.3}}],
             "config": {"code": {"commit": "abc"}}}
@@ -206,3 +207,16 @@ def test_a_label_that_resolves_to_another_labels_run_reuses_its_records_only_aft
     T.confirm_run("plain-less", plan["plain-less"], 1, 1, twin="plain")
     assert trained[-2:] == ["plain-less-s0", "plain-less-s1"]
     assert "same_as" not in json.loads((tmp_path / "raw" / "confirm" / "plain-less-s1.json").read_text())
+
+
+def test_confirmatory_runs_are_pinned_to_fp32_and_a_record_of_another_dtype_is_refused(tmp_path, monkeypatch):
+    flags = T.confirm_flags({"preset": "guided"}, 1)
+    assert flags[flags.index("--dtype") + 1] == "fp32", "--dtype auto would be bf16 on an AMX CPU"
+    monkeypatch.setattr(T, "RAW", tmp_path)
+    (tmp_path / "confirm").mkdir()
+    (tmp_path / "confirm" / "plain-s0.json").write_text(json.dumps(fake_results(dtype="bfloat16")))
+    with pytest.raises(SystemExit, match=r"plain-s0.json: evaluated in bfloat16, not float32"):
+        T.confirm_table({"plain": {}})
+    (tmp_path / "confirm" / "plain-s0.json").write_text(json.dumps(fake_results()))
+    assert T.confirm_record(tmp_path / "confirm" / "plain-s0.json")["cl"] == fake_results()["cl"]
+    assert T.confirm_record(tmp_path / "confirm" / "plain-s1.json") is None
