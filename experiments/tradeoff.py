@@ -16,7 +16,9 @@ method at several strengths (GRID): plain ("do less": lower lr or fewer steps), 
 KL (beyond the paper, --free_kl_weight) and fvg (its weights x a factor). The dev split: the new task
 is scored on its training examples 320-399 (never trained on), the general suite zero-shot on its
 tasks' training examples (no test number uses them: the suite is never trained on). Each point
-scores the new task and the general suite after the stage.
+scores the new task and the general suite after the stage. The sweep ran with --dtype auto, which
+was bf16 autocast on the AMX machine that ran it; every confirmatory run is pinned to fp32, so that
+runs from sessions on different machines compare (amendment 2c).
 
 Files: runs/tradeoff/ (train.py's out_dirs, dev task files, stage-0 caches; not in git),
 results/tradeoff/sweep/<task>.<key>.json and results/tradeoff/confirm/<label>-s<seed>.json (each
