@@ -281,12 +281,19 @@ def twins(plan: dict) -> dict[str, str]:
 SCORED = ("stages", "training", "metrics", "cl")      # a record's scores and losses (not its timing or config)
 
 
+def scores(rec: dict):
+    """rec's SCORED parts without the wall-clock "seconds" inside them, which differ between any two runs."""
+    drop = lambda x: ({k: drop(v) for k, v in x.items() if k != "seconds"} if isinstance(x, dict)
+                      else [drop(v) for v in x] if isinstance(x, list) else x)
+    return drop({k: rec.get(k) for k in SCORED})
+
+
 def reuse_twin(label: str, settings: dict, seed: int, twin: str) -> str | None:
     """Write label's record at seed from twin's, when both ran identically at seed 0 and twin has this
     seed's record -> the message, else None (then the run is trained)."""
     rec = lambda lab, s: confirm_record(RAW / "confirm" / f"{key_of(lab)}-s{s}.json")
     mine0, twin0, theirs = rec(label, 0), rec(twin, 0), rec(twin, seed)
-    if seed == 0 or not (mine0 and twin0 and theirs) or any(mine0.get(k) != twin0.get(k) for k in SCORED):
+    if seed == 0 or not (mine0 and twin0 and theirs) or scores(mine0) != scores(twin0):
         return None
     raw = RAW / "confirm" / f"{key_of(label)}-s{seed}.json"
     save_report({**theirs, "label": label, "settings": settings, "same_as": f"{key_of(twin)}-s{seed}"}, raw)
