@@ -148,6 +148,13 @@ def mean_std(s: dict) -> str:
     return points(s["mean"]) + ("" if s["std"] is None else f" ± {points(s['std'])}")
 
 
+def nats(s: dict | None) -> str:
+    """A log-probability's mean ± std in nats; "-" where the records carry none."""
+    if not s or s.get("mean") is None:
+        return "-"
+    return f"{s['mean']:.2f}" + ("" if s.get("std") is None else f" ± {s['std']:.2f}")
+
+
 def choice_line(sweep: list[dict], task: str, method: str) -> str:
     best = choose_point(sweep, task, method)
     if best is None:
@@ -182,11 +189,15 @@ def markdown(d: dict, plots: list[str], protocol_note: str = "") -> str:
         L += [choice_line(sweep, task, m) for m in dict.fromkeys(r["method"] for r in pts)] + [""]
     if d["confirm"]:
         L += ["## Confirmatory runs (mean ± std over seeds)", "",
-              "| label | method | n seeds | new task | GP drop | stage-mean general | IP drop | BWT |",
-              "|---|---|---|---|---|---|---|---|"]
+              "Scores in points; the instruction log P (the general suite's instructions, after the last "
+              "stage) in nats, the higher the closer to a model that still reads them.", "",
+              "| label | method | n seeds | new task | GP drop | stage-mean general | IP drop | BWT "
+              "| instruction log P |",
+              "|---|---|---|---|---|---|---|---|---|"]
         for label, c in d["confirm"].items():
             n = len(c["seeds"]) if "seeds" in c else c["GP_drop"]["n"]
             cells = [mean_std(c[k]) for k in ("new_task", "GP_drop", "general_stage_mean", "IP_drop", "BWT")]
+            cells.append(nats(c.get("instruction_logprob")))
             L.append(f"| {label} | {c['method']} | {n} | " + " | ".join(cells) + " |")
         L.append("")
     else:

@@ -142,7 +142,11 @@ def test_markdown_tables_choices_and_decision():
 def test_markdown_confirm_table():
     md = T.markdown(valid(), [])
     assert "not yet run" not in md and "![" not in md
-    assert "| guided-s1 | guided | 3 | 80.0 ± 2.0 | 12.3 ± 1.0 | 35.0 ± 0.5 | 5.0 | -10.0 ± 3.0 |" in md
+    assert "| guided-s1 | guided | 3 | 80.0 ± 2.0 | 12.3 ± 1.0 | 35.0 ± 0.5 | 5.0 | -10.0 ± 3.0 | -5.00 ± 0.10 |" in md
+    # a record set without the instruction log P (an older report) shows a dash, not a crash
+    d = valid()
+    del d["confirm"]["guided-s1"]["instruction_logprob"]
+    assert "| -10.0 ± 3.0 | - |" in T.markdown(d, [])
 
 
 def test_plot_curves_writes_a_png(tmp_path):
