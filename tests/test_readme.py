@@ -190,19 +190,40 @@ def test_study_findings_match_the_results():
     assert seen == set(rows), f"results/README.md's findings table lacks {set(rows) - seen}"
 
 
-def test_readme_tradeoff_table_matches_the_sweep():
-    """Every "new / general" cell of the README's trade-off table is a point of results/tradeoff.json on
-    that task (the sweep's raw numbers, × 100): the README cannot drift from the runs."""
+def test_tradeoff_tables_match_the_results():
+    """results/README.md's table of the dev curves' points shows points of results/tradeoff.json's sweep
+    (x 100), and the README's table of the confirmation shows its mean ± std over the 3 seeds for every
+    method the protocol registered: the documents cannot drift from the runs."""
     import json
-    sweep = json.loads((ROOT / "results" / "tradeoff.json").read_text())["sweep"]
-    have = {(r["task"], f"{100 * r['new_task']:.1f}", f"{100 * r['general_after']:.1f}") for r in sweep}
-    table = re.search(r"^\| method at a point of its curve.*\| (\w+) new / general \| (\w+) new / general \|\n"
-                      r"\|[-|]+\n((?:\|.*\n)+)", (ROOT / "README.md").read_text(), re.M)
-    assert table, "README shows no trade-off table"
+    d = json.loads((ROOT / "results" / "tradeoff.json").read_text())
+    have = {(r["task"], f"{100 * r['new_task']:.1f}", f"{100 * r['general_after']:.1f}") for r in d["sweep"]}
+    table = re.search(r"^\| method at a point of its curve.*\| (\w+) new / general \| (\w+) new / general \|.*\n"
+                      r"\|[-|]+\n((?:\|.*\n)+)", (ROOT / "results" / "README.md").read_text(), re.M)
+    assert table, "results/README.md shows no table of the dev curves' points"
     rows = table.group(3).strip().splitlines()
     assert len(rows) >= 5
     for row in rows:
-        cells = [c.strip() for c in row.strip(" |").split("|")][1:]
+        cells = [c.strip() for c in row.strip(" |").split("|")][1:3]
         for task, c in zip(table.groups()[:2], cells):
             new, general = (x.strip() for x in c.split("/"))
-            assert (task, new, general) in have, f"README: {row!r}: {task} {c} is no point of the sweep"
+            assert (task, new, general) in have, f"results/README.md: {row!r}: {task} {c} is no point of the sweep"
+
+    # the README's confirmation table: a row's name starts with the method's own words
+    labels = {"plain,": "plain", "instruction-free KL": "free_kl", "replay": "replay", "guided,": "guided",
+              "guided + replay": "guided+replay", "fvg": "fvg", "lwf": "lwf"}
+    table = re.search(r"^\| method \| new task \| GP drop ↓ \| general, mean over stages \| IP drop ↓ \| BWT \| "
+                      r"instruction log P \|\n\|[-|]+\n((?:\|.*\n)+)", (ROOT / "README.md").read_text(), re.M)
+    assert table, "README shows no table of the confirmation"
+    pts = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
+    seen = set()
+    for row in table.group(1).strip().splitlines():
+        name, *cells = [c.strip().replace("−", "-").replace("**", "") for c in row.strip(" |").split("|")]
+        label = labels[max((k for k in labels if name.startswith(k)), key=len)]
+        c = d["confirm"][label]
+        assert c["GP_drop"]["n"] == 3, f"README: {label} has {c['GP_drop']['n']} seeds, not 3"
+        lp = c["instruction_logprob"]
+        want = [pts(c[k]) for k in ("new_task", "GP_drop", "general_stage_mean", "IP_drop", "BWT")]
+        want.append(f"{lp['mean']:.2f} ± {lp['std']:.2f}")
+        assert cells == want, f"README confirmation, {name}: {cells} but the results say {want}"
+        seen.add(label)
+    assert seen == set(labels.values()), f"README's confirmation table lacks {set(labels.values()) - seen}"
