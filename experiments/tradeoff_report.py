@@ -144,15 +144,15 @@ def points(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def mean_std(s: dict) -> str:
-    return points(s["mean"]) + ("" if s["std"] is None else f" ± {points(s['std'])}")
+def nats(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
-def nats(s: dict | None) -> str:
-    """A log-probability's mean ± std in nats; "-" where the records carry none."""
-    if not s or s.get("mean") is None:
+def mean_std(s: dict | None, fmt=points) -> str:
+    """'mean ± std' in fmt's units (points, or nats); "-" where the records carry no such endpoint."""
+    if not s:
         return "-"
-    return f"{s['mean']:.2f}" + ("" if s.get("std") is None else f" ± {s['std']:.2f}")
+    return fmt(s["mean"]) + ("" if s["std"] is None else f" ± {fmt(s['std'])}")
 
 
 def choice_line(sweep: list[dict], task: str, method: str) -> str:
@@ -197,7 +197,7 @@ def markdown(d: dict, plots: list[str], protocol_note: str = "") -> str:
         for label, c in d["confirm"].items():
             n = len(c["seeds"]) if "seeds" in c else c["GP_drop"]["n"]
             cells = [mean_std(c[k]) for k in ("new_task", "GP_drop", "general_stage_mean", "IP_drop", "BWT")]
-            cells.append(nats(c.get("instruction_logprob")))
+            cells.append(mean_std(c.get("instruction_logprob"), nats))
             L.append(f"| {label} | {c['method']} | {n} | " + " | ".join(cells) + " |")
         L.append("")
     else:

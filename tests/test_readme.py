@@ -218,7 +218,7 @@ def test_tradeoff_tables_match_the_results():
     seen = set()
     for row in table.group(1).strip().splitlines():
         name, *cells = [c.strip().replace("−", "-").replace("**", "") for c in row.strip(" |").split("|")]
-        label = labels[max((k for k in labels if name.startswith(k)), key=len)]
+        label = next(v for k, v in labels.items() if name.startswith(k))
         c = d["confirm"][label]
         assert c["GP_drop"]["n"] == 3, f"README: {label} has {c['GP_drop']['n']} seeds, not 3"
         lp = c["instruction_logprob"]
