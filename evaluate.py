@@ -288,8 +288,8 @@ def cl_metrics(reports: list, train_tasks: list, general_tasks: list = ()) -> di
 def add_stage_flags(p: argparse.ArgumentParser):
     """train.py's flags of the evaluation after every stage (read into StageEval)."""
     g = p.add_argument_group("evaluation after every stage").add_argument
-    g("--eval_n", type=int, default=None, help="test examples per task and stage; 0 = no evaluation")
-    g("--eval_k_shot", type=int, default=None, help="demonstrations of the general suite's k-shot (IP) score")
+    g("--eval_n", type=int, default=40, help="test examples per task and stage; 0 = no evaluation")
+    g("--eval_k_shot", type=int, default=3, help="demonstrations of the general suite's k-shot (IP) score")
     g("--eval_batch", type=int, default=BATCH_SIZE, help="prompts per forward pass and rows per decoding "
       "step (lower it for big models)")
     g("--stage0_cache", default=None, metavar="PATH", help="reuse the original model's evaluation from this "

@@ -1,44 +1,24 @@
-"""train.py's flags after parsing: the defaults that depend on the presets (--preset / --guided,
---regime, --quick),
-every value checked with a message naming the flag, and the few facts derived from them."""
+"""train.py's flags: the run's own (which model, I/O, system: add_run_flags), the help formatter, and
+every value checked with a message naming the flag (check_flags, check_launch). The method's flags,
+their defaults and the presets are train.py's."""
 from __future__ import annotations
 
 import argparse
 import math
-import os
 
 from ivft import lora
+from ivft.files import check_writable
 from ivft.runtime import TrainError
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    # a flag whose default the presets set shows what each of them sets, generated from the tables
-    # below (so the help text cannot drift from them); "(default: None)" would say nothing
+    # every flag shows its default, as the parser holds it (presets applied: `--guided --help` shows
+    # what --guided runs with); "(default: None)" and "(default: False)" would say nothing
     def _get_help_string(self, action):
         text = action.help or ""
-        if preset_help(action.dest):
-            return f"{text} ({preset_help(action.dest)})"
-        if action.default in (None, False) or "default" in text:
+        if action.default is None or action.default is False or "default" in text:
             return text
         return super()._get_help_string(action)
-
-
-def preset_help(dest: str) -> str:
-    """'default 0; guided 1, fvg 20; --regime lora 8; --quick 3' for a preset-dependent flag, else ''."""
-    def fmt(v):
-        return ",".join(v) if isinstance(v, tuple) else str(v)
-    if dest in SIZE_DEFAULTS:
-        normal, quick = SIZE_DEFAULTS[dest]
-        parts = ([f"default {fmt(normal)}"] if normal is not None else []) + \
-            ([f"--quick {fmt(quick)}"] if quick != normal else [])
-    elif dest in DEFAULTS:
-        parts = [f"default {fmt(DEFAULTS[dest])}"]
-    else:
-        return ""
-    methods = [f"{m} {fmt(v[dest])}" for m, v in METHOD_PRESETS.items() if dest in v]
-    regimes = [f"--regime {r} {fmt(v[dest])}" for r, v in REGIME_PRESETS.items() if dest in v]
-    first = parts[:1] if parts and parts[0].startswith("default") else []
-    return "; ".join(first + ([", ".join(methods)] if methods else []) + regimes + parts[len(first):])
 
 
 def add_run_flags(p: argparse.ArgumentParser):
@@ -48,11 +28,11 @@ def add_run_flags(p: argparse.ArgumentParser):
     g("--model", default=None, help="HF directory or .gguf file; default: the embedded SmolLM2-135M-Instruct")
     g("--model_dtype", default="fp32", choices=["fp32", "bf16"],
       help="storage dtype of the weights; bf16 only makes sense for a frozen LoRA base")
-    g("--lora_r", type=int, default=None, help="LoRA rank; 0 = full fine-tuning")
-    g("--lora_alpha", type=float, default=None, help="LoRA scale numerator (scale = alpha/r)")
-    g("--lora_dropout", type=float, default=None, help="dropout on the LoRA input")
-    g("--lora_targets", default=None, help=f"linear layers to adapt ({','.join(lora.KNOWN_TARGETS)})")
-    g("--lora_merge", action=argparse.BooleanOptionalAction, default=None, help="merge the adapters after "
+    g("--lora_r", type=int, default=0, help="LoRA rank; 0 = full fine-tuning")
+    g("--lora_alpha", type=float, default=16.0, help="LoRA scale numerator (scale = alpha/r)")
+    g("--lora_dropout", type=float, default=0.1, help="dropout on the LoRA input")
+    g("--lora_targets", default="q_proj,v_proj", help=f"linear layers to adapt ({','.join(lora.KNOWN_TARGETS)})")
+    g("--lora_merge", action=argparse.BooleanOptionalAction, default=True, help="merge the adapters after "
       "every task and start fresh ones (as the sibling code); --no-lora_merge: one adapter for all tasks")
 
     g = p.add_argument_group("I/O").add_argument
@@ -75,44 +55,6 @@ def add_run_flags(p: argparse.ArgumentParser):
     g("--num_threads", type=int, default=0, help="CPU threads for torch; 0 = torch's default")
 
 
-# Presets only change defaults: a flag given on the command line always wins, then the regime's
-# value, then the method's, then DEFAULTS. Methods (docs/method.md §4 and the baselines of the study):
-METHOD_PRESETS = {
-    "plain": {},
-    "replay": {"replay": 0.25},                                     # a quarter of each batch from earlier tasks
-    "lwf": {"kl_weight": 1.0, "kl_iv": False},                      # KL to the frozen original, no IV
-    "iv_only": {"iv_alpha0": 1.0},                                  # progressive intervention, no KL
-    "guided": {"iv_alpha0": 1.0, "kl_weight": 1.0, "kl_iv": True},  # both: --guided
-    # the FvForgetting code's loss: no vector in the trained model; KL(P_θ ‖ P_prev+IV) at τ 2 at the
-    # last prompt token (weight 20) and over all positions (weight 0.1), each counted only when its
-    # batch mean is above 0.1; per-head MSE of the top heads' z vs the previous model's (weight 1,
-    # each head counted only above 0.01); the reference is the previous stage's model
-    "fvg": {"iv_alpha0": 0.0, "kl_weight": 20.0, "kl_iv": True, "kl_temp": 2.0, "kl_positions": "last",
-            "kl_min": 0.1, "kl_gate": "batch", "kl_all_weight": 0.1, "head_mse_weight": 1.0,
-            "head_mse_min": 0.01, "kl_ref": "previous"},
-}
-# Regimes: full = full fine-tuning with train.py's defaults; lora = the sibling code's family: LoRA
-# r 8, α 16, dropout 0.1 on q_proj/v_proj, a fresh adapter merged after every task, constant lr.
-# lr and epochs of lora are chosen on a dev split by experiments/lora_pilot.py (README): lr 3e-4, and
-# 16 epochs, the most that the study's protocol (amendment 1) tries; one task (acronym) stays just
-# under the 0.8 the study asks for (results/lora_pilot.json).
-LORA_LR = 3e-4     # the lr of any LoRA run (--lora_r > 0) that does not set --lr
-REGIME_PRESETS = {
-    "full": {},
-    "lora": {"lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.1, "lora_targets": "q_proj,v_proj",
-             "lora_merge": True, "lr_schedule": "constant", "warmup": 0.0, "lr": LORA_LR, "epochs": 16.0},
-}
-DEFAULTS = {"iv_alpha0": 0.0, "kl_weight": 0.0, "kl_iv": False, "replay": 0.0, "kl_temp": 2.0, "kl_positions": "last",
-            "kl_min": 0.0, "kl_gate": "row", "kl_all_weight": 0.0, "head_mse_weight": 0.0, "head_mse_min": 0.0,
-            "kl_ref": "original", "lora_r": 0, "lora_alpha": 16.0, "lora_dropout": 0.1, "lora_targets": "q_proj,v_proj",
-            "lora_merge": True, "lr_schedule": "cosine", "warmup": 0.1, "lr": 1e-4}
-# Budget of the defaults: 4 tasks x 40 steps of 8, 5 stage evaluations, the 4 IVs extracted once
-# from 10-shot prompts (then cached). --quick is a miniature of that: 2 tasks the model learns in 24
-# steps (date_iso, reverse_words), 3 evaluations of 10 examples per task, IVs from 12 clean / 4
-# corrupted prompts; the same with and without --guided. The README has its measured times and scores.
-SIZE_DEFAULTS = {"tasks": (None, "date_iso,reverse_words"), "max_train": (320, 192), "epochs": (1.0, 1.0),
-                 "batch_size": (8, 8), "max_steps": (0, 24), "eval_n": (40, 10), "eval_k_shot": (3, 3),
-                 "iv_n_clean": (50, 12), "iv_n_corrupt": (25, 4), "iv_dir": ("ivs", os.path.join("ivs", "quick"))}
 # flags that may differ between a run and its --resume (they do not change the numbers)
 RESUME_FREE = {"resume", "overwrite", "save_every", "log_every", "wandb", "wandb_project", "num_threads",
                "stage0_cache", "out_dir",   # out_dir: a moved or copied run resumes where it now is
@@ -122,25 +64,9 @@ RESUME_FREE = {"resume", "overwrite", "save_every", "log_every", "wandb", "wandb
 RUN_START_FILES = {"train_config.json", "log.txt", "results.json", "run.lock"}
 
 
-def resolve_config(args: argparse.Namespace) -> dict:
-    """Fill preset-dependent defaults and check values; no files are touched here."""
-    cfg = dict(vars(args))
-    if cfg["guided"] and cfg["preset"] not in (None, "guided"):
-        raise TrainError(f"--guided is --preset guided: it cannot be combined with --preset {cfg['preset']}")
-    cfg["preset"] = cfg["preset"] or ("guided" if cfg["guided"] else "plain")
-    cfg["guided"] = cfg["preset"] == "guided"
-    if cfg["lr"] is None and cfg["lora_r"] is not None and cfg["lora_r"] > 0:
-        cfg["lr"] = LORA_LR
-    for source in (REGIME_PRESETS[cfg["regime"]], METHOD_PRESETS[cfg["preset"]], DEFAULTS):
-        for k, v in source.items():
-            if cfg[k] is None:
-                cfg[k] = v
-    for k, (normal, quick) in SIZE_DEFAULTS.items():
-        if cfg[k] is None:
-            cfg[k] = quick if cfg["quick"] else normal
-    if cfg["out_dir"] is None:
-        name = cfg["preset"] + ("-lora" if cfg["regime"] == "lora" else "") + ("-quick" if cfg["quick"] else "")
-        cfg["out_dir"] = os.path.join("runs", name)
+def check_flags(cfg: dict) -> dict:
+    """Check every value (one line naming the flag); no files are touched here. -> cfg, with --betas
+    and --lora_targets in their canonical spelling."""
     checks = [
         (all(math.isfinite(v) for v in cfg.values() if isinstance(v, float)),
          "numeric flags must be finite: " + ", ".join(f"--{k} {v}" for k, v in cfg.items()
@@ -157,7 +83,6 @@ def resolve_config(args: argparse.Namespace) -> dict:
         (0 <= cfg["lora_dropout"] < 1, "--lora_dropout must be in [0, 1)"),
         (cfg["model_dtype"] == "fp32" or cfg["lora_r"] > 0,
          "--model_dtype bf16 needs --lora_r > 0 (full fine-tuning keeps fp32 master weights)"),
-        (not (cfg["compile"] and uses_iv(cfg)), "--compile is for the plain path; drop it with IV guidance"),
         (not (cfg["fsdp"] and cfg["lora_r"] > 0 and cfg["lora_merge"]),
          "--fsdp with LoRA needs --no-lora_merge (merging would swap modules inside the sharded model)"),
         (cfg["max_train"] is None or cfg["max_train"] > 0, "--max_train must be positive"),
@@ -192,18 +117,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
     return cfg
 
 
-def uses_iv(cfg) -> bool:
-    """The trained model gets the (possibly zero-scaled) IV, or the reference does."""
-    return cfg["guided"] or cfg["iv_alpha0"] > 0 or (needs_reference(cfg) and cfg["kl_iv"])
-
-
-def needs_reference(cfg) -> bool:
-    return cfg["kl_weight"] > 0 or cfg["kl_all_weight"] > 0 or cfg["head_mse_weight"] > 0 or cfg["free_kl_weight"] > 0
-
-
 def check_launch(cfg: dict, world: int):
-    """What can only be checked once the number of processes is known, and that out_dir is writable."""
-    from ivft.files import check_writable
+    """What can only be checked once the number of processes is known, and that out_dir is writable.
+    --micro_batch's default ("the largest divisor <= 8 of the batch per rank") is resolved here."""
     if cfg["fsdp"] and world == 1:
         raise TrainError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
     if cfg["batch_size"] % world:

@@ -2,6 +2,7 @@
 the autocast dtype. Without torchrun everything here is a one-process no-op."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -122,27 +123,10 @@ def resolve_amp(dtype: str, device):
     return torch.bfloat16 if ok else None
 
 
-def accumulate_gradients(wrapped, micro: list[dict], norms, amp_dtype, device_type: str, share_params=None):
-    """Forward and backward every micro-batch of one optimizer step (gradients add up in .grad;
-    under DDP they are all-reduced only after the last one) -> ({term: its sum over the micro-batches}
-    of the loss's detached named terms, {term: gradient share} or None). share_params: the trainable
-    parameters, to measure each term's ‖∇ term‖ / ‖∇ ce‖ on the first micro-batch first (grad_shares)."""
-    from contextlib import nullcontext
-    from ivft.engine import autocast
-    shares = None
-    if share_params is not None:
-        with autocast(amp_dtype, device_type):
-            shares = grad_shares(getattr(wrapped, "module", wrapped), micro[0], norms, share_params)
-    summed = {}
-    for i, batch in enumerate(micro):
-        sync = i == len(micro) - 1 or not hasattr(wrapped, "no_sync")
-        with nullcontext() if sync else wrapped.no_sync():
-            with autocast(amp_dtype, device_type):
-                loss, parts = wrapped(batch, norms)
-            loss.backward()
-        for k, v in parts.items():
-            summed[k] = summed.get(k, 0.0) + v.float()
-    return summed, shares
+def no_sync(wrapped, last: bool):
+    """Around one micro-batch's forward and backward: DDP all-reduces the gradients in every backward
+    unless told not to, so all but the last micro-batch of a step run under its no_sync()."""
+    return contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
 
 
 def grad_shares(loss_module, batch, norms, params) -> dict:

@@ -22,3 +22,9 @@ def smollm():
     from ivft.load import load_model
     model, tok = load_model(None)
     return model, tok
+
+
+def pytest_configure(config):
+    # `-m "not slow"` is the fast suite: what every fork of the method must keep green
+    # (tests/test_readme.py::test_forks_stay_green runs it on a copy with each documented fork)
+    config.addinivalue_line("markers", "slow: a whole run or the real model's weights (seconds to minutes)")

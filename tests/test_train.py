@@ -148,7 +148,7 @@ def test_kl_zero_iff_model_equals_reference_with_iv(positions):
     model = tiny_model()
     batch = guided_batch(tok)
     lm = train.LossModule(model)
-    lm.set_reference(ckpt.frozen_copy(model))
+    lm.reference = train.Reference(ckpt.frozen_copy(model))
     g = lm.guidance
     g.ivs = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
     g.ivs = g.ivs / g.ivs.norm(dim=1, keepdim=True)
@@ -174,7 +174,7 @@ def test_kl_zero_with_lora_reference_adapters_off():
     model = tiny_model()
     lora.add_lora(model, r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj"))
     batch = guided_batch(tok)
-    lm = train.LossModule(model)
+    lm = train.LossModule(model, reference=train.Reference(model, adapters_off=True))
     g = lm.guidance
     g.ivs, g.layers = torch.ones(2, 32) / 32 ** 0.5, torch.tensor([2, 2])
     g.train_iv, g.kl_iv, g.kl_weight, g.alpha = True, True, 1.0, 1.0
@@ -203,7 +203,7 @@ def fvg_setup(kl_min=0.1, mse_min=0.01):
                        kl_gate="batch", kl_all_weight=0.1, head_mse_weight=1.0, head_mse_min=mse_min,
                        heads={0: torch.tensor([1, 3]), 2: torch.tensor([0])})
     lm = train.LossModule(model, guidance=g)
-    lm.set_reference(ref)
+    lm.reference = train.Reference(ref)
     return tok, model, ref, batch, g, lm
 
 
@@ -252,22 +252,22 @@ def test_fvg_loss_terms_equal_the_sibling_code_by_hand():
 
 
 def test_presets_set_defaults_and_flags_win():
-    from ivft.config import METHOD_PRESETS, resolve_config
-    cfg = resolve_config(train.build_parser().parse_args(["--preset", "fvg"]))
+    METHOD_PRESETS = train.PRESETS["method"]
+    cfg = train.parse_flags(["--preset", "fvg"])
     assert {k: cfg[k] for k in METHOD_PRESETS["fvg"]} == METHOD_PRESETS["fvg"] and cfg["kl_ref"] == "previous"
     assert cfg["out_dir"] == str(Path("runs") / "fvg") and not cfg["guided"] and cfg["lora_r"] == 0
-    cfg = resolve_config(train.build_parser().parse_args(["--preset", "fvg", "--kl_weight", "3", "--regime", "lora"]))
+    cfg = train.parse_flags(["--preset", "fvg", "--kl_weight", "3", "--regime", "lora"])
     assert cfg["kl_weight"] == 3 and cfg["kl_all_weight"] == 0.1                 # a flag given wins over the preset
     assert (cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"], cfg["lora_merge"]) == \
         (8, 16.0, 0.1, "q_proj,v_proj", True)
     assert cfg["lr_schedule"] == "constant" and cfg["warmup"] == 0 and cfg["out_dir"] == str(Path("runs") / "fvg-lora")
-    guided = resolve_config(train.build_parser().parse_args(["--guided"]))
+    guided = train.parse_flags(["--guided"])
     assert guided["preset"] == "guided" and guided["guided"] and (guided["iv_alpha0"], guided["kl_weight"]) == (1, 1)
-    plain = resolve_config(train.build_parser().parse_args([]))
+    plain = train.parse_flags([])
     assert plain["preset"] == "plain" and (plain["kl_weight"], plain["replay"], plain["lora_r"]) == (0, 0, 0)
-    assert resolve_config(train.build_parser().parse_args(["--preset", "replay"]))["replay"] == 0.25
+    assert train.parse_flags(["--preset", "replay"])["replay"] == 0.25
     with pytest.raises(TrainError, match="--guided is --preset guided"):
-        resolve_config(train.build_parser().parse_args(["--guided", "--preset", "fvg"]))
+        train.parse_flags(["--guided", "--preset", "fvg"])
 
 
 def test_replay_mixes_a_fixed_sample_of_earlier_tasks_only():
@@ -784,14 +784,25 @@ def test_micro_batch_follows_the_batch_size(env, tmp_path, capsys):
     assert "--micro_batch 2" in msg                            # the user's own micro_batch is named
 
 
-def test_help_shows_each_presets_default():
-    from ivft.config import DEFAULTS, SIZE_DEFAULTS, preset_help
-    text = " ".join(train.build_parser().format_help().split())
-    for dest in [*DEFAULTS, *SIZE_DEFAULTS]:
-        if dest != "iv_dir":
-            assert preset_help(dest) in text, dest
-    assert "(default 1.0; --regime lora 16.0)" in text               # --epochs: the regime's value too
-    assert "default 0.0; iv_only 1.0, guided 1.0, fvg 0.0" in text  # --iv_alpha0, from METHOD_PRESETS
+def help_text(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        train.parse_flags([*argv, "--help"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_the_real_default_and_each_presets_value(capsys):
+    # each flag's default is set where the flag is; --help shows it as the presets given leave it
+    plain, guided = help_text([], capsys), help_text(["--guided"], capsys)
+    lora_quick = help_text(["--regime", "lora", "--quick"], capsys)
+    kl = "λ of the KL term; without an IV: the lwf baseline (presets: lwf 1.0, guided 1.0, fvg 20.0)"
+    assert f"{kl} (default: 0.0)" in plain and f"{kl} (default: 1.0)" in guided
+    assert "(presets: --regime lora 16.0) (default: 1.0)" in plain               # --epochs
+    assert "(presets: --regime lora 16.0) (default: 16.0)" in lora_quick
+    assert "(presets: --quick 24) (default: 24)" in lora_quick                   # --max_steps
+    for dest in ("kl_weight", "iv_alpha0", "lora_r", "max_train", "eval_n"):     # no None left to fill later
+        assert train.build_parser().get_default(dest) is not None, dest
+    assert "(default: None)" not in plain
 
 
 def test_a_changed_injection_layer_reuses_the_cached_iv(env, tmp_path):
@@ -847,7 +858,7 @@ def test_instruction_free_kl_prompts_carry_no_instruction_and_vanish_at_the_orig
     assert "Answer in capitals" in tok.decode(batch["idx"][0].tolist())
     model = tiny_model()
     lm = train.LossModule(model, guidance=train.Guidance(free_kl_weight=2.0))
-    lm.set_reference(ckpt.frozen_copy(model))
+    lm.reference = train.Reference(ckpt.frozen_copy(model))
     assert abs(float(lm(batch, norms_of(batch))[1]["free_kl"])) < 1e-6    # the model is the original
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.add_(0.5)
@@ -866,7 +877,7 @@ def test_grad_shares_equal_a_hand_computation():
                        train_iv=True, kl_iv=True, kl_weight=3.0, alpha=0.5, free_kl_weight=1.0)
     lm = train.LossModule(model, guidance=g)
     ref = tiny_model(seed=1)
-    lm.set_reference(ref)
+    lm.reference = train.Reference(ref)
     params = [p for p in model.parameters() if p.requires_grad]
     shares = grad_shares(lm, batch, norms_of(batch), params)
     # by hand: each term's own backward, the gradient's norm over all trainable parameters
@@ -942,7 +953,7 @@ def test_scaled_iv_has_the_asked_norm_the_same_in_model_and_reference(env, tmp_p
         ivs=got[0][None].repeat(2, 1), layers=torch.tensor([2, 2]), alpha=1.0, train_iv=True, kl_iv=True,
         kl_weight=1.0))
     ref = ckpt.frozen_copy(model)
-    lm.set_reference(ref)
+    lm.reference = train.Reference(ref)
     for who, m in (("model", model), ("ref", ref)):
         forward = m.forward
         m.forward = lambda *a, who=who, forward=forward, **k: (added[who].append(k["intervention"].add_resid[2]
@@ -951,3 +962,48 @@ def test_scaled_iv_has_the_asked_norm_the_same_in_model_and_reference(env, tmp_p
     lm(guided_batch(tok), norms_of(guided_batch(tok)))
     assert torch.equal(added["model"][0], added["ref"][0])
     assert added["model"][0][0].norm().item() == pytest.approx(0.5 * want[2], rel=1e-4)
+
+
+# ---- a fork's term that needs the reference, without the KL ---------------------------------------
+
+def reference_fork(declared: bool, seen: list):
+    """A fork as a researcher writes it: a new term, the MSE between the final hidden states of the
+    trained model and of the frozen reference, weight 1, its weight declared with metadata=REF (or,
+    the mistake, not declared)."""
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class ForkGuidance(train.Guidance):
+        hidden_mse_weight: float = field(default=1.0, metadata=train.REF if declared else {})
+
+    class ForkLoss(train.LossModule):
+        def loss(self, batch, norms, keep_graph=False):
+            total, parts = super().loss(batch, norms, keep_graph=True)
+            h = self.model(batch["idx"], pad_mask=batch["pad_mask"], return_hidden=True)
+            with self.ref().use() as ref:
+                ref_h = ref(batch["idx"], pad_mask=batch["pad_mask"], return_hidden=True)
+            parts["hidden_mse"] = self.guidance.hidden_mse_weight * (h - ref_h).pow(2).mean()
+            seen.append(float(parts["hidden_mse"].detach()))
+            return total + parts["hidden_mse"] * self.world, parts if keep_graph else \
+                {k: v.detach() for k, v in parts.items()}
+    return ForkGuidance, ForkLoss
+
+
+def test_a_term_that_needs_the_reference_gets_the_frozen_original_without_a_kl(env, tmp_path, monkeypatch, capsys):
+    # plain training (--kl_weight 0): before, no reference was made and the term got the trained model
+    # itself, so it read 0 at every step, silently; now the declared term gets the frozen original
+    seen = []
+    guidance, loss = reference_fork(True, seen)
+    monkeypatch.setattr(train, "Guidance", guidance)
+    monkeypatch.setattr(train, "LossModule", loss)
+    res = run_main(base_args(env, tmp_path / "fork", "--max_steps", "3"))
+    assert res["config"]["kl_weight"] == 0 and all("hidden_mse" in t["terms"] for t in res["training"])
+    assert seen[0] == 0.0                 # the first forward: the model is still the original
+    assert seen[-1] > 1e-6                # after 5 updates it is not: the reference stayed the original
+    # the same fork that forgets to declare its need is refused in one line, never given the trained model
+    monkeypatch.setattr(train, "Guidance", reference_fork(False, [])[0])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(base_args(env, tmp_path / "undeclared", "--max_steps", "3"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: ") and "metadata=REF" in err[-1], err[-3:]
