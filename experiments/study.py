@@ -78,7 +78,7 @@ RAW = OUT / "study"                        # raw JSON per run and analysis, timi
 REGIMES = {"A": ["--regime", "full"], "B": ["--regime", "lora"]}
 METHODS = {m: ["--preset", m] for m in ("plain", "replay", "lwf", "iv_only", "guided", "fvg")}
 SEEDS = (0, 1, 2)
-# everything else is train.py's defaults and the regime's preset (ivft/config.py)
+# everything else is train.py's defaults and the regime's preset (train.py's PRESETS)
 SIZE = ["--eval_n", "50", "--eval_k_shot", "3"]
 ANALYSED = ("plain", "guided")             # the analyses use seed 0 of these (protocol: findings)
 KEEP_CHECKPOINTS = {f"{r}-{m}-s0" for r in REGIMES for m in ANALYSED}
@@ -433,8 +433,8 @@ def claimed_run(name: str, threads: int, workers: int) -> tuple[bool, str]:
 
 def lora_unsettled() -> str | None:
     """Regime B runs only with the lr and epochs that experiments/lora_pilot.py chose on the dev split
-    (the protocol): None when ivft/config.py's lora preset holds them, else why not."""
-    from ivft.config import REGIME_PRESETS
+    (the protocol): None when train.py's lora preset holds them, else why not."""
+    from train import PRESETS        # the presets are train.py's (beside its flags)
     choice = (read_json(OUT / "lora_pilot.json") or {}).get("choice")
     if not choice:
         return "experiments/lora_pilot.py has not chosen lr and epochs yet (results/lora_pilot.json)"
@@ -442,9 +442,9 @@ def lora_unsettled() -> str | None:
     if not choice.get("all_learned") and not set(EXTENDED) <= set(choice.get("epochs_tried", [])):
         return (f"the pilot's choice (lr {choice['lr']}, epochs {choice['epochs']}) does not learn every task and "
                 f"amendment 1's epochs {EXTENDED} have not all been tried (experiments/lora_pilot.py)")
-    preset = REGIME_PRESETS["lora"]
+    preset = PRESETS["regime"]["lora"]
     if (preset["lr"], preset["epochs"]) != (choice["lr"], choice["epochs"]):
-        return (f"ivft/config.py's lora preset has lr {preset['lr']}, epochs {preset['epochs']}; the pilot chose "
+        return (f"train.py's lora preset has lr {preset['lr']}, epochs {preset['epochs']}; the pilot chose "
                 f"lr {choice['lr']}, epochs {choice['epochs']}")
     return None
 

@@ -39,11 +39,10 @@ from pathlib import Path
 
 from common import STOPPING, run_child, run_train, stop_signals_to_children  # a sibling: on the script's path
 import tradeoff_report as report
-from ivft.config import resolve_config
 from ivft.files import FolderInUse, RunLock, write_atomic
 from ivft.report import save_report
 from study import read_json, stat, summarise      # the study's run summary and statistics
-from train import build_parser
+from train import parse_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "tradeoff"
@@ -263,7 +262,7 @@ RUN_ONLY = ("out_dir", "num_threads", "code", "resume", "overwrite")   # where a
 def resolved(settings: dict) -> dict:
     """The train.py configuration a label's settings resolve to (presets and defaults filled, as train.py
     does), without the fields that do not change what is trained."""
-    cfg = resolve_config(build_parser().parse_args(confirm_flags(settings, 0)))
+    cfg = parse_flags(confirm_flags(settings, 0))
     return {k: v for k, v in cfg.items() if k not in RUN_ONLY}
 
 

@@ -148,8 +148,8 @@ def test_one_notion_of_done_for_list_bare_run_and_report(dirs, monkeypatch, caps
     assert not study.run_done("B-iv_only-s2") and "B-iv_only-s2" not in study.load_runs()
     assert study.part_status("B-s2c") == ("partly", 1, 2) and study.next_part() == "B-s2c"
     assert "all parts done" not in study.list_parts() and "next: B-s2c" in study.list_parts()
-    from ivft.config import REGIME_PRESETS
-    lora = REGIME_PRESETS["lora"]
+    from train import PRESETS
+    lora = PRESETS["regime"]["lora"]
     (dirs / "results" / "lora_pilot.json").write_text(json.dumps(
         {"choice": {"lr": lora["lr"], "epochs": lora["epochs"], "all_learned": True}}))
     monkeypatch.setattr(study.subprocess, "Popen", popen_of(lambda cmd: pytest.fail(f"trained: {cmd}")))
@@ -269,8 +269,8 @@ def test_part_with_two_workers_then_next(dirs, monkeypatch, capsys):
     assert study.part_status("A-s0")[0] == "done" and (dirs / "results" / "study.md").is_file()
     assert "next: B-s0a" in capsys.readouterr().out
     seen.clear()
-    from ivft.config import REGIME_PRESETS       # regime B waits for the LoRA pilot's choice
-    lora = REGIME_PRESETS["lora"]
+    from train import PRESETS       # regime B waits for the LoRA pilot's choice
+    lora = PRESETS["regime"]["lora"]
     (dirs / "results" / "lora_pilot.json").write_text(json.dumps({"choice": {"lr": lora["lr"], "epochs": lora["epochs"],
                                                                         "all_learned": True}}))
     assert study.main([]) == 0 and {n for n, _ in seen} == {"B-plain-s0", "B-guided-s0"}   # part B-s0a
@@ -751,8 +751,8 @@ def test_learnability_summary(tmp_path, monkeypatch):
 
 def test_regime_b_waits_for_the_pilots_choice(dirs, monkeypatch):
     # regime B runs only with the lr and epochs the LoRA pilot chose on the dev split
-    from ivft import config
-    monkeypatch.setitem(config.REGIME_PRESETS, "lora", {**config.REGIME_PRESETS["lora"], "lr": 3e-4, "epochs": 4.0})
+    import train
+    monkeypatch.setitem(train.PRESETS["regime"], "lora", {**train.PRESETS["regime"]["lora"], "lr": 3e-4, "epochs": 4.0})
     assert "has not chosen" in study.lora_unsettled()
     pilot = dirs / "results" / "lora_pilot.json"
     pilot.write_text(json.dumps({"choice": {"lr": 1e-4, "epochs": 4, "all_learned": True}}))
