@@ -97,6 +97,8 @@ class LoRALinear(nn.Linear):
         stack=False (one adapter for all tasks): a frozen snapshot replaces the previous one, used only
         by the "previous" reference view; the adapter itself goes on training."""
         A, B = self.lora_A.detach(), self.lora_B.detach()
+        if hasattr(A, "full_tensor"):     # FSDP-sharded (one adapter for all tasks): every rank's whole copy
+            A, B = A.full_tensor(), B.full_tensor()
         if stack:
             if self.lora_A_done is not None:
                 A, B = torch.cat([self.lora_A_done, A], 0), torch.cat([self.lora_B_done, B], 1)
