@@ -47,7 +47,7 @@ class RunShape:
     reference: bool = False                   # a KL / head-MSE reference (--guided, lwf, fvg)
     grad_checkpointing: bool = False
     attention: str = "flash"                  # "flash": SDPA keeps no scores; "math": it keeps (H, T, T)
-    fsdp_ranks: int = 1                       # parameters, gradients and optimizer sharded over ranks
+    fsdp_ranks: int = 1                       # weights, gradients, optimizer, masters sharded over ranks
 
 
 @dataclass
@@ -164,11 +164,13 @@ def plan(config: dict, run: RunShape, device_bytes: int | None = None, headroom:
     p.rows["gradients"] = trained * (4 if run.lora_r > 0 else w) // shard
     p.rows["optimizer (AdamW, 2 fp32 moments)"] = 8 * trained // shard
     p.rows["master weights (fp32)"] = 4 * trained // shard if run.lora_r == 0 and w == 2 else 0
-    p.rows["reference copy"] = n * w // shard if run.reference and run.lora_r == 0 else 0
+    # train.py's frozen copy stays outside the FSDP-wrapped module: whole on every rank
+    p.rows["reference copy"] = n * w if run.reference and run.lora_r == 0 else 0
     # autocast casts fp32 weights to bf16 for each matmul; the backward keeps the copies (for the
-    # input's gradient) unless the block is recomputed; trained leaves are cached by autocast anyway
+    # input's gradient) unless the block is recomputed; trained leaves are cached by autocast anyway.
+    # Under FSDP they are copies of the gathered (whole) weights
     keeps = run.amp == "bf16" and w == 4 and (run.lora_r == 0 or not run.grad_checkpointing)
-    p.rows["autocast bf16 weight copies"] = 2 * counts["block_linear"] // shard if keeps else 0
+    p.rows["autocast bf16 weight copies"] = 2 * counts["block_linear"] if keeps else 0
     p.per_token = activation_bytes_per_token(config, run, adapted)
     p.tokens = run.micro_batch * run.max_len
     p.rows["activations"] = p.per_token * p.tokens
