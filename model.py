@@ -393,20 +393,14 @@ class Block(nn.Module):
 
 
 def checkpointed_block(block, x, rope, mask, layer, edit, start):
-    """block(x) under torch.utils.checkpoint: the backward pass runs the block's forward again instead
-    of keeping its activations (Chen et al. 2016, arXiv 1604.06174), about a third more compute for
-    activation memory of one block's input per layer. The RNG (LoRA dropout) is put back before the
-    rerun, so the rerun computes what the forward did. The rerun gets a copy of the intervention with
-    fresh z / resid dicts: the same ops (the checkpoint checks that the same tensors are saved), but
-    what the forward recorded, and what the loss already used, is not overwritten."""
-    from torch.utils.checkpoint import checkpoint
+    """block(x) under torch.utils.checkpoint: the backward reruns it (LoRA dropout's RNG put back) instead
+    of keeping its activations. A rerun records into fresh dicts: the same ops, the forward's records kept."""
     calls = []
-
     def run(x):
         e = edit if edit is None or not calls else replace(edit, z={}, resid={})
         calls.append(1)
         return block(x, rope, mask, None, layer, e, start)
-    return checkpoint(run, x, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,8 +423,7 @@ class Transformer(nn.Module):
         if cfg.position == "rope":
             # not saved with the weights (persistent=False): derived from the config
             self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        # keep only each block's input for backward and recompute the rest (checkpointed_block)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False    # recompute blocks in the backward (checkpointed_block)
 
     def init_weights(self, std: float = 0.02):
         """Random init for tests and from-scratch use (pretrained weights overwrite all of it):
@@ -505,10 +498,9 @@ class Transformer(nn.Module):
         mean cross-entropy over non-ignored targets."""
         start = cache.length if cache is not None else 0
         x, rope, mask = self.embed(idx, start, pad_mask)
-        # gradient checkpointing (set model.grad_checkpointing = True): only when a backward will follow
         recompute = self.grad_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.model.layers):
-            if recompute:
+            if recompute:    # only when a backward will follow
                 x = checkpointed_block(block, x, rope, mask, i, intervention, start)
             else:
                 x = block(x, rope, mask, cache, i, intervention, start)
