@@ -56,3 +56,48 @@ def test_no_checkpointing_without_grad():
         plain = model(idx)
         model.grad_checkpointing = True
         assert torch.equal(model(idx), plain)
+
+
+def guided_step(checkpointing: bool):
+    """train.py's guided loss on a LoRA model (dropout on, reference = adapters off, IV in both,
+    head MSE through recorded z), its gradients and the gradient shares (retain_graph: the blocks
+    are rerun once per term)."""
+    import train
+    from ivft.data import Item, collate
+    from ivft.dist import grad_shares
+    from tests.toys import byte_tokenizer
+    tok = byte_tokenizer()
+    model = tiny_model(vocab=259, layers=3)
+    lora.add_lora(model, r=4, alpha=8, dropout=0.2, targets=("q_proj", "v_proj"))
+    with torch.no_grad():
+        for m in lora.lora_layers(model).values():
+            m.lora_B.normal_(std=0.3, generator=torch.Generator().manual_seed(5))
+    model.train()
+    model.grad_checkpointing = checkpointing
+    items = [Item(tok.chat_prompt(f"say {w}") + tok.encode(w.upper()) + [258], len(tok.chat_prompt(f"say {w}")),
+                  i % 2) for i, w in enumerate(["cat", "doggo", "owl"])]
+    batch = collate(items, tok.pad_id, "cpu")
+    lm = train.LossModule(model)
+    g = lm.guidance
+    g.ivs, g.layers = torch.randn(2, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
+    g.train_iv, g.kl_iv, g.kl_weight, g.alpha, g.kl_positions = True, True, 1.0, 0.7, "answer"
+    g.head_mse_weight, g.heads = 0.1, {1: torch.tensor([0, 2])}
+    norms = torch.tensor([float((batch["targets"] != -100).sum()), 3.0, float(batch["pad_mask"].sum())])
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(7)
+    shares = grad_shares(lm, batch, norms, params)
+    loss, parts = lm(batch, norms)
+    loss.backward()
+    return parts, shares, [p.grad.clone() for p in params]
+
+
+def test_guided_loss_same_with_checkpointing():
+    parts0, shares0, grads0 = guided_step(False)
+    parts1, shares1, grads1 = guided_step(True)
+    assert set(parts0) == {"ce", "kl", "mse"} and set(shares0) == {"kl", "mse"}
+    for k in parts0:
+        torch.testing.assert_close(parts1[k], parts0[k], rtol=1e-6, atol=1e-7)
+    for k in shares0:
+        assert abs(shares1[k] - shares0[k]) <= 1e-5 * abs(shares0[k]), k
+    for a, b in zip(grads1, grads0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
