@@ -48,6 +48,7 @@ class RunShape:
     grad_checkpointing: bool = False
     attention: str = "flash"                  # "flash": SDPA keeps no scores; "math": it keeps (H, T, T)
     fsdp_ranks: int = 1                       # weights, gradients, optimizer, masters sharded over ranks
+    ddp: bool = False                         # DDP (torchrun without --fsdp): gradient buckets
 
 
 @dataclass
@@ -97,9 +98,12 @@ def count_params(config: dict, run: RunShape) -> dict:
         raise TrainError(str(e)) from None
     with torch.device("meta"):
         model = Transformer(mc)
+        blocks = sum(p.numel() for p in model.model.layers.parameters())
         out = {"all": sum(p.numel() for p in model.parameters()), "adapted": {},
                "block_linear": sum(m.weight.numel() for m in model.model.layers.modules()
-                                   if isinstance(m, torch.nn.Linear))}
+                                   if isinstance(m, torch.nn.Linear)),
+               "one_block": blocks // mc.num_hidden_layers}
+        out["outside_blocks"] = out["all"] - blocks            # embeddings, final norm, LM head
         if run.lora_r > 0:
             lora.add_lora(model, run.lora_r, 2.0 * run.lora_r, 0.0, run.lora_targets)
             out["adapted"] = {k: (m.in_features, m.out_features) for k, m in lora.lora_layers(model).items()}
@@ -171,6 +175,10 @@ def plan(config: dict, run: RunShape, device_bytes: int | None = None, headroom:
     # Under FSDP they are copies of the gathered (whole) weights
     keeps = run.amp == "bf16" and w == 4 and (run.lora_r == 0 or not run.grad_checkpointing)
     p.rows["autocast bf16 weight copies"] = 2 * counts["block_linear"] if keeps else 0
+    if shard > 1:   # ivft/dist.py keeps the root unit (embeddings, LM head) gathered, and one block at a time
+        p.rows["FSDP gathered weights"] = (counts["outside_blocks"] + counts["one_block"]) * w
+    if run.ddp:     # DDP reduces gradients through buckets of its own: one more copy of them
+        p.rows["DDP gradient buckets"] = p.rows["gradients"]
     p.per_token = activation_bytes_per_token(config, run, adapted)
     p.tokens = run.micro_batch * run.max_len
     p.rows["activations"] = p.per_token * p.tokens
