@@ -16,7 +16,8 @@ Peak = everything above held at once. That is what gradient accumulation gives (
 forward runs while the previous one's gradients are held); with one micro-batch per step it is an
 upper bound by up to the smaller of gradients and activations. Not counted: the CUDA context and
 allocator fragmentation (a few hundred MB to a few GB: keep `headroom` free), evaluation (no
-gradients, smaller), and the IV extraction before training (forward passes only).
+gradients, smaller), the IV extraction before training (forward passes only), and the extra forward
+of --free_kl_weight (prompts without the instruction: shorter than the batch).
 """
 from __future__ import annotations
 

@@ -51,6 +51,12 @@ def test_llama2_7b_fp32_full_finetuning_is_refused_in_one_line(tmp_path, capsys)
         memplan.check_fits(LLAMA2_7B, memplan.RunShape(model_dtype="bf16", lora_r=0), GB80 // 2)
 
 
+def test_device_memory_on_cpu_reads_meminfo():
+    total = memplan.device_memory("cpu")
+    kib = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal:"))
+    assert total == kib * 1024 > 2 ** 30
+
+
 def test_missing_config_is_one_line(tmp_path):
     with pytest.raises(TrainError, match="no config.json"):
         memplan.read_config(tmp_path)
