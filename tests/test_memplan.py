@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ivft import memplan
 from ivft.runtime import TrainError
@@ -77,13 +78,15 @@ SMALL = {"model_type": "llama", "hidden_size": 384, "intermediate_size": 1024, "
 # the other's gradients are held together, as the plan counts) and prints peak minus baseline.
 MEASURE = r"""
 import json, sys, torch
+import torch.nn.functional as F
 from ivft import lora
+from ivft.engine import lm_head_fp32
 from ivft.load import config_from_hf
 from model import Transformer
-cfg, r, ckpt, B, T = json.loads(sys.argv[1])
+cfg, r, ckpt, B, T, dtype, amp = json.loads(sys.argv[1])
 torch.set_num_threads(1)
 torch.manual_seed(0)
-model = Transformer(config_from_hf(cfg, "test")).init_weights()
+model = Transformer(config_from_hf(cfg, "test")).init_weights().to(getattr(torch, dtype))
 if r:
     lora.add_lora(model, r, 2 * r, 0.1, ("q_proj", "v_proj"))
 model.grad_checkpointing = ckpt
@@ -91,7 +94,13 @@ model.train()
 params = [p for p in model.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
 idx = torch.randint(0, cfg["vocab_size"], (2, B, T))
-model(idx[0, :1, :8], idx[0, :1, :8])[1].backward()          # warm-up: kernels, thread pools
+def backward(x):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        h = model(x, return_hidden=True)                           # (B, T, C)
+        # the LM head as train.py runs it: fp32, autocast off, on the scored positions (all here)
+        loss = F.cross_entropy(lm_head_fp32(model, h.flatten(0, 1)), x.flatten())
+    loss.backward()
+backward(idx[0, :1, :8])                                           # warm-up: kernels, thread pools
 for p in params:
     p.grad = None
 def status(key):
@@ -103,23 +112,36 @@ except OSError:
 base = status("VmRSS:")
 for step in range(2):
     for m in range(2):
-        model(idx[m], idx[m])[1].backward()
+        backward(idx[m])
     opt.step()
     opt.zero_grad(set_to_none=True)
 print(json.dumps(status("VmHWM:") - base))
 """
 
 
-@pytest.mark.parametrize("r,ckpt,B", [(0, False, 4), (8, False, 8), (0, True, 4)],
-                         ids=["full", "lora", "full-checkpointing"])
-def test_plan_matches_measured_peak(r, ckpt, B):
+def native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+BF16 = pytest.mark.skipif(not native_bf16(), reason="bf16 matmuls are emulated (slow) on this CPU")
+
+
+@pytest.mark.parametrize("r,ckpt,B,dtype,amp", [
+    (0, False, 4, "fp32", False), (8, False, 8, "fp32", False), (0, True, 4, "fp32", False),
+    pytest.param(8, False, 8, "bf16", True, marks=BF16), pytest.param(0, False, 4, "fp32", True, marks=BF16)],
+    ids=["full", "lora", "full-checkpointing", "lora-bf16-base", "full-autocast"])
+def test_plan_matches_measured_peak(r, ckpt, B, dtype, amp):
     T = 128
-    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps([SMALL, r, ckpt, B, T])], cwd=ROOT,
+    args = [SMALL, r, ckpt, B, T, {"fp32": "float32", "bf16": "bfloat16"}[dtype], amp]
+    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(args)], cwd=ROOT,
                          capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "", "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert out.returncode == 0, out.stderr[-2000:]
     measured = json.loads(out.stdout.strip().splitlines()[-1])
-    run = memplan.RunShape(lora_r=r, lora_targets=("q_proj", "v_proj"), lora_dropout=0.1, amp=None,
-                           micro_batch=B, max_len=T, grad_checkpointing=ckpt)
+    run = memplan.RunShape(lora_r=r, lora_targets=("q_proj", "v_proj"), lora_dropout=0.1, model_dtype=dtype,
+                           amp="bf16" if amp else None, micro_batch=B, max_len=T, grad_checkpointing=ckpt)
     p = memplan.plan(SMALL, run)
     # what the process held before the baseline: the weights (and the fresh adapters)
     before = p.rows["weights"] + p.rows.get("adapters (fp32, finished ones stacked)", 0)
