@@ -193,7 +193,7 @@ def format_plan(p: Plan) -> str:
              f"{p.tokens} tokens per micro-batch"]
     for k, v in p.rows.items():
         lines.append(f"  {k:<40} {v / GiB:9.2f} GiB")
-    lines.append(f"  {'(activations per token: ' + format(p.per_token / 2 ** 20, '.2f') + ' MiB)':<40}")
+    lines.append(f"  (activations per token: {p.per_token / 2 ** 20:.2f} MiB)")
     lines.append(f"  {'total':<40} {p.total / GiB:9.2f} GiB")
     if p.device_bytes is not None:
         verdict = "fits" if p.fits() else "does NOT fit"
