@@ -2,9 +2,9 @@
 checkpoint (--save_every, Ctrl-C, SIGTERM). Each is an HF directory (written by load.save_hf,
 atomically) holding the fine-tuned weights (LoRA adapters merged into the export) that
 transformers opens as it is, plus train_state.pt (optimizer, step, RNG of every rank, results so
-far), train_config.json and, with LoRA, the adapters in PEFT layout. The LoRA base is never stored
-twice: it is the original model or the previous stage's checkpoint. (Which model is the KL's frozen
-reference is method: train.py decides it.)
+far), train_config.json and, with LoRA, the current adapters in PEFT layout. The LoRA base is never
+stored twice: it is the original model, and the finished tasks' adapters (lora.finish_task) are kept
+in train_state.pt. (Which model is the KL's frozen reference is method: ivft/reference.py.)
 
 The functions take what they use: a RunFiles record (out_dir, the settings to store) and plain values.
 """
