@@ -21,7 +21,7 @@ Shape legend (used in every comment):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -392,6 +392,17 @@ class Block(nn.Module):
         return x
 
 
+def checkpointed_block(block, x, rope, mask, layer, edit, start):
+    """block(x) under torch.utils.checkpoint: the backward reruns it (LoRA dropout's RNG put back) instead
+    of keeping its activations. A rerun records into fresh dicts: the same ops, the forward's records kept."""
+    calls = []
+    def run(x):
+        e = edit if edit is None or not calls else replace(edit, z={}, resid={})
+        calls.append(1)
+        return block(x, rope, mask, None, layer, e, start)
+    return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # The model. Parameter names equal HF LlamaForCausalLM's ("model.layers.3.self_attn.q_proj.weight",
 # "lm_head.weight"), so a Llama-family safetensors file loads with load_state_dict as it is.
@@ -412,6 +423,7 @@ class Transformer(nn.Module):
         if cfg.position == "rope":
             # not saved with the weights (persistent=False): derived from the config
             self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.grad_checkpointing = False    # recompute blocks in the backward (checkpointed_block)
 
     def init_weights(self, std: float = 0.02):
         """Random init for tests and from-scratch use (pretrained weights overwrite all of it):
@@ -486,8 +498,12 @@ class Transformer(nn.Module):
         mean cross-entropy over non-ignored targets."""
         start = cache.length if cache is not None else 0
         x, rope, mask = self.embed(idx, start, pad_mask)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.model.layers):
-            x = block(x, rope, mask, cache, i, intervention, start)
+            if recompute:    # only when a backward will follow
+                x = checkpointed_block(block, x, rope, mask, i, intervention, start)
+            else:
+                x = block(x, rope, mask, cache, i, intervention, start)
         x = self.model.norm(x)
         if return_hidden:
             return x

@@ -43,7 +43,7 @@ from tqdm import tqdm
 import evaluate
 import extract_iv
 from ivft import checkpoint as ckpt
-from ivft import lora
+from ivft import lora, memplan
 from ivft.config import HelpFormatter, add_run_flags, check_flags, check_launch
 from ivft.data import (collate, encode_task, load_task_list, stage_pool, step_counts, step_micro_batches,
                        steps_for)
@@ -53,9 +53,11 @@ from ivft.engine import autocast, lm_head_fp32
 from ivft.files import RunLock
 from ivft.interrupt import TaskGuard
 from ivft.ivfile import model_tag, union_of_top_heads
-from ivft.reference import needs_original_copy, pick_reference
+from ivft.optim import make_adamw
+from ivft.reference import Reference, needs_original_copy, pick_reference
 from ivft.report import term_means
 from ivft.runtime import Diverged, Logger, TrainError, code_version, run_cli, write_json
+from ivft.tasks import default_sequence
 from model import Intervention, Transformer
 
 # ---------------------------------------------------------------------------------------------
@@ -279,24 +281,6 @@ class Guidance:
         return self.train_iv or (self.needs_reference() and self.kl_iv)
 
 
-@dataclass
-class Reference:
-    """The frozen model the regularisers compare with (--kl_ref): a model of its own, or the trained
-    one with its LoRA adapters off (no second copy). A plain object, not a module: DDP, state_dict
-    and .parameters() of the loss never see it."""
-    model: Transformer
-    adapters_off: bool = False
-
-    @contextlib.contextmanager
-    def use(self):
-        off = lora.adapters_off(self.model) if self.adapters_off else contextlib.nullcontext()
-        with torch.no_grad(), off:
-            yield self.model
-
-    def head(self, h):
-        return lm_head_fp32(self.model, h)
-
-
 def add_iv(g: Guidance, batch: dict, scale, record_z=()) -> Intervention:
     """The IV of each row's task, at that row's last prompt token, after that task's layer."""
     rows_iv = g.ivs[batch["task"]]                                        # (B, C)
@@ -319,7 +303,10 @@ class LossModule(nn.Module):
                  reference: Reference | None = None, amp_dtype=None):
         super().__init__()
         self.model, self.world, self.guidance = model, world, guidance or Guidance()
-        self.reference = reference      # none unless a term declared it needs one (Guidance, metadata=REF)
+        # the frozen reference (ivft/reference.py): a model of its own, or the trained one seen with some
+        # LoRA adapters off; a plain object, so DDP, state_dict and .parameters() never see it. None unless
+        # a term declared it needs one (Guidance, metadata=REF)
+        self.reference = reference
         self.amp_dtype = amp_dtype      # --dtype: bf16 autocast around the forward, or None (fp32)
 
     def forward(self, batch, norms, keep_graph: bool = False):
@@ -352,26 +339,33 @@ class LossModule(nn.Module):
         loss = sum(parts.values())
         return loss * self.world, parts if keep_graph else {k: v.detach() for k, v in parts.items()}
 
-    def ref(self) -> Reference:
+    @contextlib.contextmanager
+    def frozen(self):
+        """The frozen reference, run without gradients: with loss.frozen() as ref: ref(idx, ...)."""
         if self.reference is None:   # never the trained model in its place: that would compare it with itself
             raise TrainError("a loss term compares with the frozen reference, but the run created none: "
                              "declare its weight in train.py's Guidance with metadata=REF")
-        return self.reference
+        with torch.no_grad(), self.reference() as ref:
+            yield ref
+
+    def ref_head(self, h):
+        """The reference's logits (N, V) from its hidden states (N, C): its own fp32 LM head."""
+        return lm_head_fp32(self.reference.model, h)
 
     def kl_term(self, batch, h, logits, ref_h, norms):
         """The paper's KL at --kl_positions: the last prompt token (which predicts the first answer
         token), every answer position, or every real position; gated by --kl_min."""
-        g, B, ref = self.guidance, len(batch["idx"]), self.ref()
+        g, B = self.guidance, len(batch["idx"])
         if g.kl_positions == "last":
             at = torch.arange(B), batch["last"]
-            kl = kl_per_row(lm_head_fp32(self.model, h[at]), ref.head(ref_h[at]), g.kl_temp)      # (B,)
+            kl = kl_per_row(lm_head_fp32(self.model, h[at]), self.ref_head(ref_h[at]), g.kl_temp)      # (B,)
             return gate(kl, g.kl_min, g.kl_gate, B) / norms[1]
         if g.kl_positions == "answer":
             sel = batch["targets"] != -100
-            kl = kl_per_row(logits, ref.head(ref_h[sel]), g.kl_temp)                            # (N,)
+            kl = kl_per_row(logits, self.ref_head(ref_h[sel]), g.kl_temp)                            # (N,)
             return gate(kl, g.kl_min, g.kl_gate, B) / norms[0]
         real = real_positions(batch)
-        kl = kl_per_row(lm_head_fp32(self.model, h[real]), ref.head(ref_h[real]), g.kl_temp)
+        kl = kl_per_row(lm_head_fp32(self.model, h[real]), self.ref_head(ref_h[real]), g.kl_temp)
         return gate(kl, g.kl_min, g.kl_gate, B) / norms[2]
 
     @torch.no_grad()
@@ -385,7 +379,7 @@ class LossModule(nn.Module):
             # the heads' z), so the reference reads only the prompt part of the batch
             T = int(batch["last"].max()) + 1
             idx, pad_mask = idx[:, :T], (pad_mask[:, :T] if pad_mask is not None else None)
-        with self.ref().use() as ref:
+        with self.frozen() as ref:
             edit = add_iv(g, batch, 1.0) if g.kl_iv else Intervention(pos=batch["last"], record_z=record)
             h = ref(idx, pad_mask=pad_mask, intervention=edit, return_hidden=True)       # (B, T, C)
             z = edit.z
@@ -401,9 +395,9 @@ class LossModule(nn.Module):
         prompts cannot see the new format leaking into prompts with other instructions; this one does."""
         at = torch.arange(len(batch["idx"])), batch["free_last"]
         h = self.model(batch["free"], pad_mask=batch["free_mask"], return_hidden=True)[at]         # (B, C)
-        with self.ref().use() as ref:
+        with self.frozen() as ref:
             ref_h = ref(batch["free"], pad_mask=batch["free_mask"], return_hidden=True)[at]
-        kl = kl_per_row(lm_head_fp32(self.model, h), self.ref().head(ref_h), self.guidance.kl_temp)
+        kl = kl_per_row(lm_head_fp32(self.model, h), self.ref_head(ref_h), self.guidance.kl_temp)
         return kl.sum() / n_rows
 
     def kl_all_positions(self, batch, h, ref_h, n_rows):
@@ -411,7 +405,7 @@ class LossModule(nn.Module):
         gated like the KL."""
         g, B = self.guidance, len(batch["idx"])
         real = real_positions(batch)
-        kl_pos = kl_per_row(lm_head_fp32(self.model, h[real]), self.ref().head(ref_h[real]), g.kl_temp)  # (n)
+        kl_pos = kl_per_row(lm_head_fp32(self.model, h[real]), self.ref_head(ref_h[real]), g.kl_temp)  # (n)
         per_row = torch.zeros(B, device=kl_pos.device).index_add(0, real.nonzero()[:, 0], kl_pos)
         return gate(per_row, g.kl_min, g.kl_gate, B) / n_rows
 
@@ -452,11 +446,27 @@ def train(cfg: dict, step_callback=None) -> dict:
     torch.set_num_threads(cfg["num_threads"] or torch.get_num_threads())
     d = setup_distributed(cfg["device"])
     check_launch(cfg, d.world)        # before the lock, which creates out_dir: is it writable at all?
+    if cfg["dry_run"]:   # config.json only: the memory plan, then exit (one line with the flag to change if too big)
+        memory = cfg["dry_run"] * 2 ** 30 if cfg["dry_run"] else memplan.device_memory(d.device)
+        print(memplan.dry_run(cfg["model"], memory_shape(cfg, d), int(memory)))
+        return {}
     # one writer per run folder: rank 0 holds out_dir/run.lock while it runs (a second train.py, or a
     # study driver's orphan, is refused in one line); released and removed when train() ends
     with RunLock(cfg["out_dir"], what=f"--out_dir {cfg['out_dir']}") if d.main else contextlib.nullcontext():
         # the git commit (+ a hash of uncommitted changes) it runs on: train_config.json, results.json
         return run_sequence({**cfg, "code": code_version()}, d, step_callback)
+
+
+def memory_shape(cfg: dict, d) -> memplan.RunShape:
+    """What the memory plan (--dry_run) needs of the flags."""
+    n_tasks = len(cfg["tasks"].split(",")) if cfg["tasks"] else len(default_sequence())
+    guidance = Guidance.from_flags(cfg, train_iv=cfg["guided"] or cfg["iv_alpha0"] > 0)
+    return memplan.RunShape(
+        lora_r=cfg["lora_r"], lora_targets=tuple(cfg["lora_targets"].split(",")), lora_dropout=cfg["lora_dropout"],
+        n_tasks=n_tasks if cfg["lora_merge"] else 1, model_dtype=cfg["model_dtype"],
+        amp="bf16" if resolve_amp(cfg["dtype"], d.device) else None, micro_batch=cfg["micro_batch"],
+        max_len=cfg["max_len"], reference=guidance.needs_reference(), grad_checkpointing=cfg["grad_checkpointing"],
+        fsdp_ranks=d.world if cfg["fsdp"] else 1, ddp=d.world > 1 and not cfg["fsdp"])
 
 
 def run_sequence(cfg: dict, d, step_callback) -> dict:
@@ -477,6 +487,7 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
     if start["finished"] is not None:
         return start["finished"]
     model, tok = ckpt.load_base_model(cfg["model"], cfg["model_dtype"], d.device)
+    model.grad_checkpointing = cfg["grad_checkpointing"]     # recompute each block in the backward
     encoded = [encode_task(tok, t, i, cfg["max_len"], cfg["max_train"], free=cfg["free_kl_weight"] > 0)
                for i, t in enumerate(train_tasks)]
     # IVs come from the model before any training: extracted (or loaded) before a resumed run's weights
@@ -523,8 +534,8 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
                               step_callback=step_callback,
                               evaluate=lambda: evaluate_and_record(f"stage {j + 1} (after {task.name})"))
         # ---- merge, checkpoint ------------------------------------------------------------------
-        if cfg["lora_r"] > 0 and cfg["lora_merge"]:
-            lora.merge(model)
+        if cfg["lora_r"] > 0:      # merged (--lora_merge) into the saved weights; kept apart in memory
+            lora.finish_task(model, merge=cfg["lora_merge"])
         results["training"].append(term_means(task.name, term_log))
         path = ckpt.save_stage(run, model, tok, j + 1, results["stages"], [t.name for t in train_tasks], d,
                                training=results["training"])
@@ -555,7 +566,7 @@ def evaluate_stage(model, tok, train_tasks, general, stage_eval, amp_dtype, resu
 def keep_original(guidance: Guidance, model, kl_ref: str, spec, n_tasks: int):
     """A frozen copy of the original model, only where a term needs the reference (what the terms
     declared: Guidance.needs_reference) and LoRA's base with its adapters off cannot stand in."""
-    keep = guidance.needs_reference() and needs_original_copy(kl_ref, spec, n_tasks)
+    keep = guidance.needs_reference() and needs_original_copy(spec)
     return ckpt.frozen_copy(model) if keep else None
 
 
@@ -566,8 +577,7 @@ def start_task(j: int, model, guidance: Guidance, original, kl_ref: str, spec, o
         lora.add_lora(model, spec.r, spec.alpha, spec.dropout, list(spec.targets))
     if not guidance.needs_reference():
         return None
-    ref = pick_reference(j, original, kl_ref, spec, out_dir, model.model.embed_tokens.weight)
-    return Reference(model, adapters_off=True) if ref is None else Reference(ref)
+    return pick_reference(j, model, original, kl_ref, spec, out_dir)
 
 
 def add_ivs(cfg: dict, guidance: Guidance, model, tok, train_tasks, device) -> dict:
@@ -592,7 +602,8 @@ def make_optimizer(cfg: dict, d, loss_module: LossModule, resume: dict | None):
     wrapped = wrap_for_parallel(loss_module, d, cfg["compile"], cfg["fsdp"])
     params = [p for p in loss_module.model.parameters() if p.requires_grad]
     betas = tuple(float(x) for x in cfg["betas"].split(","))
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=betas, weight_decay=cfg["weight_decay"])
+    # AdamW; over bf16 weights (--model_dtype bf16, full fine-tuning) with fp32 master weights and moments
+    opt = make_adamw(params, lr=cfg["lr"], betas=betas, weight_decay=cfg["weight_decay"])
     if resume is not None:
         ckpt.load_optimizer(opt, resume, cfg["fsdp"], loss_module)
         ckpt.set_rng_state(resume, d.rank)

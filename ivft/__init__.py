@@ -11,7 +11,7 @@ clean and corrupted prompts of an extraction) and ivft.reference (the KL's froze
     ivft.tokenizer   a tiktoken tokenizer built from the checkpoint's own vocabulary
     ivft.tasks       the task suite and loaders for users' task files
     ivft.prompts     the prompt conventions: prompt and answer ids, exact match, reply_contains
-    ivft.lora        LoRA adapters (add, merge, save in PEFT layout)
+    ivft.lora        LoRA adapters (add, finish a task, reference views, merge, save in PEFT layout)
 
     evaluation
     ivft.engine      batched inference: shared-prefix scoring, continuous-batching greedy decoding
@@ -29,6 +29,8 @@ clean and corrupted prompts of an extraction) and ivft.reference (the KL's froze
     ivft.dist        torchrun setup, collectives, DDP / FSDP2 wrapping, autocast dtype
     ivft.checkpoint  checkpoints, resume, RNG state
     ivft.reference   method: which frozen model the KL keeps the trained one close to
+    ivft.optim       AdamW with fp32 master weights for bf16 full fine-tuning
+    ivft.memplan     the memory plan of a run from config.json alone (--dry_run)
     ivft.runtime     errors and exit statuses, the log, Ctrl-C / SIGTERM
     ivft.files       one atomic writer, directory swaps, clean-up after crashes, the run-folder lock
 """

@@ -2,9 +2,9 @@
 checkpoint (--save_every, Ctrl-C, SIGTERM). Each is an HF directory (written by load.save_hf,
 atomically) holding the fine-tuned weights (LoRA adapters merged into the export) that
 transformers opens as it is, plus train_state.pt (optimizer, step, RNG of every rank, results so
-far), train_config.json and, with LoRA, the adapters in PEFT layout. The LoRA base is never stored
-twice: it is the original model or the previous stage's checkpoint. (Which model is the KL's frozen
-reference is method: train.py decides it.)
+far), train_config.json and, with LoRA, the current adapters in PEFT layout. The LoRA base is never
+stored twice: it is the original model, and the finished tasks' adapters (lora.finish_task) are kept
+in train_state.pt. (Which model is the KL's frozen reference is method: ivft/reference.py.)
 
 The functions take what they use: a RunFiles record (out_dir, the settings to store) and plain values.
 """
@@ -53,13 +53,17 @@ def save_checkpoint(path: Path, model: Transformer, tok, run: RunFiles, state: d
     """sd: the full state dict when the model is sharded (FSDP), gathered by the caller on all ranks."""
     from safetensors.torch import save as st_save   # lazily: only writers need it
     sd = model.state_dict() if sd is None else sd
+    frozen = lora.frozen_state_dict(sd)
+    if frozen:   # the finished tasks' adapters: the merged weights cannot give back the exact base
+        state = {**state, "lora_frozen": frozen}
     buf = io.BytesIO()
     torch.save(state, buf)
     extra = {"train_state.pt": buf.getvalue(), "train_config.json": run.settings}
-    if lora.has_lora(model):
-        sd, adapters = lora.split_state_dict(sd, lora.scale_of(model))
-        extra["adapter_model.safetensors"] = st_save(adapters, metadata={"format": "pt"})
-        extra["adapter_config.json"] = lora.adapter_config(model, run.model_id)
+    if lora.lora_layers(model):
+        sd, adapters = lora.split_state_dict(sd, lora.scale_of(model))   # every adapter merged in
+        if adapters:    # a current adapter; between tasks of the merge policy only merged weights
+            extra["adapter_model.safetensors"] = st_save(adapters, metadata={"format": "pt"})
+            extra["adapter_config.json"] = lora.adapter_config(model, run.model_id)
     from safetensors import SafetensorError
     try:
         save_hf(_Export(model.config, sd), tok, path, extra_files=extra)
@@ -155,22 +159,40 @@ def check_resume_config(ckpt: Path, settings: dict):
 
 def restore_model(model, ckpt: Path, state: dict, spec: lora.LoraSpec | None, out_dir: Path):
     """Put the weights of checkpoint `ckpt` into `model` (which holds the original weights).
-    Full fine-tuning: the checkpoint's weights. LoRA: the base (the original, or the last merged
-    stage's checkpoint) plus the checkpoint's adapters: the checkpoint's own model.safetensors has
-    the adapters merged in, and merging rounds, so it cannot give back the exact base."""
+    Full fine-tuning: the checkpoint's weights. LoRA: the original weights stay (the references are
+    views of them, lora.reference_view); the finished tasks' adapters come from the training state
+    (merge policy) or, as the "previous" snapshot, from the last stage's adapter file (one adapter
+    for all tasks); the current adapter from the checkpoint's adapter file. The checkpoint's own
+    model.safetensors has the adapters merged in, and merging rounds, so it cannot give back the base."""
     j, step = state["stage_done"], state["step"]
     if spec is None:
         load_weights_into(model, ckpt)
         return
-    if spec.merge and j > 0:
-        load_weights_into(model, out_dir / f"stage-{j}")
-    if spec.merge and step == 0:
-        return  # a stage boundary after a merge: the next stage starts fresh adapters
     lora.add_lora(model, spec.r, spec.alpha, spec.dropout, list(spec.targets))
     try:
+        if j > 0 and spec.merge:
+            if "lora_frozen" not in state:
+                raise TrainError(f"{ckpt}: written before finished adapters were kept apart (no "
+                                 f"lora_frozen in train_state.pt); start the run afresh with --overwrite")
+            lora.load_frozen(model, state["lora_frozen"], stack=True)
+        elif j > 0:
+            lora.load_frozen(model, peft_as_frozen(out_dir / f"stage-{j}"), stack=False)
+        if spec.merge and step == 0:
+            lora.drop_current(model)     # between tasks: the next task draws its fresh adapters
+            return
         lora.load_adapter_state_dict(model, read_safetensors(ckpt / "adapter_model.safetensors"))
     except (LoadError, ValueError) as e:
         raise TrainError(f"{ckpt}: {e}") from None
+
+
+def peft_as_frozen(stage: Path) -> dict:
+    """A stage's adapter file (PEFT names) as lora.load_frozen reads a snapshot."""
+    sd = read_safetensors(stage / "adapter_model.safetensors")
+    prefix, out = "base_model.model.", {}
+    for k, v in sd.items():
+        module, ab, _ = k[len(prefix):].rsplit(".", 2)         # <module>.lora_A.weight
+        out[f"{module}.{ab}_done"] = v
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

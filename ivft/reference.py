@@ -1,8 +1,11 @@
-"""Method, not plumbing: which frozen model the KL term keeps the trained one close to (--kl_ref),
-and when that model is the trained one with its LoRA adapters switched off, so that no second copy
-is held. train.py calls these once per task; the loss itself is in train.py."""
+"""Method, not plumbing: which frozen model the KL term keeps the trained one close to (--kl_ref).
+With LoRA it is always the trained model itself seen with some adapters switched off
+(lora.reference_view: finished tasks' adapters are kept apart from the base weights, so "original"
+and "previous" are both views and no second copy of the weights is held). With full fine-tuning it
+is a frozen copy. train.py calls these once per task; the loss itself is in train.py."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -13,36 +16,40 @@ from ivft.load import LoadError, load_model
 from ivft.runtime import TrainError
 
 
+class Reference:
+    """The frozen reference of one stage. `with ref() as m:` runs the reference as m (no_grad is the
+    caller's); `ref.model` is the module whose fp32 LM head scores the reference's hidden states.
+    view=None: `model` is a frozen model of its own; else the trained model seen through
+    lora.reference_view(model, view)."""
 
-def lora_base(j: int, spec: lora.LoraSpec | None) -> set:
-    """What the LoRA base weights (adapters off) are during stage j: {"original"} and/or {"previous"}."""
-    if spec is None:
-        return set()
-    out = set()
-    if not spec.merge or j == 0:
-        out.add("original")       # never merged, or nothing merged yet
-    if spec.merge or j == 0:
-        out.add("previous")       # merged after every task: the base is the previous stage's model
-    return out
+    def __init__(self, model, view: str | None = None):
+        self.model, self.view = model, view
 
-
-def needs_original_copy(kl_ref: str, spec: lora.LoraSpec | None, n_tasks: int) -> bool:
-    """Whether some stage's reference is the original model that the LoRA base cannot stand in for."""
-    if kl_ref == "original":
-        return any("original" not in lora_base(j, spec) for j in range(n_tasks))
-    return "previous" not in lora_base(0, spec)   # stage 0's "previous" is the original
+    def __call__(self):
+        if self.view is None:
+            return contextlib.nullcontext(self.model)
+        return lora.reference_view(self.model, self.view)
 
 
-def pick_reference(j: int, original, kl_ref: str, spec: lora.LoraSpec | None, out_dir: Path, like: torch.Tensor):
-    """The frozen reference of stage j. None = the trained model itself with its LoRA adapters off
-    (no second copy). The previous stage's model is read back from its checkpoint, which is the same
-    tensors whether or not this run was resumed."""
-    if kl_ref in lora_base(j, spec):
-        return None
-    if kl_ref == "original" or j == 0:
-        return original
+def needs_original_copy(spec: lora.LoraSpec | None) -> bool:
+    """Whether train.py must hold a frozen copy of the original model: only for full fine-tuning
+    (LoRA's original is its base weights with every adapter off, under either merge policy)."""
+    return spec is None
+
+
+def pick_reference(j: int, model, original, kl_ref: str, spec: lora.LoraSpec | None, out_dir: Path) -> Reference:
+    """The frozen reference of stage j (0-based): the original model, or the model after task j
+    ("previous"; for j = 0 that is the original too). LoRA: a view of `model` (call it after
+    lora.add_lora). Full fine-tuning: `original` (from frozen_copy), or the previous stage's model read
+    back from its checkpoint, which is the same tensors whether or not this run was resumed."""
+    which = "original" if kl_ref == "original" or j == 0 else "previous"
+    if spec is not None:
+        return Reference(model, which)
+    if which == "original":
+        return Reference(original)
+    like = model.model.embed_tokens.weight
     try:
         ref, _ = load_model(out_dir / f"stage-{j}", dtype=like.dtype, device=like.device)
     except LoadError as e:
         raise TrainError(f"--kl_ref previous needs the checkpoint of task {j}: {e}") from None
-    return frozen_copy(ref)
+    return Reference(frozen_copy(ref))

@@ -174,7 +174,7 @@ def test_kl_zero_with_lora_reference_adapters_off():
     model = tiny_model()
     lora.add_lora(model, r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj"))
     batch = guided_batch(tok)
-    lm = train.LossModule(model, reference=train.Reference(model, adapters_off=True))
+    lm = train.LossModule(model, reference=train.Reference(model, "original"))
     g = lm.guidance
     g.ivs, g.layers = torch.ones(2, 32) / 32 ** 0.5, torch.tensor([2, 2])
     g.train_iv, g.kl_iv, g.kl_weight, g.alpha = True, True, 1.0, 1.0
@@ -980,7 +980,7 @@ def reference_fork(declared: bool, seen: list):
         def loss(self, batch, norms, keep_graph=False):
             total, parts = super().loss(batch, norms, keep_graph=True)
             h = self.model(batch["idx"], pad_mask=batch["pad_mask"], return_hidden=True)
-            with self.ref().use() as ref:
+            with self.frozen() as ref:
                 ref_h = ref(batch["idx"], pad_mask=batch["pad_mask"], return_hidden=True)
             parts["hidden_mse"] = self.guidance.hidden_mse_weight * (h - ref_h).pow(2).mean()
             seen.append(float(parts["hidden_mse"].detach()))
