@@ -13,7 +13,8 @@ from toys import SMALL, TOK, char_model, llama_tiny, standin_task
 from ivft.ivcheck import check_iv, choose_kind, dev_advice
 from ivft.ivfile import iv_filename, load_iv, task_fingerprint
 from ivft.ivprompts import Prompt, load_task_by_name, score_prompts
-from ivft.ivsettings import ExtractError, Settings, default_layer, default_top_k
+from ivft.errors import ExtractError
+from ivft.ivsettings import Settings, default_layer, default_top_k
 from model import Intervention, ModelConfig, Transformer
 from ivft.tasks import Example, Task
 

@@ -5,7 +5,8 @@ import struct
 import pytest
 import torch
 
-from ivft.load import LoadError, load_model, save_hf
+from ivft.errors import LoadError
+from ivft.load import load_model, save_hf
 from model import Intervention, KVCache, ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers")

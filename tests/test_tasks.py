@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from ivft import tasks
-from ivft.tasks import Example, TaskError
+from ivft.errors import TaskError
+from ivft.tasks import Example
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -30,7 +30,7 @@ import train
 from ivft import checkpoint as ckpt
 from ivft.data import Item, collate
 from ivft.load import load_model, read_safetensors, save_hf
-from ivft.runtime import TrainError
+from ivft.errors import TrainError
 from model import ModelConfig, Transformer
 from toys import byte_tokenizer
 
