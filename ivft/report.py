@@ -2,7 +2,6 @@
 (AIE heatmaps, layer sweeps, the held-out check)."""
 from __future__ import annotations
 
-import json
 import os
 
 from ivft.files import write_atomic, write_json_atomic
@@ -15,11 +14,6 @@ def save_report(report: dict, path) -> None:
     """Write the report as JSON (write_json_atomic: a reader never sees half a report, and a crash
     leaves the old one)."""
     write_json_atomic(path, report, indent=1)
-
-
-def load_report(path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------------------------------------
