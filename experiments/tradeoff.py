@@ -37,12 +37,12 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
-from common import STOPPING, run_child, run_train, stop_signals_to_children  # a sibling: on the script's path
+from common import (STOPPING, read_json, run_child, run_train, stat,  # a sibling: on the script's path
+                    stop_signals_to_children, summarise)
 import tradeoff_report as report
 from ivft.config import resolve_config
 from ivft.files import FolderInUse, RunLock, write_atomic
 from ivft.report import save_report
-from study import read_json, stat, summarise      # the study's run summary and statistics
 from train import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
