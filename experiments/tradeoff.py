@@ -40,6 +40,7 @@ from pathlib import Path
 from common import (STOPPING, read_json, run_child, run_train, stat,  # a sibling: on the script's path
                     stop_signals_to_children, summarise)
 import tradeoff_report as report
+from ivft import tasks as T
 from ivft.config import resolve_config
 from ivft.files import FolderInUse, RunLock, write_atomic
 from ivft.report import save_report
@@ -96,7 +97,6 @@ def dev_files() -> tuple[dict, str]:
     """-> ({task: its dev task file}, the general suite's dev files, comma-separated). A training task:
     train = its first 320 training examples, test = examples 320-399. A general task: test = its
     training examples (zero-shot scoring needs no demonstrations; train repeats them for the loader)."""
-    from ivft import tasks as T
     folder = RUNS / "dev"
     new = {n: write_split(folder, t, t.train[:N_TRAIN], t.train[N_TRAIN:N_TRAIN + N_DEV])
            for n in SWEEP_TASKS for t in [T.load_task(n)]}
