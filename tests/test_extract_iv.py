@@ -227,8 +227,7 @@ def test_cli(tmp_path, monkeypatch, capsys):
     assert X.main(["--task", "antonym", "--n_clean", "1"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     # the rest with a tiny model in place of the embedded one
-    from ivft import load
-    monkeypatch.setattr(load, "load_model", lambda *a, **k: (char_model(), TOK))
+    monkeypatch.setattr(X, "load_model", lambda *a, **k: (char_model(), TOK))
     monkeypatch.setattr(X, "load_task_by_name", lambda name: big_task(name))
     assert X.main(["--task", "up3", "--layer", "9", "--quiet"]) == 2
     assert "layer 9 is out of range" in capsys.readouterr().err
@@ -334,8 +333,7 @@ def fv_file(tmp_path):
 
 
 def test_file_task_extract_check_and_reuse(tmp_path, monkeypatch, capsys):
-    from ivft import load
-    monkeypatch.setattr(load, "load_model", lambda *a, **k: (char_model(), TOK))
+    monkeypatch.setattr(X, "load_model", lambda *a, **k: (char_model(), TOK))
     path = fv_file(tmp_path)
     monkeypatch.chdir(tmp_path)
     args = ["--task", str(path), "--n_clean", "4", "--n_corrupt", "4", "--shots", "2", "--quiet"]
@@ -356,8 +354,7 @@ def test_file_task_extract_check_and_reuse(tmp_path, monkeypatch, capsys):
 
 
 def test_identical_prompts_are_an_error(tmp_path, monkeypatch, capsys):
-    from ivft import load
-    monkeypatch.setattr(load, "load_model", lambda *a, **k: (char_model(), TOK))
+    monkeypatch.setattr(X, "load_model", lambda *a, **k: (char_model(), TOK))
     path = fv_file(tmp_path)
     assert X.main(["--task", str(path), "--shots", "0", "--n_clean", "4", "--n_corrupt", "4", "--quiet",
                    "--out", str(tmp_path / "x.safetensors")]) == 2
@@ -376,8 +373,7 @@ def plant_task():
 
 
 def plant_cli(tmp_path, monkeypatch, capsys, *flags):
-    from ivft import load
-    monkeypatch.setattr(load, "load_model", lambda *a, **k: (planted_model(), PlantTok()))
+    monkeypatch.setattr(X, "load_model", lambda *a, **k: (planted_model(), PlantTok()))
     monkeypatch.setattr(X, "load_task_by_name", lambda name: plant_task())
     out, report = tmp_path / "plant.safetensors", tmp_path / "check.json"
     assert X.main(["--task", "plant", "--out", str(out), "--n_clean", "8", "--n_corrupt", "8", "--check",
@@ -436,8 +432,7 @@ def test_get_iv_with_layer_auto_chooses_the_kind_as_the_cli_does(tmp_path, monke
     assert r["meta"]["chosen_by_sweep"]["kind"] == "resid" and r["meta"]["advice"] == []
     s = Settings(**settings).resolve(model)
     assert choose_kind(model, tok, task, r, s, make_iv=X.make_iv, **METHOD) == (r, [])
-    from ivft import load
-    monkeypatch.setattr(load, "load_model", lambda *a, **k: (planted_model(), PlantTok()))
+    monkeypatch.setattr(X, "load_model", lambda *a, **k: (planted_model(), PlantTok()))
     monkeypatch.setattr(X, "load_task_by_name", lambda name: plant_task())
     assert X.main(["--task", "plant", "--out", str(tmp_path / "b.safetensors"), "--n_clean", "8", "--n_corrupt",
                    "8", "--kind", "resid", "--layer", "auto", "--quiet"]) == 0

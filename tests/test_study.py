@@ -714,7 +714,8 @@ def test_analysis_on_a_toy(dirs, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("recomputed")
 
-    for mod, name in ((ivcheck, "replies"), (ivprompts, "score_prompts"), (extract_iv, "extract_iv")):
+    for mod, name in ((ivcheck, "replies"), (ivprompts, "score_prompts"), (study, "score_prompts"),
+                      (extract_iv, "extract_iv")):
         monkeypatch.setattr(mod, name, boom)
     n_loads = len(loads)
     assert study.analysis("A", threads=1, say=lambda m: None) == "analysis-A: done" and len(loads) == n_loads + 1
