@@ -21,13 +21,16 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+from ivft import tasks as task_lib
 from ivft.engine import Decoder, autocast, eval_mode, model_device, run_prompts
+from ivft.errors import StageCacheError
 from ivft.files import check_writable, write_json_atomic
+from ivft.ivfile import config_hash, task_fingerprint, weight_fingerprint
+from ivft.load import load_model
 from ivft.prompts import REPLY_TOKENS  # noqa: F401 (evaluate.REPLY_TOKENS: reply_contains's budget)
 from ivft.prompts import (answer_ids, choice_candidates, distinct_outputs, draw_shots, knowledge_ids,
                           render_prompt, reply_budgets, reply_verdicts, verdict_open)
 from ivft.report import mean, print_cl, print_table, save_report
-from ivft.runtime import TrainError
 
 # ---------------------------------------------------------------------------------------------
 # Metric names. The three chat metrics come zero-shot and, with k_shot > 0, in-context ("_kshot");
@@ -197,20 +200,12 @@ def _reply_scores(tok, test, gens, stop, suffix, em_budget, rc_budget) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Suites, reports and the continual-learning summary
 
-def resolve_tasks(tasks) -> list:
-    """Task objects from a mix of Tasks and names/paths (tasks.load_task lists the known names when
-    one is unknown). None = the general suite."""
-    from ivft import tasks as task_lib
-    if tasks is None:
-        tasks = task_lib.general_suite()
-    return [t if hasattr(t, "test") else task_lib.load_task(t) for t in tasks]
-
-
 def evaluate_suite(model, tok, tasks, *, model_name: str = "model", dtype="float32", progress: bool = True,
                    timings: dict | None = None, **kw) -> dict:
     """Evaluate every task -> {"model", "tasks": {name: {metric: value}}, "primary": {name: metric},
-    "settings": {...}}. kw go to evaluate_task (n, k_shot, metrics, batch_size, seed)."""
-    tasks = resolve_tasks(tasks)
+    "settings": {...}}. tasks: Tasks, names or task files (tasks.load_tasks; None = the general suite).
+    kw go to evaluate_task (n, k_shot, metrics, batch_size, seed)."""
+    tasks = task_lib.load_tasks(tasks)
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"task names repeat: {names}")
@@ -231,7 +226,6 @@ def primary_score(report: dict, task_name: str, kshot: bool = False) -> float:
         raise KeyError(f"task {task_name!r} is not in the report (it has: {', '.join(report['tasks'])})")
     metric = report.get("primary", {}).get(task_name)
     if metric is None:  # a report written without the "primary" table: ask the task registry
-        from ivft import tasks as task_lib
         metric = task_lib.load_task(task_name).metric
     key = canonical_metric(metric) + (KSHOT_SUFFIX if kshot else "")
     if key not in report["tasks"][task_name]:
@@ -326,16 +320,11 @@ def stage_cache_key(model, train_tasks, general, ev: StageEval, amp_dtype) -> di
     """What the original model's report depends on, by content: the weights and config, every task's
     data (a file task named like a registry task, or an edited task file, is another key), the
     evaluation settings and the compute dtype and device. --stage0_cache reuses a report only then."""
-    from ivft.ivfile import config_hash, task_fingerprint, weight_fingerprint
     settings = {k: v for k, v in asdict(ev).items() if k != "batch_size"}   # speed only
     return {"settings": settings, "dtype": str(amp_dtype), "device": model_device(model).type,
             "weights": weight_fingerprint(model), "config": config_hash(model),
             "train_tasks": [[t.name, task_fingerprint(t)] for t in train_tasks],
             "general": [[t.name, task_fingerprint(t)] for t in general]}
-
-
-class StageCacheError(TrainError, ValueError):
-    """A --stage0_cache file that cannot be read or written: one line naming it (train.py's exit 2)."""
 
 
 def read_stage_cache(path) -> dict | None:
@@ -449,13 +438,12 @@ def main(argv=None) -> int:
     try:
         # tasks first: a typo in a task name should fail in a second, not after loading the model
         names = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
-        tasks = resolve_tasks(names)
+        tasks = task_lib.load_tasks(names)
         if args.out:
             try:
                 check_writable(os.path.dirname(os.path.abspath(args.out)))   # not after a whole evaluation
             except OSError as e:
                 raise OSError(f"{args.out}: {e}") from None
-        from ivft.load import load_model
         model, tok = load_model(args.model, device=args.device)
         name = args.model or "SmolLM2-135M-Instruct (embedded)"
         report = evaluate_suite(model, tok, tasks, model_name=name, dtype=args.dtype,

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ivft.errors import ExtractError, LoadError
 from ivft.ivcheck import (check_iv, check_report, choose_kind, dev_advice, restored, sweep_all, swept_advice,
                           training_lines)
 from ivft.ivfile import (cached_iv, check_iv_task, check_outputs, iv_filename, iv_meta, iv_out_path, load_iv,
@@ -40,8 +41,9 @@ from ivft.ivfile import (cached_iv, check_iv_task, check_outputs, iv_filename, i
 from ivft.ivprompts import (Prompt, check_distinct, clean_prompts, corrupted_prompts, draw_examples,
                             load_task_by_name, mismatch_donor, pad_left, render, score_prompts, split_train,
                             state_norms)
-from ivft.ivsettings import (CORRUPTIONS, EFFECTS, FORMATS, KINDS, METHODS, MIN_PROMPTS, ExtractError,
-                             Settings, check_layer, layer_arg)
+from ivft.ivsettings import (CORRUPTIONS, EFFECTS, FORMATS, KINDS, METHODS, MIN_PROMPTS, Settings, check_layer,
+                             layer_arg)
+from ivft.load import load_model
 from ivft.report import format_check, format_iv, format_sweep, plot_sweep, save_report
 from model import Intervention, KVCache
 
@@ -541,7 +543,6 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    from ivft.load import LoadError, load_model
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}   # Settings' flags

@@ -197,7 +197,7 @@ class Intervention:
         # z: (B, T, H, D)
         B, T, H, D = z.shape
         sel = self._select(start, T, B, z.device)
-        for table, replace in ((self.set_z, True), (self.add_z, False)):
+        for table, overwrite in ((self.set_z, True), (self.add_z, False)):
             if layer not in table:
                 continue
             heads, values = table[layer]
@@ -207,7 +207,7 @@ class Intervention:
             b, t = self._pairs(sel, B, T, z.device)                              # (N), (N)
             # out of place (clone + index_put) so autograd still sees the original z
             z = z.index_put((b[:, None], t[:, None], heads[None, :]), values[b],
-                            accumulate=not replace)
+                            accumulate=not overwrite)
         if layer in self.record_z:
             self.z[layer] = self._gather(z, sel)
         return z
@@ -271,46 +271,6 @@ class KVCache:
         self.k[layer], self.v[layer] = kb[:, :, :S + T], vb[:, :, :S + T]
         self._buf[layer] = (kb, vb, self.k[layer])
         return self.k[layer], self.v[layer]
-
-    @classmethod
-    def stack(cls, parts, headroom: int = 0) -> "KVCache":
-        """One cache holding the rows of several: parts = [(cache, rows)], rows a LongTensor or None
-        (all). Caches of different lengths are right-aligned: a shorter one is left-padded with
-        zeros, which the caller's pad mask must hide (positions come from that mask, so a padded
-        row computes what it would alone). Used to decode rows of different prompts together."""
-        n_layers = len(parts[0][0].k)
-        S = max(c.length for c, _ in parts)
-        new = cls(n_layers, headroom)
-        for i in range(n_layers):
-            ks = [(c.k[i], c.v[i]) if rows is None else (c.k[i][rows], c.v[i][rows]) for c, rows in parts]
-            B = sum(k.shape[0] for k, _ in ks)
-            _, G, _, D = ks[0][0].shape
-            kb = ks[0][0].new_empty(B, G, S + headroom, D)
-            vb = ks[0][1].new_empty(B, G, S + headroom, D)
-            b = 0
-            for k, v in ks:
-                n, pad = k.shape[0], S - k.shape[2]
-                # zeros, not whatever the memory held: a masked NaN would still poison attention
-                kb[b:b + n, :, :pad], vb[b:b + n, :, :pad] = 0, 0
-                kb[b:b + n, :, pad:S], vb[b:b + n, :, pad:S] = k, v
-                b += n
-            new.k[i], new.v[i] = kb[:, :, :S], vb[:, :, :S]
-            new._buf[i] = (kb, vb, new.k[i])
-        return new
-
-    def select_rows(self, rows):
-        """Keep only batch rows `rows` (a row dropped from decoding). Keeps the buffers' room."""
-        for i in range(len(self.k)):
-            if self.k[i] is None:
-                continue
-            buf, S = self._buf[i], self.k[i].shape[2]
-            if buf is not None and buf[2] is self.k[i]:
-                kb, vb = buf[0][rows], buf[1][rows]
-                self.k[i], self.v[i] = kb[:, :, :S], vb[:, :, :S]
-                self._buf[i] = (kb, vb, self.k[i])
-            else:
-                self.k[i], self.v[i] = self.k[i][rows], self.v[i][rows]
-                self._buf[i] = None
 
 
 # ---------------------------------------------------------------------------------------------

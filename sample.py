@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from ivft.load import LoadError, load_model
+from ivft.errors import LoadError
+from ivft.load import load_model
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # I/O

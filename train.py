@@ -56,7 +56,8 @@ from ivft.ivfile import model_tag, union_of_top_heads
 from ivft.optim import make_adamw
 from ivft.reference import Reference, needs_original_copy, pick_reference
 from ivft.report import term_means
-from ivft.runtime import Diverged, Logger, TrainError, code_version, run_cli, write_json
+from ivft.errors import Diverged, TrainError
+from ivft.runtime import Logger, code_version, run_cli, write_json
 from ivft.tasks import default_sequence
 from model import Intervention, Transformer
 

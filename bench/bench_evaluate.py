@@ -32,6 +32,7 @@ import torch
 import evaluate as E
 from ivft.load import load_model
 from ivft.report import fmt_score, print_table, save_report
+from ivft.tasks import load_tasks
 
 
 def run(model, tok, tasks, args, dtype, metrics=E.METRICS):
@@ -82,7 +83,7 @@ def main():
 
     t0 = time.perf_counter()
     model, tok = load_model(None)
-    tasks = E.resolve_tasks(None if args.tasks is None else args.tasks.split(","))
+    tasks = load_tasks(None if args.tasks is None else args.tasks.split(","))
     n_ex = sum(min(len(t.test), args.n or len(t.test)) for t in tasks)
     print(f"model loaded in {time.perf_counter() - t0:.1f} s; {len(tasks)} tasks, {n_ex} test examples, "
           f"{torch.get_num_threads()} threads")

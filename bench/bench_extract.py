@@ -30,6 +30,7 @@ import extract_iv as X
 from ivft.ivcheck import spearman
 from ivft.ivprompts import clean_prompts, corrupted_prompts, load_task_by_name, score_prompts, split_train
 from ivft.ivsettings import CORRUPTIONS, EFFECTS, Settings, default_top_k
+from ivft.load import load_model
 
 
 def parse_args(argv=None):
@@ -55,7 +56,6 @@ def timed(fn):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ivft.load import load_model
     if args.threads:
         torch.set_num_threads(args.threads)
     task = load_task_by_name(args.task)

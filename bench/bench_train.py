@@ -30,11 +30,14 @@ from pathlib import Path
 
 import torch
 
-from ivft import lora
 import train
+from ivft import lora, tasks
 from ivft.checkpoint import frozen_copy
 from ivft.data import Item, collate, encode_example
 from ivft.dist import resolve_amp
+from ivft.ivsettings import default_layer
+from ivft.load import default_gguf_path, gguf_cache_path, load_model
+from ivft.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +70,6 @@ def build_parser():
 # ---- the workload -------------------------------------------------------------------------------
 
 def make_batch(tok, args, device):
-    from ivft import tasks
     name = args.task or tasks.default_sequence()[0]
     task = tasks.load_task(name)
     items = [Item(*encode_example(tok, ex, 256), 0) for ex in task.train[:args.batch]]
@@ -105,10 +107,9 @@ def our_step(lm, opt, params, batch, amp):
 def hf_model_dir(model_arg):
     """An HF directory holding the weights: --model itself, or the cache load.py converts the
     embedded GGUF into (filled by any earlier load_model call)."""
-    from ivft.load import default_gguf_path, gguf_cache_path, load_model
     if model_arg is not None and os.path.isdir(model_arg):
         return model_arg
-    path = gguf_cache_path(default_gguf_path() if model_arg is None else __import__("pathlib").Path(model_arg))
+    path = gguf_cache_path(default_gguf_path() if model_arg is None else Path(model_arg))
     if not (path / "config.json").is_file():
         load_model(model_arg)
     return str(path)
@@ -116,7 +117,7 @@ def hf_model_dir(model_arg):
 
 def hf_setup(model_dir, batch, device):
     """transformers' LlamaForCausalLM with the same weights, and the batch in its label convention."""
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM     # a test-only dependency: --no_hf runs without it
     hf = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).to(device)
     hf.train()
     # HF shifts labels inside: labels[t] is predicted from position t-1, so ours (targets[t] = token
@@ -167,9 +168,6 @@ def touch(model):
 
 def memory_child(args):
     """One setting in a fresh process: RSS after loading vs peak RSS after 3 steps (CPU)."""
-    from ivft.ivsettings import default_layer
-    from ivft.load import load_model
-    from ivft.tokenizer import Tokenizer
     device = torch.device(args.device)
     amp = amp_ctx(args, device)
     if args._memory_child == "hf":
@@ -239,8 +237,6 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args._memory_child:
         return memory_child(args)
-    from ivft.ivsettings import default_layer
-    from ivft.load import load_model
     device = torch.device(args.device)
     mem = {}
     if not args.no_memory and device.type != "cuda":

@@ -1,10 +1,14 @@
 """What the experiment scripts share: one train.py run as a child process, its output appended to a
 log file (the run's own folder holds only what train.py writes), stop signals passed on to it, and
-its stop when the script itself dies."""
+its stop when the script itself dies; a run's results.json summarised, and the mean and std over
+seeds; the IV settings of the analyses (study.py's, which reinject.py reuses so that its IV files
+serve)."""
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
+import math
 import os
 import signal
 import subprocess
@@ -15,6 +19,9 @@ from pathlib import Path
 from ivft.runtime import STOP_SIGNALS, on_main_thread  # train.py's own stop signals
 
 ROOT = Path(__file__).resolve().parent.parent
+# IV extraction in the analyses: extract_iv's defaults, with train.py's prompt counts (the settings
+# of the training IVs, so the training tasks' IVs are train.py's own cached files)
+IV_SETTINGS = {"method": "exact", "n_clean": 50, "n_corrupt": 25}
 _LIVE: set = set()          # the running children; set.add/discard/copy are atomic, so no lock (a lock
                             # taken in a signal handler can deadlock against the thread it interrupted)
 STOPPING = threading.Event()  # set by a stop signal: the scripts start no further run
@@ -112,3 +119,41 @@ def stop_signals_to_children():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------------------------
+# A finished run's numbers, and statistics over seeds
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def stat(xs) -> dict:
+    """{"mean", "std", "n"} over the values that are not None (std over seeds, n - 1; 0 for one)."""
+    xs = [x for x in xs if x is not None]
+    m, sd = mean_std(xs)
+    return {"mean": m, "std": sd, "n": len(xs)}
+
+
+def summarise(r: dict) -> dict:
+    cl = r["cl"]
+    R, n = cl["R"], len(cl["train_tasks"])
+    g = cl.get("general", {})
+    delta = lambda k: g[k][-1] - g[k][0] if g.get(k) else None     # final stage - original model
+    return {"AP": cl["AP"], "BWT": cl["BWT"], "FWT": cl["FWT"], "GP_drop": cl["GP_drop"], "IP_drop": cl["IP_drop"],
+            "new_task": sum(R[j + 1][j] for j in range(n)) / n,
+            "instr_lp_change": delta("instruction_logprob"), "knowl_lp_change": delta("knowledge_logprob"),
+            "choice_change": delta("choice_accuracy"), "train_tasks": cl["train_tasks"],
+            "GP": cl["GP"], "IP": cl["IP"], "general": g, "R": R}

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from ivft.files import write_atomic
 from ivft.report import fmt_score, mean, new_task_scores, pyplot
 
 COLUMNS = ("new task", "general before", "general after", "GP drop", "IP drop", "AP", "BWT", "stages")
@@ -55,7 +56,6 @@ def plot(runs: dict, path: Path) -> str | None:
     ax.set_ylabel("general suite, zero-shot")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from ivft.files import write_atomic
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return str(path)

@@ -22,6 +22,7 @@ from ivft.ivcheck import check_iv, check_report
 from ivft.ivfile import iv_filename, model_tag
 from ivft.ivprompts import load_task_by_name
 from ivft.ivsettings import Settings
+from ivft.load import load_model
 from ivft.report import save_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "results" / "iv_check.json"), help="JSON written here")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
-    from ivft.load import load_model
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.tasks.split(",") if args.tasks else T.general_suite() + T.default_sequence() + [str(FV_FILE)]

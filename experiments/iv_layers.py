@@ -23,6 +23,7 @@ import torch
 import extract_iv as X
 from ivft import tasks as T
 from ivft.ivsettings import KINDS, Settings
+from ivft.load import load_model
 from ivft.report import pyplot, save_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,6 @@ def plot(summary: dict, path: Path):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ivft.load import load_model
     if args.threads:
         torch.set_num_threads(args.threads)
     general = T.general_suite()

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 from common import run_train, stop_signals_to_children  # a sibling: a script's own folder is on its path
+from ivft import tasks as T
+from ivft.report import save_report
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "learnability"
@@ -32,8 +34,6 @@ OUT = ROOT / "results" / "learnability.json"
 
 
 def main(argv=None) -> int:
-    from ivft.report import save_report
-    from ivft import tasks as T
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default=",".join(T.default_sequence()), help="comma-separated training tasks")
     p.add_argument("--steps", type=int, default=120, help="optimizer steps per task (batch 8)")

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 from common import run_train, stop_signals_to_children  # a sibling: a script's own folder is on its path
+from ivft import tasks as T
+from ivft.report import save_report
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "lora_pilot"
@@ -39,7 +41,6 @@ N_TRAIN = 320
 
 def dev_tasks() -> list[str]:
     """Task files whose train split is what train.py trains on and whose test split is the dev split."""
-    from ivft import tasks as T
     paths = []
     for name in T.default_sequence():
         task = T.load_task(name)
@@ -56,7 +57,6 @@ def dev_tasks() -> list[str]:
 
 def grid_point(summary: dict, tasks: list, lr: float, ep: int, threads: int) -> int:
     """One plain --regime lora run at (lr, epochs), unless summary has it; its new-task scores go into summary."""
-    from ivft.report import save_report
     key = f"lr{lr:g}-ep{ep}"
     if key in summary:
         return 0
@@ -82,7 +82,6 @@ def grid_point(summary: dict, tasks: list, lr: float, ep: int, threads: int) -> 
 
 
 def main(argv=None) -> int:
-    from ivft.report import save_report
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)

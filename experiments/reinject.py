@@ -35,7 +35,7 @@ from ivft.load import load_model
 from ivft.report import mean, save_report
 from ivft.runtime import TrainError, code_version
 from model import Intervention
-from study import IV_SETTINGS          # a sibling: the study's IV settings, so its IV files serve here
+from common import IV_SETTINGS     # a sibling: the study's IV settings, so that its IV files serve here
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORES = ("original", "original_iv", "final", "final_iv", "final_random", "final_other_iv")

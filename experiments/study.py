@@ -1,6 +1,11 @@
 """
 The pre-registered study of experiments/study_protocol.md, run in parts and resumable.
 
+Archived: the study has run (results/study.md, results/study.json) and this file is kept as it ran,
+to rerun or audit it, not to build on. What later experiments share with it (running train.py as a
+child, a run's summary, mean and std over seeds, the analyses' IV settings) is in
+experiments/common.py; tradeoff.py and reinject.py import that, not this file.
+
 Question: does IV-guided training (train.py --preset guided) reduce forgetting of general abilities
 compared with plain sequential fine-tuning, at no cost to learning the new tasks? Six methods
 (plain, replay, lwf, iv_only, guided, fvg: train.py --preset NAME) x two regimes (A: --regime full,
@@ -63,10 +68,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import STOPPING, run_train, stop_signals_to_children  # a sibling: on a script's own path
-from ivft.files import FolderInUse, RunLock, write_atomic
-from ivft.report import mean
+import torch
+
+import evaluate as E
+import extract_iv as X
+# siblings: a script's own folder is on its path
+from common import (IV_SETTINGS, STOPPING, mean_std, read_json, run_train, stat, stop_signals_to_children,
+                    summarise)
+from ivft import tasks as T
+from ivft.engine import autocast, greedy_replies, model_device
+from ivft.files import FolderInUse, RunLock, write_atomic, write_json_atomic
+from ivft.ivcheck import gap_or_none, spearman
+from ivft.ivfile import iv_filename, model_tag
+from ivft.ivprompts import chat_prompt, score_prompts
+from ivft.load import load_model
+from ivft.report import mean, pyplot, save_report
 from ivft.runtime import STOP_SIGNALS
+from lora_pilot import EXTENDED
+from model import Intervention
+from train import PRESETS              # the methods' and regimes' presets are train.py's
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,9 +108,6 @@ KEEP_CHECKPOINTS = {f"{r}-{m}-s0" for r in REGIMES for m in ANALYSED}
 B_GROUPS = {"a": ("plain", "guided"), "b": ("replay", "lwf"), "c": ("iv_only", "fvg")}
 PART_ORDER = ("A-s0", "B-s0a", "analysis-A", "analysis-B", "B-s0b", "B-s0c",
               "A-s1", "B-s1a", "B-s1b", "B-s1c", "A-s2", "B-s2a", "B-s2b", "B-s2c")
-# IV extraction in the analyses: extract_iv's defaults, with train.py's prompt counts (the settings
-# of the training IVs, so the training tasks' IVs are train.py's own cached files)
-IV_SETTINGS = {"method": "exact", "n_clean": 50, "n_corrupt": 25}
 N_ANALYSIS = 50                            # test examples per task in the analyses (c) and (d)
 NOISE_SEED = 1                             # (b)'s noise floor: the original model's IV from other prompts
 # Decision rule (protocol): guided's mean GP_drop <= 0.5 x plain's, and guided's mean new_task >=
@@ -159,13 +176,6 @@ def complete(r: dict | None) -> bool:
         return False
 
 
-def read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def run_done(name: str) -> bool:
     """The one notion of a finished run, for --list, a bare study.py and --report alike: its raw copy
     results/study/run_<name>.json is complete (what the report reads). A run whose own results.json
@@ -209,7 +219,6 @@ def load_timings() -> dict:
 
 
 def add_timing(name: str, seconds: float, complete_: bool, threads: int, workers: int):
-    from ivft.files import write_json_atomic
     RAW.mkdir(parents=True, exist_ok=True)
     # a file lock keeps read-modify-writes apart, between the worker threads of one part and between
     # two parts run side by side (each open() is its own lock holder, so threads exclude each other too)
@@ -434,11 +443,9 @@ def claimed_run(name: str, threads: int, workers: int) -> tuple[bool, str]:
 def lora_unsettled() -> str | None:
     """Regime B runs only with the lr and epochs that experiments/lora_pilot.py chose on the dev split
     (the protocol): None when train.py's lora preset holds them, else why not."""
-    from train import PRESETS        # the presets are train.py's (beside its flags)
     choice = (read_json(OUT / "lora_pilot.json") or {}).get("choice")
     if not choice:
         return "experiments/lora_pilot.py has not chosen lr and epochs yet (results/lora_pilot.json)"
-    from lora_pilot import EXTENDED
     if not choice.get("all_learned") and not set(EXTENDED) <= set(choice.get("epochs_tried", [])):
         return (f"the pilot's choice (lr {choice['lr']}, epochs {choice['epochs']}) does not learn every task and "
                 f"amendment 1's epochs {EXTENDED} have not all been tried (experiments/lora_pilot.py)")
@@ -503,17 +510,6 @@ def run_part(part: str, workers: int, threads: int, dry_run: bool = False, only:
 # The analyses of one regime (findings b-d; (a) is read from the runs' stage reports)
 
 def analysis(regime: str, threads: int, say=print) -> str:
-    import torch
-    import evaluate as E
-    import extract_iv as X
-    from ivft import tasks as T
-    from ivft.engine import autocast, greedy_replies, model_device
-    from ivft.files import write_json_atomic
-    from ivft.ivfile import iv_filename, model_tag
-    from ivft.ivprompts import chat_prompt, score_prompts
-    from ivft.load import load_model
-    from model import Intervention
-
     torch.set_num_threads(threads)
     path = RAW / f"analysis_{regime}.json"
     res = load_analysis(regime)
@@ -628,8 +624,6 @@ def analysis(regime: str, threads: int, say=print) -> str:
 def compare_ivs(new: dict, old: dict) -> dict:
     """Two extractions of one task's IV (extract_iv.get_iv dicts): cosine, norm ratio, the share of
     the old top heads among the new ones, and the Spearman correlation of their AIE maps."""
-    import torch
-    from ivft.ivcheck import spearman
     shared = set(map(tuple, new["heads"])) & set(map(tuple, old["heads"]))
     return {"cos": float(torch.nn.functional.cosine_similarity(new["iv"].float(), old["iv"].float(), dim=0)),
             "norm_ratio": float(new["iv"].norm() / old["iv"].norm()),
@@ -639,34 +633,6 @@ def compare_ivs(new: dict, old: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Numbers of the report
-
-def mean_std(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None, None
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, sd
-
-
-def stat(xs) -> dict:
-    """{"mean", "std", "n"} over the values that are not None (std over seeds, n - 1; 0 for one)."""
-    xs = [x for x in xs if x is not None]
-    m, sd = mean_std(xs)
-    return {"mean": m, "std": sd, "n": len(xs)}
-
-
-def summarise(r: dict) -> dict:
-    cl = r["cl"]
-    R, n = cl["R"], len(cl["train_tasks"])
-    g = cl.get("general", {})
-    delta = lambda k: g[k][-1] - g[k][0] if g.get(k) else None     # final stage - original model
-    return {"AP": cl["AP"], "BWT": cl["BWT"], "FWT": cl["FWT"], "GP_drop": cl["GP_drop"], "IP_drop": cl["IP_drop"],
-            "new_task": sum(R[j + 1][j] for j in range(n)) / n,
-            "instr_lp_change": delta("instruction_logprob"), "knowl_lp_change": delta("knowledge_logprob"),
-            "choice_change": delta("choice_accuracy"), "train_tasks": cl["train_tasks"],
-            "GP": cl["GP"], "IP": cl["IP"], "general": g, "R": R}
-
 
 def load_runs() -> dict[str, dict]:
     return {name: summarise(read_json(RAW / f"run_{name}.json")) for name in run_names() if run_done(name)}
@@ -744,8 +710,6 @@ def recovery(original: list, final: list, with_iv: list) -> dict:
     (with IV - final) / (original - final) only where the loss exceeds 2 standard errors
     (ivft.ivcheck.gap_or_none), else None, with a note saying why: the loss is within noise, or the
     final model is better (a trained task: nothing was lost)."""
-    import torch
-    from ivft.ivcheck import gap_or_none
     o, f, w = (torch.tensor(x, dtype=torch.float64) for x in (original, final, with_iv))
     share, note = gap_or_none(o, f, w)
     d = o - f
@@ -762,8 +726,7 @@ def finding_c(a: dict, regime: str) -> dict | None:
     rs = {r: a[f"c/{r}"] for r in (run_name(regime, m, 0) for m in ANALYSED) if f"c/{r}" in a}
     if not orig or not rs:
         return None
-    from ivft.tasks import general_suite
-    general = set(general_suite())
+    general = set(T.general_suite())
     out = {"runs": {}, "pooled_general": {}}
     for r, rows in rs.items():
         out["runs"][r] = {n: recovery(orig[n], v["final"], v["with_iv"]) for n, v in rows.items()}
@@ -778,8 +741,6 @@ def finding_c(a: dict, regime: str) -> dict | None:
 def spearman_rows(rows: list[dict]) -> float | None:
     if len(rows) < 3:
         return None
-    import torch
-    from ivft.ivcheck import spearman
     rho = spearman(torch.tensor([r["cos"] for r in rows]), torch.tensor([float(r["score"]) for r in rows]))
     return None if math.isnan(rho) else rho
 
@@ -845,7 +806,6 @@ def report() -> str:
              "size": SIZE, "seeds": list(SEEDS), "methods": a_methods, "regimes": regimes,
              "parts": {p: {"status": part_status(p)[0], "minutes": round(part_minutes(p, timings)[0], 1),
                            "minutes_kind": part_minutes(p, timings)[2]} for p in PART_ORDER}}
-    from ivft.report import save_report
     OUT.mkdir(parents=True, exist_ok=True)
     save_report(study, OUT / "study.json")
     plots = make_plots(runs, regimes)
@@ -860,7 +820,6 @@ COLORS = {"plain": "C3", "replay": "C1", "lwf": "C4", "iv_only": "C2", "guided":
 
 
 def make_plots(runs: dict, regimes: dict) -> list[str]:
-    from ivft.report import pyplot
     plt = pyplot()
     if plt is None or not runs:
         return []
@@ -968,7 +927,6 @@ def decision_text(regime: str, verdict, nums: dict) -> str:
 
 
 def markdown(study: dict, runs: dict, plots: list[str]) -> str:
-    from ivft.tasks import default_sequence, general_suite
     protocol = PROTOCOL.read_text().rstrip("\n") if PROTOCOL.is_file() else f"({PROTOCOL} is missing)"
     pc = study["protocol"]
     where = (f"pre-registered in commit {pc['commit']}" if pc["commit"] else "not yet committed (no commit found)")
@@ -980,7 +938,7 @@ def markdown(study: dict, runs: dict, plots: list[str]) -> str:
          "# Results", "",
          f"Runs finished: {len(runs)} of {len(run_names())}. Flags of every run: the regime's and the method's "
          f"preset, `{' '.join(SIZE)}`, `--seed S` (train.py's defaults otherwise). Sequence "
-         f"{' → '.join(default_sequence())}; general suite {', '.join(general_suite())}. Scores in points "
+         f"{' → '.join(T.default_sequence())}; general suite {', '.join(T.general_suite())}. Scores in points "
          "(× 100); ± is the standard deviation over seeds.", "",
          "| part | status | minutes |", "|---|---|---|"]
     for p, v in study["parts"].items():

@@ -37,11 +37,12 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
-from common import STOPPING, run_child, run_train, stop_signals_to_children  # a sibling: on the script's path
+from common import (STOPPING, read_json, run_child, run_train, stat,  # a sibling: on the script's path
+                    stop_signals_to_children, summarise)
 import tradeoff_report as report
+from ivft import tasks as T
 from ivft.files import FolderInUse, RunLock, write_atomic
 from ivft.report import save_report
-from study import read_json, stat, summarise      # the study's run summary and statistics
 from train import parse_flags
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +96,6 @@ def dev_files() -> tuple[dict, str]:
     """-> ({task: its dev task file}, the general suite's dev files, comma-separated). A training task:
     train = its first 320 training examples, test = examples 320-399. A general task: test = its
     training examples (zero-shot scoring needs no demonstrations; train repeats them for the loader)."""
-    from ivft import tasks as T
     folder = RUNS / "dev"
     new = {n: write_split(folder, t, t.train[:N_TRAIN], t.train[N_TRAIN:N_TRAIN + N_DEV])
            for n in SWEEP_TASKS for t in [T.load_task(n)]}

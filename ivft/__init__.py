@@ -9,12 +9,13 @@ clean and corrupted prompts of an extraction) and ivft.reference (the KL's froze
     models and data
     ivft.load        real weights (GGUF, HF directories) and HF export
     ivft.tokenizer   a tiktoken tokenizer built from the checkpoint's own vocabulary
-    ivft.tasks       the task suite and loaders for users' task files
+    ivft.tasks       the task suite, loaders for users' task files, the scripts' one loader (load_tasks)
     ivft.prompts     the prompt conventions: prompt and answer ids, exact match, reply_contains
     ivft.lora        LoRA adapters (add, finish a task, reference views, merge, save in PEFT layout)
 
     evaluation
     ivft.engine      batched inference: shared-prefix scoring, continuous-batching greedy decoding
+                     (with its pooled KV cache, PoolCache)
     ivft.report      JSON reports on disk, tables and plots
 
     instruction vectors (around extract_iv.py)
@@ -31,6 +32,8 @@ clean and corrupted prompts of an extraction) and ivft.reference (the KL's froze
     ivft.reference   method: which frozen model the KL keeps the trained one close to
     ivft.optim       AdamW with fp32 master weights for bf16 full fine-tuning
     ivft.memplan     the memory plan of a run from config.json alone (--dry_run)
-    ivft.runtime     errors and exit statuses, the log, Ctrl-C / SIGTERM
+    ivft.runtime     exit statuses, the log, Ctrl-C / SIGTERM
     ivft.files       one atomic writer, directory swaps, clean-up after crashes, the run-folder lock
+
+    ivft.errors      every exception the project raises on bad input (imports nothing from ivft)
 """

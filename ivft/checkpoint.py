@@ -14,18 +14,23 @@ import copy
 import io
 import json
 import random
+import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import save as st_save
 
 from ivft import lora
 from ivft.config import RESUME_FREE, RUN_START_FILES
 from ivft.dist import barrier, full_state_dict, gather_objects
+from ivft.errors import LoadError, TrainError
 from ivft.files import clean_leftovers
-from ivft.load import LoadError, load_hf_dir, load_model, read_safetensors, save_hf
-from ivft.runtime import TrainError, write_json
+from ivft.load import load_hf_dir, load_model, read_safetensors, save_hf
+from ivft.runtime import write_json
 from model import Transformer
 
 
@@ -51,7 +56,6 @@ class _Export:
 
 def save_checkpoint(path: Path, model: Transformer, tok, run: RunFiles, state: dict, sd: dict | None = None):
     """sd: the full state dict when the model is sharded (FSDP), gathered by the caller on all ranks."""
-    from safetensors.torch import save as st_save   # lazily: only writers need it
     sd = model.state_dict() if sd is None else sd
     frozen = lora.frozen_state_dict(sd)
     if frozen:   # the finished tasks' adapters: the merged weights cannot give back the exact base
@@ -64,7 +68,6 @@ def save_checkpoint(path: Path, model: Transformer, tok, run: RunFiles, state: d
         if adapters:    # a current adapter; between tasks of the merge policy only merged weights
             extra["adapter_model.safetensors"] = st_save(adapters, metadata={"format": "pt"})
             extra["adapter_config.json"] = lora.adapter_config(model, run.model_id)
-    from safetensors import SafetensorError
     try:
         save_hf(_Export(model.config, sd), tok, path, extra_files=extra)
     except (OSError, SafetensorError) as e:   # a full disk's error names no file: say which failed
@@ -212,7 +215,6 @@ def load_base_model(model_id: str | None, model_dtype: str, device):
 def is_run_file(name: str) -> bool:
     """Whether out_dir/name is something train.py writes: its start files, stage-j/ and last/
     checkpoints, or a temporary / swapped-out copy of one of those (ivft/files.py names them)."""
-    import re
     m = re.match(r"^\.(.+)\.(?:tmp|old)-", name)
     base = m.group(1) if m else name
     return base in RUN_START_FILES | {"last", "summary.png"} or re.fullmatch(r"stage-\d+", base) is not None
@@ -280,7 +282,6 @@ def find_resume(run: RunFiles, n_tasks: int, resume: bool, overwrite: bool, main
 def start_out_dir(run: RunFiles, clear: bool, d):
     """The first write of a run: clear what an earlier run wrote (--overwrite, or a start that died
     early), then the resolved flags as out_dir/train_config.json."""
-    import shutil
     out_dir = run.out_dir
     if d.main:
         if clear and out_dir.is_dir():
@@ -296,6 +297,7 @@ def start_out_dir(run: RunFiles, clear: bool, d):
 def load_optimizer(opt, state: dict, fsdp: bool, module):
     try:
         if fsdp:
+            # lazily: torch.distributed.checkpoint is slow to import and only FSDP runs need it
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(module, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         else:
@@ -310,6 +312,7 @@ def save_mid_task(run: RunFiles, model, tok, opt, module, stage_done: int, step:
     Under FSDP parameters and optimizer state are gathered to full tensors (every rank takes part)."""
     sd = None
     if run.fsdp:
+        # lazily: torch.distributed.checkpoint is slow to import and only FSDP runs need it
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         sd = full_state_dict(model, True)
         optim = get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -326,7 +329,6 @@ def save_stage(run: RunFiles, model, tok, stage_done: int, stages: list, task_na
                training: list | None = None) -> Path:
     """out_dir/stage-j after task j (no optimizer: the next task starts a fresh one). The mid-task
     checkpoint of this task is then behind and is removed, so that resume never picks it."""
-    import shutil
     state = {"stage_done": stage_done, "step": 0, "rng": gather_objects(rng_state(), d), "stages": stages,
              "training": training or [], "tasks": task_names, "version": 1}
     sd = full_state_dict(model, True) if run.fsdp else None

@@ -8,7 +8,7 @@ import math
 
 from ivft import lora
 from ivft.files import check_writable
-from ivft.runtime import TrainError
+from ivft.errors import TrainError
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -9,33 +9,26 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
 
+from ivft import tasks as task_lib
+from ivft.errors import TrainError
 from ivft.prompts import answer_ids, end_of_turn_id, render_prompt
-from ivft.runtime import TrainError
 
 
 def load_task_list(spec: str | None, default_fn: str, what: str) -> list:
-    """Tasks from a comma-separated list of registry names or files (any format tasks.load_task
-    reads: the suite's x.train.jsonl + x.test.jsonl, Alpaca, TRACE, SuperNI); None = the default."""
-    from ivft import tasks as task_lib
-    try:
-        if spec is None:
-            names = list(getattr(task_lib, default_fn)())
-        elif spec.strip().lower() == "none" and what == "general":
-            return []
-        else:
-            names = [s.strip() for s in spec.split(",") if s.strip()]
-        if not names and what == "training":
-            raise TrainError("the training sequence is empty (--tasks)")
-        out = []
-        for name in names:
-            task = task_lib.load_task(name)
-            out.append(task)
-    except (KeyError, ValueError, OSError) as e:
-        raise TrainError(f"{what} tasks: {e.args[0] if e.args else e}") from None
+    """Tasks from a flag: a comma-separated list of registry names or files (any format
+    tasks.load_task reads: the suite's x.train.jsonl + x.test.jsonl, Alpaca, TRACE, SuperNI);
+    None = the registry's list `default_fn`; "none" = no general tasks."""
+    if spec is not None and spec.strip().lower() == "none" and what == "general":
+        return []
+    names = None if spec is None else [s.strip() for s in spec.split(",") if s.strip()]
+    out = task_lib.load_tasks(names, getattr(task_lib, default_fn), TrainError, f"{what} tasks: ")
+    if not out and what == "training":
+        raise TrainError("the training sequence is empty (--tasks)")
     seen = [t.name for t in out]
     if len(set(seen)) != len(seen):
         raise TrainError(f"{what} tasks repeat a name: {seen}")
@@ -83,7 +76,6 @@ def encode_task(tok, task, index: int, max_len: int, max_train: int | None = Non
     n_cut = sum(len(render_prompt(tok, ex, with_instruction=True)) > it.prompt_len
                 for ex, it in zip(examples, items) if len(it.ids) == max_len)
     if n_cut:
-        import sys
         print(f"warning: training task {task.name!r}: {n_cut} of {len(items)} examples are longer than "
               f"--max_len {max_len} tokens: their prompts are cut from the start (an answer that is "
               f"longer on its own is cut at its end)", file=sys.stderr)

@@ -7,8 +7,10 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ivft.runtime import TrainError
+from ivft.errors import TrainError
 
 
 @dataclass
@@ -29,7 +31,6 @@ def setup_distributed(device_flag: str) -> Dist:
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag.startswith("cuda")
     if world > 1:
-        import torch.distributed as dist
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
@@ -42,7 +43,6 @@ def setup_distributed(device_flag: str) -> Dist:
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world > 1:
-        import torch.distributed as dist
         dist.all_reduce(t)
     return t
 
@@ -56,7 +56,6 @@ def all_reduce_floats(values: dict, d: Dist) -> dict:
 
 def barrier(d: Dist):
     if d.world > 1:
-        import torch.distributed as dist
         dist.barrier()
 
 
@@ -64,7 +63,6 @@ def gather_objects(obj, d: Dist) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank (e.g. each rank's RNG state)."""
     if d.world == 1:
         return [obj]
-    import torch.distributed as dist
     out = [None] * d.world
     dist.all_gather_object(out, obj)
     return out
@@ -79,7 +77,7 @@ def wrap_for_parallel(loss_module, d: Dist, compile: bool = False, fsdp: bool = 
     if d.world == 1:
         return loss_module
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard   # lazily: FSDP runs only (a slower import)
         if not getattr(loss_module, "_sharded", False):
             # one unit per block, and the model itself as the root unit holding the embedding, final
             # norm and LM head. It keeps those gathered after its forward (reshard_after_forward
@@ -90,7 +88,6 @@ def wrap_for_parallel(loss_module, d: Dist, compile: bool = False, fsdp: bool = 
             fully_shard(loss_module.model, reshard_after_forward=False)
             loss_module._sharded = True
         return loss_module
-    from torch.nn.parallel import DistributedDataParallel as DDP
     kw = {"device_ids": [d.device.index]} if d.device.type == "cuda" else {}
     return DDP(loss_module, **kw)
 
@@ -98,6 +95,7 @@ def wrap_for_parallel(loss_module, d: Dist, compile: bool = False, fsdp: bool = 
 def full_state_dict(model, fsdp: bool) -> dict:
     """The whole model's state dict; under FSDP gathered from the shards (every rank takes part)."""
     if fsdp:
+        # lazily: torch.distributed.checkpoint is slow to import and only FSDP runs need it
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return model.state_dict()

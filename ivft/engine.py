@@ -281,6 +281,51 @@ def _decode_one_token(model, nxt, mask, cache):
     return lm_head_fp32(model, h).argmax(-1), mask
 
 
+class PoolCache(KVCache):
+    """The Decoder's cache: rows of several prompt caches stacked into one (stack), and rows dropped
+    as they finish (select_rows), both keeping KVCache's room to grow in place."""
+
+    @classmethod
+    def stack(cls, parts, headroom: int = 0) -> "PoolCache":
+        """One cache holding the rows of several: parts = [(cache, rows)], rows a LongTensor or None
+        (all). Caches of different lengths are right-aligned: a shorter one is left-padded with
+        zeros, which the caller's pad mask must hide (positions come from that mask, so a padded
+        row computes what it would alone). Used to decode rows of different prompts together."""
+        n_layers = len(parts[0][0].k)
+        S = max(c.length for c, _ in parts)
+        new = cls(n_layers, headroom)
+        for i in range(n_layers):
+            ks = [(c.k[i], c.v[i]) if rows is None else (c.k[i][rows], c.v[i][rows]) for c, rows in parts]
+            B = sum(k.shape[0] for k, _ in ks)
+            _, G, _, D = ks[0][0].shape
+            kb = ks[0][0].new_empty(B, G, S + headroom, D)
+            vb = ks[0][1].new_empty(B, G, S + headroom, D)
+            b = 0
+            for k, v in ks:
+                n, pad = k.shape[0], S - k.shape[2]
+                # zeros, not whatever the memory held: a masked NaN would still poison attention
+                kb[b:b + n, :, :pad], vb[b:b + n, :, :pad] = 0, 0
+                kb[b:b + n, :, pad:S], vb[b:b + n, :, pad:S] = k, v
+                b += n
+            new.k[i], new.v[i] = kb[:, :, :S], vb[:, :, :S]
+            new._buf[i] = (kb, vb, new.k[i])
+        return new
+
+    def select_rows(self, rows):
+        """Keep only batch rows `rows` (a row dropped from decoding). Keeps the buffers' room."""
+        for i in range(len(self.k)):
+            if self.k[i] is None:
+                continue
+            buf, S = self._buf[i], self.k[i].shape[2]
+            if buf is not None and buf[2] is self.k[i]:
+                kb, vb = buf[0][rows], buf[1][rows]
+                self.k[i], self.v[i] = kb[:, :, :S], vb[:, :, :S]
+                self._buf[i] = (kb, vb, self.k[i])
+            else:
+                self.k[i], self.v[i] = self.k[i][rows], self.v[i][rows]
+                self._buf[i] = None
+
+
 class Decoder:
     """Greedy decoding of rows from many prompt batches at once (continuous batching).
 
@@ -288,7 +333,7 @@ class Decoder:
     batches. Decoding each prompt batch alone, the few rows that ramble to the budget would step
     alone for many steps. So rows wait in a pool, from any batch or task, and step together once
     there are min_rows of them (finish() steps the rest). Rows of different prompt lengths share
-    one left-padded cache (KVCache.stack); positions come from the pad mask, so each row computes
+    one left-padded cache (PoolCache.stack); positions come from the pad mask, so each row computes
     what it would alone.
 
     Like Transformer.generate, but starting from our prefilled caches, with the fp32 output layer,
@@ -361,7 +406,7 @@ class Decoder:
             rows += new
         S = max(m.shape[1] for m in masks)
         # room for the longest budget: every later step writes in place
-        self.cache = KVCache.stack(parts, headroom=max(r.budget for r in rows))
+        self.cache = PoolCache.stack(parts, headroom=max(r.budget for r in rows))
         self.mask = torch.cat([torch.cat([m.new_zeros(m.shape[0], S - m.shape[1]), m], 1) for m in masks])
         self.nxt = torch.cat(nxts)
         self.rows, self.queued = rows, []

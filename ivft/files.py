@@ -18,7 +18,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from ivft.runtime import TrainError
+from ivft.errors import FolderInUse, TrainError
 
 
 def chmod_ordinary(path) -> None:
@@ -186,10 +186,6 @@ def replace_dir(new: Path, dst: Path):
 RUN_LOCK = "run.lock"
 
 
-class FolderInUse(TrainError):
-    """A RunLock that another live process holds: one line, exit status 2."""
-
-
 class RunLock:
     """An exclusive hold on a folder, for one process: fcntl.flock on the file `folder/name`, which
     says "<pid> <host>[ <note>]" of its holder. acquire() (or `with`) takes it or raises FolderInUse
@@ -221,7 +217,7 @@ class RunLock:
         self.release()
 
     def acquire(self) -> "RunLock":
-        import fcntl
+        import fcntl      # POSIX only: the writers above stay importable where it is missing
         if self._fd is not None:
             return self
         missing = self.folder

@@ -15,7 +15,9 @@ from tqdm import tqdm
 from ivft.engine import greedy_replies
 from ivft.ivprompts import (Prompt, chat_prompt, clean_prompts, load_task_by_name, render, score_prompts,
                             split_train, stop_ids)
-from ivft.ivsettings import KINDS, MIN_PROMPTS, ExtractError, Settings
+from ivft.errors import ExtractError
+from ivft.ivfile import is_registered
+from ivft.ivsettings import KINDS, MIN_PROMPTS, Settings
 from model import Intervention
 
 
@@ -310,7 +312,6 @@ def choose_kind(model, tok, task, r: dict, s: Settings, *, sweep, best_row, make
 def training_lines(task, advice: list[str]) -> list[str]:
     """An IV's stored advice (meta["advice"]) as train.py says it, each line naming the task; where the
     IV restores little and no sweep has said why, one more line with the command that runs it."""
-    from ivft.ivfile import is_registered
     lines = [f"IV of {task.name}: {line}" for line in advice]
     if len(advice) == 1 and advice[0].startswith(RESTORES_LITTLE):
         name = task.name if is_registered(task) else "<its task file>"

@@ -11,10 +11,14 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from ivft.errors import ExtractError
 from ivft.files import check_writable, write_atomic
-from ivft.ivsettings import ExtractError, check_layer
+from ivft.ivsettings import check_layer
 from ivft.report import save_heatmap
+from ivft.tasks import list_tasks
 
 FORMAT_VERSION = 2    # 2: k-shot plain-text clean prompts, query-only corruption, dev-chosen layer/K
 
@@ -41,7 +45,6 @@ def task_fingerprint(task) -> str:
 
 def is_registered(task) -> bool:
     # a file task may carry a registry task's name: only the registry's own description makes it that task
-    from ivft.tasks import list_tasks
     try:
         meta = list_tasks().get(task.name)
     except ValueError:
@@ -103,7 +106,6 @@ def cache_matches(meta: dict, task, key: dict, model) -> bool:
 def save_iv(result: dict, path) -> Path:
     """Write through write_atomic (a reader never sees half a file), plus an AIE heatmap if
     matplotlib is installed."""
-    from safetensors.torch import save_file
     path = Path(path)
     tensors = {k: result[k].detach().float().contiguous() for k in ("iv", "aie", "z_mean", "aie_task", "resid_diff")
                if k in result}
@@ -116,7 +118,6 @@ def save_iv(result: dict, path) -> Path:
 
 def read_iv(path) -> dict:
     """The file's tensors and metadata, checked for completeness only (no model needed)."""
-    from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
         raise ExtractError(f"{path}: no such IV file (run extract_iv.py to create it)")
@@ -204,7 +205,6 @@ def check_outputs(out: Path, is_folder: bool, out_flag: str, report=None) -> Non
 def written(path, write, *args, **kwargs):
     """write(*args, **kwargs), with a write error as one line naming `path`: a full disk raises an
     OSError without a file name, and safetensors its own SafetensorError, not an OSError."""
-    from safetensors import SafetensorError
     try:
         return write(*args, **kwargs)
     except (OSError, SafetensorError) as e:

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ivft.ivsettings import ExtractError, Settings
+from ivft.errors import ExtractError
+from ivft.ivsettings import Settings
 from ivft.prompts import answer_ids, bos_ids, render_prompt
+from ivft.tasks import list_tasks, load_tasks, user_prompt
 from model import Intervention
 
 
@@ -22,11 +24,7 @@ from model import Intervention
 
 def load_task_by_name(name: str):
     """A registry task or a user task file (tasks.load_task); its errors become one-line ExtractErrors."""
-    from ivft.tasks import load_task
-    try:
-        return load_task(name)
-    except (ValueError, OSError) as e:      # tasks.TaskError is a ValueError
-        raise ExtractError(str(e)) from None
+    return load_tasks([name], error=ExtractError)[0]
 
 
 @dataclasses.dataclass
@@ -59,8 +57,6 @@ def plain_prompt(tok, ex, shots=(), with_instruction=True) -> Prompt:
     token is rarely its first; after k such blocks it writes the answer itself (README: clean
     first-token accuracy). The answer keeps its leading space, as it has inside the text, and ends
     with the newline that closes every demonstration."""
-    from ivft.tasks import user_prompt
-
     def q(e):
         return user_prompt(e) if with_instruction else e.input
     text = "".join(f"Q: {q(d)}\nA: {d.output.strip()}\n\n" for d in shots) + f"Q: {q(ex)}\nA:"
@@ -147,7 +143,6 @@ def mismatch_donor(task, s: Settings):
         return None
     if s.mismatch_task is not None:
         return load_task_by_name(s.mismatch_task)
-    from ivft.tasks import list_tasks
     names = [n for n in list_tasks() if n != task.name]
     if not names:
         raise ExtractError("corrupt=mismatched needs a second task to borrow an instruction from")

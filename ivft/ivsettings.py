@@ -1,12 +1,12 @@
 """The settings of an IV extraction (extract_iv.py): the Settings dataclass, whose key() is the IV
-cache key, the model-dependent defaults of layer and K, and ExtractError, the one-line error for bad
-input anywhere in an extraction (task, settings, IV file)."""
+cache key, the model-dependent defaults of layer and K, and the one range check of an IV's block. Bad
+input anywhere in an extraction (task, settings, IV file) is an errors.ExtractError."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 
-from ivft.runtime import TrainError
+from ivft.errors import ExtractError
 
 MIN_PROMPTS = 4       # fewer clean or corrupted prompts than this is not an average worth saving
 CORRUPTIONS = ("query_only", "shuffled", "mismatched")
@@ -14,11 +14,6 @@ FORMATS = ("plain", "chat")
 KINDS = ("heads", "resid")
 EFFECTS = ("auto", "prob", "logprob")
 METHODS = ("exact", "attribution", "naive")
-
-
-class ExtractError(TrainError, ValueError):
-    """Bad input (task, settings, IV file): the message is one line that says what to change (a
-    TrainError too, so that train.py reports it as its own: one line, exit status 2)."""
 
 
 def check_layer(layer: int, n_layers: int, what: str = "layer") -> int:

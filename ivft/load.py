@@ -21,15 +21,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, rope_inv_freq
+from ivft.errors import LoadError
 from ivft.files import ordinary_permissions, replace_dir, temp_prefix
 from ivft.tokenizer import Tokenizer
-
-
-class LoadError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
 def default_gguf_path() -> Path:
@@ -195,7 +196,6 @@ def build_model(mc: ModelConfig, sd: dict, where: str, dtype=torch.float32, devi
     if mc.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if mc.position == "rope":  # buffers are not in the state dict: make the real one
-        from model import rope_inv_freq
         model.inv_freq = rope_inv_freq(mc).to(device)
     return model.eval()
 
@@ -204,7 +204,6 @@ def build_model(mc: ModelConfig, sd: dict, where: str, dtype=torch.float32, devi
 # HF directories
 
 def read_safetensors(path: Path) -> dict:
-    from safetensors.torch import load_file
     try:
         return load_file(str(path))  # mmap-backed: no copy until a tensor is touched
     except Exception as e:  # safetensors raises its own SafetensorError (not exported), or OSError
@@ -262,8 +261,6 @@ def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def read_gguf(path: Path):
-    import gguf
-    import numpy as np
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError / struct errors / IndexError on bad bytes
@@ -369,7 +366,6 @@ def save_hf(model: Transformer, tok: Tokenizer | None, out_dir, extra_files: dic
     """Write config.json, model.safetensors and the tokenizer files atomically: everything goes to a
     temporary sibling directory which then replaces out_dir, so a crash never leaves half a
     checkpoint. extra_files: {name: bytes or json-able} written alongside (e.g. training state)."""
-    from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # the owner (pid + process start) in the name lets a later run tell a crashed writer's leftovers
@@ -418,7 +414,6 @@ def load_model(name_or_path=None, *, dtype=torch.float32, device="cpu", use_cach
     mc, sd, tok = read_gguf(path)
     model = build_model(mc, sd, str(path), dtype, device)
     if use_cache:
-        from safetensors import SafetensorError
         try:
             save_hf(model, tok, cached)
         except (OSError, SafetensorError):

@@ -278,15 +278,6 @@ def scale_of(model: nn.Module) -> float:
     return scales.pop()
 
 
-def merged_state_dict(model: nn.Module) -> dict:
-    """The model's state dict as if merged (HF names, no adapter keys), without touching the model."""
-    return split_state_dict(model.state_dict(), scale_of(model))[0]
-
-
-def adapter_state_dict(model: nn.Module) -> dict:
-    return split_state_dict(model.state_dict(), scale_of(model))[1]
-
-
 def adapter_config(model: nn.Module, base_model: str | None) -> dict:
     layers = list(lora_layers(model).items())
     first = layers[0][1]

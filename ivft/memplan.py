@@ -22,14 +22,15 @@ of --free_kl_weight (prompts without the instruction: shorter than the batch).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from ivft import lora
-from ivft.runtime import TrainError
+from ivft.errors import LoadError, TrainError
+from ivft.load import config_from_hf, default_gguf_path, gguf_cache_path
+from model import Transformer
 
 GiB = 1024 ** 3
 
@@ -72,7 +73,6 @@ class Plan:
 
 def read_config(model_path) -> dict:
     """config.json of an HF directory (or the file itself); a GGUF's converted cache directory."""
-    from ivft.load import default_gguf_path, gguf_cache_path
     path = default_gguf_path() if model_path is None else Path(model_path)
     if path.suffix == ".gguf":
         path = gguf_cache_path(path)
@@ -91,8 +91,6 @@ def count_params(config: dict, run: RunShape) -> dict:
     model.py knows, and no memory is used): {"all": base parameters (a tied weight once), "trained",
     "block_linear": weights of the blocks' linear layers (what autocast copies), "adapted": {LoRA
     layer: (in, out)}}."""
-    from ivft.load import LoadError, config_from_hf
-    from model import Transformer
     try:
         mc = config_from_hf(config, "config.json")
     except LoadError as e:

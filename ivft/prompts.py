@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import random
 import re
+
+from ivft.tasks import user_prompt
 import sys
 import unicodedata
 
@@ -42,19 +44,12 @@ REPLY_TOKENS = 32
 # ---------------------------------------------------------------------------------------------
 # Prompt and answer ids
 
-def _user_prompt(ex) -> str:
-    # imported here, not at module level, so that this module can be imported (e.g. by tests that
-    # build their own Task) without loading the task registry and its data files
-    from ivft.tasks import user_prompt
-    return user_prompt(ex)
-
-
 def render_prompt(tok, ex, shots=(), with_instruction: bool = True, system: str | None = None) -> list[int]:
     """Chat prompt ids for example `ex`, ending with the generation prompt. `shots` are earlier
     user/assistant turns; with_instruction=False drops the instruction from every user turn (the
     corrupted prompt of IV extraction); system=None keeps the template's default system prompt."""
     def user(e):
-        return _user_prompt(e) if with_instruction else e.input
+        return user_prompt(e) if with_instruction else e.input
 
     messages = [{"role": "system", "content": system}] if system is not None else []
     for s in shots:

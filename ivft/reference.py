@@ -8,12 +8,11 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import torch
 
 from ivft import lora
 from ivft.checkpoint import frozen_copy
-from ivft.load import LoadError, load_model
-from ivft.runtime import TrainError
+from ivft.errors import LoadError, TrainError
+from ivft.load import load_model
 
 
 class Reference:

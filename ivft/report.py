@@ -2,10 +2,9 @@
 (AIE heatmaps, layer sweeps, the held-out check)."""
 from __future__ import annotations
 
-import json
 import os
 
-from ivft.files import write_json_atomic
+from ivft.files import write_atomic, write_json_atomic
 
 
 # ---------------------------------------------------------------------------------------------
@@ -15,11 +14,6 @@ def save_report(report: dict, path) -> None:
     """Write the report as JSON (write_json_atomic: a reader never sees half a report, and a crash
     leaves the old one)."""
     write_json_atomic(path, report, indent=1)
-
-
-def load_report(path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,9 +66,10 @@ def pyplot():
     """matplotlib.pyplot drawing to files only (never a window), or None when matplotlib is not
     installed: every plot of the project is optional."""
     try:
+        # lazily: heavy to import (a second per process) and optional
         import matplotlib
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt     # only after use("Agg"), which it reads
     except ImportError:
         return None
     return plt
@@ -132,7 +127,6 @@ def plot_summary(cl: dict, path, title: str = "") -> str | None:
     ax.set_title(title or f"AP {fmt_score(cl['AP'])}, BWT {fmt_score(cl['BWT'])}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from ivft.files import write_atomic
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return os.fspath(path)
@@ -157,7 +151,6 @@ def save_heatmap(aie, heads, path, title=""):
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="AIE")
     fig.tight_layout()
-    from ivft.files import write_atomic
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))   # never half a PNG
     plt.close(fig)
     return path

@@ -1,22 +1,21 @@
-"""What a training run needs around its loop: its errors and exit statuses, the log, and stopping
-cleanly on Ctrl-C / SIGTERM."""
+"""What a training run needs around its loop: exit statuses for its errors (ivft.errors), the log,
+and stopping cleanly on Ctrl-C / SIGTERM."""
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
 
-class TrainError(Exception):
-    """Bad input or an unusable checkpoint: reported as one line, exit status 2."""
-    exit_code = 2
-
-
-class Diverged(TrainError):
-    """The loss became NaN/inf: nothing is saved, the last good checkpoint is kept. Exit status 3."""
-    exit_code = 3
+from ivft.errors import TrainError
+from ivft.files import write_json_atomic
+from ivft.report import fmt_score, plot_summary, run_summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,7 +32,7 @@ class Logger:
         self.wandb = None
         if enabled and wandb_project:
             try:
-                import wandb
+                import wandb       # optional, not a dependency: only --wandb needs it
             except ImportError:
                 raise TrainError("--wandb needs the wandb package: pip install wandb") from None
             self.wandb = wandb.init(project=wandb_project, config=settings, dir=str(out_dir))
@@ -47,7 +46,6 @@ class Logger:
         except OSError as e:
             raise TrainError(f"{self.file}: cannot write ({e.strerror or e})") from None
         if echo:
-            from tqdm import tqdm
             tqdm.write(text)      # above the progress bar, not through it
 
     def config(self, settings: dict):
@@ -57,7 +55,6 @@ class Logger:
     def final(self, results: dict, out_dir: Path):
         """A run's last lines: its metrics, what it learned and forgot in plain words (report.run_summary)
         and, where matplotlib is installed, that as a picture in out_dir/summary.png."""
-        from ivft.report import fmt_score, plot_summary, run_summary
         if not self.enabled:
             return
         metrics, cl = results["metrics"], results.get("cl")
@@ -93,7 +90,6 @@ class Logger:
 
 def write_json(path, obj):
     """results.json and friends, atomically; a failure is one line naming the file."""
-    from ivft.files import write_json_atomic
     try:
         write_json_atomic(path, obj)
     except OSError as e:
@@ -103,8 +99,6 @@ def write_json(path, obj):
 def code_version() -> dict:
     """The code a run ran on: the git commit and a short hash of the uncommitted changes to its
     Python files ("" when clean); None values outside a git checkout. Recorded in train_config.json."""
-    import hashlib
-    import subprocess
     root = Path(__file__).resolve().parents[1]
 
     def git(*a):
@@ -172,7 +166,6 @@ def run_cli(fn, *args, **kw):
     """Call fn and turn our errors into one-line messages and exit statuses: 2 bad input, 3 a
     diverged loss, 130 after Ctrl-C, 143 after SIGTERM. The process group of torchrun is closed
     before returning."""
-    import torch
     TERMINATED["by"] = None
     old = signal.signal(signal.SIGTERM, _terminate) if hasattr(signal, "SIGTERM") and on_main_thread() else None
     try:

@@ -32,12 +32,10 @@ import os
 import random
 from dataclasses import dataclass, field
 
+from ivft.errors import TaskError
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 REGISTRY = os.path.join(DATA_DIR, "tasks.json")
-
-
-class TaskError(ValueError):
-    pass
 
 
 @dataclass
@@ -125,6 +123,19 @@ def load_task(name_or_path: str, test_fraction: float = 0.2, seed: int = 0) -> T
             return load_fv(path, test_fraction, seed)
     raise TaskError(f"{path}: format not recognised (expected TRACE, SuperNI, Alpaca or "
                     f"function-vector JSON, or JSONL)")
+
+
+def load_tasks(names=None, default=general_suite, error=TaskError, what: str = "") -> list[Task]:
+    """The one task loader of the scripts: a list mixing registry names, task files (load_task reads
+    each) and Tasks (kept as they are), in order; None = default() (a list of names). A task that
+    cannot be loaded (unknown name, unreadable or malformed file, no registry) raises `error` with
+    one line, after `what`, so that each script reports it as its own (TrainError, ExtractError)."""
+    try:
+        names = default() if names is None else names
+        return [t if hasattr(t, "test") else load_task(t) for t in names]
+    except (KeyError, ValueError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e     # a KeyError's str() quotes it
+        raise error(f"{what}{msg}") from None
 
 
 # --- user formats -----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ivft import engine
-from model import Intervention
+from model import Intervention, KVCache
 from toys import TOK, V, naive_score, tiny_model
 
 
@@ -129,6 +129,48 @@ def test_shared_decoder_pools_prompt_groups_exactly():
                                progress=False, decoder=dec)[1] for ps in groups]
         dec.finish()
         assert [[engine.cut_at_stop(x, stop) for x in gs] for gs in gens] == want, bs
+
+
+def test_pool_cache_select_rows_keeps_the_rest_and_its_room():
+    # the decoder drops finished rows from its pool: the others go on as if alone, and the cache
+    # keeps the room it had grown, so later steps still write in place
+    model = tiny_model()
+    idx = torch.randint(3, V, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = engine.PoolCache(model.n_layers, headroom=8)
+        model(idx[:, :4], cache=cache)
+        model(idx[:, 4:6], cache=cache)                  # grown into a buffer with room to spare
+        room = cache._buf[0][0].shape[2]
+        cache.select_rows(torch.tensor([2, 0]))
+        got = model(idx[[2, 0], 6:7], cache=cache)[:, -1]
+        want = model(idx[[2, 0], :7])[:, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert cache.k[0].shape[0] == 2 and cache._buf[0][0].shape[2] == room
+
+
+def test_pool_cache_stack_left_pads_rows_of_different_lengths():
+    # the decoder pools rows of different prompts: the shorter cache is left-padded with zeros
+    # under a False mask, and each row must compute what it computes alone
+    model = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    a_idx, b_idx = torch.randint(3, V, (2, 5), generator=g), torch.randint(3, V, (3, 8), generator=g)
+    with torch.no_grad():
+        a, b = KVCache(model.n_layers), KVCache(model.n_layers)
+        model(a_idx, cache=a)
+        model(b_idx, cache=b)
+        both = engine.PoolCache.stack([(a, None), (b, torch.tensor([2, 0]))], headroom=2)
+        assert both.length == 8 and both.k[0].shape[0] == 4
+        assert not both.k[1][:2, :, :3].any() and not both.v[1][:2, :, :3].any()   # zeros, not garbage
+        mask = torch.ones(4, 8, dtype=torch.bool)
+        mask[:2, :3] = False
+        nxt = torch.randint(3, V, (4, 2), generator=g)
+        got = [model(nxt[:, :1], pad_mask=torch.cat([mask, torch.ones(4, 1, dtype=torch.bool)], 1), cache=both)]
+        got.append(model(nxt[:, 1:], pad_mask=torch.cat([mask, torch.ones(4, 2, dtype=torch.bool)], 1), cache=both))
+        got = torch.cat(got, 1)                                              # (4, 2, V)
+        want_a = model(torch.cat([a_idx, nxt[:2]], 1))[:, 5:]
+        want_b = model(torch.cat([b_idx[[2, 0]], nxt[2:]], 1))[:, 8:]
+    torch.testing.assert_close(got[:2], want_a, atol=1e-5, rtol=0)     # padded rows
+    torch.testing.assert_close(got[2:], want_b, atol=1e-5, rtol=0)     # unpadded rows
 
 
 # ---- an intervention at every prompt's last token (the IV of the check and the study) -------------------

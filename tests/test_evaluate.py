@@ -288,8 +288,7 @@ def test_cli_errors_exit_2(capsys):
 
 
 def test_unwritable_out_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    from ivft import load
-    monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     assert E.main(["--tasks", "antonym", "--out", str(blocker / "report.json"), "--no_progress"]) == 2

@@ -13,7 +13,8 @@ from toys import SMALL, TOK, char_model, llama_tiny, standin_task
 from ivft.ivcheck import check_iv, choose_kind, dev_advice
 from ivft.ivfile import iv_filename, load_iv, task_fingerprint
 from ivft.ivprompts import Prompt, load_task_by_name, score_prompts
-from ivft.ivsettings import ExtractError, Settings, default_layer, default_top_k
+from ivft.errors import ExtractError
+from ivft.ivsettings import Settings, default_layer, default_top_k
 from model import Intervention, ModelConfig, Transformer
 from ivft.tasks import Example, Task
 
@@ -226,8 +227,7 @@ def test_cli(tmp_path, monkeypatch, capsys):
     assert X.main(["--task", "antonym", "--n_clean", "1"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     # the rest with a tiny model in place of the embedded one
-    from ivft import load
-    monkeypatch.setattr(load, "load_model", lambda *a, **k: (char_model(), TOK))
+    monkeypatch.setattr(X, "load_model", lambda *a, **k: (char_model(), TOK))
     monkeypatch.setattr(X, "load_task_by_name", lambda name: big_task(name))
     assert X.main(["--task", "up3", "--layer", "9", "--quiet"]) == 2
     assert "layer 9 is out of range" in capsys.readouterr().err
@@ -333,8 +333,7 @@ def fv_file(tmp_path):
 
 
 def test_file_task_extract_check_and_reuse(tmp_path, monkeypatch, capsys):
-    from ivft import load
-    monkeypatch.setattr(load, "load_model", lambda *a, **k: (char_model(), TOK))
+    monkeypatch.setattr(X, "load_model", lambda *a, **k: (char_model(), TOK))
     path = fv_file(tmp_path)
     monkeypatch.chdir(tmp_path)
     args = ["--task", str(path), "--n_clean", "4", "--n_corrupt", "4", "--shots", "2", "--quiet"]
@@ -355,8 +354,7 @@ def test_file_task_extract_check_and_reuse(tmp_path, monkeypatch, capsys):
 
 
 def test_identical_prompts_are_an_error(tmp_path, monkeypatch, capsys):
-    from ivft import load
-    monkeypatch.setattr(load, "load_model", lambda *a, **k: (char_model(), TOK))
+    monkeypatch.setattr(X, "load_model", lambda *a, **k: (char_model(), TOK))
     path = fv_file(tmp_path)
     assert X.main(["--task", str(path), "--shots", "0", "--n_clean", "4", "--n_corrupt", "4", "--quiet",
                    "--out", str(tmp_path / "x.safetensors")]) == 2
@@ -375,8 +373,7 @@ def plant_task():
 
 
 def plant_cli(tmp_path, monkeypatch, capsys, *flags):
-    from ivft import load
-    monkeypatch.setattr(load, "load_model", lambda *a, **k: (planted_model(), PlantTok()))
+    monkeypatch.setattr(X, "load_model", lambda *a, **k: (planted_model(), PlantTok()))
     monkeypatch.setattr(X, "load_task_by_name", lambda name: plant_task())
     out, report = tmp_path / "plant.safetensors", tmp_path / "check.json"
     assert X.main(["--task", "plant", "--out", str(out), "--n_clean", "8", "--n_corrupt", "8", "--check",
@@ -435,8 +432,7 @@ def test_get_iv_with_layer_auto_chooses_the_kind_as_the_cli_does(tmp_path, monke
     assert r["meta"]["chosen_by_sweep"]["kind"] == "resid" and r["meta"]["advice"] == []
     s = Settings(**settings).resolve(model)
     assert choose_kind(model, tok, task, r, s, make_iv=X.make_iv, **METHOD) == (r, [])
-    from ivft import load
-    monkeypatch.setattr(load, "load_model", lambda *a, **k: (planted_model(), PlantTok()))
+    monkeypatch.setattr(X, "load_model", lambda *a, **k: (planted_model(), PlantTok()))
     monkeypatch.setattr(X, "load_task_by_name", lambda name: plant_task())
     assert X.main(["--task", "plant", "--out", str(tmp_path / "b.safetensors"), "--n_clean", "8", "--n_corrupt",
                    "8", "--kind", "resid", "--layer", "auto", "--quiet"]) == 0

@@ -18,9 +18,8 @@ FAST = ["--n_clean", "4", "--n_corrupt", "4", "--shots", "2", "--quiet"]
 def toy(monkeypatch):
     """The tiny model and task in place of the embedded ones; -> the calls made to the model loader
     and to the extraction, which a bad output path must never reach."""
-    from ivft import load
     calls = []
-    monkeypatch.setattr(load, "load_model", lambda *a, **k: calls.append("load") or (char_model(), TOK))
+    monkeypatch.setattr(X, "load_model", lambda *a, **k: calls.append("load") or (char_model(), TOK))
     monkeypatch.setattr(X, "load_task_by_name", lambda name: standin_task(name))
     real = X.extract_iv
     monkeypatch.setattr(X, "extract_iv", lambda *a, **k: calls.append("extract") or real(*a, **k))
@@ -66,10 +65,10 @@ def full_disk(error):
 @pytest.mark.parametrize("kind", ["SafetensorError", "OSError"])
 def test_a_failed_iv_write_is_one_line_and_leaves_no_partial_file(tmp_path, toy, capsys, monkeypatch, kind):
     from safetensors import SafetensorError
-    import safetensors.torch
+    from ivft import ivfile
     error = (SafetensorError("Error while serializing: IoError(No space left on device)")
              if kind == "SafetensorError" else OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk(error))
+    monkeypatch.setattr(ivfile, "save_file", full_disk(error))
     out = tmp_path / "ivs" / "opp.safetensors"
     assert X.main(["--task", "opp", *FAST, "--out", str(out)]) == 2
     err = one_error_line(capsys)

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from ivft import files
-from ivft.files import FolderInUse, RunLock
-from ivft.runtime import TrainError
+from ivft.errors import FolderInUse, TrainError
+from ivft.files import RunLock
 
 HOLDER = """
 import sys, time

@@ -12,7 +12,7 @@ import extract_iv as X
 from toys import SMALL, TOK, char_model, llama_tiny, standin_task
 from ivft.ivfile import cached_iv, load_iv, save_iv
 from ivft.ivsettings import Settings
-from ivft.ivsettings import ExtractError
+from ivft.errors import ExtractError
 from model import Intervention
 
 

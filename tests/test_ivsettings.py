@@ -1,7 +1,8 @@
 """Tests for ivft/ivsettings.py: the model-dependent defaults and the checks on settings."""
 import pytest
 
-from ivft.ivsettings import ExtractError, Settings, default_layer, default_top_k
+from ivft.errors import ExtractError
+from ivft.ivsettings import Settings, default_layer, default_top_k
 
 
 def test_defaults_scale_with_the_model():

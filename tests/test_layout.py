@@ -81,3 +81,80 @@ def test_scripts_have_few_long_lines(script):
     lines = (ROOT / script).read_text().splitlines()
     long = [i for i, line in enumerate(lines, 1) if len(line) > 110]
     assert len(long) <= 5, f"{script}: {len(long)} lines over 110 characters (lines {long[:10]})"
+
+
+# The library's own modules and the scripts over it, as test_imports_are_acyclic_and_at_the_top reads them.
+IMPORT_CHECKED = ["ivft/*.py", "model.py", "train.py", "evaluate.py", "extract_iv.py", "sample.py",
+                  "experiments/*.py", "bench/*.py"]
+
+
+def module_imports(tree: ast.Module) -> set[str]:
+    """The project modules (ivft.x, model) that a module imports when it is imported: the statements
+    outside any function, `if` and `try` blocks included."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import):
+                out |= {a.name for a in child.names}
+            elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+                out.add(child.module)
+                if child.module == "ivft":      # from ivft import tasks
+                    out |= {f"ivft.{a.name}" for a in child.names}
+    return {m for m in out if m == "model" or m.startswith("ivft.")}
+
+
+def function_imports(tree: ast.Module):
+    """The import statements inside a function body (at any depth)."""
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    yield node
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None (depth-first search, three colours)."""
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == "open":
+                return stack[stack.index(n):] + [n]
+            if n not in state and (cycle := visit(n)):
+                return cycle
+        state[m] = "done"
+        stack.pop()
+        return None
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m)):
+            return cycle
+    return None
+
+
+def test_imports_are_acyclic_and_at_the_top():
+    """(a) No import circle among the library's modules: a circle only works while some import in it
+    is hidden inside a function, and breaks when someone moves that import up. (b) An import inside a
+    function says why on its line or the line above (an optional or slow dependency: wandb,
+    matplotlib, torch.distributed.checkpoint, fcntl)."""
+    paths = sorted({p for pattern in IMPORT_CHECKED for p in ROOT.glob(pattern)})
+    graph, unexplained = {}, []
+    for path in paths:
+        rel = path.relative_to(ROOT).as_posix()
+        text = path.read_text()
+        tree = ast.parse(text)
+        if rel.startswith("ivft/") or rel == "model.py":
+            name = rel[:-3].replace("/", ".").removesuffix(".__init__")
+            graph[name] = module_imports(tree)
+        lines = text.splitlines()
+        for node in function_imports(tree):
+            here, above = lines[node.lineno - 1], lines[node.lineno - 2].strip()
+            if "#" not in here and not above.startswith("#"):
+                unexplained.append(f"{rel}:{node.lineno} {here.strip()}")
+    assert len(graph) > 10 and "ivft.errors" in graph
+    assert (cycle := find_cycle(graph)) is None, "import circle: " + " -> ".join(cycle)
+    assert not unexplained, ("imports inside functions with no comment saying why (move them to the top, "
+                             "or say why they must wait): " + "; ".join(unexplained))

@@ -5,7 +5,8 @@ import struct
 import pytest
 import torch
 
-from ivft.load import LoadError, load_model, save_hf
+from ivft.errors import LoadError
+from ivft.load import load_model, save_hf
 from model import Intervention, KVCache, ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -235,33 +236,6 @@ def test_kv_cache_never_writes_into_tensors_it_did_not_allocate(tiny):
         full = tiny(idx[:, :7])
         assert_close(a, full[:, 6], 1e-5, "fork after base grew")
         assert_close(b, full[:, 5], 1e-5, "base after the fork grew")
-        # dropping rows keeps the rest, and the room
-        base.select_rows(torch.tensor([2, 0]))
-        c = tiny(idx[[2, 0], 6:7], cache=base)[:, -1]
-        assert_close(c, full[[2, 0], 6], 1e-5, "after select_rows")
-
-
-def test_kv_cache_stack_left_pads_rows_of_different_lengths(tiny):
-    # ivft/engine.py's decoder pools rows of different prompts: the shorter cache is left-padded with
-    # zeros under a False mask, and each row must compute what it computes alone
-    a_idx, b_idx = torch.randint(0, 97, (2, 5)), torch.randint(0, 97, (3, 8))
-    with torch.no_grad():
-        a, b = KVCache(tiny.n_layers), KVCache(tiny.n_layers)
-        tiny(a_idx, cache=a)
-        tiny(b_idx, cache=b)
-        both = KVCache.stack([(a, None), (b, torch.tensor([2, 0]))], headroom=2)
-        assert both.length == 8 and both.k[0].shape[0] == 4
-        assert not both.k[1][:2, :, :3].any() and not both.v[1][:2, :, :3].any()   # zeros, not garbage
-        mask = torch.ones(4, 8, dtype=torch.bool)
-        mask[:2, :3] = False
-        nxt = torch.randint(0, 97, (4, 2))
-        got = [tiny(nxt[:, :1], pad_mask=torch.cat([mask, torch.ones(4, 1, dtype=torch.bool)], 1), cache=both)]
-        got.append(tiny(nxt[:, 1:], pad_mask=torch.cat([mask, torch.ones(4, 2, dtype=torch.bool)], 1), cache=both))
-        got = torch.cat(got, 1)                                              # (4, 2, V)
-        want_a = tiny(torch.cat([a_idx, nxt[:2]], 1))[:, 5:]
-        want_b = tiny(torch.cat([b_idx[[2, 0]], nxt[2:]], 1))[:, 8:]
-    assert_close(got[:2], want_a, 1e-5, "padded rows")
-    assert_close(got[2:], want_b, 1e-5, "unpadded rows")
 
 
 def test_generate_greedy_equals_uncached_argmax(tiny):

@@ -661,7 +661,6 @@ def test_analysis_on_a_toy(dirs, monkeypatch):
     """analysis() with the model loader, the tasks and the IV settings replaced by toys: every item
     lands in analysis_A.json, a second call redoes nothing, and the report reads it."""
     from toys import PAIRS, TOK, char_model
-    from ivft import load as L
     from ivft import tasks as T
     from ivft.tasks import Example, Task
 
@@ -679,7 +678,7 @@ def test_analysis_on_a_toy(dirs, monkeypatch):
         loads.append(path)
         return char_model(seed=0 if path is None else 1 + len(loads)), TOK
 
-    monkeypatch.setattr(L, "load_model", load_model)
+    monkeypatch.setattr(study, "load_model", load_model)
     monkeypatch.setattr(study, "ROOT", dirs)
     monkeypatch.setattr(study, "IV_SETTINGS", {"n_clean": 4, "n_corrupt": 4, "batch_size": 4, "layer": 2})
     monkeypatch.setattr(study, "N_ANALYSIS", 3)
@@ -715,7 +714,8 @@ def test_analysis_on_a_toy(dirs, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("recomputed")
 
-    for mod, name in ((ivcheck, "replies"), (ivprompts, "score_prompts"), (extract_iv, "extract_iv")):
+    for mod, name in ((ivcheck, "replies"), (ivprompts, "score_prompts"), (study, "score_prompts"),
+                      (extract_iv, "extract_iv")):
         monkeypatch.setattr(mod, name, boom)
     n_loads = len(loads)
     assert study.analysis("A", threads=1, say=lambda m: None) == "analysis-A: done" and len(loads) == n_loads + 1

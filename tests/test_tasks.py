@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from ivft import tasks
-from ivft.tasks import Example, TaskError
+from ivft.errors import TaskError
+from ivft.tasks import Example
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -189,6 +190,31 @@ def test_unrecognised_format(tmp_path):
 
 def test_task_error_is_value_error():
     assert issubclass(TaskError, ValueError)
+
+
+def test_load_tasks_is_every_scripts_loader(tmp_path):
+    # one loader under train.py's flags (TrainError), extraction (ExtractError) and evaluate.py
+    # (TaskError): names, files and Tasks in order, None = the default list, and a failure is one
+    # error of the caller's class, its message after the caller's prefix
+    from ivft.data import load_task_list
+    from ivft.errors import ExtractError, TrainError
+    from ivft.ivprompts import load_task_by_name
+    path = write(tmp_path / "a.json", [{"instruction": "Add one.", "input": str(i), "output": str(i + 1)}
+                                       for i in range(5)])
+    capital = tasks.load_task("capital")
+    got = tasks.load_tasks(["antonym", path, capital])
+    assert [t.name for t in got] == ["antonym", tasks.load_task(path).name, "capital"] and got[2] is capital
+    assert [t.name for t in tasks.load_tasks()] == tasks.general_suite()
+    assert [t.name for t in tasks.load_tasks(None, tasks.default_sequence)] == tasks.default_sequence()
+    for call, error, prefix in [(lambda n: tasks.load_tasks([n]), TaskError, "unknown task"),
+                                (lambda n: load_task_by_name(n), ExtractError, "unknown task"),
+                                (lambda n: load_task_list(n, "default_sequence", "training"), TrainError,
+                                 "training tasks: unknown task")]:
+        with pytest.raises(error) as e:
+            call("no_such_task")
+        assert str(e.value).startswith(f"{prefix} 'no_such_task'"), str(e.value)
+    with pytest.raises(TrainError, match=r"^general tasks: .*b\.json: format not recognised"):
+        load_task_list(write(tmp_path / "b.json", []), "general_suite", "general")
 
 
 # --- the registry and the shipped suite -------------------------------------------------------

@@ -30,7 +30,7 @@ import train
 from ivft import checkpoint as ckpt
 from ivft.data import Item, collate
 from ivft.load import load_model, read_safetensors, save_hf
-from ivft.runtime import TrainError
+from ivft.errors import TrainError
 from model import ModelConfig, Transformer
 from toys import byte_tokenizer
 
@@ -420,14 +420,11 @@ def test_lora_merge_equals_unmerged_forward():
     unmerged = model(x)
     with lora.adapters_off(model):
         assert torch.equal(model(x), base_out)                      # adapters off = the base model
-    exported = lora.merged_state_dict(model)
     assert lora.merge(model) == 4 * 3 and not lora.has_lora(model)
     merged = model(x)
     diff = float((merged - unmerged).detach().abs().max())
     assert diff < 1e-5, f"merged vs unmerged forward: max |diff| {diff:.2e}"
     assert float((merged - base_out).detach().abs().max()) > 1e-3, "the adapters must have changed the model"
-    for k, v in model.state_dict().items():
-        assert torch.equal(exported[k], v), k
 
 
 # ---- bad input ----------------------------------------------------------------------------------------
