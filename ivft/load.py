@@ -194,9 +194,8 @@ def build_model(mc: ModelConfig, sd: dict, where: str, dtype=torch.float32, devi
     model.load_state_dict(sd, strict=False, assign=True)
     if mc.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    if mc.position == "rope":  # buffers are not in the state dict: make the real one
-        from model import rope_inv_freq
-        model.inv_freq = rope_inv_freq(mc).to(device)
+    if mc.position == "rope":  # buffers are not in the state dict: make the real ones
+        model.init_rope(device)
     return model.eval()
 
 
