@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from model import ModelConfig, Transformer
+from model import ROPE_TYPES, ModelConfig, Transformer, rope_type
 from ivft.files import ordinary_permissions, replace_dir, temp_prefix
 from ivft.tokenizer import Tokenizer
 
@@ -52,31 +52,104 @@ def cache_dir() -> Path:
 # HF config.json <-> ModelConfig
 
 HF_LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                   "qwen2": "Qwen2ForCausalLM"}
+                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+HF_CLASSES = {**HF_LLAMA_FAMILY, "gemma3_text": "Gemma3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+# families people bring that we recognise but do not run, with the reason
+REFUSED = {"gemma3": "Gemma-3's vision-language checkpoint (Gemma3ForConditionalGeneration); the text-only "
+                     "Gemma-3 models (Gemma3ForCausalLM, model_type gemma3_text: 270M, 1B) are supported",
+           "gemma2": "Gemma-2 (its attention logit softcapping is not implemented)"}
+
+
+def rope_from_hf(d: dict, where: str, default_theta: float = 10000.0):
+    """-> (theta, scaling dict or None) of the full-attention layers, and the sliding layers'
+    (rope_parameters, type) as transformers >= 5 nests them per layer type, or None."""
+    params, name, local = d.get("rope_parameters"), "rope_parameters", None
+    if isinstance(params, dict) and "full_attention" in params:   # nested per layer type (Gemma-3)
+        params, name, local = params["full_attention"], "rope_parameters.full_attention", params.get("sliding_attention")
+    if not params:  # older files: rope_theta + rope_scaling
+        params, name = d.get("rope_scaling"), "rope_scaling"
+    rope = dict(params or {})
+    theta = rope.pop("rope_theta", d.get("rope_theta", default_theta))
+    key = "rope_type" if "rope_type" in rope else "type"
+    kind = rope_type(rope)
+    if kind not in ROPE_TYPES:
+        raise LoadError(f"{where}: {name}.{key}={kind!r} is not supported (supported: {', '.join(ROPE_TYPES)}; "
+                        "dynamic and longrope change with the sequence length)")
+    if rope.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise LoadError(f"{where}: partial_rotary_factor={d.get('partial_rotary_factor', rope)!r} is not supported "
+                        "(RoPE over part of each head)")
+    if kind in ("llama3", "yarn"):
+        rope.setdefault("original_max_position_embeddings", d.get("max_position_embeddings"))
+    return theta, (None if kind == "default" else rope), local
+
+
+def _check(d: dict, where: str, expected: dict):
+    for key, ok in expected.items():
+        if d.get(key, ok) != ok:
+            raise LoadError(f"{where}: {key}={d[key]!r} is not supported (expected {ok!r})")
+
+
+def _llama_family_config(d: dict, where: str) -> ModelConfig:
+    model_type = d["model_type"]
+    theta, scaling, _ = rope_from_hf(d, where)
+    _check(d, where, {"mlp_bias": False, "hidden_act": "silu"})
+    window, types = None, None
+    if model_type == "mistral":
+        window = d.get("sliding_window")           # every layer (null in Mistral v0.2 and later)
+    elif model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
+        window, first = d["sliding_window"], d.get("max_window_layers", 28)
+        types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                         for i in range(d["num_hidden_layers"])]
+    return ModelConfig(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
+        max_position_embeddings=d.get("max_position_embeddings", 4096),
+        norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        # Qwen2 always has q/k/v biases (its config has no field for it)
+        attention_bias=d.get("attention_bias", model_type == "qwen2"), qk_norm=model_type == "qwen3",
+        sliding_window=window, layer_types=types,
+        tie_word_embeddings=d.get("tie_word_embeddings", False), architecture=model_type)
+
+
+def _gemma3_config(d: dict, where: str) -> ModelConfig:
+    theta, scaling, local = rope_from_hf(d, where, default_theta=1_000_000.0)
+    local_theta = d.get("rope_local_base_freq", 10000.0)
+    if local is not None:
+        if rope_type(local) != "default":
+            raise LoadError(f"{where}: rope_parameters.sliding_attention.rope_type={rope_type(local)!r} is not "
+                            "supported (Gemma-3's local layers: default)")
+        local_theta = local.get("rope_theta", local_theta)
+    act = d.get("hidden_activation", d.get("hidden_act")) or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise LoadError(f"{where}: hidden_activation={act!r} is not supported (expected 'gelu_pytorch_tanh')")
+    _check(d, where, {"attn_logit_softcapping": None, "use_bidirectional_attention": False,
+                      "attention_bias": False})
+    L = d["num_hidden_layers"]
+    pattern = d.get("sliding_window_pattern", 6)   # every 6th layer global, as transformers' default
+    types = d.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                     for i in range(L)]
+    return ModelConfig(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+        num_hidden_layers=L, num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim", 256),
+        max_position_embeddings=d.get("max_position_embeddings", 131072),
+        norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        rope_local_theta=local_theta, sliding_window=d.get("sliding_window", 4096), layer_types=types,
+        tie_word_embeddings=d.get("tie_word_embeddings", True), mlp="geglu", qk_norm=True,
+        norm_plus_one=True, sandwich_norm=True, scale_embeddings=True,
+        query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
+        final_logit_softcapping=d.get("final_logit_softcapping"), architecture="gemma3_text")
 
 
 def config_from_hf(d: dict, where: str) -> ModelConfig:
     model_type = d.get("model_type")
     try:
         if model_type in HF_LLAMA_FAMILY:
-            # transformers >= 5 writes "rope_parameters" (theta inside); older files rope_theta + rope_scaling
-            rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-            theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-            if rope.get("rope_type", rope.get("type")) in (None, "default"):
-                rope = None
-            for key, ok in (("mlp_bias", False), ("hidden_act", "silu")):
-                if d.get(key, ok) != ok:
-                    raise LoadError(f"{where}: {key}={d[key]!r} is not supported (expected {ok!r})")
-            return ModelConfig(
-                vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-                num_attention_heads=d["num_attention_heads"],
-                num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
-                max_position_embeddings=d.get("max_position_embeddings", 4096),
-                norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=rope,
-                # Qwen2 always has q/k/v biases (its config has no field for it)
-                attention_bias=d.get("attention_bias", model_type == "qwen2"),
-                tie_word_embeddings=d.get("tie_word_embeddings", False), architecture=model_type)
+            return _llama_family_config(d, where)
+        if model_type == "gemma3_text":
+            return _gemma3_config(d, where)
         if model_type == "gpt2":
             C = d["n_embd"]
             return ModelConfig(
@@ -88,10 +161,11 @@ def config_from_hf(d: dict, where: str) -> ModelConfig:
                 mlp="gelu", bias=True, architecture="gpt2")
     except KeyError as e:
         raise LoadError(f"{where}: config field {e.args[0]!r} is missing") from None
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise LoadError(f"{where}: {e}") from None
-    raise LoadError(f"{where}: unknown architecture model_type={model_type!r} "
-                    f"(supported: {', '.join([*HF_LLAMA_FAMILY, 'gpt2'])})")
+    why = f" ({REFUSED[model_type]})" if model_type in REFUSED else ""
+    raise LoadError(f"{where}: unknown architecture model_type={model_type!r}{why} "
+                    f"(supported: {', '.join(HF_CLASSES)})")
 
 
 def config_to_hf(mc: ModelConfig, tok: Tokenizer | None) -> dict:
@@ -104,17 +178,31 @@ def config_to_hf(mc: ModelConfig, tok: Tokenizer | None) -> dict:
                 "n_layer": mc.num_hidden_layers, "n_head": mc.num_attention_heads,
                 "n_positions": mc.max_position_embeddings, "layer_norm_epsilon": mc.norm_eps,
                 "activation_function": "gelu_new", "tie_word_embeddings": mc.tie_word_embeddings, **ids}
-    d = {"architectures": [HF_LLAMA_FAMILY[mc.architecture]], "model_type": mc.architecture,
+    d = {"architectures": [HF_CLASSES[mc.architecture]], "model_type": mc.architecture,
          "vocab_size": mc.vocab_size, "hidden_size": mc.hidden_size,
          "intermediate_size": mc.intermediate_size, "num_hidden_layers": mc.num_hidden_layers,
          "num_attention_heads": mc.num_attention_heads, "num_key_value_heads": mc.num_key_value_heads,
          "head_dim": mc.head_dim, "max_position_embeddings": mc.max_position_embeddings,
          "rms_norm_eps": mc.norm_eps, "rope_theta": mc.rope_theta, "rope_scaling": mc.rope_scaling,
-         "tie_word_embeddings": mc.tie_word_embeddings, "hidden_act": "silu", **ids}
+         "tie_word_embeddings": mc.tie_word_embeddings, **ids}
+    sliding = "sliding_attention" in mc.layer_types
+    if mc.architecture == "gemma3_text":
+        return {**d, "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False,
+                "rope_local_base_freq": mc.rope_local_theta, "sliding_window": mc.sliding_window,
+                "layer_types": mc.layer_types, "query_pre_attn_scalar": mc.query_pre_attn_scalar,
+                "final_logit_softcapping": mc.final_logit_softcapping, "attn_logit_softcapping": None}
+    d["hidden_act"] = "silu"
     if mc.architecture != "qwen2":
         d["attention_bias"] = mc.attention_bias
     if mc.architecture == "mistral":
-        d["sliding_window"] = None  # this model attends to the full context
+        if sliding and "full_attention" in mc.layer_types:
+            raise ValueError("Mistral's config.json has one sliding_window for all layers; this model mixes "
+                             "full and sliding layers")
+        d["sliding_window"] = mc.sliding_window if sliding else None
+    elif mc.architecture in ("qwen2", "qwen3"):
+        d.update(use_sliding_window=sliding, sliding_window=mc.sliding_window, layer_types=mc.layer_types)
+    elif sliding:
+        raise ValueError(f"{mc.architecture}'s config.json has no sliding window; this model has one")
     return d
 
 
