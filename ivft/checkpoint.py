@@ -2,9 +2,12 @@
 checkpoint (--save_every, Ctrl-C, SIGTERM). Each is an HF directory (written by load.save_hf,
 atomically) holding the fine-tuned weights (LoRA adapters merged into the export) that
 transformers opens as it is, plus train_state.pt (optimizer, step, RNG of every rank, results so
-far), train_config.json and, with LoRA, the adapters in PEFT layout. The LoRA base is never stored
-twice: it is the original model or the previous stage's checkpoint. (Which model is the KL's frozen
-reference is method: train.py decides it.)
+far), train_config.json and, with LoRA, the adapters in PEFT layout in the subfolder adapter/. Not
+beside the merged weights: transformers, with peft installed, applies an adapter it finds there on
+top of weights that already hold it. `PeftModel.from_pretrained(base, "<ckpt>/adapter")` opens it
+on its base, which is never stored twice: the original model or the previous stage's checkpoint
+(named in adapter/adapter_config.json). (Which model is the KL's frozen reference is method:
+train.py decides it.)
 
 The functions take what they use: a RunFiles record (out_dir, the settings to store) and plain values.
 """
@@ -27,6 +30,9 @@ from ivft.files import clean_leftovers
 from ivft.load import LoadError, load_hf_dir, load_model, read_safetensors, save_hf
 from ivft.runtime import TrainError, write_json
 from model import Transformer
+
+
+ADAPTER_DIR = "adapter"   # a checkpoint's LoRA adapters, in PEFT's layout
 
 
 @dataclass
@@ -58,14 +64,75 @@ def save_checkpoint(path: Path, model: Transformer, tok, run: RunFiles, state: d
     extra = {"train_state.pt": buf.getvalue(), "train_config.json": run.settings}
     if lora.has_lora(model):
         sd, adapters = lora.split_state_dict(sd, lora.scale_of(model))
-        extra["adapter_model.safetensors"] = st_save(adapters, metadata={"format": "pt"})
-        extra["adapter_config.json"] = lora.adapter_config(model, run.model_id)
+        # the adapters' base: the original model, or after a merge the last stage's checkpoint
+        j = state["stage_done"]
+        base = str(run.out_dir / f"stage-{j}") if run.lora is not None and run.lora.merge and j > 0 else run.model_id
+        adapters, config = adapters_for_peft(adapters, lora.adapter_config(model, base), model.config)
+        extra[ADAPTER_DIR + "/adapter_model.safetensors"] = st_save(adapters, metadata={"format": "pt"})
+        extra[ADAPTER_DIR + "/adapter_config.json"] = config
     from safetensors import SafetensorError
     try:
         save_hf(_Export(model.config, sd), tok, path, extra_files=extra)
     except (OSError, SafetensorError) as e:   # a full disk's error names no file: say which failed
         why = getattr(e, "strerror", None) or e   # safetensors raises its own error type, not OSError
         raise TrainError(f"{path}: cannot write the checkpoint ({why}); the previous checkpoint is kept") from None
+
+
+# GPT-2's HF module names of our LoRA targets; q_proj, k_proj and v_proj are one Conv1D there (attn.c_attn)
+GPT2_LORA = {"o_proj": "attn.c_proj", "up_proj": "mlp.c_fc", "down_proj": "mlp.c_proj"}
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def adapters_for_peft(adapters: dict, config: dict, mc) -> tuple[dict, dict]:
+    """Our adapters (PEFT names over our module names, from lora.split_state_dict) and their
+    adapter_config.json -> what peft applies to the HF model of this family. Llama-family module
+    names are HF's already. GPT-2 fuses q, k and v into one layer (attn.c_attn, output [q; k; v]):
+    n adapters of rank r there become one of rank n*r with the A's stacked and the B's placed
+    block-diagonally, which adds exactly the same to each of q, k, v (alpha n*alpha keeps alpha/r)."""
+    if mc.architecture != "gpt2":
+        return adapters, config
+    C, r, targets = mc.hidden_size, config["r"], config["target_modules"]
+    qkv = [t for t in QKV if t in targets]
+    out = {}
+    for i in range(mc.num_hidden_layers):
+        ours, hf = f"base_model.model.model.layers.{i}.", f"base_model.model.transformer.h.{i}."
+        if qkv:
+            A = torch.cat([adapters[f"{ours}self_attn.{t}.lora_A.weight"] for t in qkv])   # (n*r, C)
+            B = A.new_zeros(3 * C, len(qkv) * r)                                           # (3C, n*r)
+            for s, t in enumerate(qkv):
+                j = QKV.index(t)
+                B[j * C:(j + 1) * C, s * r:(s + 1) * r] = adapters[f"{ours}self_attn.{t}.lora_B.weight"]
+            out[hf + "attn.c_attn.lora_A.weight"], out[hf + "attn.c_attn.lora_B.weight"] = A, B
+        for t, name in GPT2_LORA.items():
+            if t in targets:
+                part = "self_attn" if t == "o_proj" else "mlp"
+                for ab in "AB":
+                    out[f"{hf}{name}.lora_{ab}.weight"] = adapters[f"{ours}{part}.{t}.lora_{ab}.weight"]
+    config = {**config, "fan_in_fan_out": True,   # GPT-2's Conv1D stores weights [in, out]
+              "target_modules": ["attn.c_attn"] * bool(qkv) + [GPT2_LORA[t] for t in GPT2_LORA if t in targets]}
+    if qkv:
+        config.update(rank_pattern={"c_attn": len(qkv) * r}, alpha_pattern={"c_attn": len(qkv) * config["lora_alpha"]})
+    return out, config
+
+
+def adapters_from_peft(sd: dict, mc, targets, r: int) -> dict:
+    """The inverse of adapters_for_peft: a checkpoint's adapter file -> our adapters (for resuming)."""
+    if mc.architecture != "gpt2" or not any(k.startswith("base_model.model.transformer.") for k in sd):
+        return sd
+    C, out = mc.hidden_size, {}
+    qkv = [t for t in QKV if t in targets]
+    for i in range(mc.num_hidden_layers):
+        ours, hf = f"base_model.model.model.layers.{i}.", f"base_model.model.transformer.h.{i}."
+        for s, t in enumerate(qkv):
+            j = QKV.index(t)
+            out[f"{ours}self_attn.{t}.lora_A.weight"] = sd[hf + "attn.c_attn.lora_A.weight"][s * r:(s + 1) * r]
+            out[f"{ours}self_attn.{t}.lora_B.weight"] = sd[hf + "attn.c_attn.lora_B.weight"][j * C:(j + 1) * C, s * r:(s + 1) * r]
+        for t, name in GPT2_LORA.items():
+            if t in targets:
+                part = "self_attn" if t == "o_proj" else "mlp"
+                for ab in "AB":
+                    out[f"{ours}{part}.{t}.lora_{ab}.weight"] = sd[f"{hf}{name}.lora_{ab}.weight"]
+    return out
 
 
 def read_state(path: Path) -> dict:
@@ -168,8 +235,11 @@ def restore_model(model, ckpt: Path, state: dict, spec: lora.LoraSpec | None, ou
         return  # a stage boundary after a merge: the next stage starts fresh adapters
     lora.add_lora(model, spec.r, spec.alpha, spec.dropout, list(spec.targets))
     try:
-        lora.load_adapter_state_dict(model, read_safetensors(ckpt / "adapter_model.safetensors"))
-    except (LoadError, ValueError) as e:
+        # checkpoints written before the adapters moved into adapter/ hold them at the top
+        folder = ckpt / ADAPTER_DIR if (ckpt / ADAPTER_DIR).is_dir() else ckpt
+        saved = read_safetensors(folder / "adapter_model.safetensors")
+        lora.load_adapter_state_dict(model, adapters_from_peft(saved, model.config, spec.targets, spec.r))
+    except (LoadError, ValueError, KeyError) as e:
         raise TrainError(f"{ckpt}: {e}") from None
 
 

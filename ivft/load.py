@@ -455,7 +455,8 @@ def gguf_cache_path(path: Path) -> Path:
 def save_hf(model: Transformer, tok: Tokenizer | None, out_dir, extra_files: dict | None = None):
     """Write config.json, model.safetensors and the tokenizer files atomically: everything goes to a
     temporary sibling directory which then replaces out_dir, so a crash never leaves half a
-    checkpoint. extra_files: {name: bytes or json-able} written alongside (e.g. training state)."""
+    checkpoint. extra_files: {name: bytes or json-able} written alongside (e.g. training state); a
+    name may lead into a subfolder ("adapter/adapter_config.json")."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -475,6 +476,7 @@ def save_hf(model: Transformer, tok: Tokenizer | None, out_dir, extra_files: dic
             tok.save_hf(tmp)
         for name, content in (extra_files or {}).items():
             data = content if isinstance(content, bytes) else json.dumps(content, indent=2).encode()
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)   # a name may hold a subfolder
             (tmp / name).write_bytes(data)
         ordinary_permissions(tmp)
         replace_dir(tmp, out_dir)
