@@ -159,9 +159,11 @@ def config_from_hf(d: dict, where: str) -> ModelConfig:
                 attention_bias=True, tie_word_embeddings=d.get("tie_word_embeddings", True),
                 norm="layernorm", position="learned",
                 mlp="gelu", bias=True, architecture="gpt2")
+    except LoadError:
+        raise
     except KeyError as e:
         raise LoadError(f"{where}: config field {e.args[0]!r} is missing") from None
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:   # ModelConfig's own checks
         raise LoadError(f"{where}: {e}") from None
     why = f" ({REFUSED[model_type]})" if model_type in REFUSED else ""
     raise LoadError(f"{where}: unknown architecture model_type={model_type!r}{why} "
