@@ -220,3 +220,49 @@ def test_unsupported_gemma_fields_are_one_line(tmp_path, fields, match):
     d = edited(tmp_path, "gemma3", **fields)
     with pytest.raises(LoadError, match=r"^[^:]*config\.json: [^:]*" + match):
         load_model(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# extract_iv.py runs blocks one by one with what Transformer.embed returns: the per-type RoPE tables
+# and masks must reach every block there too
+
+def gemma_like(seed=0):
+    from model import ModelConfig, Transformer
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=12, mlp="geglu", qk_norm=True, norm_plus_one=True,
+                      sandwich_norm=True, scale_embeddings=True, query_pre_attn_scalar=10, sliding_window=4,
+                      layer_types=["sliding_attention", "full_attention"] * 2, rope_local_theta=100.0,
+                      rope_scaling={"rope_type": "linear", "factor": 2.0}, final_logit_softcapping=5.0,
+                      tie_word_embeddings=True, architecture="gemma3_text")
+    model = Transformer(cfg).init_weights(std=0.3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))   # (1 + w) norms away from 1
+    return model.eval()
+
+
+def test_extract_iv_fast_paths_equal_full_forward_with_windows():
+    import extract_iv as X
+    from ivft.ivprompts import Prompt
+    from model import Intervention
+    model = gemma_like()
+    g = torch.Generator().manual_seed(1)
+    prompts = [Prompt(torch.randint(0, 64, (5 + 3 * i,), generator=g).tolist(),
+                      torch.randint(0, 64, (3,), generator=g).tolist(), "") for i in range(3)]
+    L, H, D = model.n_layers, model.config.num_attention_heads, model.config.head_dim
+    z_mean = torch.randn(L, H, D, generator=g)
+    naive = X.aie_naive(model, prompts, z_mean, effect="logprob", progress=False)
+    fast = X.aie_exact(model, prompts, z_mean, effect="logprob", progress=False)
+    assert naive.abs().max() > 1e-3
+    assert (fast - naive).abs().max() <= 1e-5, f"AIE exact vs naive: {(fast - naive).abs().max():.2e}"
+    p = prompts[2]
+    st = X._corrupted_state(model, p, "logprob")
+    layers, T = [0, 1, 3], len(p.ids)
+    vecs = torch.randn(3, model.config.hidden_size, generator=g)
+    got = X._steered_logits(model, st, layers, vecs)
+    idx = torch.tensor([p.ids + p.answer[:-1]])
+    for n, (layer, v) in enumerate(zip(layers, vecs)):
+        want = model(idx, intervention=Intervention(pos=torch.tensor([T - 1]), add_resid={layer: v}))[0, T - 1:]
+        assert_close(got[n], want, 5e-5, f"steered logits after block {layer}")
