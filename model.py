@@ -57,10 +57,10 @@ class ModelConfig:
                                          # Gemma) | "gelu" (up/down, tanh GELU: GPT-2)
     bias: bool = False                   # bias on o_proj and the MLP linears (GPT-2: True)
     qk_norm: bool = False                # RMSNorm over each head's q and k before RoPE (Qwen3, Gemma-3)
-    norm_plus_one: bool = False          # RMSNorm scales by (1 + weight): Gemma stores the weights centred on 0
+    norm_plus_one: bool = False          # RMSNorm scales by 1 + weight (Gemma: weights centred on 0)
     sandwich_norm: bool = False          # also normalise the attention and MLP outputs (Gemma-2/3)
     scale_embeddings: bool = False       # embeddings times sqrt(C) (Gemma)
-    query_pre_attn_scalar: float | None = None    # attention scores times this**-0.5; None = D**-0.5 (Gemma-3)
+    query_pre_attn_scalar: float | None = None    # scores times this**-0.5; None = D**-0.5 (Gemma-3)
     final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap) when set
     # sliding-window attention: a "sliding_attention" layer sees only the keys less than
     # sliding_window positions back (itself included); "full_attention" layers see all of the past
@@ -90,10 +90,10 @@ class ModelConfig:
         self.layer_types = list(self.layer_types)
         bad = set(self.layer_types) - {"full_attention", "sliding_attention"}
         if len(self.layer_types) != self.num_hidden_layers or bad:
-            raise ValueError(f"layer_types must name one of full_attention / sliding_attention for each of the "
-                             f"{self.num_hidden_layers} layers, got {self.layer_types}")
+            raise ValueError(f"layer_types must name one of full_attention / sliding_attention for each "
+                             f"of the {self.num_hidden_layers} layers, got {self.layer_types}")
         if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) >= 1:
-            raise ValueError(f"sliding_window={self.sliding_window!r}: sliding_attention layers need a window >= 1")
+            raise ValueError(f"sliding_window={self.sliding_window!r}: sliding layers need a window >= 1")
         if self.position == "rope":
             rope_init(self.head_dim, self.rope_theta, self.rope_scaling)   # an unknown rope type fails here
 
@@ -142,7 +142,8 @@ def rope_init(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.
     inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     kind, sc = rope_type(scaling), scaling
     if kind not in ROPE_TYPES:
-        raise ValueError(f"rope_scaling.rope_type={kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+        raise ValueError(f"rope_scaling.rope_type={kind!r} is not supported "
+                         f"(supported: {', '.join(ROPE_TYPES)})")
     if kind == "default":
         return inv_freq.float(), 1.0
     if kind == "linear":   # positions divided by `factor` (Chen et al. 2023, position interpolation)

@@ -125,8 +125,9 @@ def adapters_from_peft(sd: dict, mc, targets, r: int) -> dict:
         ours, hf = f"base_model.model.model.layers.{i}.", f"base_model.model.transformer.h.{i}."
         for s, t in enumerate(qkv):
             j = QKV.index(t)
-            out[f"{ours}self_attn.{t}.lora_A.weight"] = sd[hf + "attn.c_attn.lora_A.weight"][s * r:(s + 1) * r]
-            out[f"{ours}self_attn.{t}.lora_B.weight"] = sd[hf + "attn.c_attn.lora_B.weight"][j * C:(j + 1) * C, s * r:(s + 1) * r]
+            A, B = sd[hf + "attn.c_attn.lora_A.weight"], sd[hf + "attn.c_attn.lora_B.weight"]   # (n*r, C), (3C, n*r)
+            out[f"{ours}self_attn.{t}.lora_A.weight"] = A[s * r:(s + 1) * r]
+            out[f"{ours}self_attn.{t}.lora_B.weight"] = B[j * C:(j + 1) * C, s * r:(s + 1) * r]
         for t, name in GPT2_LORA.items():
             if t in targets:
                 part = "self_attn" if t == "o_proj" else "mlp"

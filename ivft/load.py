@@ -69,7 +69,8 @@ def rope_from_hf(d: dict, where: str, default_theta: float = 10000.0):
     (rope_parameters, type) as transformers >= 5 nests them per layer type, or None."""
     params, name, local = d.get("rope_parameters"), "rope_parameters", None
     if isinstance(params, dict) and "full_attention" in params:   # nested per layer type (Gemma-3)
-        params, name, local = params["full_attention"], "rope_parameters.full_attention", params.get("sliding_attention")
+        local = params.get("sliding_attention")
+        params, name = params["full_attention"], "rope_parameters.full_attention"
     if not params:  # older files: rope_theta + rope_scaling
         params, name = d.get("rope_scaling"), "rope_scaling"
     rope = dict(params or {})

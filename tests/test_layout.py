@@ -8,7 +8,8 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = {"train.py": 550, "evaluate.py": 500, "extract_iv.py": 600, "model.py": 550}
+# model.py: 550 until it covered Qwen3, Gemma-3 and sliding windows as switches (issue 37)
+SCRIPTS = {"train.py": 550, "evaluate.py": 500, "extract_iv.py": 600, "model.py": 720}
 
 
 def py_files():
