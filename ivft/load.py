@@ -373,7 +373,8 @@ def read_gguf(path: Path):
 
     arch = field("general.architecture")
     if arch not in ("llama", "qwen2", "gpt2"):
-        raise LoadError(f"{path}: unknown architecture {arch!r} (supported: llama, qwen2, gpt2)")
+        raise LoadError(f"{path}: GGUF metadata general.architecture={arch!r} is not supported "
+                        "(supported: llama, qwen2, gpt2; other families load from an HF directory)")
     n_vocab = field(f"{arch}.vocab_size", None) or len(reader.fields["tokenizer.ggml.tokens"].data)
     H = field(f"{arch}.attention.head_count")
     common = dict(vocab_size=n_vocab, hidden_size=field(f"{arch}.embedding_length"),
@@ -387,8 +388,9 @@ def read_gguf(path: Path):
                           position="learned", mlp="gelu", bias=True)
     else:
         scaling = None
-        if field(f"{arch}.rope.scaling.type", None) not in (None, "none"):
-            raise LoadError(f"{path}: GGUF rope scaling is not supported")
+        kind = field(f"{arch}.rope.scaling.type", None)
+        if kind not in (None, "none"):
+            raise LoadError(f"{path}: GGUF metadata {arch}.rope.scaling.type={kind!r} is not supported (none only)")
         mc = ModelConfig(**common, num_key_value_heads=field(f"{arch}.attention.head_count_kv", H),
                           head_dim=field(f"{arch}.attention.key_length", None),
                           norm_eps=field(f"{arch}.attention.layer_norm_rms_epsilon"),
