@@ -337,10 +337,13 @@ def load_hf_dir(path: Path, dtype=torch.float32, device="cpu"):
             raise LoadError(f"{where}: GPT-2 tensor {e.args[0]} is missing") from None
     model = build_model(mc, sd, where, dtype, device)
     tok = None
-    if (path / "tokenizer.json").is_file():
-        tok = Tokenizer.from_hf_dir(path)
-    elif (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file():
-        tok = Tokenizer.gpt2(path)
+    try:   # the tokenizer's errors name its file; as LoadError every script prints them in one line
+        if (path / "tokenizer.json").is_file():
+            tok = Tokenizer.from_hf_dir(path)
+        elif (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file():
+            tok = Tokenizer.gpt2(path)
+    except ValueError as e:
+        raise LoadError(str(e)) from None
     return model, tok
 
 
@@ -406,7 +409,11 @@ def read_gguf(path: Path):
             raise LoadError(f"{path}: tensor {t.name} ({t.tensor_type.name}) cannot be decoded: {e}") from None
         shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
         sd[t.name] = torch.from_numpy(np.array(a, dtype=np.float32).reshape(shape))  # a copy: the mmap is read-only
-    return mc, gguf_to_ours(sd, mc, path), Tokenizer.from_gguf(reader)
+    try:
+        tok = Tokenizer.from_gguf(reader)
+    except ValueError as e:
+        raise LoadError(str(e)) from None
+    return mc, gguf_to_ours(sd, mc, path), tok
 
 
 def gguf_to_ours(sd: dict, mc: ModelConfig, path) -> dict:

@@ -265,3 +265,11 @@ def test_extract_iv_fast_paths_equal_full_forward_with_windows():
     for n, (layer, v) in enumerate(zip(layers, vecs)):
         want = model(idx, intervention=Intervention(pos=torch.tensor([T - 1]), add_resid={layer: v}))[0, T - 1:]
         assert_close(got[n], want, 5e-5, f"steered logits after block {layer}")
+
+
+def test_a_tokenizer_we_cannot_read_is_a_load_error(tmp_path):
+    # the tokenizer's own ValueError becomes a LoadError, which every script prints as one line
+    FAMILIES["qwen3"]().save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
+    with pytest.raises(LoadError, match=r"tokenizer\.json"):
+        load_model(tmp_path)
