@@ -1,13 +1,16 @@
 """
 A from-scratch decoder-only transformer with explicit per-head attention outputs and an
-intervention API, covering the Llama family (Llama-2/3, SmolLM2, Qwen2, Mistral) and GPT-2 by a
-handful of config switches. Read it top to bottom: config, norms and RoPE, attention, MLP, block,
-model, generation.
+intervention API, covering the Llama family (Llama-2/3, SmolLM2, Qwen2/3, Mistral), Gemma-3 (text)
+and GPT-2 by a handful of config switches. Read it top to bottom: config, norms and RoPE, attention,
+MLP, block, model, generation.
 
 References:
 1) Llama: https://github.com/meta-llama/llama/blob/main/llama/model.py (RMSNorm, RoPE, SwiGLU, GQA)
-2) HF transformers modeling_llama.py / modeling_gpt2.py: parameter names and the rotate_half RoPE
-   convention, so that an HF checkpoint loads by plain copy (see load.py)
+2) HF transformers modeling_llama.py / modeling_gpt2.py / modeling_qwen3.py / modeling_gemma3.py and
+   modeling_rope_utils.py: parameter names, the rotate_half RoPE convention and the RoPE scalings, so
+   that an HF checkpoint loads by plain copy (see load.py)
+5) Gemma 3 technical report (arXiv 2503.19786): local sliding-window layers interleaved with global
+   ones, q/k norms, pre- and post-norms around attention and MLP
 3) nanoGPT (karpathy) for the overall shape of this file
 4) Todd et al. 2023, "Function Vectors in Large Language Models" (arXiv 2310.15213), and
    TransformerLens for the vocabulary of interventions: z = per-head attention output before the
@@ -20,6 +23,7 @@ Shape legend (used in every comment):
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -43,15 +47,30 @@ class ModelConfig:
     max_position_embeddings: int = 8192  # longest sequence (RoPE table / learned positions size)
     norm_eps: float = 1e-5               # epsilon of RMSNorm / LayerNorm
     rope_theta: float = 10000.0          # RoPE base
-    rope_scaling: dict | None = None     # Llama-3.1 style {"rope_type": "llama3", "factor", ...} or None
+    rope_scaling: dict | None = None     # {"rope_type": "llama3" | "linear" | "yarn", "factor", ...} or None
     attention_bias: bool = False         # bias on q/k/v projections (Qwen2: True)
-    tie_word_embeddings: bool = False    # lm_head shares embed_tokens' weight (SmolLM2, GPT-2)
-    # family switches: Llama-style defaults, GPT-2 sets all four
+    tie_word_embeddings: bool = False    # lm_head shares embed_tokens' weight (SmolLM2, GPT-2, Gemma)
+    # family switches: Llama-style defaults, GPT-2 sets the first four
     norm: str = "rmsnorm"                # "rmsnorm" | "layernorm" (LayerNorm has a bias)
     position: str = "rope"               # "rope" | "learned" (absolute position embeddings, GPT-2)
-    mlp: str = "swiglu"                  # "swiglu" (gate/up/down) | "gelu" (up/down, tanh GELU)
+    mlp: str = "swiglu"                  # "swiglu" (gate/up/down, SiLU) | "geglu" (gate/up/down, tanh GELU:
+                                         # Gemma) | "gelu" (up/down, tanh GELU: GPT-2)
     bias: bool = False                   # bias on o_proj and the MLP linears (GPT-2: True)
-    architecture: str = "llama"          # the HF family name, kept for export ("llama", "qwen2", "mistral", "gpt2")
+    qk_norm: bool = False                # RMSNorm over each head's q and k before RoPE (Qwen3, Gemma-3)
+    norm_plus_one: bool = False          # RMSNorm scales by 1 + weight (Gemma: weights centred on 0)
+    sandwich_norm: bool = False          # also normalise the attention and MLP outputs (Gemma-2/3)
+    scale_embeddings: bool = False       # embeddings times sqrt(C) (Gemma)
+    query_pre_attn_scalar: float | None = None    # scores times this**-0.5; None = D**-0.5 (Gemma-3)
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap) when set
+    # sliding-window attention: a "sliding_attention" layer sees only the keys less than
+    # sliding_window positions back (itself included); "full_attention" layers see all of the past
+    sliding_window: int | None = None
+    layer_types: list | None = None      # per layer; None = all "full_attention", or all
+                                         # "sliding_attention" when sliding_window is set (Mistral)
+    rope_local_theta: float | None = None  # RoPE base of sliding layers, unscaled (Gemma-3's
+                                           # rope_local_base_freq); None = the global RoPE
+    architecture: str = "llama"          # the HF family name, kept for export ("llama", "qwen2", "qwen3",
+                                         # "mistral", "gemma3_text", "gpt2")
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -62,19 +81,33 @@ class ModelConfig:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
         for name, allowed in (("norm", ("rmsnorm", "layernorm")), ("position", ("rope", "learned")),
-                              ("mlp", ("swiglu", "gelu"))):
+                              ("mlp", ("swiglu", "geglu", "gelu"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config field {name}={getattr(self, name)!r}, expected one of {allowed}")
+        if self.layer_types is None:
+            kind = "full_attention" if self.sliding_window is None else "sliding_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
+        self.layer_types = list(self.layer_types)
+        bad = set(self.layer_types) - {"full_attention", "sliding_attention"}
+        if len(self.layer_types) != self.num_hidden_layers or bad:
+            raise ValueError(f"layer_types must name one of full_attention / sliding_attention for each "
+                             f"of the {self.num_hidden_layers} layers, got {self.layer_types}")
+        if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) >= 1:
+            raise ValueError(f"sliding_window={self.sliding_window!r}: sliding layers need a window >= 1")
+        if self.position == "rope":
+            rope_init(self.head_dim, self.rope_theta, self.rope_scaling)   # an unknown rope type fails here
 
 
 # ---------------------------------------------------------------------------------------------
 # Norms and rotary position embeddings
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.plus_one = plus_one
+        # Gemma stores w - 1 (so its weights start at 0): its scale is 1 + weight
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x):
         # normalise in fp32 even under bf16 autocast, as HF and Meta do: the mean of squares of a
@@ -82,25 +115,41 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            # Gemma scales in fp32 and rounds once; Llama rounds, then scales (HF does each its way)
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(dim, cfg.norm_eps)
+        return RMSNorm(dim, cfg.norm_eps, cfg.norm_plus_one)
     return nn.LayerNorm(dim, eps=cfg.norm_eps)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Per-pair rotation frequencies [D/2], with Llama-3.1's frequency-dependent rescaling."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    sc = cfg.rope_scaling
-    if not sc or sc.get("rope_type", sc.get("type")) in (None, "default"):
-        return inv_freq.float()
-    if sc.get("rope_type", sc.get("type")) != "llama3":
-        raise ValueError(f"rope_scaling type {sc.get('rope_type', sc.get('type'))!r} is not supported "
-                         "(supported: llama3)")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")   # "dynamic" and "longrope" depend on the sequence length
+
+
+def rope_type(scaling: dict | None) -> str:
+    return "default" if not scaling else scaling.get("rope_type", scaling.get("type")) or "default"
+
+
+def rope_init(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """Per-pair rotation frequencies [D/2] and the factor that cos and sin are multiplied by (YaRN's
+    attention scaling, else 1), for the RoPE types of HF modeling_rope_utils.py that do not depend
+    on the sequence length."""
+    d = head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    kind, sc = rope_type(scaling), scaling
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling.rope_type={kind!r} is not supported "
+                         f"(supported: {', '.join(ROPE_TYPES)})")
+    if kind == "default":
+        return inv_freq.float(), 1.0
+    if kind == "linear":   # positions divided by `factor` (Chen et al. 2023, position interpolation)
+        return (inv_freq / sc["factor"]).float(), 1.0
+    if kind == "yarn":
+        return yarn_inv_freq(inv_freq, d, theta, sc)
     # Llama-3.1: wavelengths longer than old_ctx/low_freq_factor are slowed down by `factor`, those
     # shorter than old_ctx/high_freq_factor are kept, and the band between is interpolated smoothly.
     factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
@@ -111,7 +160,34 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     out = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
     mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
     out = torch.where(mid, interpolated, out)
-    return out.float()
+    return out.float(), 1.0
+
+
+def yarn_inv_freq(inv_freq, d: int, theta: float, sc: dict) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023, arXiv 2309.00071): pairs that turn fewer than beta_slow times over the
+    original context are interpolated (divided by `factor`), those turning more than beta_fast times
+    are kept, with a linear ramp between; cos and sin are scaled by 0.1 ln(factor) + 1."""
+    factor, old_ctx = sc["factor"], sc["original_max_position_embeddings"]
+
+    def mscale(m=1.0):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    attn = sc.get("attention_factor")
+    if attn is None:
+        m, m_all = sc.get("mscale"), sc.get("mscale_all_dim")
+        attn = mscale(m) / mscale(m_all) if m and m_all else mscale()
+
+    def pair_index(turns):   # the (fractional) pair that turns `turns` times over old_ctx positions
+        return d * math.log(old_ctx / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_index(sc.get("beta_fast") or 32), pair_index(sc.get("beta_slow") or 1)
+    if sc.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    high = high + 0.001 if low == high else high          # as HF: no division by zero
+    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp                                        # 1: extrapolate (keep), 0: interpolate
+    return (inv_freq / factor * (1 - keep) + inv_freq * keep).float(), float(attn)
 
 
 def rotate_half(x):
@@ -286,12 +362,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, G * D, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(C, G * D, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(H * D, C, bias=cfg.bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # one RMSNorm over D, shared by all heads (Qwen3, Gemma-3)
+            self.q_norm = RMSNorm(D, cfg.norm_eps, cfg.norm_plus_one)
+            self.k_norm = RMSNorm(D, cfg.norm_eps, cfg.norm_plus_one)
+        # None: SDPA's default 1/sqrt(D); Gemma-3 scales by 1/sqrt(query_pre_attn_scalar)
+        self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
 
     def forward(self, x, rope, mask, cache, layer, edit, start):
         B, T, _ = x.shape
         H, G, D = self.n_head, self.n_kv_head, self.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
+        q = self.q_proj(x).view(B, T, H, D)                   # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, G, D)                   # (B, T, G, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)           # (B, H, T, D), (B, G, T, D)
         v = self.v_proj(x).view(B, T, G, D).transpose(1, 2)  # (B, G, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -302,9 +387,10 @@ class Attention(nn.Module):
         # copied the whole cache twice per layer and step: ~4x slower attention when decoding)
         gqa = G != H
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)   # (B, H, T, D)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale,
+                                               enable_gqa=gqa)                      # (B, H, T, D)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
         z = y.transpose(1, 2)                                 # (B, T, H, D): per-head outputs
         if edit is not None and edit.touches_z(layer):
             z = edit.edit_z(layer, z, start)
@@ -322,31 +408,48 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         C, Fd = cfg.hidden_size, cfg.intermediate_size
-        self.swiglu = cfg.mlp == "swiglu"
-        if self.swiglu:
+        self.gated = cfg.mlp in ("swiglu", "geglu")
+        if self.gated:
             self.gate_proj = nn.Linear(C, Fd, bias=cfg.bias)
         self.up_proj = nn.Linear(C, Fd, bias=cfg.bias)
         self.down_proj = nn.Linear(Fd, C, bias=cfg.bias)
+        # tanh GELU: GPT-2's "gelu_new" and Gemma's "gelu_pytorch_tanh" are the same function
+        self.act = F.silu if cfg.mlp == "swiglu" else functools.partial(F.gelu, approximate="tanh")
 
     def forward(self, x):
-        if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # GPT-2's "gelu_new"
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). With sandwich_norm (Gemma)
+    the attention and MLP outputs are normalised too before they are added."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.attention_type = cfg.layer_types[layer]   # picks this layer's RoPE table and mask
         self.input_layernorm = make_norm(cfg, cfg.hidden_size)
         self.self_attn = Attention(cfg)
+        # HF names: in Llama post_attention_layernorm is the MLP's input norm; in Gemma it normalises
+        # the attention output, and pre_feedforward_layernorm is the MLP's input norm
         self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.sandwich = cfg.sandwich_norm
+        if cfg.sandwich_norm:
+            self.pre_feedforward_layernorm = make_norm(cfg, cfg.hidden_size)
+            self.post_feedforward_layernorm = make_norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope, mask, cache, layer, edit, start):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, edit, start)
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        # rope, mask: per attention type, as Transformer.embed returns them
+        kind = self.attention_type
+        a = self.self_attn(self.input_layernorm(x), rope[kind], mask[kind], cache, layer, edit, start)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(a)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:
+            x = x + a
+            x = x + self.mlp(self.post_attention_layernorm(x))
         if edit is not None and edit.touches_resid(layer):
             x = edit.edit_resid(layer, x, start)
         return x
@@ -367,6 +470,19 @@ def checkpointed_block(block, x, rope, mask, layer, edit, start):
 # The model. Parameter names equal HF LlamaForCausalLM's ("model.layers.3.self_attn.q_proj.weight",
 # "lm_head.weight"), so a Llama-family safetensors file loads with load_state_dict as it is.
 
+class SoftcappedHead(nn.Linear):
+    """The output layer when final_logit_softcapping is set: logits = cap * tanh(logits / cap). It is
+    part of lm_head so that every caller of model.lm_head (the engine's fp32 head, extract_iv.py)
+    gets the same logits as forward."""
+
+    def __init__(self, in_features: int, out_features: int, cap: float):
+        super().__init__(in_features, out_features, bias=False)
+        self.cap = cap
+
+    def forward(self, x):
+        return torch.tanh(super().forward(x) / self.cap) * self.cap
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -375,30 +491,44 @@ class Transformer(nn.Module):
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         if cfg.position == "learned":
             self.model.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.model.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.model.norm = make_norm(cfg, cfg.hidden_size)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.final_logit_softcapping is None:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        else:
+            self.lm_head = SoftcappedHead(cfg.hidden_size, cfg.vocab_size, cfg.final_logit_softcapping)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if cfg.position == "rope":
-            # not saved with the weights (persistent=False): derived from the config
-            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+            self.init_rope()
         self.grad_checkpointing = False    # recompute blocks in the backward (checkpointed_block)
+
+    def init_rope(self, device=None):
+        """The RoPE frequencies: buffers, not saved with the weights (persistent=False), derived from
+        the config. inv_freq serves full-attention layers (and sliding ones unless rope_local_theta
+        is set: then inv_freq_local, unscaled, as Gemma-3's local layers)."""
+        cfg = self.config
+        inv_freq, self.rope_attention_factor = rope_init(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        if cfg.rope_local_theta is not None:
+            local, _ = rope_init(cfg.head_dim, cfg.rope_local_theta, None)
+            self.register_buffer("inv_freq_local", local.to(device), persistent=False)
 
     def init_weights(self, std: float = 0.02):
         """Random init for tests and from-scratch use (pretrained weights overwrite all of it):
-        linear and embedding weights N(0, std), biases 0, norm weights 1 (LayerNorm bias 0)."""
+        linear and embedding weights N(0, std), biases 0, norm scales 1 (LayerNorm bias 0)."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, (RMSNorm, nn.LayerNorm)):
-                nn.init.ones_(m.weight)
+                # scale 1: weight 1, or 0 where the scale is 1 + weight (Gemma)
+                nn.init.zeros_(m.weight) if getattr(m, "plus_one", False) else nn.init.ones_(m.weight)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
         if self.config.position == "rope":
-            self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+            self.init_rope(self.inv_freq.device)
         return self
 
     @property
@@ -409,47 +539,77 @@ class Transformer(nn.Module):
         """Per-head residual contributions of layer `layer`: z (..., H, D) -> (..., H, C)."""
         return self.model.layers[layer].self_attn.head_contributions(z)
 
-    def _positions_and_mask(self, B, T, start, pad_mask, device):
-        """Position ids (B, T) and the attention mask (None = plain causal, the fast path).
+    def _positions_and_masks(self, B, T, start, pad_mask, device):
+        """Position ids (B, T) and, per attention type, the attention mask (B, 1, T, S) or None (plain
+        causal, SDPA's fast path).
 
         pad_mask: bool (B, S), True at real tokens, covering past + new tokens. With left padding
         a row's first real token gets position 0, as if it were unpadded, so left- and right-padded
-        batches give the same numbers."""
+        batches give the same numbers. A sliding-window layer lets query i see key j when
+        pos_i - pos_j < sliding_window: the window counts positions, not columns, so a padded row
+        again computes what it computes alone (transformers counts columns: the same with left
+        padding)."""
+        cfg, S = self.config, start + T
+        types = set(cfg.layer_types)
+        masks = {t: None for t in types}
         if pad_mask is None:
-            pos = torch.arange(start, start + T, device=device).expand(B, T)
-            if start == 0 or T == 1:
-                return pos, None
+            pos = torch.arange(start, S, device=device).expand(B, T)
             # several new tokens after a cached past: SDPA's is_causal would align the triangle to
-            # the top-left corner, so spell the mask out (all tokens real)
-            pad_mask = torch.ones(B, start + T, dtype=torch.bool, device=device)
+            # the top-left corner, so the mask is spelled out (all tokens real); so is a window
+            # that the sequence has outgrown
+            need = {t for t in types if not (start == 0 or T == 1)
+                    or (t == "sliding_attention" and S > cfg.sliding_window)}
+            if not need:
+                return pos, masks
+            pad_mask = torch.ones(B, S, dtype=torch.bool, device=device)
+        else:
+            need = types
         pad_mask = pad_mask.to(device=device, dtype=torch.bool)
-        S = pad_mask.shape[1]
-        if S != start + T:
-            raise ValueError(f"pad_mask covers {S} tokens, but past + new = {start} + {T}")
-        pos = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]       # (B, T)
+        if pad_mask.shape[1] != S:
+            raise ValueError(f"pad_mask covers {pad_mask.shape[1]} tokens, but past + new = {start} + {T}")
+        key_pos = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)              # (B, S)
+        pos = key_pos[:, start:]                                              # (B, T)
         q_idx = torch.arange(start, S, device=device)[:, None]
-        causal = torch.arange(S, device=device)[None, :] <= q_idx            # (T, S)
-        mask = causal[None] & pad_mask[:, None, :]                            # (B, T, S)
+        k_idx = torch.arange(S, device=device)[None, :]
+        full = (k_idx <= q_idx)[None] & pad_mask[:, None, :]                  # (B, T, S)
         # a padding query sees no real key; let it see itself so softmax has no empty row (its output
         # is never used, but a NaN there would leak through the backward pass)
-        mask = mask | (torch.arange(S, device=device)[None, None, :] == q_idx[None])
-        return pos, mask[:, None]                                             # (B, 1, T, S)
+        itself = (k_idx == q_idx)[None]                                       # (1, T, S)
+        for t in need:
+            m = full
+            if t == "sliding_attention":
+                m = full & (pos[:, :, None] - key_pos[:, None, :] < cfg.sliding_window)
+            masks[t] = (m | itself)[:, None]                                  # (B, 1, T, S)
+        return pos, masks
+
+    def _rope_table(self, pos, inv_freq, dtype):
+        freqs = pos[..., None].float() * inv_freq                             # (B, T, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)                               # (B, T, D)
+        cos, sin = emb.cos(), emb.sin()
+        if self.rope_attention_factor != 1.0:   # YaRN scales cos and sin (so q.k by its square)
+            cos, sin = cos * self.rope_attention_factor, sin * self.rope_attention_factor
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]                 # (B, 1, T, D)
 
     def embed(self, idx, start: int = 0, pad_mask=None):
         """The inputs of block 0 for tokens idx (B, T) at absolute positions start.. (after `start`
-        cached tokens): embeddings x (B, T, C), RoPE tables (None for learned positions) and the
-        attention mask. Public so that code running blocks one by one (extract_iv.py) shares it."""
+        cached tokens): embeddings x (B, T, C), and per attention type ("full_attention",
+        "sliding_attention") the RoPE tables (None for learned positions) and the attention mask.
+        Public so that code running blocks one by one (extract_iv.py) shares it."""
+        cfg = self.config
         B, T = idx.shape
-        pos, mask = self._positions_and_mask(B, T, start, pad_mask, idx.device)
+        pos, masks = self._positions_and_masks(B, T, start, pad_mask, idx.device)
         x = self.model.embed_tokens(idx)                                      # (B, T, C)
-        rope = None
-        if self.config.position == "learned":
+        if cfg.scale_embeddings:   # Gemma: sqrt(C), rounded to the embedding's dtype as HF does
+            x = x * torch.tensor(cfg.hidden_size ** 0.5).to(x.dtype)
+        rope = dict.fromkeys(masks)
+        if cfg.position == "learned":
             x = x + self.model.embed_positions(pos)
-        else:
-            freqs = pos[..., None].float() * self.inv_freq                    # (B, T, D/2)
-            emb = torch.cat([freqs, freqs], dim=-1)                           # (B, T, D)
-            rope = (emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None])  # (B, 1, T, D)
-        return x, rope, mask
+            return x, rope, masks
+        table = self._rope_table(pos, self.inv_freq, x.dtype)
+        for t in rope:
+            local = t == "sliding_attention" and cfg.rope_local_theta is not None
+            rope[t] = self._rope_table(pos, self.inv_freq_local, x.dtype) if local else table
+        return x, rope, masks
 
     def forward(self, idx, targets=None, *, pad_mask=None, cache: KVCache | None = None,
                 intervention: Intervention | None = None, return_hidden=False):
@@ -457,13 +617,13 @@ class Transformer(nn.Module):
         (targets[b, t] = the token after idx[b, t]; -100 = ignored, e.g. prompt tokens) also the
         mean cross-entropy over non-ignored targets."""
         start = cache.length if cache is not None else 0
-        x, rope, mask = self.embed(idx, start, pad_mask)
+        x, rope, masks = self.embed(idx, start, pad_mask)
         recompute = self.grad_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.model.layers):
             if recompute:    # only when a backward will follow
-                x = checkpointed_block(block, x, rope, mask, i, intervention, start)
+                x = checkpointed_block(block, x, rope, masks, i, intervention, start)
             else:
-                x = block(x, rope, mask, cache, i, intervention, start)
+                x = block(x, rope, masks, cache, i, intervention, start)
         x = self.model.norm(x)
         if return_hidden:
             return x

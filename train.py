@@ -487,7 +487,7 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
     start = ckpt.find_resume(run, len(train_tasks), cfg["resume"], cfg["overwrite"], d.main, d)
     if start["finished"] is not None:
         return start["finished"]
-    model, tok = ckpt.load_base_model(cfg["model"], cfg["model_dtype"], d.device)
+    model, tok = ckpt.load_base_model(cfg["model"], cfg["model_dtype"], d.device, spec and spec.targets)
     model.grad_checkpointing = cfg["grad_checkpointing"]     # recompute each block in the backward
     encoded = [encode_task(tok, t, i, cfg["max_len"], cfg["max_train"], free=cfg["free_kl_weight"] > 0)
                for i, t in enumerate(train_tasks)]

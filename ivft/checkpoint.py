@@ -2,9 +2,13 @@
 checkpoint (--save_every, Ctrl-C, SIGTERM). Each is an HF directory (written by load.save_hf,
 atomically) holding the fine-tuned weights (LoRA adapters merged into the export) that
 transformers opens as it is, plus train_state.pt (optimizer, step, RNG of every rank, results so
-far), train_config.json and, with LoRA, the current adapters in PEFT layout. The LoRA base is never
-stored twice: it is the original model, and the finished tasks' adapters (lora.finish_task) are kept
-in train_state.pt. (Which model is the KL's frozen reference is method: ivft/reference.py.)
+far), train_config.json and, with LoRA, the current adapters in PEFT layout in the subfolder
+adapter/. Not beside the merged weights: transformers, with peft installed, applies an adapter it finds
+there on top of weights that already hold it. `PeftModel.from_pretrained(base, "<ckpt>/adapter")` opens
+it on its base (named in adapter/adapter_config.json: the original model, or after a merge the previous
+stage's checkpoint). The LoRA base is never stored twice: the finished tasks' adapters
+(lora.finish_task) are kept in train_state.pt. (Which model is the KL's frozen reference is method:
+ivft/reference.py.)
 
 The functions take what they use: a RunFiles record (out_dir, the settings to store) and plain values.
 """
@@ -32,6 +36,9 @@ from ivft.files import clean_leftovers
 from ivft.load import load_hf_dir, load_model, read_safetensors, save_hf
 from ivft.runtime import write_json
 from model import Transformer
+
+
+ADAPTER_DIR = "adapter"   # a checkpoint's LoRA adapters, in PEFT's layout
 
 
 @dataclass
@@ -66,13 +73,76 @@ def save_checkpoint(path: Path, model: Transformer, tok, run: RunFiles, state: d
     if lora.lora_layers(model):
         sd, adapters = lora.split_state_dict(sd, lora.scale_of(model))   # every adapter merged in
         if adapters:    # a current adapter; between tasks of the merge policy only merged weights
-            extra["adapter_model.safetensors"] = st_save(adapters, metadata={"format": "pt"})
-            extra["adapter_config.json"] = lora.adapter_config(model, run.model_id)
+            # the adapters' base: the original model, or after a merge the last stage's checkpoint
+            j = state["stage_done"]
+            merged = run.lora is not None and run.lora.merge and j > 0
+            base = str(run.out_dir / f"stage-{j}") if merged else run.model_id
+            adapters, config = adapters_for_peft(adapters, lora.adapter_config(model, base), model.config)
+            extra[ADAPTER_DIR + "/adapter_model.safetensors"] = st_save(adapters, metadata={"format": "pt"})
+            extra[ADAPTER_DIR + "/adapter_config.json"] = config
     try:
         save_hf(_Export(model.config, sd), tok, path, extra_files=extra)
     except (OSError, SafetensorError) as e:   # a full disk's error names no file: say which failed
         why = getattr(e, "strerror", None) or e   # safetensors raises its own error type, not OSError
         raise TrainError(f"{path}: cannot write the checkpoint ({why}); the previous checkpoint is kept") from None
+
+
+# GPT-2's HF module names of our LoRA targets; q_proj, k_proj and v_proj are one Conv1D there (attn.c_attn)
+GPT2_LORA = {"o_proj": "attn.c_proj", "up_proj": "mlp.c_fc", "down_proj": "mlp.c_proj"}
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def adapters_for_peft(adapters: dict, config: dict, mc) -> tuple[dict, dict]:
+    """Our adapters (PEFT names over our module names, from lora.split_state_dict) and their
+    adapter_config.json -> what peft applies to the HF model of this family. Llama-family module
+    names are HF's already. GPT-2 fuses q, k and v into one layer (attn.c_attn, output [q; k; v]):
+    n adapters of rank r there become one of rank n*r with the A's stacked and the B's placed
+    block-diagonally, which adds exactly the same to each of q, k, v (alpha n*alpha keeps alpha/r)."""
+    if mc.architecture != "gpt2":
+        return adapters, config
+    C, r, targets = mc.hidden_size, config["r"], config["target_modules"]
+    qkv = [t for t in QKV if t in targets]
+    out = {}
+    for i in range(mc.num_hidden_layers):
+        ours, hf = f"base_model.model.model.layers.{i}.", f"base_model.model.transformer.h.{i}."
+        if qkv:
+            A = torch.cat([adapters[f"{ours}self_attn.{t}.lora_A.weight"] for t in qkv])   # (n*r, C)
+            B = A.new_zeros(3 * C, len(qkv) * r)                                           # (3C, n*r)
+            for s, t in enumerate(qkv):
+                j = QKV.index(t)
+                B[j * C:(j + 1) * C, s * r:(s + 1) * r] = adapters[f"{ours}self_attn.{t}.lora_B.weight"]
+            out[hf + "attn.c_attn.lora_A.weight"], out[hf + "attn.c_attn.lora_B.weight"] = A, B
+        for t, name in GPT2_LORA.items():
+            if t in targets:
+                part = "self_attn" if t == "o_proj" else "mlp"
+                for ab in "AB":
+                    out[f"{hf}{name}.lora_{ab}.weight"] = adapters[f"{ours}{part}.{t}.lora_{ab}.weight"]
+    config = {**config, "fan_in_fan_out": True,   # GPT-2's Conv1D stores weights [in, out]
+              "target_modules": ["attn.c_attn"] * bool(qkv) + [GPT2_LORA[t] for t in GPT2_LORA if t in targets]}
+    if qkv:
+        config.update(rank_pattern={"c_attn": len(qkv) * r}, alpha_pattern={"c_attn": len(qkv) * config["lora_alpha"]})
+    return out, config
+
+
+def adapters_from_peft(sd: dict, mc, targets, r: int) -> dict:
+    """The inverse of adapters_for_peft: a checkpoint's adapter file -> our adapters (for resuming)."""
+    if mc.architecture != "gpt2" or not any(k.startswith("base_model.model.transformer.") for k in sd):
+        return sd
+    C, out = mc.hidden_size, {}
+    qkv = [t for t in QKV if t in targets]
+    for i in range(mc.num_hidden_layers):
+        ours, hf = f"base_model.model.model.layers.{i}.", f"base_model.model.transformer.h.{i}."
+        for s, t in enumerate(qkv):
+            j = QKV.index(t)
+            A, B = sd[hf + "attn.c_attn.lora_A.weight"], sd[hf + "attn.c_attn.lora_B.weight"]   # (n*r, C), (3C, n*r)
+            out[f"{ours}self_attn.{t}.lora_A.weight"] = A[s * r:(s + 1) * r]
+            out[f"{ours}self_attn.{t}.lora_B.weight"] = B[j * C:(j + 1) * C, s * r:(s + 1) * r]
+        for t, name in GPT2_LORA.items():
+            if t in targets:
+                part = "self_attn" if t == "o_proj" else "mlp"
+                for ab in "AB":
+                    out[f"{ours}{part}.{t}.lora_{ab}.weight"] = sd[f"{hf}{name}.lora_{ab}.weight"]
+    return out
 
 
 def read_state(path: Path) -> dict:
@@ -179,18 +249,25 @@ def restore_model(model, ckpt: Path, state: dict, spec: lora.LoraSpec | None, ou
                                  f"lora_frozen in train_state.pt); start the run afresh with --overwrite")
             lora.load_frozen(model, state["lora_frozen"], stack=True)
         elif j > 0:
-            lora.load_frozen(model, peft_as_frozen(out_dir / f"stage-{j}"), stack=False)
+            lora.load_frozen(model, peft_as_frozen(out_dir / f"stage-{j}", model.config, spec), stack=False)
         if spec.merge and step == 0:
             lora.drop_current(model)     # between tasks: the next task draws its fresh adapters
             return
-        lora.load_adapter_state_dict(model, read_safetensors(ckpt / "adapter_model.safetensors"))
-    except (LoadError, ValueError) as e:
+        lora.load_adapter_state_dict(model, read_adapters(ckpt, model.config, spec))
+    except (LoadError, ValueError, KeyError) as e:
         raise TrainError(f"{ckpt}: {e}") from None
 
 
-def peft_as_frozen(stage: Path) -> dict:
+def read_adapters(ckpt: Path, config, spec: lora.LoraSpec) -> dict:
+    """A checkpoint's current adapters in PEFT names, as the model holds them (adapters_from_peft)."""
+    # checkpoints written before the adapters moved into adapter/ hold them at the top
+    folder = ckpt / ADAPTER_DIR if (ckpt / ADAPTER_DIR).is_dir() else ckpt
+    return adapters_from_peft(read_safetensors(folder / "adapter_model.safetensors"), config, spec.targets, spec.r)
+
+
+def peft_as_frozen(stage: Path, config, spec: lora.LoraSpec) -> dict:
     """A stage's adapter file (PEFT names) as lora.load_frozen reads a snapshot."""
-    sd = read_safetensors(stage / "adapter_model.safetensors")
+    sd = read_adapters(stage, config, spec)
     prefix, out = "base_model.model.", {}
     for k, v in sd.items():
         module, ab, _ = k[len(prefix):].rsplit(".", 2)         # <module>.lora_A.weight
@@ -201,11 +278,14 @@ def peft_as_frozen(stage: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Starting or resuming a run in out_dir
 
-def load_base_model(model_id: str | None, model_dtype: str, device):
-    """The model a run starts from (--model, --model_dtype "fp32" or "bf16") with its tokenizer."""
+def load_base_model(model_id: str | None, model_dtype: str, device, lora_targets=None):
+    """The model a run starts from (--model, --model_dtype "fp32" or "bf16") with its tokenizer; with
+    LoRA, its targets checked against the family's linear layers (before any evaluation runs)."""
     try:
         model, tok = load_model(model_id, dtype=torch.bfloat16 if model_dtype == "bf16" else torch.float32, device=device)
-    except LoadError as e:
+        if lora_targets is not None:
+            lora.check_targets(model, lora_targets)
+    except (LoadError, ValueError) as e:
         raise TrainError(str(e)) from None
     if tok is None:
         raise TrainError(f"{model_id}: no tokenizer files next to the weights")

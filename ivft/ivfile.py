@@ -60,8 +60,18 @@ def iv_filename(task) -> str:
 # ---------------------------------------------------------------------------------------------
 # Fingerprints and the metadata that decide reuse
 
+# ModelConfig switches added after IV files were first written (Qwen3, Gemma-3, sliding windows), with
+# the value every earlier model had: left out of the hash at that value, so older IV files still match
+LATER_FIELDS = {"qk_norm": False, "norm_plus_one": False, "sandwich_norm": False, "scale_embeddings": False,
+                "query_pre_attn_scalar": None, "final_logit_softcapping": None, "sliding_window": None,
+                "rope_local_theta": None}
+
+
 def config_hash(model) -> str:
     mc = dataclasses.asdict(model.config)
+    mc = {k: v for k, v in mc.items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+    if set(mc.get("layer_types") or ()) <= {"full_attention"}:
+        mc.pop("layer_types", None)
     return hashlib.sha1(json.dumps(mc, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

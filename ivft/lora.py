@@ -133,11 +133,24 @@ def parse_targets(spec) -> tuple[str, ...]:
     return names
 
 
+def check_targets(model: nn.Module, targets) -> tuple[str, ...]:
+    """Every target must name linear layers of this model's family (GPT-2 has no gate_proj): one
+    that names none would otherwise be skipped without a word."""
+    targets = parse_targets(targets)
+    have = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {"lm_head"}
+    missing = [t for t in targets if t not in have]
+    if missing:
+        family = getattr(getattr(model, "config", None), "architecture", "this")
+        raise ValueError(f"--lora_targets {','.join(missing)}: a {family} model has no such linear layer "
+                         f"(its linear layers: {','.join(t for t in KNOWN_TARGETS if t in have)})")
+    return targets
+
+
 def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets=("q_proj", "v_proj")) -> list[str]:
     """Freeze every parameter of `model`, then replace each nn.Linear whose name ends in one of
     `targets` by a LoRALinear, or give a LoRALinear between tasks its fresh adapter (the same random
     draws, in the same order, as wrapping a plain layer). Returns the adapted modules' names."""
-    targets = parse_targets(targets)
+    targets = check_targets(model, targets)
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []

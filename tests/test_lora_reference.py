@@ -145,7 +145,7 @@ def test_resume_puts_the_finished_adapters_back(tmp_path, step):
     state = {"stage_done": 1, "step": step, "rng": [ckpt.rng_state()], "stages": [], "version": 1}
     path = tmp_path / ("stage-1" if step == 0 else "last")
     ckpt.save_checkpoint(path, model, tok, run, state)
-    assert (path / "adapter_model.safetensors").exists() == (step > 0)
+    assert (path / ckpt.ADAPTER_DIR / "adapter_model.safetensors").exists() == (step > 0)
     again = tiny_model(layers=3)
     ckpt.restore_model(again, path, ckpt.read_state(path), SPEC, tmp_path)
     assert lora.has_lora(again) == (step > 0)

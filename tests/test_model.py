@@ -165,9 +165,9 @@ def naive_forward(model, idx, layer, pos, vec, scale=1.0):
     x = model.model.embed_tokens(idx)
     freqs = torch.arange(T)[None, :, None].float() * model.inv_freq
     emb = torch.cat([freqs, freqs], -1).expand(B, T, -1)
-    rope = (emb.cos()[:, None], emb.sin()[:, None])
+    rope = {"full_attention": (emb.cos()[:, None], emb.sin()[:, None])}
     for i, block in enumerate(model.model.layers):
-        x = block(x, rope, None, None, i, None, 0)
+        x = block(x, rope, {"full_attention": None}, None, i, None, 0)
         if i == layer:
             x = x.clone()
             for b in range(B):
