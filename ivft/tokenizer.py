@@ -521,6 +521,16 @@ def _parse_json(text: str, path) -> dict:
     return obj
 
 
+def _no_prepend(tj: dict) -> str:
+    """tokenizer.json text with Metaspace's prepend_scheme "first" turned to "never" (see _encode_runs)."""
+    tj = json.loads(json.dumps(tj))
+    pre = tj.get("pre_tokenizer") or {}
+    for step in (pre.get("pretokenizers") or [pre]):
+        if step.get("type") == "Metaspace" and step.get("prepend_scheme") == "first":
+            step["prepend_scheme"] = "never"
+    return json.dumps(tj)
+
+
 class SentencePieceBPE(ChatMixin):
     """SentencePiece-style BPE with byte fallback and the "▁" space (Llama-2, Mistral, Gemma) on HF
     `tokenizers`, transformers' own engine. tiktoken cannot express it: its first symbols are whole
@@ -533,10 +543,13 @@ class SentencePieceBPE(ChatMixin):
             self._plain = Engine.from_str(hf.tj_text)    # control-token text is text: user input
         except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad files
             raise TokenizerError(f"{hf.tj_path}: HF tokenizers cannot read it ({str(e).splitlines()[0]})") from None
-        for engine in (self._engine, self._plain):
+        # Text that follows a control token inside a chat prompt: Metaspace(prepend_scheme "first") puts
+        # "▁" only before the text's very first piece, so a run encoded on its own must not get one.
+        self._inner = Engine.from_str(_no_prepend(hf.tj))
+        for engine in (self._engine, self._plain, self._inner):
             engine.no_truncation()
             engine.no_padding()
-        self._plain.encode_special_tokens = True
+        self._plain.encode_special_tokens = self._inner.encode_special_tokens = True
         self._hf = hf
         self.where = hf.path
         self.special_tokens = hf.added_tokens()
@@ -556,10 +569,16 @@ class SentencePieceBPE(ChatMixin):
     def _encode_rendered(self, text: str, typed: list[str]) -> list[int]:
         if not typed:  # the whole text at once, exactly as apply_chat_template tokenizes it
             return self._engine.encode(_fix_surrogates(text), add_special_tokens=False).ids
-        # Typed control text: each text run on its own, so a run is encoded as if it began a text
-        # (a "▁" may start it where the whole-text encoding would have none).
-        return [i for p in self._split_rendered(text, typed)
-                for i in (self.encode(p) if isinstance(p, str) else [p])]
+        return self._encode_runs(text, typed)
+
+    def _encode_runs(self, text: str, typed: list[str]) -> list[int]:
+        """Typed control text present: each text run on its own, with control-token text as text.
+        The same ids as the whole-text encoding when nothing was typed (test_tokenizer_families)."""
+        ids: list[int] = []
+        for k, p in enumerate(self._split_rendered(text, typed)):
+            engine = self._plain if k == 0 else self._inner  # only the text's first run gets the "▁"
+            ids += engine.encode(_fix_surrogates(p), add_special_tokens=False).ids if isinstance(p, str) else [p]
+        return ids
 
     def save_hf(self, out_dir):
         """The source's tokenizer.json byte for byte (its post-processor keeps the bos behaviour) and

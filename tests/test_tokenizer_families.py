@@ -121,6 +121,10 @@ def test_chat_matches_apply_chat_template(folders, fam):
             want = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=False)
             assert ours.render_chat(messages, add_generation_prompt=gen) == list(want), \
                 f"{fam}: chat ids differ for {messages}, add_generation_prompt={gen}"
+    if isinstance(ours, SentencePieceBPE):  # the run-by-run path (typed control text) agrees too
+        for messages in CONVERSATIONS:
+            text = ours._compiled.render(messages=messages, add_generation_prompt=True, **ours._special_names())
+            assert ours._encode_runs(text, []) == ours._encode_rendered(text, []), f"{fam}: runs differ"
     # control-token text typed by a user stays text: its id appears only where the template wrote it
     control = {"llama2": "<s>", "mistral3": "[INST]", "qwen2": "<|im_start|>", "llama3": "<|eot_id|>"}[fam]
     cid = ours.special_tokens[control]
