@@ -197,3 +197,29 @@ def test_bad_template_is_one_line(folders, tmp_path):
     with pytest.raises(ValueError) as e:
         Tokenizer.from_hf_dir(tmp_path)
     assert str(e.value).startswith(str(tmp_path / "chat_template.jinja")) and "\n" not in str(e.value)
+
+
+def test_legacy_sentencepiece_file(folders, tmp_path):
+    """Llama-2's tokenizer.json as older transformers wrote it (normalizer Prepend("▁") + Replace,
+    no pre-tokenizer): we run the file as written. (transformers 5 rebuilds a LlamaTokenizer's
+    pipeline from the vocabulary and then differs from the file on text that starts with a space,
+    so the reference here reads the file as it is, as PreTrainedTokenizerFast.)"""
+    path = folder(folders, "llama2")
+    tj = json.load(open(os.path.join(path, "tokenizer.json"), encoding="utf-8"))
+    tj["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    tj["pre_tokenizer"] = None
+    cfg = json.load(open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8"))
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    _write(tmp_path, "tokenizer.json", tj)
+    _write(tmp_path, "tokenizer_config.json", cfg)
+    _write(tmp_path, "chat_template.jinja", F.LLAMA2_TEMPLATE)
+    ours, hf = Tokenizer.from_hf_dir(tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert_same(STRINGS, ours.encode, lambda s: hf.encode(s, add_special_tokens=False, split_special_tokens=True),
+                "legacy llama2 vs transformers")
+    assert ours.encode(" Hello") != Tokenizer.from_hf_dir(path).encode(" Hello")  # the files really differ
+    for messages in CONVERSATIONS:
+        want = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        assert ours.render_chat(messages) == list(want)
+        text = ours._compiled.render(messages=messages, add_generation_prompt=True, **ours._special_names())
+        assert ours._encode_runs(text, []) == ours._encode_rendered(text, [])
