@@ -291,9 +291,11 @@ class Tokenizer(ChatMixin):
             f = reader.fields.get(name)
             return default if f is None else f.contents()
 
+        if field("tokenizer.ggml.model") == "llama":  # llama.cpp's name for SentencePiece BPE (Llama-2, Gemma)
+            return SentencePieceBPE(HFFiles.from_gguf_fields(field, where))
         if field("tokenizer.ggml.model") != "gpt2":  # llama.cpp calls byte-level BPE "gpt2"
-            raise TokenizerError(f"{where}: tokenizer.ggml.model is {field('tokenizer.ggml.model')!r}, "
-                                 "only byte-level BPE ('gpt2') is supported")
+            raise TokenizerError(f"{where}: tokenizer.ggml.model is {field('tokenizer.ggml.model')!r}, only "
+                                 "byte-level BPE ('gpt2') and SentencePiece BPE ('llama') are supported")
         pre = field("tokenizer.ggml.pre", "default")
         if pre not in GGUF_PRE_PATTERNS:
             raise TokenizerError(f"{where}: unknown pre-tokenizer tokenizer.ggml.pre={pre!r}")
@@ -459,6 +461,36 @@ class HFFiles:
                 self.config.update(_parse_json(_read_text(p), p))
         self.template, self.template_where = self._template()
 
+    @classmethod
+    def from_gguf_fields(cls, field, where: str) -> "HFFiles":
+        """The tokenizer.json and config transformers would make of a SentencePiece GGUF, so the
+        rest (engine, export) is the same as for a folder."""
+        self = cls.__new__(cls)
+        self.path = self.tj_path = where
+        tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+        scores = field("tokenizer.ggml.scores")
+        if scores is None or len(scores) != len(tokens) or len(types) != len(tokens):
+            raise TokenizerError(f"{where}: tokenizer.ggml.scores / token_type do not match tokenizer.ggml.tokens")
+        self.tj = _sentencepiece_json(tokens, scores, types, bool(field("tokenizer.ggml.add_space_prefix", True)))
+        self.tj_text = json.dumps(self.tj, ensure_ascii=False)
+        names = {}
+        for key in ("bos", "eos", "unknown", "padding"):
+            i = field(f"tokenizer.ggml.{key}_token_id")
+            if i is not None and 0 <= i < len(tokens):
+                names[{"unknown": "unk", "padding": "pad"}.get(key, key) + "_token"] = tokens[i]
+        if field("tokenizer.ggml.add_bos_token") is not None:
+            self.config = {"tokenizer_class": "PreTrainedTokenizerFast", **names,
+                           "add_bos_token": bool(field("tokenizer.ggml.add_bos_token")),
+                           "clean_up_tokenization_spaces": False}
+        else:
+            self.config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "clean_up_tokenization_spaces": False}
+        if self.config.get("add_bos_token") and "bos_token" in names:
+            self.tj["post_processor"] = _bos_post_processor(names["bos_token"], tokens.index(names["bos_token"]))
+            self.tj_text = json.dumps(self.tj, ensure_ascii=False)
+        self.template = field("tokenizer.chat_template")
+        self.template_where = f"{where} tokenizer.chat_template"
+        return self
+
     def _template(self):
         jinja_path = os.path.join(self.path, "chat_template.jinja")
         if os.path.isfile(jinja_path):
@@ -519,6 +551,37 @@ def _parse_json(text: str, path) -> dict:
     if not isinstance(obj, dict):
         raise TokenizerError(f"{path}: expected a JSON object")
     return obj
+
+
+def _sentencepiece_json(tokens: list[str], scores: list[float], types: list[int], space_prefix: bool) -> dict:
+    """tokenizer.json for a SentencePiece BPE model given as pieces, scores and types (a GGUF).
+
+    SentencePiece merges the adjacent pair whose joined piece has the highest score; HF BPE merges the
+    pair with the earliest merge rule. So a rule (left, right) is written for every piece that two
+    pieces spell, ordered by that piece's score (ties by id). Types (llama.cpp): 1 normal,
+    2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte (<0x0A>, the byte fallback)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    normal = [i for i, ty in enumerate(types) if ty in (1, 4) and len(tokens[i]) > 1]
+    merges = []
+    for i in sorted(normal, key=lambda i: (-scores[i], i)):
+        piece = tokens[i]
+        merges += [[piece[:k], piece[k:]] for k in range(1, len(piece))
+                   if vocab.get(piece[:k]) is not None and vocab.get(piece[k:]) is not None
+                   and types[vocab[piece[:k]]] in (1, 4) and types[vocab[piece[k:]]] in (1, 4)]
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": types[i] != 4} for i, t in enumerate(tokens) if types[i] in (2, 3, 4)]
+    unk = next((tokens[i] for i, ty in enumerate(types) if ty == 2), None)
+    decoders = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}]
+    if space_prefix:  # decoding drops the space that encoding put in front
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "split": False,
+                              "prepend_scheme": "first" if space_prefix else "never"},
+            "post_processor": None, "decoder": {"type": "Sequence", "decoders": decoders},
+            "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                      "vocab": vocab, "merges": merges}}
 
 
 def _no_prepend(tj: dict) -> str:

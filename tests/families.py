@@ -124,3 +124,34 @@ def qwen2_dir(reader, out: str) -> str:
     tok.chat_template = QWEN2_TEMPLATE
     tok.save_pretrained(out)
     return out
+
+
+def sentencepiece_gguf(model_file: str, out: str, template: str) -> str:
+    """A tokenizer-only GGUF (plus a dummy embedding) of a SentencePiece model, as llama.cpp's
+    converter writes one: pieces, scores, token types, bos/eos/unk, add_bos, add_space_prefix."""
+    import gguf
+    import numpy as np
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=model_file)
+    n = sp.get_piece_size()
+
+    def kind(i):  # llama.cpp's token types
+        return (2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
+                else 5 if sp.is_unused(i) else 1)
+    w = gguf.GGUFWriter(out, "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    w.add_token_types([kind(i) for i in range(n)])
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(True)
+    w.add_chat_template(template)
+    w.add_tensor("token_embd.weight", np.zeros((n, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

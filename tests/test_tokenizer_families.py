@@ -223,3 +223,23 @@ def test_legacy_sentencepiece_file(folders, tmp_path):
         assert ours.render_chat(messages) == list(want)
         text = ours._compiled.render(messages=messages, add_generation_prompt=True, **ours._special_names())
         assert ours._encode_runs(text, []) == ours._encode_rendered(text, [])
+
+
+def test_sentencepiece_gguf(folders, tmp_path):
+    """A SentencePiece GGUF (tokenizer.ggml.model "llama": Llama-2 / Gemma GGUFs) equals what
+    transformers makes of the same GGUF: encode, chat (the GGUF's template), bos, and the export."""
+    pytest.importorskip("sentencepiece")
+    gguf = pytest.importorskip("gguf")
+    folder(folders, "llama2")
+    path = F.sentencepiece_gguf(F.real_file("llama2", tmp_path), str(tmp_path / "sp.gguf"), F.LLAMA2_TEMPLATE)
+    ours = Tokenizer.from_gguf(gguf.GGUFReader(path))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="sp.gguf")
+    assert isinstance(ours, SentencePieceBPE) and ours.add_bos and ours.n_vocab == len(hf)
+    assert_same(STRINGS, ours.encode, lambda s: hf.encode(s, add_special_tokens=False, split_special_tokens=True),
+                "SentencePiece GGUF vs transformers")
+    for messages in CONVERSATIONS:
+        want = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        assert ours.render_chat(messages) == list(want)
+    ours.save_hf(tmp_path / "export")
+    out = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    assert_same(STRINGS[:120], out.encode, hf.encode, "SentencePiece GGUF export vs transformers (with bos)")
