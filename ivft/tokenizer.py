@@ -1,7 +1,15 @@
-"""Byte-level BPE tokenizer (GPT-2 style) on top of tiktoken, built from a checkpoint's own vocabulary.
+"""Tokenizers built from a checkpoint's own files, with the same ids as transformers.
 
-Sources it reads: a GGUF file (llama.cpp's `tokenizer.ggml.*` metadata), a Hugging Face folder with
-`tokenizer.json`, or GPT-2's original `encoder.json` + `vocab.bpe`. It can write the HF files back.
+Two engines, chosen by what the file says (docs/engine.md has the table of families):
+- `Tokenizer`: byte-level BPE (GPT-2, SmolLM2, Llama-3, Qwen2 with its NFC normalizer) on tiktoken;
+- `SentencePieceBPE`: SentencePiece-style BPE with byte fallback and "▁" for spaces (Llama-2,
+  Mistral, Gemma) on HF `tokenizers`, transformers' own engine: tiktoken cannot express it.
+Both render chat prompts with the checkpoint's jinja template (`ChatMixin`, ivft/chat.py), know
+whether plain text starts with bos (`add_bos`) and write HF files back (`save_hf`) that keep it.
+
+Sources: a GGUF file (llama.cpp's `tokenizer.ggml.*` metadata), a Hugging Face folder with
+`tokenizer.json` (`HFFiles`), or GPT-2's original `encoder.json` + `vocab.bpe`. A file we cannot run
+exactly is refused in one line naming the file and field (`TokenizerError`).
 
 How byte-level BPE works, in three lines:
   1. a regex ("pre-tokenizer") cuts the text into words, e.g. "Hello world" -> ["Hello", " world"];
