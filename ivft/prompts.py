@@ -77,7 +77,8 @@ def end_of_turn_id(tok) -> int:
 def answer_ids(tok, text: str) -> list[int]:
     """The answer as the assistant would write it right after the generation prompt: the stripped
     text encoded on its own, then the end-of-turn token."""
-    ids = tok.encode(getattr(tok, "answer_prefix", "") + text.strip())
+    prefix = getattr(tok, "answer_prefix", "")
+    ids = continuation_ids(tok, prefix + text.strip()) if prefix else tok.encode(text.strip())
     if not ids:
         raise ValueError(f"answer {text!r} tokenizes to nothing")
     return ids + [end_of_turn_id(tok)]
@@ -87,6 +88,12 @@ def bos_ids(tok) -> list[int]:
     """What a plain-text (non-chat) prompt starts with: bos where the tokenizer adds it to plain text
     (Llama-2/3, Mistral: tok.add_bos, as transformers does); ChatML models (SmolLM2, Qwen2) have none."""
     return [tok.bos_id] if getattr(tok, "add_bos", False) else []
+
+
+def continuation_ids(tok, text: str) -> list[int]:
+    """`text` tokenized as it reads after a prompt: a SentencePiece tokenizer (Llama-2, Mistral)
+    would otherwise put its start-of-text "▁" before it (tok.encode_continuation)."""
+    return tok.encode_continuation(text) if hasattr(tok, "encode_continuation") else tok.encode(text)
 
 
 def knowledge_ids(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
@@ -101,7 +108,7 @@ def knowledge_ids(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
         prompt = prompt.rstrip(" ")
     sep = "" if prompt[-1].isspace() or prompt[-1] in "([{\"'“‘" else " "
     bos = bos_ids(tok)
-    cont = tok.encode(sep + answer.strip())
+    cont = continuation_ids(tok, sep + answer.strip())
     if not cont:
         raise ValueError(f"knowledge answer {answer!r} tokenizes to nothing")
     return bos + tok.encode(prompt), cont

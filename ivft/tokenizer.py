@@ -279,6 +279,11 @@ class Tokenizer(ChatMixin):
             text = unicodedata.normalize("NFC", text)
         return self.enc.encode_ordinary(self._sanitize(text))
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """`text` as tokenized after earlier text (an answer after its prompt): for byte-level BPE
+        the same as encode, since the regex cuts words the same way anywhere."""
+        return self.encode(text)
+
     def decode(self, ids) -> str:
         # A partial character (e.g. half of an emoji when decoding one token) becomes U+FFFD.
         return self.enc.decode_bytes([int(i) for i in ids]).decode("utf-8", errors="replace")
@@ -592,13 +597,19 @@ def _sentencepiece_json(tokens: list[str], scores: list[float], types: list[int]
                       "vocab": vocab, "merges": merges}}
 
 
-def _no_prepend(tj: dict) -> str:
-    """tokenizer.json text with Metaspace's prepend_scheme "first" turned to "never" (see _encode_runs)."""
+def _no_prepend(tj: dict, normalizer: bool) -> str:
+    """tokenizer.json text without the "▁" put before a text's start: Metaspace's prepend_scheme
+    "first" becomes "never"; with normalizer=True an older file's Prepend("▁") normalizer goes too."""
     tj = json.loads(json.dumps(tj))
     pre = tj.get("pre_tokenizer") or {}
     for step in (pre.get("pretokenizers") or [pre]):
         if step.get("type") == "Metaspace" and step.get("prepend_scheme") == "first":
             step["prepend_scheme"] = "never"
+    norm = (tj.get("normalizer") or {}) if normalizer else {}
+    if norm.get("type") == "Prepend":
+        tj["normalizer"] = None
+    elif norm.get("type") == "Sequence":
+        norm["normalizers"] = [n for n in norm.get("normalizers", []) if n.get("type") != "Prepend"]
     return json.dumps(tj)
 
 
@@ -614,13 +625,18 @@ class SentencePieceBPE(ChatMixin):
             self._plain = Engine.from_str(hf.tj_text)    # control-token text is text: user input
         except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad files
             raise TokenizerError(f"{hf.tj_path}: HF tokenizers cannot read it ({str(e).splitlines()[0]})") from None
-        # Text that follows a control token inside a chat prompt: Metaspace(prepend_scheme "first") puts
-        # "▁" only before the text's very first piece, so a run encoded on its own must not get one.
-        self._inner = Engine.from_str(_no_prepend(hf.tj))
-        for engine in (self._engine, self._plain, self._inner):
+        # Text after a control token in a chat prompt: Metaspace(prepend_scheme "first") puts "▁" only
+        # before the text's very first piece, so a run encoded on its own must not get one (an older
+        # file's Prepend normalizer does put it before every run). Text after other text (an answer
+        # after its prompt) gets neither.
+        after_control, inner = _no_prepend(hf.tj, normalizer=False), _no_prepend(hf.tj, normalizer=True)
+        self._after_control = Engine.from_str(after_control)
+        self._inner = self._after_control if inner == after_control else Engine.from_str(inner)
+        for engine in (self._engine, self._plain, self._after_control, self._inner):
             engine.no_truncation()
             engine.no_padding()
-        self._plain.encode_special_tokens = self._inner.encode_special_tokens = True
+        for engine in (self._plain, self._after_control, self._inner):
+            engine.encode_special_tokens = True
         self._hf = hf
         self.where = hf.path
         self.special_tokens = hf.added_tokens()
@@ -633,6 +649,11 @@ class SentencePieceBPE(ChatMixin):
 
     def encode(self, text: str) -> list[int]:
         return self._plain.encode(_fix_surrogates(text), add_special_tokens=False).ids
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """`text` as tokenized after earlier text: without the "▁" that encode puts before a text's
+        first word, so " Tokyo" is "▁Tokyo", as in "is Tokyo", not "▁▁Tokyo"."""
+        return self._inner.encode(_fix_surrogates(text), add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         return self._engine.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -647,7 +668,7 @@ class SentencePieceBPE(ChatMixin):
         The same ids as the whole-text encoding when nothing was typed (test_tokenizer_families)."""
         ids: list[int] = []
         for k, p in enumerate(self._split_rendered(text, typed)):
-            engine = self._plain if k == 0 else self._inner  # only the text's first run gets the "▁"
+            engine = self._plain if k == 0 else self._after_control  # the text's first run gets the "▁"
             ids += engine.encode(_fix_surrogates(p), add_special_tokens=False).ids if isinstance(p, str) else [p]
         return ids
 

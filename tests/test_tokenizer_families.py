@@ -165,6 +165,24 @@ def test_base_model_plain_format(folders, tmp_path, capsys):
     tok.chat_prompt("again")
     err = capsys.readouterr().err
     assert err.count("note:") == 1 and "no chat template" in err and len(err.strip().splitlines()) == 1
+    # prompt + answer = the whole text as transformers tokenizes it (bos included), not "A:" + "▁▁4"
+    from ivft import prompts as P
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok.chat_prompt("What is 2+2?") + P.answer_ids(tok, "4")[:-1] == hf.encode("Q: What is 2+2?\nA: 4")
+    assert P.answer_ids(tok, "4")[-1] == tok.eos_id
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_knowledge_prompt_is_the_whole_text(folders, fam):
+    """A knowledge probe's prompt ids + answer ids = the whole sentence as transformers encodes it
+    (with bos where the tokenizer adds it): the answer is tokenized as it reads after the prompt."""
+    from ivft import prompts as P
+    path = folder(folders, fam)
+    ours, hf = Tokenizer.from_hf_dir(path), transformers.AutoTokenizer.from_pretrained(path)
+    for prompt, answer in [("The capital of Japan is", "Tokyo"), ("Q: opposite of hot?\nA:", "cold"),
+                           ("Paris est la capitale de la", "France"), ("2 + 2 =", "4")]:
+        p, a = P.knowledge_ids(ours, prompt, answer)
+        assert p + a == hf.encode(prompt + " " + answer), f"{fam}: {prompt!r} + {answer!r}"
 
 
 def _write(folder, name, obj):
@@ -218,6 +236,11 @@ def test_legacy_sentencepiece_file(folders, tmp_path):
     assert_same(STRINGS, ours.encode, lambda s: hf.encode(s, add_special_tokens=False, split_special_tokens=True),
                 "legacy llama2 vs transformers")
     assert ours.encode(" Hello") != Tokenizer.from_hf_dir(path).encode(" Hello")  # the files really differ
+    # the answer of a knowledge probe reads as after its prompt: "▁Tokyo", not this file's "▁▁Tokyo"
+    from ivft import prompts as P
+    assert ours.encode(" Tokyo") != ours.encode_continuation(" Tokyo")
+    p, a = P.knowledge_ids(ours, "The capital of Japan is", "Tokyo")
+    assert p + a == hf.encode("The capital of Japan is Tokyo")
     for messages in CONVERSATIONS:
         want = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
         assert ours.render_chat(messages) == list(want)
