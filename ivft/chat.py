@@ -12,6 +12,7 @@ The tokenizer turns the rendered text into ids (Tokenizer.render_chat): control 
 wrote become their ids, the same text typed in a message stays text.
 """
 import datetime
+import functools
 import json
 
 # The format of a model with no template: a system message as a first paragraph, then blocks
@@ -68,6 +69,11 @@ def render(template, messages: list[dict], add_generation_prompt: bool, where: s
         raise
     except jinja2.TemplateError as e:  # undefined variables, sandbox violations, bad filters
         raise TemplateError(f"{where}: chat template failed ({type(e).__name__}: {e})") from None
+
+
+@functools.lru_cache(maxsize=1)
+def plain_template():
+    return compile_template(PLAIN_TEMPLATE, "plain format")
 
 
 def read_template_file(path) -> str:

@@ -67,6 +67,8 @@ def render_prompt(tok, ex, shots=(), with_instruction: bool = True, system: str 
 def end_of_turn_id(tok) -> int:
     """The token that closes an assistant turn in the template (not always the eos id: Llama-3
     Instruct ends turns with <|eot_id|>)."""
+    if hasattr(tok, "end_of_turn_id"):  # read off the checkpoint's own template
+        return tok.end_of_turn_id()
     special = getattr(tok, "special_tokens", {})
     for name in ("<|im_end|>", "<|eot_id|>"):
         if name in special:

@@ -46,7 +46,7 @@ GGUF_PRE_PATTERNS = {"gpt-2": GPT2_PATTERN, "gpt2": GPT2_PATTERN, "default": GPT
                      "qwen2": QWEN2_PATTERN}
 
 # Tokens that end an assistant turn in the chat formats we know, whatever the eos id says.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>")
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>", "<end_of_turn>")
 # What replaces a character whose bytes the vocabulary cannot spell (see Tokenizer._sanitize).
 FALLBACK_CHAR = "\ufffd"
 
@@ -168,17 +168,10 @@ class ChatMixin:
         """Ids of the conversation as the template writes it, equal to transformers'
         apply_chat_template(..., tokenize=True), except that control-token text typed inside a
         message stays text (transformers would make it a control token)."""
-        from ivft import chat
-        if self.chat_template is None:
-            if not self._noted_plain:
-                print(f"note: {self.where} has no chat template; prompts use the plain 'Q: ...\\nA: ...' "
-                      "format (docs/engine.md), or give one with --chat_template FILE", file=sys.stderr)
-                self._noted_plain = True
-            template, where = chat.compile_template(chat.PLAIN_TEMPLATE, "plain format"), "plain format"
-        else:
-            if self._compiled is None:
-                self.set_chat_template(self.chat_template, getattr(self, "template_where", None))
-            template, where = self._compiled, self.template_where
+        if self.chat_template is None and not self._noted_plain:
+            print(f"note: {self.where} has no chat template; prompts use the plain 'Q: ...\\nA: ...' "
+                  "format (docs/engine.md), or give one with --chat_template FILE", file=sys.stderr)
+            self._noted_plain = True
         # Typed control text is swapped for a private-use placeholder while the template runs, so the
         # split into control tokens below only sees what the template itself wrote.
         typed: list[str] = []
@@ -189,9 +182,18 @@ class ChatMixin:
         control = self._control_regex()
         safe = [{**m, "content": control.sub(protect, m["content"])} if isinstance(m.get("content"), str) and control
                 else m for m in messages]
-        text = chat.render(template, safe, add_generation_prompt, where, **self._special_names())
+        text = self.render_text(safe, add_generation_prompt)
         ids = ([self.bos_id] if self.chat_template is None and self.add_bos else [])
         return ids + self._encode_rendered(text, typed)
+
+    def render_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The template's text for `messages` (the plain format's without a template)."""
+        from ivft import chat
+        if self.chat_template is None:
+            return chat.render(chat.plain_template(), messages, add_generation_prompt, "plain format",
+                               **self._special_names())
+        return chat.render(self._compiled, messages, add_generation_prompt, self.template_where,
+                           **self._special_names())
 
     def _control_regex(self):
         if not hasattr(self, "_control_re"):
@@ -216,9 +218,23 @@ class ChatMixin:
         messages = ([{"role": "system", "content": system}] if system is not None else [])
         return self.render_chat(messages + [{"role": "user", "content": user}], add_generation_prompt=True)
 
+    def end_of_turn_id(self) -> int | None:
+        """The control token the template writes right after an assistant message (<|im_end|>,
+        <|eot_id|>, </s>, <end_of_turn>, ...); eos where it writes none (the plain format)."""
+        if self.chat_template is not None:
+            marker = "\ue002"  # a private-use character no template writes
+            turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+            text = self.render_text(turns, add_generation_prompt=False)
+            control, end = self._control_regex(), text.rfind(marker) + 1
+            m = control.search(text, end) if control and end else None
+            if m and not text[end:m.start()].strip():  # e.g. Llama-2's " </s>" after the answer
+                return self.special_tokens[m.group(0)]
+        return self.eos_id
+
     def stop_ids(self) -> set[int]:
         stops = {self.special_tokens[t] for t in END_OF_TURN_TOKENS if t in self.special_tokens}
-        return stops | ({self.eos_id} if self.eos_id is not None else set())
+        stops |= {i for i in (self.end_of_turn_id(), self.eos_id) if i is not None}
+        return stops
 
 
 class Tokenizer(ChatMixin):

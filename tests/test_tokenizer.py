@@ -278,3 +278,16 @@ def test_errors(tmp_path):
     assert tiny.encode("abc") == [3, 2] and tiny.encode("bc") == [4]
     # Neither "z" nor U+FFFD is spellable in this vocabulary, so the unspellable character is dropped.
     assert tiny.encode("abz") == [3] and tiny.decode([3, 4]) == "abbc"
+
+
+def test_end_of_turn_read_off_the_template():
+    """Gemma-style turns end with <end_of_turn>, not eos: the token comes from the template."""
+    gpt2 = Tokenizer.gpt2()
+    special = {"<bos>": 50257, "<eos>": 50258, "<start_of_turn>": 50259, "<end_of_turn>": 50260}
+    template = ("{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\\n' + m['content'] | trim"
+                " + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+    tok = Tokenizer(gpt2.mergeable_ranks, special, gpt2.pat_str, merges=gpt2.merges, bos_id=50257, eos_id=50258,
+                    chat_template=template)
+    assert tok.end_of_turn_id() == 50260 and tok.stop_ids() == {50258, 50260}
+    assert Tokenizer(gpt2.mergeable_ranks, special, gpt2.pat_str, merges=gpt2.merges, bos_id=50257,
+                     eos_id=50258).end_of_turn_id() == 50258  # no template: the plain format ends with eos

@@ -125,6 +125,9 @@ def test_chat_matches_apply_chat_template(folders, fam):
         for messages in CONVERSATIONS:
             text = ours._compiled.render(messages=messages, add_generation_prompt=True, **ours._special_names())
             assert ours._encode_runs(text, []) == ours._encode_rendered(text, []), f"{fam}: runs differ"
+    # the end of an assistant turn, read off the template, is what the training answers end with
+    eot = {"llama2": "</s>", "mistral3": "</s>", "qwen2": "<|im_end|>", "llama3": "<|eot_id|>"}[fam]
+    assert ours.end_of_turn_id() == ours.special_tokens[eot] and ours.special_tokens[eot] in ours.stop_ids()
     # control-token text typed by a user stays text: its id appears only where the template wrote it
     control = {"llama2": "<s>", "mistral3": "[INST]", "qwen2": "<|im_start|>", "llama3": "<|eot_id|>"}[fam]
     cid = ours.special_tokens[control]
