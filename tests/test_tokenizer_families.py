@@ -186,6 +186,12 @@ def test_knowledge_prompt_is_the_whole_text(folders, fam):
                            ("Paris est la capitale de la", "France"), ("2 + 2 =", "4")]:
         p, a = P.knowledge_ids(ours, prompt, answer)
         assert p + a == hf.encode(prompt + " " + answer), f"{fam}: {prompt!r} + {answer!r}"
+    # the plain IV prompt (extract_iv.py --format plain): prompt + answer + newline = the whole text
+    from ivft.ivprompts import plain_prompt
+    from ivft.tasks import Example
+    shot = Example(instruction="Opposite?", input="up", output="down")
+    pr = plain_prompt(ours, Example(instruction="Opposite?", input="hot", output="cold"), shots=[shot])
+    assert pr.ids + pr.answer == hf.encode("Q: Opposite?\nup\nA: down\n\nQ: Opposite?\nhot\nA: cold\n")
 
 
 def _write(folder, name, obj):
