@@ -244,7 +244,9 @@ def test_legacy_sentencepiece_file(folders, tmp_path):
     ours, hf = Tokenizer.from_hf_dir(tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert_same(STRINGS, ours.encode, lambda s: hf.encode(s, add_special_tokens=False, split_special_tokens=True),
                 "legacy llama2 vs transformers")
-    assert ours.encode(" Hello") != Tokenizer.from_hf_dir(path).encode(" Hello")  # the files really differ
+    if (json.load(open(os.path.join(path, "tokenizer.json"), encoding="utf-8")).get("pre_tokenizer") or {}).get(
+            "type") == "Metaspace":  # transformers 5's own file: the two really differ
+        assert ours.encode(" Hello") != Tokenizer.from_hf_dir(path).encode(" Hello")
     # the answer of a knowledge probe reads as after its prompt: "▁Tokyo", not this file's "▁▁Tokyo"
     from ivft import prompts as P
     assert ours.encode(" Tokyo") != ours.encode_continuation(" Tokyo")
