@@ -613,10 +613,11 @@ def _sentencepiece_json(tokens: list[str], scores: list[float], types: list[int]
                       "vocab": vocab, "merges": merges}}
 
 
-def _no_prepend(tj: dict, normalizer: bool) -> str:
+def _no_prepend(tj: dict, normalizer: bool) -> str | None:
     """tokenizer.json text without the "▁" put before a text's start: Metaspace's prepend_scheme
-    "first" becomes "never"; with normalizer=True an older file's Prepend("▁") normalizer goes too."""
-    tj = json.loads(json.dumps(tj))
+    "first" becomes "never"; with normalizer=True an older file's Prepend("▁") normalizer goes too.
+    None when the file puts none (Gemma: spaces become "▁", nothing is prepended)."""
+    original, tj = tj, json.loads(json.dumps(tj))
     pre = tj.get("pre_tokenizer") or {}
     for step in (pre.get("pretokenizers") or [pre]):
         if step.get("type") == "Metaspace" and step.get("prepend_scheme") == "first":
@@ -626,7 +627,7 @@ def _no_prepend(tj: dict, normalizer: bool) -> str:
         tj["normalizer"] = None
     elif norm.get("type") == "Sequence":
         norm["normalizers"] = [n for n in norm.get("normalizers", []) if n.get("type") != "Prepend"]
-    return json.dumps(tj)
+    return None if tj == original else json.dumps(tj)
 
 
 class SentencePieceBPE(ChatMixin):
@@ -646,8 +647,8 @@ class SentencePieceBPE(ChatMixin):
         # file's Prepend normalizer does put it before every run). Text after other text (an answer
         # after its prompt) gets neither.
         after_control, inner = _no_prepend(hf.tj, normalizer=False), _no_prepend(hf.tj, normalizer=True)
-        self._after_control = Engine.from_str(after_control)
-        self._inner = self._after_control if inner == after_control else Engine.from_str(inner)
+        self._after_control = self._plain if after_control is None else Engine.from_str(after_control)
+        self._inner = (self._after_control if inner == after_control else Engine.from_str(inner))
         for engine in (self._engine, self._plain, self._after_control, self._inner):
             engine.no_truncation()
             engine.no_padding()
