@@ -277,3 +277,26 @@ def test_sentencepiece_gguf(folders, tmp_path):
     ours.save_hf(tmp_path / "export")
     out = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
     assert_same(STRINGS[:120], out.encode, hf.encode, "SentencePiece GGUF export vs transformers (with bos)")
+
+
+def test_template_features_render_as_transformers(folders):
+    """tojson, namespace, loop controls, raise_exception, slicing and string methods: the same text
+    as transformers' own rendering, and the same ids."""
+    path = folder(folders, "qwen2")
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    ours = Tokenizer.from_hf_dir(path)
+    template = (
+        "{% set ns = namespace(n=0) %}{% for m in messages[::-1] %}{% if m['role'] == 'system' %}{% continue %}"
+        "{% endif %}{% set ns.n = ns.n + 1 %}{% endfor %}"
+        "{% if messages | length == 0 %}{{ raise_exception('no messages') }}{% endif %}"
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['content'].startswith('{') %}"
+        "{{ m['content'] | tojson }}{% else %}{{ m['content'].rstrip() | upper }}{% endif %}{{ '<|im_end|>\\n' }}"
+        "{% if loop.index == 3 %}{% break %}{% endif %}{% endfor %}"
+        "{{ '<|im_start|>assistant\\n(' + ns.n | string + ' turns)' if add_generation_prompt else '' }}")
+    ours.set_chat_template(template, "test template")
+    messages = CONVERSATIONS[3] + [{"role": "user", "content": '{"k": "é <b>"}'}]
+    for msgs in (messages, messages[:2]):
+        want = hf.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=True)
+        assert ours.render_text(msgs) == want
+        assert ours.render_chat(msgs) == list(hf.apply_chat_template(
+            msgs, chat_template=template, tokenize=True, add_generation_prompt=True, return_dict=False))
