@@ -210,9 +210,11 @@ class ChatMixin:
             pieces += [text[pos:m.start()], self.special_tokens[m.group(0)]]
             pos = m.end()
         pieces.append(text[pos:])
-        restore = re.compile("\ue000(\\d+)\ue001")
-        return [restore.sub(lambda m: typed[int(m.group(1))], p) if isinstance(p, str) else p
-                for p in pieces if p != ""]
+        if typed:  # (a message that itself contains such a placeholder keeps it: the index check)
+            restore = re.compile("\ue000(\\d+)\ue001")
+            pieces = [restore.sub(lambda m: typed[int(m.group(1))] if int(m.group(1)) < len(typed) else m.group(0), p)
+                      if isinstance(p, str) else p for p in pieces]
+        return [p for p in pieces if p != ""]
 
     def chat_prompt(self, user: str, system: str | None = None) -> list[int]:
         messages = ([{"role": "system", "content": system}] if system is not None else [])
@@ -221,15 +223,22 @@ class ChatMixin:
     def end_of_turn_id(self) -> int | None:
         """The control token the template writes right after an assistant message (<|im_end|>,
         <|eot_id|>, </s>, <end_of_turn>, ...); eos where it writes none (the plain format)."""
-        if self.chat_template is not None:
+        from ivft.chat import TemplateError
+        if self.chat_template is None:
+            return self.eos_id
+        if getattr(self, "_eot", (None,))[0] != self.chat_template:  # once per template
             marker = "\ue002"  # a private-use character no template writes
             turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
-            text = self.render_text(turns, add_generation_prompt=False)
+            try:
+                text = self.render_text(turns, add_generation_prompt=False)
+            except TemplateError:  # a template that wants other turns: prompts will say so themselves
+                text = ""
             control, end = self._control_regex(), text.rfind(marker) + 1
             m = control.search(text, end) if control and end else None
-            if m and not text[end:m.start()].strip():  # e.g. Llama-2's " </s>" after the answer
-                return self.special_tokens[m.group(0)]
-        return self.eos_id
+            # e.g. Llama-2's " </s>" after the answer; eos where the template writes no control token
+            found = self.special_tokens[m.group(0)] if m and not text[end:m.start()].strip() else self.eos_id
+            self._eot = (self.chat_template, found)
+        return self._eot[1]
 
     def stop_ids(self) -> set[int]:
         stops = {self.special_tokens[t] for t in END_OF_TURN_TOKENS if t in self.special_tokens}
