@@ -86,14 +86,15 @@ def sentencepiece_dir(model_file: str, out: str, template: str) -> str:
 def llama3_dir(model_file: str, out: str) -> str:
     """Llama-3's tiktoken file as tokenizer.json (transformers' converter), its 256 special tokens
     as in llama_models/llama3/tokenizer.py, bos added to plain text by the post-processor."""
-    from tokenizers import processors
+    from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
     names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
              "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
              "<|eot_id|>", "<|python_tag|>", "<|image|>"]
     names += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(names))]
-    engine = TikTokenConverter(vocab_file=model_file, pattern=LLAMA3_PATTERN, extra_special_tokens=names).converted()
+    engine = TikTokenConverter(vocab_file=model_file, pattern=LLAMA3_PATTERN).converted()
+    engine.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in names])  # ids 128000 on
     bos = engine.token_to_id("<|begin_of_text|>")
     engine.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
                                                           special_tokens=[("<|begin_of_text|>", bos)])

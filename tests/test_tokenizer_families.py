@@ -72,6 +72,8 @@ def test_encode_decode_match_transformers(folders, fam):
     # bos on plain text exactly when transformers adds it
     assert ours.add_bos == (hf("x").input_ids[0] == hf.bos_token_id)
     assert ours.add_bos == (fam != "qwen2")
+    if fam == "llama3":  # Meta's ids: 128000 base tokens, then <|begin_of_text|>, ..., <|eot_id|> = 128009
+        assert (ours.bos_id, ours.special_tokens["<|eot_id|>"], ours.n_vocab) == (128000, 128009, 128256)
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
