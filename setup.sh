@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Installs what the project needs into the active Python environment.
 #   bash setup.sh          run-time dependencies + the embedded default model + this project (editable)
-#   bash setup.sh --test   the same + the test-only references (transformers, tokenizers, pytest)
+#   bash setup.sh --test   the same + the test-only references (transformers, sentencepiece, pytest)
+#                          and real tokenizer files (two wheels, into $IVFT_TEST_CACHE or ~/.cache/ivft-test)
 set -euo pipefail
 cd "$(dirname "$0")"
 python -m pip install -q --upgrade pip
 if [ "${1:-}" = "--test" ]; then
   python -m pip install -q -r requirements-test.txt
+  # Real tokenizer files of other families, read out of their makers' wheels by tests/families.py
+  # (never installed: mistral-common would take over transformers' Mistral tokenizers).
+  cache="${IVFT_TEST_CACHE:-$HOME/.cache/ivft-test}"
+  mkdir -p "$cache"
+  python -m pip download -q --no-deps mistral-common==1.13.1 llama-models==0.3.0 -d "$cache"
 else
   python -m pip install -q -r requirements.txt
 fi

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ivft.errors import ExtractError
 from ivft.ivsettings import Settings
-from ivft.prompts import answer_ids, bos_ids, render_prompt
+from ivft.prompts import answer_ids, bos_ids, continuation_ids, render_prompt
 from ivft.tasks import list_tasks, load_tasks, user_prompt
 from model import Intervention
 
@@ -45,7 +45,7 @@ def chat_prompt(tok, ex, shots=(), with_instruction=True) -> Prompt:
 
 
 def newline_id(tok) -> int:
-    ids = tok.encode("\n")
+    ids = continuation_ids(tok, "\n")  # the newline after an answer, not one starting a text
     if len(ids) != 1:
         raise ExtractError("format=plain needs a tokenizer with a single-token newline; use --format chat")
     return ids[0]
@@ -62,7 +62,7 @@ def plain_prompt(tok, ex, shots=(), with_instruction=True) -> Prompt:
     text = "".join(f"Q: {q(d)}\nA: {d.output.strip()}\n\n" for d in shots) + f"Q: {q(ex)}\nA:"
     if not ex.output.strip():
         raise ExtractError(f"example {ex.input!r}: empty answer")
-    ans = tok.encode(" " + ex.output.strip())
+    ans = continuation_ids(tok, " " + ex.output.strip())
     return Prompt(bos_ids(tok) + tok.encode(text), ans + [newline_id(tok)], ex.output)
 
 

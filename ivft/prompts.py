@@ -8,7 +8,8 @@ trained on, scored or patched.
   ("<|im_start|>assistant\\n"). The "corrupted" prompt of IV extraction is the same with every user
   turn reduced to the input alone, so the two differ exactly by the instruction.
 - Answer (answer_ids): the stripped output text encoded on its own, followed by the end-of-turn token
-  (<|im_end|> for ChatML). The end token is part of every score: it separates "cold" from
+  (<|im_end|> for ChatML); in the plain format of a model without a chat template (ivft.chat
+  PLAIN_TEMPLATE) it follows "A:" after one space (tok.answer_prefix). The end token is part of every score: it separates "cold" from
   "cold-blooded" when ranking choices, and emitting it is part of answering in the asked format.
 - Knowledge prompt (knowledge_ids): plain text with no chat template; the answer follows after one
   space. Scores are sums of natural-log probabilities over the answer tokens.
@@ -61,6 +62,8 @@ def render_prompt(tok, ex, shots=(), with_instruction: bool = True, system: str 
 def end_of_turn_id(tok) -> int:
     """The token that closes an assistant turn in the template (not always the eos id: Llama-3
     Instruct ends turns with <|eot_id|>)."""
+    if hasattr(tok, "end_of_turn_id"):  # read off the checkpoint's own template
+        return tok.end_of_turn_id()
     special = getattr(tok, "special_tokens", {})
     for name in ("<|im_end|>", "<|eot_id|>"):
         if name in special:
@@ -71,16 +74,23 @@ def end_of_turn_id(tok) -> int:
 def answer_ids(tok, text: str) -> list[int]:
     """The answer as the assistant would write it right after the generation prompt: the stripped
     text encoded on its own, then the end-of-turn token."""
-    ids = tok.encode(text.strip())
+    prefix = getattr(tok, "answer_prefix", "")
+    ids = continuation_ids(tok, prefix + text.strip()) if prefix else tok.encode(text.strip())
     if not ids:
         raise ValueError(f"answer {text!r} tokenizes to nothing")
     return ids + [end_of_turn_id(tok)]
 
 
 def bos_ids(tok) -> list[int]:
-    """What a plain-text (non-chat) prompt starts with: Llama-2/3 checkpoints expect their bos token
-    before any text; ChatML models (SmolLM2, Qwen2) have none outside the template."""
-    return [tok.bos_id] if getattr(tok, "chat_format", None) in ("llama2", "llama3") and tok.bos_id is not None else []
+    """What a plain-text (non-chat) prompt starts with: bos where the tokenizer adds it to plain text
+    (Llama-2/3, Mistral: tok.add_bos, as transformers does); ChatML models (SmolLM2, Qwen2) have none."""
+    return [tok.bos_id] if getattr(tok, "add_bos", False) else []
+
+
+def continuation_ids(tok, text: str) -> list[int]:
+    """`text` tokenized as it reads after a prompt: a SentencePiece tokenizer (Llama-2, Mistral)
+    would otherwise put its start-of-text "▁" before it (tok.encode_continuation)."""
+    return tok.encode_continuation(text) if hasattr(tok, "encode_continuation") else tok.encode(text)
 
 
 def knowledge_ids(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
@@ -95,7 +105,7 @@ def knowledge_ids(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
         prompt = prompt.rstrip(" ")
     sep = "" if prompt[-1].isspace() or prompt[-1] in "([{\"'“‘" else " "
     bos = bos_ids(tok)
-    cont = tok.encode(sep + answer.strip())
+    cont = continuation_ids(tok, sep + answer.strip())
     if not cont:
         raise ValueError(f"knowledge answer {answer!r} tokenizes to nothing")
     return bos + tok.encode(prompt), cont

@@ -108,8 +108,10 @@ def test_gguf_metadata(smol):
     assert (smol.bos_id, smol.eos_id, smol.pad_id) == (1, 2, 2)
     assert smol.special_tokens["<|endoftext|>"] == 0 and smol.special_tokens["<|im_start|>"] == 1
     assert len(smol.special_tokens) == 17
-    assert smol.chat_format == "chatml"
-    assert smol.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert smol.chat_format == "template" and smol.add_bos is False
+    # the GGUF's own template adds SmolLM2's default system prompt
+    assert smol.decode(smol.chat_prompt("hi")).startswith(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>")
     assert smol.stop_ids() == {0, 2}
 
 
@@ -180,11 +182,10 @@ def test_gpt2_matches_hf_tokenizers():
     assert gpt2.encode("Hello world") == [15496, 995]  # well-known GPT-2 ids
     assert gpt2.n_vocab == 50257 and gpt2.eos_id == 50256 and gpt2.chat_format is None
     assert gpt2.stop_ids() == {50256}
+    assert gpt2.chat_prompt("hi") == gpt2.encode("Q: hi\nA:")  # no template: the plain format
     assert_same_ids(CORPUS, gpt2.encode, lambda s: ref.encode(s).ids, "GPT-2 vs tokenizers")
     for s in CORPUS:
         assert gpt2.decode(gpt2.encode(s)) == s, f"GPT-2 roundtrip failed for {s!r}"
-    with pytest.raises(ValueError):
-        gpt2.render_chat([{"role": "user", "content": "hi"}])
 
 
 # Public templates (Meta's Llama-3 tokenizer_config.json; HF's Llama-2 one without its role check).
@@ -215,7 +216,7 @@ def test_llama_chat_formats_match_jinja(fmt):
     template = LLAMA3_TEMPLATE if fmt == "llama3" else LLAMA2_TEMPLATE
     tok = Tokenizer(gpt2.mergeable_ranks, special, gpt2.pat_str, merges=gpt2.merges, bos_id=50257,
                     eos_id=50258 if fmt == "llama2" else 50261, chat_template=template)
-    assert tok.chat_format == fmt and tok.default_system is None
+    assert tok.chat_format == "template"
     render = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(template).render
     for messages in CONVERSATIONS[:3]:
         text = render(messages=messages, add_generation_prompt=True, bos_token=names[0], eos_token=names[1])
@@ -235,7 +236,7 @@ def test_save_hf_roundtrip(smol, tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert (back.bos_id, back.eos_id, back.pad_id, back.n_vocab) == (1, 2, 2, 49152)
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (1, 2, 2)
-    assert back.special_tokens == smol.special_tokens and back.default_system == smol.default_system
+    assert back.special_tokens == smol.special_tokens and back.chat_template == smol.chat_template
     assert_same_ids(CORPUS, back.encode, smol.encode, "from_hf_dir vs from_gguf")
     # split_special_tokens: transformers would otherwise turn typed "<|im_start|>" into a control token
     assert_same_ids(CORPUS, smol.encode,
@@ -261,7 +262,7 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="vocab.bpe"):
         Tokenizer.gpt2(tmp_path)
     _write_tokenizer_json(tmp_path, {"model": {"type": "WordPiece", "vocab": {"a": 0}}, "decoder": None})
-    with pytest.raises(ValueError, match="not a byte-level BPE"):
+    with pytest.raises(ValueError, match="model.type 'WordPiece' is not supported"):
         Tokenizer.from_hf_dir(tmp_path)
     # Merge order disagrees with id order ("ab" made first but has the larger id): ids cannot be ranks.
     bpe = {"type": "BPE", "vocab": {"a": 0, "b": 1, "c": 2, "bc": 3, "ab": 4}, "merges": ["a b", "b c"]}
@@ -277,3 +278,16 @@ def test_errors(tmp_path):
     assert tiny.encode("abc") == [3, 2] and tiny.encode("bc") == [4]
     # Neither "z" nor U+FFFD is spellable in this vocabulary, so the unspellable character is dropped.
     assert tiny.encode("abz") == [3] and tiny.decode([3, 4]) == "abbc"
+
+
+def test_end_of_turn_read_off_the_template():
+    """Gemma-style turns end with <end_of_turn>, not eos: the token comes from the template."""
+    gpt2 = Tokenizer.gpt2()
+    special = {"<bos>": 50257, "<eos>": 50258, "<start_of_turn>": 50259, "<end_of_turn>": 50260}
+    template = ("{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\\n' + m['content'] | trim"
+                " + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+    tok = Tokenizer(gpt2.mergeable_ranks, special, gpt2.pat_str, merges=gpt2.merges, bos_id=50257, eos_id=50258,
+                    chat_template=template)
+    assert tok.end_of_turn_id() == 50260 and tok.stop_ids() == {50258, 50260}
+    assert Tokenizer(gpt2.mergeable_ranks, special, gpt2.pat_str, merges=gpt2.merges, bos_id=50257,
+                     eos_id=50258).end_of_turn_id() == 50258  # no template: the plain format ends with eos

@@ -60,7 +60,9 @@ def byte_tokenizer() -> Tokenizer:
     """256 byte tokens + the three ChatML control tokens: the chat format of SmolLM2, a vocab of 259."""
     ranks = {bytes([b]): b for b in range(256)}
     special = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
-    return Tokenizer(ranks, special, GPT2_PATTERN, merges=[], bos_id=257, eos_id=258, pad_id=258)
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    return Tokenizer(ranks, special, GPT2_PATTERN, merges=[], bos_id=257, eos_id=258, pad_id=258, chat_template=chatml)
 
 
 # ---- tiny random models -----------------------------------------------------------------------------
