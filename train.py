@@ -44,7 +44,7 @@ import evaluate
 import extract_iv
 from ivft import checkpoint as ckpt
 from ivft import lora, memplan
-from ivft.config import HelpFormatter, add_run_flags, check_flags, check_launch
+from ivft.config import HelpFormatter, add_run_flags, check_flags, check_launch, lora_spec
 from ivft.data import (collate, encode_task, load_task_list, stage_pool, step_counts, step_micro_batches,
                        steps_for)
 from ivft.dist import (all_reduce_floats, all_reduce_sum, barrier, grad_shares, no_sync, resolve_amp,
@@ -103,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("presets").add_argument
     g("--preset", default="plain", choices=list(PRESETS["method"]), help="the method: plain, replay, lwf (KL "
       "to the original, no IV), iv_only, guided, fvg (the FvForgetting code's loss)")
-    g("--guided", action="store_true",
-      help="--preset guided: progressive IV + KL to the reference with the IV (docs/method.md §4)")
+    g("--guided", action="store_true", help="--preset guided: progressive IV + KL to the reference + IV")
     g("--regime", default="full", choices=list(PRESETS["regime"]),
       help="full fine-tuning, or lora: the sibling code's LoRA (merged after every task, constant lr)")
     g("--quick", action="store_true", help="a run of a few minutes: few examples and steps per task")
@@ -112,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data").add_argument
     g("--tasks", default=None, help="comma-separated training sequence: registry names or task files in any "
       "format tasks.load_task reads (default: tasks.default_sequence())")
-    g("--general", default=None,
-      help="comma-separated general-ability suite, or 'none' (default: tasks.general_suite())")
+    g("--general", default=None, help="comma-separated general suite, or 'none' (default: tasks.general_suite())")
     g("--max_train", type=int, default=320, help="at most this many training examples per task")
+    g("--chat_template", default=None, metavar="FILE", help="a jinja chat template (.jinja, or JSON with "
+      "\"chat_template\") instead of the checkpoint's own; a model without one gets the plain Q:/A: format")
     g("--max_len", type=int, default=256, help="longest training sequence; longer prompts lose their start")
     g("--replay", type=float, default=0.0, help="add FRACTION x (task size) examples of the earlier tasks")
 
@@ -478,16 +478,15 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
     general = load_task_list(cfg["general"], "general_suite", "general")
     guidance = Guidance.from_flags(cfg, train_iv=cfg["guided"] or cfg["iv_alpha0"] > 0)
     amp_dtype = resolve_amp(cfg["dtype"], d.device)
-    targets = tuple(cfg["lora_targets"].split(","))
-    spec = lora.LoraSpec(cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"], targets, cfg["lora_merge"]) \
-        if cfg["lora_r"] > 0 else None
+    spec = lora_spec(cfg)             # None: full fine-tuning
     run = ckpt.RunFiles(out_dir, cfg, cfg["model"], cfg["fsdp"], spec)
     stage_eval = evaluate.StageEval(cfg["eval_n"], cfg["eval_k_shot"], cfg["eval_batch"], cfg["eval_metrics"])
     evaluate.read_stage_cache(cfg["stage0_cache"])       # a bad file fails now, not after stage 0
     start = ckpt.find_resume(run, len(train_tasks), cfg["resume"], cfg["overwrite"], d.main, d)
     if start["finished"] is not None:
         return start["finished"]
-    model, tok = ckpt.load_base_model(cfg["model"], cfg["model_dtype"], d.device, spec and spec.targets)
+    model, tok = ckpt.load_base_model(cfg["model"], cfg["model_dtype"], d.device, spec and spec.targets,
+                                      cfg["chat_template"])
     model.grad_checkpointing = cfg["grad_checkpointing"]     # recompute each block in the backward
     encoded = [encode_task(tok, t, i, cfg["max_len"], cfg["max_train"], free=cfg["free_kl_weight"] > 0)
                for i, t in enumerate(train_tasks)]

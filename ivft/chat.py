@@ -15,6 +15,10 @@ import datetime
 import functools
 import json
 
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 # The format of a model with no template: a system message as a first paragraph, then blocks
 # "Q: <user>\nA: <assistant>" separated by a blank line; a prompt ends with "A:", and the answer
 # follows after one space (Tokenizer.answer_prefix). add_generation_prompt has nothing to add.
@@ -46,10 +50,6 @@ def _strftime_now(fmt):
 
 def compile_template(source: str, where: str):
     """The jinja Template for `source`; `where` names its file and field in the error line."""
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -62,7 +62,6 @@ def compile_template(source: str, where: str):
 
 def render(template, messages: list[dict], add_generation_prompt: bool, where: str, **special) -> str:
     """The prompt text. `special`: bos_token, eos_token, ... as the template names them."""
-    import jinja2
     try:
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
     except TemplateError:

@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save as st_save
 
 from ivft import lora
+from ivft.chat import read_template_file
 from ivft.config import RESUME_FREE, RUN_START_FILES
 from ivft.dist import barrier, full_state_dict, gather_objects
 from ivft.errors import LoadError, TrainError
@@ -278,13 +279,16 @@ def peft_as_frozen(stage: Path, config, spec: lora.LoraSpec) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Starting or resuming a run in out_dir
 
-def load_base_model(model_id: str | None, model_dtype: str, device, lora_targets=None):
-    """The model a run starts from (--model, --model_dtype "fp32" or "bf16") with its tokenizer; with
-    LoRA, its targets checked against the family's linear layers (before any evaluation runs)."""
+def load_base_model(model_id: str | None, model_dtype: str, device, lora_targets=None, chat_template=None):
+    """The model a run starts from (--model, --model_dtype "fp32" or "bf16") with its tokenizer, whose
+    chat template a --chat_template file replaces; with LoRA, its targets checked against the family's
+    linear layers (before any evaluation runs)."""
     try:
         model, tok = load_model(model_id, dtype=torch.bfloat16 if model_dtype == "bf16" else torch.float32, device=device)
         if lora_targets is not None:
             lora.check_targets(model, lora_targets)
+        if chat_template is not None and tok is not None:
+            tok.set_chat_template(read_template_file(chat_template), str(chat_template))
     except (LoadError, ValueError) as e:
         raise TrainError(str(e)) from None
     if tok is None:

@@ -125,6 +125,14 @@ def check_flags(cfg: dict) -> dict:
     return cfg
 
 
+def lora_spec(cfg: dict) -> lora.LoraSpec | None:
+    """The --lora_* flags as the library takes them; None for full fine-tuning (--lora_r 0)."""
+    if cfg["lora_r"] == 0:
+        return None
+    return lora.LoraSpec(cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"], tuple(cfg["lora_targets"].split(",")),
+                         cfg["lora_merge"])
+
+
 def check_launch(cfg: dict, world: int):
     """What can only be checked once the number of processes is known, and that out_dir is writable.
     --micro_batch's default ("the largest divisor <= 8 of the batch per rank") is resolved here."""

@@ -29,6 +29,10 @@ import sys
 import unicodedata
 
 import tiktoken
+from tokenizers import Tokenizer as Engine
+
+from ivft import chat
+from ivft.chat import TemplateError, compile_template
 
 # Pre-tokenizer regexes. tiktoken compiles them with fancy-regex (lookaround and \p{..} work).
 # GPT-2's original pattern (openai/gpt-2 encoder.py, also HF ByteLevel(use_regex=True)).
@@ -143,7 +147,6 @@ class ChatMixin:
 
     def set_chat_template(self, source: str | None, where: str | None = None):
         """Use `source` (jinja) from now on; None = the plain format. Raises TemplateError on bad jinja."""
-        from ivft.chat import compile_template
         self.chat_template = source
         self.template_where = where or self.where
         self._compiled = None if source is None else compile_template(source, self.template_where)
@@ -188,7 +191,6 @@ class ChatMixin:
 
     def render_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The template's text for `messages` (the plain format's without a template)."""
-        from ivft import chat
         if self.chat_template is None:
             return chat.render(chat.plain_template(), messages, add_generation_prompt, "plain format",
                                **self._special_names())
@@ -223,7 +225,6 @@ class ChatMixin:
     def end_of_turn_id(self) -> int | None:
         """The control token the template writes right after an assistant message (<|im_end|>,
         <|eot_id|>, </s>, <end_of_turn>, ...); eos where it writes none (the plain format)."""
-        from ivft.chat import TemplateError
         if self.chat_template is None:
             return self.eos_id
         if getattr(self, "_eot", (None,))[0] != self.chat_template:  # once per template
@@ -645,7 +646,6 @@ class SentencePieceBPE(ChatMixin):
     unicode characters, and bytes only stand in for characters the vocabulary lacks."""
 
     def __init__(self, hf: HFFiles):
-        from tokenizers import Tokenizer as Engine
         try:
             self._engine = Engine.from_str(hf.tj_text)   # control tokens recognised: rendered chat text
             self._plain = Engine.from_str(hf.tj_text)    # control-token text is text: user input
