@@ -43,17 +43,23 @@ def autocast(dtype, device_type: str = "cpu"):
     if dtype in (None, "float32", torch.float32):
         return contextlib.nullcontext()
     if dtype in ("bfloat16", torch.bfloat16):
+        if not torch.amp.is_autocast_available(device_type):
+            raise ValueError(f"bf16 autocast is not available on device {device_type!r}; use fp32")
         return torch.autocast(device_type, dtype=torch.bfloat16)
     raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
 
 
 def lm_head_fp32(model, h):
-    """Logits (N, V) in fp32 for hidden states h (N, C), autocast off: the output layer runs only on
-    the few positions that are scored, so full precision is cheap, and bf16 logits would move
-    close scores (see the module docstring)."""
+    """Logits (..., V) in fp32 for hidden states h (..., C), autocast off: the output layer runs only
+    on the few positions that are scored, so full precision is cheap, and bf16 logits would move
+    close scores (see the module docstring). The one output layer of every scorer, trainer and
+    extractor (an fp64 model, in tests, keeps fp64)."""
     w = model.lm_head.weight
-    with torch.autocast(h.device.type, enabled=False):
-        return model.lm_head(h.to(w.dtype)).float()
+    # a device with no autocast at all (meta, the device tests' stand-in) has none to turn off
+    off = torch.autocast(h.device.type, enabled=False) if torch.amp.is_autocast_available(h.device.type) \
+        else contextlib.nullcontext()
+    with off:
+        return model.lm_head(h.to(w.dtype)).to(torch.promote_types(w.dtype, torch.float32))
 
 
 def _logprobs(model, h):

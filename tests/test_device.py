@@ -1,0 +1,154 @@
+"""Every path runs with the model on a device other than the CPU: IV extraction (exact and attribution
+mediation, the dev sweep and the check), a guided training step (forward and backward of
+train.LossModule, with a frozen reference and with LoRA adapters off) and a stage evaluation (every
+metric, k-shot too). Without a GPU the device is a stand-in (tests/ondevice.py): the model reports
+the meta device and computes on the CPU underneath, and any op that mixes a model tensor with a
+CPU tensor is recorded with the line that made it. Each test also checks that the numbers equal the
+plain CPU run's, so the stand-in changes nothing but where tensors say they live."""
+import copy
+
+import pytest
+import torch
+
+import evaluate as E
+import extract_iv as X
+import ondevice
+import train
+from ivft import checkpoint as ckpt
+from ivft import lora
+from ivft.data import Item, collate
+from ivft.ivcheck import check_iv
+from ivft.tasks import Example, Task
+from toys import SMALL, TOK, byte_tokenizer, char_model, make_task, standin_task, tiny_model
+
+
+def on_device(model):
+    return ondevice.move(copy.deepcopy(model))
+
+
+def assert_no_strays(strays):
+    assert not strays, f"{len(strays)} ops mixed a CPU tensor with the model's device:\n" + \
+        "\n".join(dict.fromkeys(strays))
+
+
+def assert_close(a, b, what, atol=1e-5):
+    a, b = ondevice.plain(a), ondevice.plain(b)
+    diff = (a.float() - b.float()).abs().max().item()
+    assert diff <= atol, f"{what}: max |device - cpu| = {diff:.2e}"
+
+
+def test_the_stand_in_finds_a_stray_and_only_a_stray():
+    # the test must be able to fail: a CPU tensor added to a device tensor is recorded, one made
+    # with device= is not, and results computed underneath are the CPU's
+    lin = ondevice.move(torch.nn.Linear(3, 2))
+    with ondevice.on_device() as strays:
+        x = torch.ones(1, 3, device=lin.weight.device)
+        y = lin(x)
+        assert not strays and y.device == ondevice.DEVICE
+        lin(torch.ones(1, 3))
+        assert len(strays) == 1 and "test_device.py" in strays[0]
+        assert isinstance(y.sum().item(), float) and len(y.tolist()[0]) == 2
+
+
+@pytest.mark.parametrize("method", ["exact", "attribution"])
+def test_extraction_on_a_device(method):
+    model, task = char_model(), standin_task()
+    settings = dict(SMALL, method=method, layer=2, top_k=3, progress=False)
+    want = X.extract_iv(model, TOK, task, **settings)
+    dev = on_device(model)
+    with ondevice.on_device() as strays:
+        got = X.extract_iv(dev, TOK, task, **settings)
+        res = check_iv(dev, TOK, task, got["iv"], got["layer"], n=3, settings=SMALL, progress=False)
+    assert_no_strays(strays)
+    assert got["heads"] == want["heads"]
+    assert_close(got["iv"], want["iv"], "IV")
+    assert_close(got["aie"], want["aie"], "AIE")
+    assert res["iv"]["top1"] == check_iv(model, TOK, task, want["iv"], want["layer"], n=3, settings=SMALL,
+                                         progress=False)["iv"]["top1"]
+
+
+def test_layer_auto_sweep_on_a_device():
+    # the sweep (_steered_logits) and choose_kind's resid IV run only with --layer auto, which needs
+    # a dev split of >= 4 examples (a quarter of the training examples at most)
+    words = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st", "uv", "wx", "yz", "ba", "dc", "fe"]
+    task = Task(name="rev", kind="generate", metric="exact_match",
+                train=[Example("Reverse it.", w, w[::-1]) for w in words], test=[Example("Reverse it.", "hi", "ih")])
+    model = char_model()
+    settings = dict(SMALL, layer="auto", n_dev=4, progress=False)
+    want = X.extract_iv(model, TOK, task, **settings)
+    with ondevice.on_device() as strays:
+        got = X.extract_iv(on_device(model), TOK, task, **settings)
+    assert_no_strays(strays)
+    assert (got["layer"], got["heads"]) == (want["layer"], want["heads"])
+    assert_close(got["iv"], want["iv"], "IV")
+
+
+def guided_batch(tok, device):
+    items = [Item(tok.chat_prompt(f"say {w}") + tok.encode(w.upper()) + [258],
+                  len(tok.chat_prompt(f"say {w}")), i % 2) for i, w in enumerate(["cat", "doggo", "owl"])]
+    return collate(items, tok.pad_id, device)
+
+
+def guided_step(model, device, use_lora, kl_positions):
+    """One guided micro-batch: α·IV in the trained model, KL to the reference + IV, and the sibling
+    terms (a KL over every position, the heads' MSE) -> (loss, parts, gradients)."""
+    tok = byte_tokenizer()
+    g = train.Guidance(ivs=torch.randn(2, 32, generator=torch.Generator().manual_seed(0)).to(device),
+                       layers=torch.tensor([1, 2], device=device), alpha=0.5, train_iv=True, kl_iv=True,
+                       kl_weight=1.0, kl_positions=kl_positions, kl_all_weight=0.1, head_mse_weight=1.0,
+                       heads={0: torch.tensor([1, 3], device=device)})
+    lm = train.LossModule(model, guidance=g)
+    if not use_lora:
+        lm.set_reference(ckpt.frozen_copy(model))
+    batch = guided_batch(tok, device)
+    n_ans, n_rows = float((batch["targets"] != -100).sum()), float(len(batch["idx"]))
+    norms = torch.tensor([n_ans, n_rows, float(batch["n_tokens"])], device=device)
+    loss, parts = lm(batch, norms)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return loss, parts, grads
+
+
+# train.py (not this change's to edit) indexes the last prompt token with torch.arange(B) made on the
+# CPU (LossModule.forward's kl_positions="last" branch, and instruction_free_kl): the default --guided
+# KL position. On CUDA that is a hidden host-to-device copy per step, on a meta model an error.
+LAST_ON_CPU = pytest.mark.xfail(strict=True, reason="train.py LossModule: `at = torch.arange(B), batch['last']` "
+                                "needs device=h.device (the lead's rewrite wires it)")
+
+
+@pytest.mark.parametrize("kl_positions", ["answer", "all", pytest.param("last", marks=LAST_ON_CPU)])
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_training_step_on_a_device(use_lora, kl_positions):
+    model = tiny_model(vocab=259, layers=3).train()
+    if use_lora:
+        lora.add_lora(model, r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj"))
+        with torch.no_grad():       # adapters that do something, so that "adapters off" differs
+            for m in lora.lora_layers(model).values():
+                m.lora_B.normal_(std=0.1)
+    dev = on_device(model)
+    want = guided_step(model, "cpu", use_lora, kl_positions)
+    with ondevice.on_device() as strays:
+        got = guided_step(dev, dev.lm_head.weight.device, use_lora, kl_positions)
+    assert_no_strays(strays)
+    assert_close(got[0], want[0], "loss")
+    assert got[1].keys() == want[1].keys()
+    assert set(got[2]) == set(want[2]) and got[2]
+    for n in want[2]:
+        assert_close(got[2][n], want[2][n], f"grad of {n}")
+
+
+def test_stage_evaluation_on_a_device():
+    model = char_model()
+    copy_ex = [Example("Copy.", w, w, choices=[w, w[::-1]]) for w in ("ab", "cd", "ef", "gh")]
+    tasks = [make_task(copy_ex, copy_ex, name="copy", metric="exact_match"),
+             make_task(copy_ex, copy_ex, name="pick", metric="choice")]
+    general = [make_task(copy_ex, copy_ex, name="gen", metric="reply_contains")]
+    ev = E.StageEval(n=3, k_shot=1, batch_size=2, metrics="all")
+    want = E.evaluate_stage(model, TOK, tasks, general, ev, "cpu", None)
+    with ondevice.on_device() as strays:
+        got = E.evaluate_stage(on_device(model), TOK, tasks, general, ev, "cpu", None)
+    assert_no_strays(strays)
+    for name, scores in want["tasks"].items():
+        for metric, v in scores.items():
+            if isinstance(v, float):
+                assert got["tasks"][name][metric] == pytest.approx(v, abs=1e-5), (name, metric)
