@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ivft.engine import lm_head_fp32, model_device
+from ivft.engine import add_device_flags, autocast, lm_head_fp32, model_device, resolve_precision
 from ivft.ivcheck import (check_iv, check_report, choose_kind, dev_advice, restored, sweep_all, swept_advice,
                           training_lines)
 from ivft.ivfile import (cached_iv, check_iv_task, check_outputs, iv_filename, iv_meta, iv_out_path, load_iv,
@@ -524,7 +524,9 @@ def parse_args(argv=None):
     arg("--report", help="with --check: write the check as JSON here")
     arg("--sweep", action="store_true", help="print restored shares per layer x K on the dev split (heads "
         "and resid) and plot them beside the IV file (<out>.sweep.png, with matplotlib)")
-    arg = ap.add_argument_group("system").add_argument
+    sysg = ap.add_argument_group("system")
+    add_device_flags(sysg)
+    arg = sysg.add_argument
     arg("--batch_size", type=int, default=16, help="prompts per forward")
     arg("--max_rows", type=int, default=512, help="patched rows per batch (exact method and sweep)")
     arg("--threads", type=int, default=None, help="torch CPU threads")
@@ -555,6 +557,10 @@ def _run(args) -> int:
     from ivft.load import LoadError, load_model
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        device, amp, weights = resolve_precision(args)
+    except ValueError as e:
+        raise ExtractError(str(e)) from None
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}   # Settings' flags
     Settings(**settings)                                      # bad settings fail before the slow load
     tasks = [load_task_by_name(n) for n in args.universal or [args.task]]
@@ -562,12 +568,19 @@ def _run(args) -> int:
     out = iv_out_path(args.out, tag, None if args.universal else task)   # checked before the slow load:
     check_outputs(out, bool(args.universal), "--out" if args.out else "IV file", args.report)
     try:
-        model, tok = load_model(args.model)
+        model, tok = load_model(args.model, dtype=weights, device=device)
     except LoadError as e:
         raise ExtractError(str(e)) from None
     model.eval()
+    with autocast(amp, device.type):
+        return _extract_and_report(args, model, tok, tasks, task, tag, out, settings)
+
+
+def _extract_and_report(args, model, tok, tasks, task, tag, out, settings) -> int:
     s = Settings(**settings).resolve(model)
-    print("config:", json.dumps({"model": tag, "tasks": [t.name for t in tasks], **dataclasses.asdict(s)}))
+    print("config:", json.dumps({"model": tag, "tasks": [t.name for t in tasks], **dataclasses.asdict(s),
+                                 "device": str(model_device(model)), "dtype": args.dtype,
+                                 "model_dtype": args.model_dtype}))
     progress = not args.quiet
     if args.universal:
         results = extract_universal(model, tok, tasks, model_id=tag, progress=progress, **settings)

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from ivft.dist import resolve_amp
 from ivft.prompts import reply_budgets, reply_verdicts, verdict_open
+from ivft.runtime import TrainError
 from model import Intervention, KVCache
 
 
@@ -70,6 +72,47 @@ def _logprobs(model, h):
 
 def model_device(model):
     return next(model.parameters()).device
+
+
+def resolve_device(flag: str) -> torch.device:
+    """The scripts' --device: auto = the first CUDA GPU where there is one, else the CPU; or a torch
+    device name (cpu, cuda, cuda:1, ...). A device this machine lacks is a ValueError naming the flag."""
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(flag)
+    except RuntimeError:
+        raise ValueError(f"--device {flag}: not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {flag}: this machine (torch {torch.__version__}) has no CUDA GPU; "
+                         f"use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {flag}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)")
+    return dev
+
+
+def add_device_flags(g, dtype_default: str = "fp32"):
+    """--device, --dtype (autocast) and --model_dtype (weights) as train.py has them, for the other
+    scripts. Their default --dtype is fp32, not train.py's auto: auto is bf16 on GPUs and AMX CPUs,
+    and a score or an IV should not change with the machine unless asked (docs/training.md)."""
+    g.add_argument("--device", default="auto", help="auto (a CUDA GPU where there is one, else the CPU), "
+                   "cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", default=dtype_default, choices=["auto", "fp32", "bf16"],
+                   help="compute dtype: bf16 = autocast (the output layer stays fp32: lm_head_fp32); auto = "
+                   "bf16 where the hardware multiplies it natively (GPUs, AMX CPUs), else fp32")
+    g.add_argument("--model_dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="storage dtype of the weights (bf16 halves their memory)")
+
+
+def resolve_precision(args) -> tuple[torch.device, torch.dtype | None, torch.dtype]:
+    """(device, autocast dtype or None, weight dtype) from add_device_flags' flags; ValueError on a bad
+    one. The autocast choice is train.py's (ivft.dist.resolve_amp)."""
+    dev = resolve_device(args.device)
+    try:
+        amp = resolve_amp(args.dtype, dev)
+    except TrainError as e:                   # one line, raised as the scripts catch bad input
+        raise ValueError(str(e)) from None
+    return dev, amp, torch.bfloat16 if args.model_dtype == "bf16" else torch.float32
 
 
 @contextlib.contextmanager

@@ -152,3 +152,46 @@ def test_stage_evaluation_on_a_device():
         for metric, v in scores.items():
             if isinstance(v, float):
                 assert got["tasks"][name][metric] == pytest.approx(v, abs=1e-5), (name, metric)
+
+
+# ---- the scripts' --device / --dtype / --model_dtype -------------------------------------------------
+
+def test_resolve_device():
+    from ivft.engine import resolve_device
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="--device gpu0: not a torch device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda:1: this machine .* has no CUDA GPU"):
+            resolve_device("cuda:1")
+
+
+@pytest.mark.parametrize("script", ["extract_iv.py", "evaluate.py", "sample.py"])
+def test_scripts_refuse_a_device_in_one_line(script):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    extra = ["--task", "antonym"] if script == "extract_iv.py" else []
+    r = subprocess.run([sys.executable, str(root / script), *extra, "--device", "gpu0"], capture_output=True,
+                       text=True, cwd=root, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("--device gpu0: not a torch device (auto, cpu, cuda, "
+                                                      "cuda:1, ...)"), r.stderr
+
+
+def test_scripts_take_the_same_precision_flags():
+    # one definition (engine.add_device_flags), so the scripts cannot drift apart
+    import argparse
+    import evaluate
+    from ivft.engine import add_device_flags, resolve_precision
+    ap = argparse.ArgumentParser()
+    add_device_flags(ap)
+    args = ap.parse_args(["--device", "cpu", "--dtype", "fp32", "--model_dtype", "bf16"])
+    assert resolve_precision(args) == (torch.device("cpu"), None, torch.bfloat16)
+    args = ap.parse_args(["--device", "cpu", "--dtype", "bf16"])
+    assert resolve_precision(args)[1:] == (torch.bfloat16, torch.float32)
+    ev = evaluate.build_parser().parse_args([])
+    ex = X.parse_args(["--task", "antonym"])
+    assert (ev.device, ev.dtype, ev.model_dtype) == (ex.device, ex.dtype, ex.model_dtype) == ("auto", "fp32", "fp32")
