@@ -83,6 +83,23 @@ def test_layer_auto_sweep_on_a_device():
     assert_close(got["iv"], want["iv"], "IV")
 
 
+def test_get_iv_and_training_ivs_on_a_device(tmp_path):
+    # what train.py calls: the cached IV with its dev advice and the hidden-state norms (state_norms),
+    # then the IVs rescaled to a fraction of those norms
+    model, task = char_model(), standin_task()
+    settings = dict(SMALL, layer=2, top_k=3)
+    want = X.training_ivs(model, TOK, [task], iv_dir=tmp_path / "cpu", model_id="tiny", norm_ratio=0.5,
+                          progress=False, **settings)
+    with ondevice.on_device() as strays:
+        got = X.training_ivs(on_device(model), TOK, [task], iv_dir=tmp_path / "dev", model_id="tiny",
+                             norm_ratio=0.5, progress=False, **settings)
+    assert_no_strays(strays)
+    (iv, layer, meta), (iv0, layer0, meta0) = got["opp"], want["opp"]
+    assert layer == layer0 and meta["advice"] == meta0["advice"]
+    assert meta["state_norms"] == pytest.approx(meta0["state_norms"], rel=1e-5)
+    assert_close(iv, iv0, "IV scaled to the state norm")
+
+
 def guided_batch(tok, device):
     items = [Item(tok.chat_prompt(f"say {w}") + tok.encode(w.upper()) + [258],
                   len(tok.chat_prompt(f"say {w}")), i % 2) for i, w in enumerate(["cat", "doggo", "owl"])]
