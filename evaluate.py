@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from ivft.engine import Decoder, add_device_flags, autocast, eval_mode, model_device, resolve_precision, run_prompts
+from ivft.engine import (Decoder, add_device_flags, autocast, eval_mode, model_device, resolve_precision,
+                         run_prompts)
 from ivft.files import check_writable, write_json_atomic
 from ivft.prompts import REPLY_TOKENS  # noqa: F401 (evaluate.REPLY_TOKENS: reply_contains's budget)
 from ivft.prompts import (answer_ids, choice_candidates, distinct_outputs, draw_shots, knowledge_ids,

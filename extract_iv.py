@@ -61,9 +61,8 @@ def _metric(logits, answer, effect) -> torch.Tensor:
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # fp32, or fp64 for tests
     if effect == "prob":
         return F.softmax(logits[:, 0], -1)[:, answer[0]]
-    lp = F.log_softmax(logits, -1)                                         # (N, A, V)
-    at = torch.arange(len(answer), device=logits.device)
-    return lp[:, at, torch.tensor(answer, device=logits.device)].sum(-1)
+    lp, dev = F.log_softmax(logits, -1), logits.device                    # (N, A, V)
+    return lp[:, torch.arange(len(answer), device=dev), torch.tensor(answer, device=dev)].sum(-1)
 
 
 def suffix_ids(prompt: Prompt, effect) -> list[int]:
@@ -524,9 +523,7 @@ def parse_args(argv=None):
     arg("--report", help="with --check: write the check as JSON here")
     arg("--sweep", action="store_true", help="print restored shares per layer x K on the dev split (heads "
         "and resid) and plot them beside the IV file (<out>.sweep.png, with matplotlib)")
-    sysg = ap.add_argument_group("system")
-    add_device_flags(sysg)
-    arg = sysg.add_argument
+    arg = add_device_flags(ap.add_argument_group("system")).add_argument
     arg("--batch_size", type=int, default=16, help="prompts per forward")
     arg("--max_rows", type=int, default=512, help="patched rows per batch (exact method and sweep)")
     arg("--threads", type=int, default=None, help="torch CPU threads")
@@ -557,10 +554,7 @@ def _run(args) -> int:
     from ivft.load import LoadError, load_model
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        device, amp, weights = resolve_precision(args)
-    except ValueError as e:
-        raise ExtractError(str(e)) from None
+    device, amp, weights = resolve_precision(args, ExtractError)
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}   # Settings' flags
     Settings(**settings)                                      # bad settings fail before the slow load
     tasks = [load_task_by_name(n) for n in args.universal or [args.task]]
@@ -578,9 +572,8 @@ def _run(args) -> int:
 
 def _extract_and_report(args, model, tok, tasks, task, tag, out, settings) -> int:
     s = Settings(**settings).resolve(model)
-    print("config:", json.dumps({"model": tag, "tasks": [t.name for t in tasks], **dataclasses.asdict(s),
-                                 "device": str(model_device(model)), "dtype": args.dtype,
-                                 "model_dtype": args.model_dtype}))
+    print("config:", json.dumps({"model": tag, "tasks": [t.name for t in tasks], **dataclasses.asdict(s), "device":
+                                 str(model_device(model)), "dtype": args.dtype, "model_dtype": args.model_dtype}))
     progress = not args.quiet
     if args.universal:
         results = extract_universal(model, tok, tasks, model_id=tag, progress=progress, **settings)

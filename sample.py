@@ -37,7 +37,7 @@ for ok, msg in [(args.num_samples >= 1, f"--num_samples {args.num_samples}: must
 try:
     device, amp, weights = resolve_precision(args)
 except ValueError as e:
-    parser.error(str(e))
+    parser.error(str(e))           # one line and exit status 2, before the model loads
 try:
     model, tok = load_model(args.model, dtype=weights, device=device)
 except LoadError as e:

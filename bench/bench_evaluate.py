@@ -25,16 +25,11 @@ What was found on the project's 2-core AVX2 machine:
 """
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-# this checkout's model.py and ivft/, not an installed copy's, from any working directory
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import evaluate as E  # noqa: E402
+import evaluate as E
 from ivft.load import load_model
 from ivft.report import fmt_score, print_table, save_report
 

@@ -22,16 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-# this checkout's model.py and ivft/, not an installed copy's, from any working directory
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import extract_iv as X  # noqa: E402
+import extract_iv as X
 from ivft.ivcheck import spearman
 from ivft.ivprompts import clean_prompts, corrupted_prompts, load_task_by_name, score_prompts, split_train
 from ivft.ivsettings import CORRUPTIONS, EFFECTS, Settings, default_top_k

@@ -7,16 +7,11 @@ machine noise hits both alike. Prints tokens/s and the ratio ours / HF (goal: >=
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-# this checkout's model.py and ivft/, not an installed copy's, from any working directory
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ivft.load import load_model, save_hf  # noqa: E402
+from ivft.load import load_model, save_hf
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--batch", type=int, default=8, help="sequences per batch")

@@ -30,14 +30,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))   # this checkout's model.py, train.py and ivft/, not an installed copy's
+from ivft import lora
+import train
+from ivft.checkpoint import frozen_copy
+from ivft.data import Item, collate, encode_example
+from ivft.dist import resolve_amp
 
-from ivft import lora  # noqa: E402
-import train  # noqa: E402
-from ivft.checkpoint import frozen_copy  # noqa: E402
-from ivft.data import Item, collate, encode_example  # noqa: E402
-from ivft.dist import resolve_amp  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Llama-2-7B's shape (the paper's model): used for the memory estimate
 LLAMA2_7B = {"params": 6.74e9, "layers": 32, "d_model": 4096, "vocab": 32000}

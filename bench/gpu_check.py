@@ -4,6 +4,7 @@ under 8 minutes on one H100, and writes one JSON file.
 
     python bench/gpu_check.py --out results/gpu_check.json        # on a GPU machine
     python bench/gpu_check.py --smoke --out /tmp/gpu_check.json   # anywhere: tiny shapes, every part
+    PYTHONPATH=. python bench/gpu_check.py ...     # from the repository root where it is not pip-installed
 
 Nothing is downloaded and nothing big travels: every model is random weights of a real shape built
 on the device, and the model directory train.py runs on is written here, with a byte-level
@@ -43,15 +44,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))          # the repository's model.py and ivft/, from any working directory
+import extract_iv
+import train
+from ivft import lora
+from ivft.ivprompts import Prompt
+from ivft.runtime import code_version
+from model import ModelConfig, Transformer
 
-import extract_iv  # noqa: E402
-import train  # noqa: E402
-from ivft import lora  # noqa: E402
-from ivft.ivprompts import Prompt  # noqa: E402
-from ivft.runtime import code_version  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Model shapes. "7b" is Llama-2-7B's (the paper's model), "1b" TinyLlama-1.1B's.
 SHAPES = {

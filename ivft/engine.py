@@ -102,16 +102,17 @@ def add_device_flags(g, dtype_default: str = "fp32"):
                    "bf16 where the hardware multiplies it natively (GPUs, AMX CPUs), else fp32")
     g.add_argument("--model_dtype", default="fp32", choices=["fp32", "bf16"],
                    help="storage dtype of the weights (bf16 halves their memory)")
+    return g
 
 
-def resolve_precision(args) -> tuple[torch.device, torch.dtype | None, torch.dtype]:
-    """(device, autocast dtype or None, weight dtype) from add_device_flags' flags; ValueError on a bad
-    one. The autocast choice is train.py's (ivft.dist.resolve_amp)."""
-    dev = resolve_device(args.device)
+def resolve_precision(args, error=ValueError) -> tuple[torch.device, torch.dtype | None, torch.dtype]:
+    """(device, autocast dtype or None, weight dtype) from add_device_flags' flags; a bad one raises
+    `error` (the script's one-line error class). The autocast choice is train.py's (dist.resolve_amp)."""
     try:
+        dev = resolve_device(args.device)
         amp = resolve_amp(args.dtype, dev)
-    except TrainError as e:                   # one line, raised as the scripts catch bad input
-        raise ValueError(str(e)) from None
+    except (ValueError, TrainError) as e:
+        raise error(str(e)) from None
     return dev, amp, torch.bfloat16 if args.model_dtype == "bf16" else torch.float32
 
 

@@ -1,6 +1,8 @@
 """bench/gpu_check.py in its smoke mode (tiny shapes on the CPU, every part), so that the prepared GPU
 check cannot rot between runs on a GPU machine; and, where there is a GPU, its parity part for real."""
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +16,10 @@ PARTS = ("parity", "train_guided", "throughput_1b", "build_7b", "mediation_7b", 
 
 def run_check(tmp_path, *flags) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "check.json"
+    # this checkout's modules first, whatever copy of the project is installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(out), "--threads", "1",
-                        "--commit", "abc123", *flags], capture_output=True, text=True, timeout=900)
+                        "--commit", "abc123", *flags], capture_output=True, text=True, timeout=900, env=env)
     return r, (json.loads(out.read_text()) if out.is_file() else {})
 
 
@@ -55,8 +59,9 @@ def test_smoke_mode_runs_every_part(tmp_path):
 
 def test_a_failing_part_is_recorded_and_the_rest_run(tmp_path, monkeypatch):
     # a part's exception is a result: recorded with its error, the exit status says so
-    sys.path.insert(0, str(ROOT / "bench"))
-    import gpu_check
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
     monkeypatch.setattr(gpu_check, "part_parity", lambda *a: 1 / 0)
     rep = gpu_check.main(["--smoke", "--device", "cpu", "--out", str(tmp_path / "c.json"),
                           "--parts", "parity,throughput_1b"])

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = {"train.py": 550, "evaluate.py": 500, "extract_iv.py": 600, "model.py": 550}
+# extract_iv.py: 600 + the device placement of issue 40 (its tensors made on the model's device)
+SCRIPTS = {"train.py": 550, "evaluate.py": 500, "extract_iv.py": 620, "model.py": 550}
 
 
 def py_files():
