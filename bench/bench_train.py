@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ivft import lora
+import extract_iv
 import train
 from ivft.checkpoint import frozen_copy
 from ivft.data import Item, collate, encode_example
@@ -70,7 +71,6 @@ def task_iv(model, tok, task: str, device) -> tuple[torch.Tensor, int]:
     """The task's IV and layer as train.py --guided gets them (extract_iv.extract_iv: exact mediation
     over every head, at the default layer), from fewer prompts (8 clean, 4 corrupted) than train.py's
     50 and 25: a step costs the same whatever the IV's values, which only need to be a real IV's."""
-    import extract_iv
     r = extract_iv.extract_iv(model, tok, task, n_clean=8, n_corrupt=4, progress=False)
     return r["iv"].to(device), int(r["layer"])
 

@@ -2,9 +2,11 @@
 The GPU check: one prepared run that tells whether the project works on one GPU at real sizes, in
 under 8 minutes on one H100, and writes one JSON file.
 
-    python bench/gpu_check.py --out results/gpu_check.json        # on a GPU machine
-    python bench/gpu_check.py --smoke --out /tmp/gpu_check.json   # anywhere: tiny shapes, every part
-    PYTHONPATH=. python bench/gpu_check.py ...     # from the repository root where it is not pip-installed
+    python -m bench.gpu_check --out results/gpu_check.json --commit <sha>   # on a GPU machine
+    python -m bench.gpu_check --smoke --out /tmp/gpu_check.json            # anywhere: tiny shapes
+
+(-m from the repository root: this checkout's modules, installed or not; `python bench/gpu_check.py`
+needs `pip install -e .` or PYTHONPATH=.)
 
 Nothing is downloaded and nothing big travels: every model is random weights of a real shape built
 on the device, and the model directory train.py runs on is written here, with a byte-level
@@ -47,8 +49,11 @@ import torch.nn.functional as F
 import extract_iv
 import train
 from ivft import lora
+from ivft.engine import resolve_device
 from ivft.ivprompts import Prompt
+from ivft.load import config_to_hf, save_hf
 from ivft.runtime import code_version
+from ivft.tokenizer import GPT2_PATTERN, Tokenizer
 from model import ModelConfig, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,14 +163,12 @@ def part_parity(sh, device, budget) -> dict:
 def byte_tokenizer():
     """256 byte tokens + ChatML's three control tokens (the chat format of SmolLM2): a tokenizer that
     needs no files, so the tiny model directory is self-made."""
-    from ivft.tokenizer import GPT2_PATTERN, Tokenizer
     ranks = {bytes([b]): b for b in range(256)}
     special = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
     return Tokenizer(ranks, special, GPT2_PATTERN, merges=[], bos_id=257, eos_id=258, pad_id=258)
 
 
 def part_train_guided(mode, device, budget, work: Path, threads: int) -> dict:
-    from ivft.load import save_hf
     cfg = ModelConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
                       tie_word_embeddings=True)
@@ -205,7 +208,7 @@ def flops_per_token(cfg: ModelConfig, n_matmul_params: int, T: int) -> float:
 
 def hf_llama(cfg: ModelConfig, device):
     """transformers' LlamaForCausalLM of the same shape, bf16, built on the device."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM     # a test-only dependency: imported where used
     hc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                      num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
                      num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
@@ -295,8 +298,7 @@ def memory_plan(cfg: ModelConfig, B: int, T: int, device) -> dict:
     """The dry run's prediction for this step, from ivft.memplan (another change writes it: recorded
     as unavailable until then, or with the error where its interface differs)."""
     try:
-        from ivft import memplan
-        from ivft.load import config_to_hf
+        from ivft import memplan          # here, not at the top: absent until that change is merged
     except ImportError as e:
         return {"available": False, "why": f"ivft.memplan: {e}"}
     try:
@@ -399,7 +401,6 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ivft.engine import resolve_device
     try:
         device = resolve_device(args.device)
     except ValueError as e:
