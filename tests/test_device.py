@@ -212,3 +212,15 @@ def test_scripts_take_the_same_precision_flags():
     ev = evaluate.build_parser().parse_args([])
     ex = X.parse_args(["--task", "antonym"])
     assert (ev.device, ev.dtype, ev.model_dtype) == (ex.device, ex.dtype, ex.model_dtype) == ("auto", "fp32", "fp32")
+
+
+def test_one_output_layer():
+    # every scorer, trainer and extractor reads logits through engine.lm_head_fp32 (fp32 under bf16
+    # autocast, on any device); only model.py's own full forward calls the layer itself
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    calls = [f"{p.relative_to(root)}:{i}" for p in sorted(root.rglob("*.py")) if "tests" not in p.parts
+             and p.relative_to(root).as_posix() not in ("model.py", "ivft/engine.py")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\.lm_head\(", line)]
+    assert not calls, f"call engine.lm_head_fp32 instead: {calls}"
