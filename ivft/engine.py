@@ -91,13 +91,13 @@ def resolve_device(flag: str) -> torch.device:
     return dev
 
 
-def add_device_flags(g, dtype_default: str = "fp32"):
+def add_device_flags(g):
     """--device, --dtype (autocast) and --model_dtype (weights) as train.py has them, for the other
     scripts. Their default --dtype is fp32, not train.py's auto: auto is bf16 on GPUs and AMX CPUs,
     and a score or an IV should not change with the machine unless asked (docs/training.md)."""
     g.add_argument("--device", default="auto", help="auto (a CUDA GPU where there is one, else the CPU), "
                    "cpu, cuda, cuda:1, ...")
-    g.add_argument("--dtype", default=dtype_default, choices=["auto", "fp32", "bf16"],
+    g.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16"],
                    help="compute dtype: bf16 = autocast (the output layer stays fp32: lm_head_fp32); auto = "
                    "bf16 where the hardware multiplies it natively (GPUs, AMX CPUs), else fp32")
     g.add_argument("--model_dtype", default="fp32", choices=["fp32", "bf16"],
