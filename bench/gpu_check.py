@@ -18,9 +18,10 @@ its own try/except (a failure is recorded in the JSON and the next part runs):
      and wall time;
   c. forward + backward tokens/s and MFU of a ~1B Llama shape (TinyLlama-1.1B's) with bf16 weights,
      our model and transformers' LlamaForCausalLM side by side on the same batch and weights;
-  d. a Llama-2-7B-shaped model with bf16 weights and LoRA (r 8 on q_proj, v_proj; fp32 adapters): the
-     guided step of train.py --guided --regime lora --model_dtype bf16 (α·IV in the trained model, KL at
-     the last prompt token to the adapters-off reference + IV, AdamW on the adapters), its peak memory
+  d. a Llama-2-7B-shaped model with bf16 weights and LoRA (--regime lora's: r 8 on q_proj, v_proj,
+     dropout 0.1, fp32 adapters): the guided step of train.py --guided --regime lora --model_dtype bf16
+     (α·IV in the trained model, KL at the last prompt token to the adapters-off reference + IV, AdamW
+     on the adapters), its peak memory
      and time, beside the memory plan's prediction (ivft.memplan, where it exists);
   e. exact mediation (extract_iv.aie_exact) on the 7B shape: seconds per corrupted prompt, and that
      extrapolated to every head (32 x 32 = 1,024) x 25 prompts (extract_iv.py's defaults).
@@ -72,7 +73,8 @@ SHAPES = {
 # seconds each part may take (a loop stops early past it; train.py's subprocess is killed past 2x)
 BUDGET = {"gpu": {"parity": 30, "train_guided": 150, "throughput_1b": 80, "mediation_7b": 70, "lora_7b": 90},
           "smoke": {"parity": 10, "train_guided": 120, "throughput_1b": 10, "mediation_7b": 10, "lora_7b": 10}}
-PROMPTS_PER_IV, LORA_R, LORA_TARGETS = 25, 8, ("q_proj", "v_proj")
+# --regime lora's adapters (ivft/config.py REGIME_PRESETS)
+PROMPTS_PER_IV, LORA_R, LORA_TARGETS, LORA_DROPOUT = 25, 8, ("q_proj", "v_proj"), 0.1
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -303,7 +305,7 @@ def memory_plan(cfg: ModelConfig, B: int, T: int, device) -> dict:
         return {"available": False, "why": f"ivft.memplan: {e}"}
     try:
         total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-        run = memplan.RunShape(lora_r=LORA_R, lora_targets=LORA_TARGETS, lora_dropout=0.0, n_tasks=1,
+        run = memplan.RunShape(lora_r=LORA_R, lora_targets=LORA_TARGETS, lora_dropout=LORA_DROPOUT, n_tasks=1,
                                model_dtype="bf16", amp="bf16", micro_batch=B, max_len=T, reference=True)
         p = memplan.plan(config_to_hf(cfg, None), run, device_bytes=total)
         return {"available": True, "total_gib": p.total / 2 ** 30,
@@ -315,7 +317,7 @@ def memory_plan(cfg: ModelConfig, B: int, T: int, device) -> dict:
 def part_lora_7b(model, sh, device, budget) -> dict:
     s = sh["7b"]
     cfg, B, T = model.config, s["batch"], s["seq"]
-    lora.add_lora(model, LORA_R, 2 * LORA_R, 0.0, LORA_TARGETS)
+    lora.add_lora(model, LORA_R, 2 * LORA_R, LORA_DROPOUT, LORA_TARGETS)
     model.train()
     iv = torch.randn(cfg.hidden_size, generator=torch.Generator().manual_seed(4))
     g = train.Guidance(ivs=(iv / iv.norm() * 4.0)[None].to(device),                   # (1, C)
@@ -342,7 +344,8 @@ def part_lora_7b(model, sh, device, budget) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     times = timed(step, device, budget, warmup=1, at_most=3)
-    res = {"shape": s, "lora_r": LORA_R, "lora_targets": list(LORA_TARGETS), "weights": "bf16",
+    res = {"shape": s, "lora_r": LORA_R, "lora_targets": list(LORA_TARGETS), "lora_dropout": LORA_DROPOUT,
+           "weights": "bf16",
            "autocast": "bf16" if device.type == "cuda" else None, "tokens_per_step": B * T,
            "params": sum(p.numel() for p in model.parameters()), "trained_params": sum(p.numel() for p in params),
            "loss_parts": parts, "step_s": statistics.median(times), "steps_timed": len(times),
