@@ -21,8 +21,8 @@ its own try/except (a failure is recorded in the JSON and the next part runs):
   d. a Llama-2-7B-shaped model with bf16 weights and LoRA (--regime lora's: r 8 on q_proj, v_proj,
      dropout 0.1, fp32 adapters): the guided step of train.py --guided --regime lora --model_dtype bf16
      (α·IV in the trained model, KL at the last prompt token to the adapters-off reference + IV, AdamW
-     on the adapters), its peak memory
-     and time, beside the memory plan's prediction (ivft.memplan, where it exists);
+     on the adapters), its peak memory and time, beside the memory plan's prediction (ivft.memplan,
+     where it exists);
   e. exact mediation (extract_iv.aie_exact) on the 7B shape: seconds per corrupted prompt, and that
      extrapolated to every head (32 x 32 = 1,024) x 25 prompts (extract_iv.py's defaults).
 Without CUDA (or with --smoke) every part runs with tiny shapes on the CPU; tests/test_gpu_check.py
