@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import resource
 import statistics
@@ -45,7 +44,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import extract_iv
 import train
@@ -259,8 +257,7 @@ def part_throughput(sh, device, budget, device_name) -> dict:
         res[name] = {"step_s": t, "tokens_per_s": B * T / t,
                      "mfu": (B * T / t) * fpt / peak if peak else None}
     res["ours_over_transformers_tokens_per_s"] = res["ours"]["tokens_per_s"] / res["transformers"]["tokens_per_s"]
-    del ours, hf
-    return res
+    return res                     # both models are freed with this frame
 
 
 # ---- e. exact mediation on the 7B shape ---------------------------------------------------------------
