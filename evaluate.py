@@ -22,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from ivft import tasks as task_lib
-from ivft.engine import Decoder, autocast, eval_mode, model_device, run_prompts
+from ivft.engine import (Decoder, add_device_flags, autocast, eval_mode, model_device, resolve_precision,
+                         run_prompts)
 from ivft.errors import StageCacheError
 from ivft.files import check_writable, write_json_atomic
 from ivft.ivfile import config_hash, task_fingerprint, weight_fingerprint
@@ -213,8 +214,9 @@ def evaluate_suite(model, tok, tasks, *, model_name: str = "model", dtype="float
     t0 = time.perf_counter()
     with autocast(dtype, model_device(model).type):
         results = _evaluate_tasks(model, tok, tasks, progress=progress, timings=timings, **kw)
+    dtype = "bfloat16" if dtype in ("bfloat16", torch.bfloat16) else "float32"     # as the report says it
     settings = {"n": kw.get("n"), "k_shot": kw.get("k_shot", 0), "seed": kw.get("seed", 0),
-                "batch_size": kw.get("batch_size", BATCH_SIZE), "dtype": str(dtype),
+                "batch_size": kw.get("batch_size", BATCH_SIZE), "dtype": dtype,
                 "metrics": list(kw.get("metrics", METRICS)), "seconds": round(time.perf_counter() - t0, 1)}
     return {"model": str(model_name), "tasks": results, "primary": primary,
             "settings": settings}
@@ -411,11 +413,9 @@ def build_parser():
     g = p.add_argument_group("system")
     g.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="prompts per forward pass, and rows per"
                    " decoding step (lower it for big models: the k-shot replies' KV cache grows with it)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute dtype: bfloat16 = autocast with fp32 weights and fp32 output layer (a "
-                   "gain on GPUs and on CPUs with AMX/AVX512-BF16; on AVX2-only CPUs ~4x slower than fp32; "
-                   "close choices can flip, see bench/bench_evaluate.py --compare)")
-    g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    # --dtype bf16: a gain on GPUs and on CPUs with AMX/AVX512-BF16, on AVX2-only CPUs ~4x slower than
+    # fp32; close choices can flip (bench/bench_evaluate.py --compare)
+    add_device_flags(g)
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default). On a "
                    "machine shared with other jobs use 1: OpenMP threads spin-wait for each other")
     g.add_argument("--no_progress", action="store_true", help="hide progress bars")
@@ -444,9 +444,10 @@ def main(argv=None) -> int:
                 check_writable(os.path.dirname(os.path.abspath(args.out)))   # not after a whole evaluation
             except OSError as e:
                 raise OSError(f"{args.out}: {e}") from None
-        model, tok = load_model(args.model, device=args.device)
+        device, amp, weights = resolve_precision(args)
+        model, tok = load_model(args.model, dtype=weights, device=device)
         name = args.model or "SmolLM2-135M-Instruct (embedded)"
-        report = evaluate_suite(model, tok, tasks, model_name=name, dtype=args.dtype,
+        report = evaluate_suite(model, tok, tasks, model_name=name, dtype=amp,
                                 progress=not args.no_progress, n=args.n or None, k_shot=args.k_shot,
                                 metrics=metrics, batch_size=args.batch_size, seed=args.seed)
     except (ValueError, KeyError, OSError) as e:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ivft.engine import add_device_flags, autocast, lm_head_fp32, model_device, resolve_precision
 from ivft.errors import ExtractError, LoadError
 from ivft.ivcheck import (check_iv, check_report, choose_kind, dev_advice, restored, sweep_all, swept_advice,
                           training_lines)
@@ -62,8 +63,8 @@ def _metric(logits, answer, effect) -> torch.Tensor:
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # fp32, or fp64 for tests
     if effect == "prob":
         return F.softmax(logits[:, 0], -1)[:, answer[0]]
-    lp = F.log_softmax(logits, -1)                                         # (N, A, V)
-    return lp[:, torch.arange(len(answer)), torch.tensor(answer)].sum(-1)
+    lp, dev = F.log_softmax(logits, -1), logits.device                    # (N, A, V)
+    return lp[:, torch.arange(len(answer), device=dev), torch.tensor(answer, device=dev)].sum(-1)
 
 
 def suffix_ids(prompt: Prompt, effect) -> list[int]:
@@ -75,17 +76,19 @@ def suffix_ids(prompt: Prompt, effect) -> list[int]:
 def aie_naive(model, prompts: list[Prompt], z_mean, *, effect="prob", progress=True) -> torch.Tensor:
     """Todd's loop, kept as the reference the fast path is tested against: one full forward per
     (layer, head) per prompt, z of that head set to z̄ at the last prompt token."""
-    L, H = model.n_layers, model.config.num_attention_heads
+    L, H, dev = model.n_layers, model.config.num_attention_heads, model_device(model)
+    z_mean = z_mean.to(dev)
     total = torch.zeros(L, H, dtype=torch.float64)
     for p in tqdm(prompts, desc="AIE naive", disable=not progress, leave=False):
         T, suffix = len(p.ids), suffix_ids(p, effect)
-        idx = torch.tensor([p.ids + suffix[1:]])
-        base = _metric(model(idx)[:, T - 1:], p.answer, effect)
+        idx = torch.tensor([p.ids + suffix[1:]], device=dev)
+        base = _metric(lm_head_fp32(model, model(idx, return_hidden=True)[:, T - 1:]), p.answer, effect)
         for l in range(L):
             for h in range(H):
-                edit = Intervention(pos=torch.tensor([T - 1]),
-                                    set_z={l: (torch.tensor([h]), z_mean[l, h][None])})
-                patched = _metric(model(idx, intervention=edit)[:, T - 1:], p.answer, effect)
+                edit = Intervention(pos=torch.tensor([T - 1], device=dev),
+                                    set_z={l: (torch.tensor([h], device=dev), z_mean[l, h][None])})
+                hidden = model(idx, intervention=edit, return_hidden=True)[:, T - 1:]
+                patched = _metric(lm_head_fp32(model, hidden), p.answer, effect)
                 total[l, h] += (patched - base).item()
     return (total / len(prompts)).float()
 
@@ -95,20 +98,20 @@ def _corrupted_state(model, p: Prompt, effect) -> dict:
     """Run one corrupted prompt once and keep what every patch needs: the prefix K/V of all layers
     (positions 0..T-2), and at the suffix (the last prompt token, plus the answer tokens for
     logprob) every block's input, the last block's output and every layer's z."""
-    L, T = model.n_layers, len(p.ids)
+    L, T, dev = model.n_layers, len(p.ids), model_device(model)
     if T < 2:
         raise ExtractError("a prompt needs at least two tokens (a prefix to cache and a last token)")
     cache = KVCache(L)
-    model(torch.tensor([p.ids[:-1]]), cache=cache, return_hidden=True)     # fills positions 0..T-2
+    model(torch.tensor([p.ids[:-1]], device=dev), cache=cache, return_hidden=True)   # positions 0..T-2
     past_k, past_v = list(cache.k), list(cache.v)      # the suffix call below concatenates new tensors
-    suffix = torch.tensor(suffix_ids(p, effect))
+    suffix = torch.tensor(suffix_ids(p, effect), device=dev)
     U = len(suffix)
     # embedding (1, U, C), RoPE tables and mask of the suffix after the cached prefix: what the blocks,
     # run one by one in _patched_metrics / _steered_logits, take as input
     x0, rope, mask = model.embed(suffix[None], T - 1)
-    edit = Intervention(pos=torch.arange(T - 1, T - 1 + U)[None], record_z=tuple(range(L)),
+    edit = Intervention(pos=torch.arange(T - 1, T - 1 + U, device=dev)[None], record_z=tuple(range(L)),
                         record_resid=tuple(range(L)))
-    logits = model.lm_head(model(suffix[None], cache=cache, intervention=edit, return_hidden=True))
+    logits = lm_head_fp32(model, model(suffix[None], cache=cache, intervention=edit, return_hidden=True))
     resid = [x0[0]] + [edit.resid[l][0] for l in range(L)]                   # L+1 x (U, C): block i's input
     z = torch.stack([edit.z[l][0, 0] for l in range(L)])                     # (L, H, D) at position T-1
     return dict(past_k=past_k, past_v=past_v, rope=rope, mask=mask, start=T - 1, resid=resid,
@@ -125,9 +128,9 @@ def _patched_metrics(model, state: dict, heads: list[tuple[int, int]], z_mean, a
     expand(). Rows patched at block i get z̄ - z added to their head, z being the recorded value,
     so z becomes z̄ up to float rounding (the same block recomputes the same z from the same input)."""
     L, H = model.n_layers, model.config.num_attention_heads
-    heads = sorted(heads)
-    layers = torch.tensor([l for l, _ in heads])
-    hs = torch.tensor([h for _, h in heads])
+    heads, dev = sorted(heads), model_device(model)
+    layers = torch.tensor([l for l, _ in heads], device=dev)
+    hs = torch.tensor([h for _, h in heads], device=dev)
     U, C = state["resid"][0].shape
     x = state["resid"][0].new_empty(len(heads), U, C)                  # (N, U, C)
     cache = KVCache(L)
@@ -139,13 +142,14 @@ def _patched_metrics(model, state: dict, heads: list[tuple[int, int]], z_mean, a
             x[new] = state["resid"][i]
             delta = x.new_zeros(n, H, state["z"].shape[-1])                 # (n, H, D)
             delta[new, hs[new]] = z_mean[i, hs[new]].to(x.dtype) - state["z"][i, hs[new]]
-            edit = Intervention(pos=torch.full((n,), state["start"]), add_z={i: (torch.arange(H), delta)})
+            edit = Intervention(pos=torch.full((n,), state["start"], device=dev),
+                                add_z={i: (torch.arange(H, device=dev), delta)})
         # (n, G, T-1, D) views of the one prefix; the block's cache.update copies them once
         cache.k[i] = state["past_k"][i].expand(n, -1, -1, -1)
         cache.v[i] = state["past_v"][i].expand(n, -1, -1, -1)
         x[:n] = model.model.layers[i](x[:n], state["rope"], state["mask"], cache, i, edit, state["start"])
         cache.k[i] = cache.v[i] = None                                      # free this layer's copy
-    logits = model.lm_head(model.model.norm(x))                             # (N, U, V)
+    logits = lm_head_fp32(model, model.model.norm(x))                       # (N, U, V)
     return _metric(logits, answer, effect)
 
 
@@ -157,7 +161,8 @@ def _steered_logits(model, state: dict, layers: list[int], vecs: torch.Tensor) -
     `layers` must be sorted (rows join the batch in order, as in _patched_metrics)."""
     L = model.n_layers
     assert layers == sorted(layers)
-    lay = torch.tensor(layers)
+    lay = torch.tensor(layers, device=model_device(model))
+    vecs = vecs.to(lay.device)
     U, C = state["resid"][0].shape
     x = state["resid"][0].new_empty(len(layers), U, C)                     # (N, U, C)
     cache = KVCache(L)
@@ -173,7 +178,7 @@ def _steered_logits(model, state: dict, layers: list[int], vecs: torch.Tensor) -
         cache.v[i] = state["past_v"][i].expand(n, -1, -1, -1)
         x[:n] = model.model.layers[i](x[:n], state["rope"], state["mask"], cache, i, None, state["start"])
         cache.k[i] = cache.v[i] = None
-    return model.lm_head(model.model.norm(x))                               # (N, U, V)
+    return lm_head_fp32(model, model.model.norm(x))                         # (N, U, V)
 
 
 @torch.no_grad()
@@ -182,6 +187,7 @@ def aie_exact(model, prompts: list[Prompt], z_mean, *, effect="prob", max_rows=5
     """Exact AIE (same numbers as aie_naive) at a fraction of its cost: see _patched_metrics."""
     L, H = model.n_layers, model.config.num_attention_heads
     heads = sorted(heads or [(l, h) for l in range(L) for h in range(H)])
+    z_mean = z_mean.to(model_device(model))
     total = torch.zeros(L, H, dtype=torch.float64)
     for p in tqdm(prompts, desc="AIE exact", disable=not progress, leave=False):
         state = _corrupted_state(model, p, effect)
@@ -199,26 +205,29 @@ def aie_attribution(model, prompts: list[Prompt], z_mean, *, effect="prob", batc
     from one forward + one backward per batch of prompts. The gradient is taken with respect to a zero
     added to z (add_z), because recorded z is a copy outside the graph's path to the output."""
     L, H, D = model.n_layers, model.config.num_attention_heads, model.config.head_dim
+    dev = model_device(model)
+    z_mean = z_mean.to(dev)
     total = torch.zeros(L, H, dtype=torch.float64)
     for i in tqdm(range(0, len(prompts), batch_size), desc="AIE attribution", disable=not progress,
                   leave=False):
         batch = prompts[i:i + batch_size]
         seqs = [p.ids + suffix_ids(p, effect)[1:] for p in batch]
-        idx, pad_mask = pad_left(seqs)
-        last = torch.tensor([idx.shape[1] - len(s) + len(p.ids) - 1 for s, p in zip(seqs, batch)])  # (B)
-        zeros = [torch.zeros(len(batch), H, D, requires_grad=True) for _ in range(L)]
+        idx, pad_mask = pad_left(seqs, dev)
+        last = torch.tensor([idx.shape[1] - len(s) + len(p.ids) - 1 for s, p in zip(seqs, batch)],
+                            device=dev)                                                         # (B)
+        zeros = [torch.zeros(len(batch), H, D, device=dev, requires_grad=True) for _ in range(L)]
         edit = Intervention(pos=last, record_z=tuple(range(L)),
-                            add_z={l: (torch.arange(H), zeros[l]) for l in range(L)})
+                            add_z={l: (torch.arange(H, device=dev), zeros[l]) for l in range(L)})
         with torch.enable_grad():
             hidden = model(idx, pad_mask=pad_mask, intervention=edit, return_hidden=True)
             # rows are independent, so the gradient of the sum is each row's own gradient
-            at = [last[r] + torch.arange(len(suffix_ids(p, effect))) for r, p in enumerate(batch)]
-            m = sum(_metric(model.lm_head(hidden[r, at[r]])[None], p.answer, effect)[0]
+            at = [last[r] + torch.arange(len(suffix_ids(p, effect)), device=dev) for r, p in enumerate(batch)]
+            m = sum(_metric(lm_head_fp32(model, hidden[r, at[r]])[None], p.answer, effect)[0]
                     for r, p in enumerate(batch))
             grads = torch.autograd.grad(m, zeros)
         for l in range(L):
             dz = z_mean[l][None] - edit.z[l][:, 0].detach().float()           # (B, H, D)
-            total[l] += (grads[l].float() * dz).sum((0, 2)).double()
+            total[l] += (grads[l].float() * dz).sum((0, 2)).double().cpu()
     return (total / len(prompts)).float()
 
 
@@ -234,10 +243,11 @@ def top_heads(aie: torch.Tensor, k: int) -> list[tuple[int, int]]:
 def build_iv(model, z_mean, heads) -> torch.Tensor:
     """θ = Σ_(l,h) W_O^(l)[:, slice h] z̄_lh: each head's mean through its own slice of the output
     projection, summed, with no o_proj bias (Todd's GPT-2 code adds the bias once per head: a bug)."""
-    iv = torch.zeros(model.config.hidden_size, dtype=torch.float32)
+    w = model.lm_head.weight
+    iv = torch.zeros(model.config.hidden_size, dtype=torch.float32, device=w.device)
     for l, h in heads:
-        iv += model.head_contributions(l, z_mean[l].to(model.lm_head.weight.dtype))[h].float()
-    return iv
+        iv += model.head_contributions(l, z_mean[l].to(w.device, w.dtype))[h].float()
+    return iv.cpu()           # a result, like a loaded IV: on the CPU (users move it where they add it)
 
 
 # ---- The pipeline --------------------------------------------------------------------------------
@@ -515,7 +525,7 @@ def parse_args(argv=None):
     arg("--report", help="with --check: write the check as JSON here")
     arg("--sweep", action="store_true", help="print restored shares per layer x K on the dev split (heads "
         "and resid) and plot them beside the IV file (<out>.sweep.png, with matplotlib)")
-    arg = ap.add_argument_group("system").add_argument
+    arg = add_device_flags(ap.add_argument_group("system")).add_argument
     arg("--batch_size", type=int, default=16, help="prompts per forward")
     arg("--max_rows", type=int, default=512, help="patched rows per batch (exact method and sweep)")
     arg("--threads", type=int, default=None, help="torch CPU threads")
@@ -545,6 +555,7 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    device, amp, weights = resolve_precision(args, ExtractError)
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}   # Settings' flags
     Settings(**settings)                                      # bad settings fail before the slow load
     tasks = [load_task_by_name(n) for n in args.universal or [args.task]]
@@ -552,12 +563,18 @@ def _run(args) -> int:
     out = iv_out_path(args.out, tag, None if args.universal else task)   # checked before the slow load:
     check_outputs(out, bool(args.universal), "--out" if args.out else "IV file", args.report)
     try:
-        model, tok = load_model(args.model)
+        model, tok = load_model(args.model, dtype=weights, device=device)
     except LoadError as e:
         raise ExtractError(str(e)) from None
     model.eval()
+    with autocast(amp, device.type):
+        return _extract_and_report(args, model, tok, tasks, task, tag, out, settings)
+
+
+def _extract_and_report(args, model, tok, tasks, task, tag, out, settings) -> int:
     s = Settings(**settings).resolve(model)
-    print("config:", json.dumps({"model": tag, "tasks": [t.name for t in tasks], **dataclasses.asdict(s)}))
+    print("config:", json.dumps({"model": tag, "tasks": [t.name for t in tasks], **dataclasses.asdict(s), "device":
+                                 str(model_device(model)), "dtype": args.dtype, "model_dtype": args.model_dtype}))
     progress = not args.quiet
     if args.universal:
         results = extract_universal(model, tok, tasks, model_id=tag, progress=progress, **settings)

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from ivft.engine import add_device_flags, autocast, resolve_precision
 from ivft.errors import LoadError
 from ivft.load import load_model
 
@@ -18,8 +19,7 @@ parser.add_argument("--system", default=None, help="system prompt (default: the 
 parser.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
 # model
 parser.add_argument("--model", default=None, help=".gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
-parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+add_device_flags(parser)      # --device, --dtype (autocast), --model_dtype (weights), as every script
 # sampling
 parser.add_argument("--max_new_tokens", type=int, default=128, help="tokens to generate at most")
 parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
@@ -36,7 +36,11 @@ for ok, msg in [(args.num_samples >= 1, f"--num_samples {args.num_samples}: must
         parser.error(msg)      # one line and exit status 2, before the model loads
 
 try:
-    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    device, amp, weights = resolve_precision(args)
+except ValueError as e:
+    parser.error(str(e))           # one line and exit status 2, before the model loads
+try:
+    model, tok = load_model(args.model, dtype=weights, device=device)
 except LoadError as e:
     sys.exit(f"error: {e}")
 if tok is None:
@@ -56,11 +60,12 @@ max_new = min(args.max_new_tokens, context - len(ids))
 if max_new < args.max_new_tokens:
     print(f"note: --max_new_tokens {args.max_new_tokens} lowered to {max_new}: the prompt takes {len(ids)} "
           f"of the model's {context} positions", file=sys.stderr)
-idx = torch.tensor([ids] * args.num_samples, device=args.device)
-gen = torch.Generator(device=args.device).manual_seed(args.seed)
+idx = torch.tensor([ids] * args.num_samples, device=device)
+gen = torch.Generator(device=device).manual_seed(args.seed)
 t0 = time.time()
-out = model.generate(idx, max_new, temperature=args.temperature, top_k=args.top_k or None,
-                     stop_ids=tok.stop_ids(), generator=gen)
+with autocast(amp, device.type):
+    out = model.generate(idx, max_new, temperature=args.temperature, top_k=args.top_k or None,
+                         stop_ids=tok.stop_ids(), generator=gen)
 dt = time.time() - t0
 stop = tok.stop_ids()
 for row in out.tolist():

@@ -358,7 +358,7 @@ class LossModule(nn.Module):
         token), every answer position, or every real position; gated by --kl_min."""
         g, B = self.guidance, len(batch["idx"])
         if g.kl_positions == "last":
-            at = torch.arange(B), batch["last"]
+            at = torch.arange(B, device=h.device), batch["last"]
             kl = kl_per_row(lm_head_fp32(self.model, h[at]), self.ref_head(ref_h[at]), g.kl_temp)      # (B,)
             return gate(kl, g.kl_min, g.kl_gate, B) / norms[1]
         if g.kl_positions == "answer":
@@ -394,7 +394,7 @@ class LossModule(nn.Module):
         """Beyond the paper: KL(P_θ ‖ P_ref) at the last token of the same rows' prompts without the
         task's instruction (the input alone), the reference without the IV. The KL on the task's own
         prompts cannot see the new format leaking into prompts with other instructions; this one does."""
-        at = torch.arange(len(batch["idx"])), batch["free_last"]
+        at = torch.arange(len(batch["idx"]), device=batch["idx"].device), batch["free_last"]
         h = self.model(batch["free"], pad_mask=batch["free_mask"], return_hidden=True)[at]         # (B, C)
         with self.frozen() as ref:
             ref_h = ref(batch["free"], pad_mask=batch["free_mask"], return_hidden=True)[at]

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from ivft.dist import resolve_amp
 from ivft.prompts import reply_budgets, reply_verdicts, verdict_open
+from ivft.runtime import TrainError
 from model import Intervention, KVCache
 
 
@@ -43,17 +45,23 @@ def autocast(dtype, device_type: str = "cpu"):
     if dtype in (None, "float32", torch.float32):
         return contextlib.nullcontext()
     if dtype in ("bfloat16", torch.bfloat16):
+        if not torch.amp.is_autocast_available(device_type):
+            raise ValueError(f"bf16 autocast is not available on device {device_type!r}; use fp32")
         return torch.autocast(device_type, dtype=torch.bfloat16)
     raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
 
 
 def lm_head_fp32(model, h):
-    """Logits (N, V) in fp32 for hidden states h (N, C), autocast off: the output layer runs only on
-    the few positions that are scored, so full precision is cheap, and bf16 logits would move
-    close scores (see the module docstring)."""
+    """Logits (..., V) in fp32 for hidden states h (..., C), autocast off: the output layer runs only
+    on the few positions that are scored, so full precision is cheap, and bf16 logits would move
+    close scores (see the module docstring). The one output layer of every scorer, trainer and
+    extractor (an fp64 model, in tests, keeps fp64)."""
     w = model.lm_head.weight
-    with torch.autocast(h.device.type, enabled=False):
-        return model.lm_head(h.to(w.dtype)).float()
+    # a device with no autocast at all (meta, the device tests' stand-in) has none to turn off
+    off = torch.autocast(h.device.type, enabled=False) if torch.amp.is_autocast_available(h.device.type) \
+        else contextlib.nullcontext()
+    with off:
+        return model.lm_head(h.to(w.dtype)).to(torch.promote_types(w.dtype, torch.float32))
 
 
 def _logprobs(model, h):
@@ -64,6 +72,48 @@ def _logprobs(model, h):
 
 def model_device(model):
     return next(model.parameters()).device
+
+
+def resolve_device(flag: str) -> torch.device:
+    """The scripts' --device: auto = the first CUDA GPU where there is one, else the CPU; or a torch
+    device name (cpu, cuda, cuda:1, ...). A device this machine lacks is a ValueError naming the flag."""
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(flag)
+    except RuntimeError:
+        raise ValueError(f"--device {flag}: not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {flag}: this machine (torch {torch.__version__}) has no CUDA GPU; "
+                         f"use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {flag}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...)")
+    return dev
+
+
+def add_device_flags(g):
+    """--device, --dtype (autocast) and --model_dtype (weights) as train.py has them, for the other
+    scripts. Their default --dtype is fp32, not train.py's auto: auto is bf16 on GPUs and AMX CPUs,
+    and a score or an IV should not change with the machine unless asked (docs/training.md)."""
+    g.add_argument("--device", default="auto", help="auto (a CUDA GPU where there is one, else the CPU), "
+                   "cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16"],
+                   help="compute dtype: bf16 = autocast (the output layer stays fp32: lm_head_fp32); auto = "
+                   "bf16 where the hardware multiplies it natively (GPUs, AMX CPUs), else fp32")
+    g.add_argument("--model_dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="storage dtype of the weights (bf16 halves their memory)")
+    return g
+
+
+def resolve_precision(args, error=ValueError) -> tuple[torch.device, torch.dtype | None, torch.dtype]:
+    """(device, autocast dtype or None, weight dtype) from add_device_flags' flags; a bad one raises
+    `error` (the script's one-line error class). The autocast choice is train.py's (dist.resolve_amp)."""
+    try:
+        dev = resolve_device(args.device)
+        amp = resolve_amp(args.dtype, dev)
+    except (ValueError, TrainError) as e:
+        raise error(str(e)) from None
+    return dev, amp, torch.bfloat16 if args.model_dtype == "bf16" else torch.float32
 
 
 @contextlib.contextmanager

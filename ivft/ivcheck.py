@@ -12,7 +12,7 @@ import random
 import torch
 from tqdm import tqdm
 
-from ivft.engine import greedy_replies
+from ivft.engine import greedy_replies, model_device
 from ivft.ivprompts import (Prompt, chat_prompt, clean_prompts, load_task_by_name, render, score_prompts,
                             split_train, stop_ids)
 from ivft.errors import ExtractError
@@ -50,7 +50,7 @@ def replies(model, tok, prompts: list[Prompt], s: Settings, add=None, batch_size
     budgets, early stop and scoring), so the check and evaluate give one model and one example one
     score. The IV, if any (add = (layer, vector)), is added at the last prompt token in the prefill.
     -> {"text": [reply], "exact_match": [1.0 / 0.0], "reply_contains": [1.0 / 0.0]}"""
-    edit = Intervention(add_resid={add[0]: add[1]}) if add else None
+    edit = Intervention(add_resid={add[0]: add[1].to(model_device(model))}) if add else None
     return greedy_replies(model, tok, [p.ids for p in prompts], [p.answer for p in prompts],
                           [p.text for p in prompts], stop_ids=stop_ids(tok, s), intervention=edit,
                           batch_size=batch_size)

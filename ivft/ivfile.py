@@ -84,7 +84,7 @@ def weight_fingerprint(model) -> str:
         flat = t.detach().flatten()
         n = min(4096, flat.numel())
         # integer arithmetic: a float linspace rounds past the end of a 28M-element tensor
-        pick = torch.arange(n, dtype=torch.int64) * (flat.numel() - 1) // max(n - 1, 1)
+        pick = torch.arange(n, dtype=torch.int64, device=flat.device) * (flat.numel() - 1) // max(n - 1, 1)
         h.update(name.encode())
         h.update(flat[pick].float().cpu().numpy().tobytes())
     return h.hexdigest()[:12]

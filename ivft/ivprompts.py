@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ivft.engine import lm_head_fp32, model_device
 from ivft.errors import ExtractError
 from ivft.ivsettings import Settings
 from ivft.prompts import answer_ids, bos_ids, continuation_ids, render_prompt
@@ -161,16 +162,17 @@ def check_distinct(tok, examples, clean: list[Prompt], s: Settings, task_name: s
 # ---------------------------------------------------------------------------------------------
 # Plain batched scoring: answer probabilities, z and the residual stream at the last prompt token.
 
-def pad_left(seqs: list[list[int]]):
-    """Left-pad to one width (pad id 0; padded keys are masked out). pad_mask None when nothing is
-    padded, so equal-length batches take the model's plain causal fast path."""
+def pad_left(seqs: list[list[int]], device=None):
+    """Left-pad to one width (pad id 0; padded keys are masked out) -> (idx, pad_mask) on `device`
+    (built on the CPU, then one copy each). pad_mask None when nothing is padded, so equal-length
+    batches take the model's plain causal fast path."""
     W = max(len(s) for s in seqs)
     idx = torch.zeros(len(seqs), W, dtype=torch.long)
     mask = torch.zeros(len(seqs), W, dtype=torch.bool)
     for r, s in enumerate(seqs):
         idx[r, W - len(s):] = torch.tensor(s)
         mask[r, W - len(s):] = True
-    return idx, (None if mask.all() else mask)
+    return idx.to(device), (None if mask.all() else mask.to(device))
 
 
 @torch.no_grad()
@@ -179,30 +181,33 @@ def score_prompts(model, prompts: list[Prompt], *, record_z=False, record_resid=
     """One teacher-forced forward per batch over prompt + answer. Per prompt: p_first = P(answer[0]),
     top1 = whether answer[0] is the argmax, logprob = log P(whole answer); with record_z also z
     [n, L, H, D], with record_resid the residual stream after every block [n, L, C], both at the
-    last prompt token. add = (layer, vector) adds an IV there (the check)."""
-    L = model.n_layers
+    last prompt token. add = (layer, vector) adds an IV there (the check). The scores, z and resid
+    come back on the CPU, whatever the model's device."""
+    L, dev = model.n_layers, model_device(model)
+    add = (add[0], add[1].to(dev)) if add is not None else None
     p_first, top1, logprob, zs, rs = [], [], [], [], []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, leave=False):
         batch = prompts[i:i + batch_size]
         seqs = [p.ids + p.answer[:-1] for p in batch]
-        idx, pad_mask = pad_left(seqs)
+        idx, pad_mask = pad_left(seqs, dev)
         W = idx.shape[1]
-        last = torch.tensor([W - len(s) + len(p.ids) - 1 for s, p in zip(seqs, batch)])   # (B)
+        last = torch.tensor([W - len(s) + len(p.ids) - 1 for s, p in zip(seqs, batch)], device=dev)  # (B)
         edit = Intervention(pos=last, record_z=tuple(range(L)) if record_z else (),
                             record_resid=tuple(range(L)) if record_resid else (),
                             add_resid={add[0]: add[1]} if add is not None else {})
         hidden = model(idx, pad_mask=pad_mask, intervention=edit, return_hidden=True)   # (B, W, C)
         for r, p in enumerate(batch):
             # only the positions that predict answer tokens go through the 49k-wide output layer
-            logits = model.lm_head(hidden[r, last[r] + torch.arange(len(p.answer))]).float()   # (A, V)
-            lp = F.log_softmax(logits, -1)[torch.arange(len(p.answer)), torch.tensor(p.answer)]  # (A)
+            a = torch.arange(len(p.answer), device=dev)
+            logits = lm_head_fp32(model, hidden[r, last[r] + a])                                 # (A, V)
+            lp = F.log_softmax(logits, -1)[a, torch.tensor(p.answer, device=dev)]                # (A)
             p_first.append(lp[0].exp().item())
             top1.append(int(logits[0].argmax()) == p.answer[0])
             logprob.append(lp.sum().item())
         if record_z:
-            zs.append(torch.stack([edit.z[l][:, 0] for l in range(L)], 1).float())      # (B, L, H, D)
+            zs.append(torch.stack([edit.z[l][:, 0] for l in range(L)], 1).float().cpu())      # (B, L, H, D)
         if record_resid:
-            rs.append(torch.stack([edit.resid[l][:, 0] for l in range(L)], 1).float())  # (B, L, C)
+            rs.append(torch.stack([edit.resid[l][:, 0] for l in range(L)], 1).float().cpu())  # (B, L, C)
     out = {"p_first": torch.tensor(p_first), "top1": torch.tensor(top1), "logprob": torch.tensor(logprob)}
     if record_z:
         out["z"] = torch.cat(zs)
@@ -218,10 +223,11 @@ def state_norms(model, tok, task, n: int = 32, batch_size: int = 16) -> list[flo
     seqs = [render_prompt(tok, ex) for ex in list(task.train)[:n]]
     if not seqs:
         raise ExtractError(f"task {task.name!r} has no training examples to measure the hidden-state norm on")
-    L, total = model.n_layers, 0.0
+    L, total, dev = model.n_layers, 0.0, model_device(model)
     for i in range(0, len(seqs), batch_size):
-        idx, pad_mask = pad_left(seqs[i:i + batch_size])        # left padding: every last token at W - 1
-        edit = Intervention(pos=torch.full((len(idx),), idx.shape[1] - 1), record_resid=tuple(range(L)))
+        idx, pad_mask = pad_left(seqs[i:i + batch_size], dev)   # left padding: every last token at W - 1
+        edit = Intervention(pos=torch.full((len(idx),), idx.shape[1] - 1, device=dev),
+                            record_resid=tuple(range(L)))
         with torch.no_grad():
             model(idx, pad_mask=pad_mask, intervention=edit)
         resid = torch.stack([edit.resid[layer][:, 0] for layer in range(L)], 1)          # (b, L, C)
