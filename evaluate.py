@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+from ivft import chat
 from ivft import tasks as task_lib
 from ivft.engine import (Decoder, add_device_flags, autocast, eval_mode, model_device, resolve_precision,
                          run_prompts)
@@ -402,6 +403,7 @@ def build_parser():
     g = p.add_argument_group("I/O")
     g.add_argument("--model", default=None, help="checkpoint: a .gguf file or an HF directory; "
                    "none = the embedded SmolLM2-135M-Instruct")
+    g.add_argument("--chat_template", metavar="FILE", help=chat.FLAG_HELP)
     g.add_argument("--out", default=None, help="write the JSON report to this path")
     g = p.add_argument_group("data")
     g.add_argument("--tasks", default=None, help="comma-separated task names or task files; "
@@ -445,7 +447,7 @@ def main(argv=None) -> int:
             except OSError as e:
                 raise OSError(f"{args.out}: {e}") from None
         device, amp, weights = resolve_precision(args)
-        model, tok = load_model(args.model, dtype=weights, device=device)
+        model, tok = load_model(args.model, dtype=weights, device=device, chat_template=args.chat_template)
         name = args.model or "SmolLM2-135M-Instruct (embedded)"
         report = evaluate_suite(model, tok, tasks, model_name=name, dtype=amp,
                                 progress=not args.no_progress, n=args.n or None, k_shot=args.k_shot,

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ivft import chat
 from ivft.engine import add_device_flags, autocast, lm_head_fp32, model_device, resolve_precision
 from ivft.errors import ExtractError, LoadError
 from ivft.ivcheck import (check_iv, check_report, choose_kind, dev_advice, restored, sweep_all, swept_advice,
@@ -490,6 +491,7 @@ def parse_args(argv=None):
     arg("--out", help="IV file (default ivs/<model-tag>/<task>.safetensors, for a file task "
         "<name>-<data hash>.safetensors); with --universal a directory")
     arg("--model", help="a .gguf file or HF directory (default: embedded SmolLM2-135M-Instruct)")
+    arg("--chat_template", metavar="FILE", help=chat.FLAG_HELP)
     arg("--reuse", action="store_true", help="load --out instead when it matches model, data and settings")
     arg = ap.add_argument_group("prompts").add_argument
     arg("--n_clean", type=int, default=50, help="clean prompts averaged into the mean head outputs")
@@ -563,7 +565,7 @@ def _run(args) -> int:
     out = iv_out_path(args.out, tag, None if args.universal else task)   # checked before the slow load:
     check_outputs(out, bool(args.universal), "--out" if args.out else "IV file", args.report)
     try:
-        model, tok = load_model(args.model, dtype=weights, device=device)
+        model, tok = load_model(args.model, dtype=weights, device=device, chat_template=args.chat_template)
     except LoadError as e:
         raise ExtractError(str(e)) from None
     model.eval()

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from ivft import chat
 from ivft.engine import add_device_flags, autocast, resolve_precision
 from ivft.errors import LoadError
 from ivft.load import load_model
@@ -19,6 +20,7 @@ parser.add_argument("--system", default=None, help="system prompt (default: the 
 parser.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
 # model
 parser.add_argument("--model", default=None, help=".gguf file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
+parser.add_argument("--chat_template", metavar="FILE", help=chat.FLAG_HELP)
 add_device_flags(parser)      # --device, --dtype (autocast), --model_dtype (weights), as every script
 # sampling
 parser.add_argument("--max_new_tokens", type=int, default=128, help="tokens to generate at most")
@@ -40,7 +42,7 @@ try:
 except ValueError as e:
     parser.error(str(e))           # one line and exit status 2, before the model loads
 try:
-    model, tok = load_model(args.model, dtype=weights, device=device)
+    model, tok = load_model(args.model, dtype=weights, device=device, chat_template=args.chat_template)
 except LoadError as e:
     sys.exit(f"error: {e}")
 if tok is None:

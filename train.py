@@ -43,7 +43,7 @@ from tqdm import tqdm
 import evaluate
 import extract_iv
 from ivft import checkpoint as ckpt
-from ivft import lora, memplan
+from ivft import chat, lora, memplan
 from ivft.config import HelpFormatter, add_run_flags, check_flags, check_launch, lora_spec
 from ivft.data import (collate, encode_task, load_task_list, stage_pool, step_counts, step_micro_batches,
                        steps_for)
@@ -113,8 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
       "format tasks.load_task reads (default: tasks.default_sequence())")
     g("--general", default=None, help="comma-separated general suite, or 'none' (default: tasks.general_suite())")
     g("--max_train", type=int, default=320, help="at most this many training examples per task")
-    g("--chat_template", default=None, metavar="FILE", help="a jinja chat template (.jinja, or JSON with "
-      "\"chat_template\") instead of the checkpoint's own; a model without one gets the plain Q:/A: format")
+    g("--chat_template", default=None, metavar="FILE", help=chat.FLAG_HELP)
     g("--max_len", type=int, default=256, help="longest training sequence; longer prompts lose their start")
     g("--replay", type=float, default=0.0, help="add FRACTION x (task size) examples of the earlier tasks")
 

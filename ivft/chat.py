@@ -75,6 +75,11 @@ def plain_template():
     return compile_template(PLAIN_TEMPLATE, "plain format")
 
 
+# every script's --chat_template flag
+FLAG_HELP = ("a jinja chat template (.jinja, or JSON with \"chat_template\") instead of the checkpoint's own; "
+             "a model without one gets the plain Q:/A: format")
+
+
 def read_template_file(path) -> str:
     """A user's own template (--chat_template FILE): a .jinja file, or a tokenizer_config.json-style
     JSON file with a "chat_template" string."""

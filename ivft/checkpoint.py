@@ -29,7 +29,6 @@ from safetensors import SafetensorError
 from safetensors.torch import save as st_save
 
 from ivft import lora
-from ivft.chat import read_template_file
 from ivft.config import RESUME_FREE, RUN_START_FILES
 from ivft.dist import barrier, full_state_dict, gather_objects
 from ivft.errors import LoadError, TrainError
@@ -284,11 +283,10 @@ def load_base_model(model_id: str | None, model_dtype: str, device, lora_targets
     chat template a --chat_template file replaces; with LoRA, its targets checked against the family's
     linear layers (before any evaluation runs)."""
     try:
-        model, tok = load_model(model_id, dtype=torch.bfloat16 if model_dtype == "bf16" else torch.float32, device=device)
+        dtype = torch.bfloat16 if model_dtype == "bf16" else torch.float32
+        model, tok = load_model(model_id, dtype=dtype, device=device, chat_template=chat_template)
         if lora_targets is not None:
             lora.check_targets(model, lora_targets)
-        if chat_template is not None and tok is not None:
-            tok.set_chat_template(read_template_file(chat_template), str(chat_template))
     except (LoadError, ValueError) as e:
         raise TrainError(str(e)) from None
     if tok is None:

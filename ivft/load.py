@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ivft.chat import TemplateError, read_template_file
 from ivft.errors import LoadError
 from model import ROPE_TYPES, ModelConfig, Transformer, rope_type
 from ivft.files import ordinary_permissions, replace_dir, temp_prefix
@@ -531,9 +532,22 @@ def save_hf(model: Transformer, tok: Tokenizer | None, out_dir, extra_files: dic
 
 # ---------------------------------------------------------------------------------------------
 
-def load_model(name_or_path=None, *, dtype=torch.float32, device="cpu", use_cache: bool = True):
+def load_model(name_or_path=None, *, dtype=torch.float32, device="cpu", use_cache: bool = True,
+               chat_template=None):
     """-> (model, tokenizer). None = the embedded SmolLM2-135M-Instruct; else a .gguf file or an HF
-    model directory. A GGUF is converted once into an HF directory under cache_dir()."""
+    model directory. A GGUF is converted once into an HF directory under cache_dir(). chat_template:
+    a file (--chat_template) whose jinja template replaces the checkpoint's own."""
+    model, tok = load_weights(name_or_path, dtype, device, use_cache)
+    if chat_template is not None and tok is not None:
+        try:
+            tok.set_chat_template(read_template_file(chat_template), str(chat_template))
+        except TemplateError as e:
+            raise LoadError(str(e)) from None
+    return model, tok
+
+
+def load_weights(name_or_path, dtype, device, use_cache: bool):
+    """load_model's model and tokenizer as the checkpoint has them."""
     path = default_gguf_path() if name_or_path is None else Path(name_or_path)
     if not path.exists():
         raise LoadError(f"{path}: no such file or directory (expected a .gguf file or an HF model directory)")

@@ -1004,3 +1004,16 @@ def test_a_term_that_needs_the_reference_gets_the_frozen_original_without_a_kl(e
         run_main(base_args(env, tmp_path / "undeclared", "--max_steps", "3"))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].startswith("error: ") and "metadata=REF" in err[-1], err[-3:]
+
+
+def test_chat_template_flag_replaces_the_checkpoints_own(env, tmp_path, capsys):
+    # --chat_template FILE: the user's jinja renders every prompt; a broken one is one line, nothing written
+    (tmp_path / "qa.jinja").write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                                       "{% if add_generation_prompt %}[assistant] {% endif %}")
+    model, tok = load_model(env["model"], chat_template=tmp_path / "qa.jinja")
+    assert tok.decode(tok.chat_prompt("hi")).endswith("[user] hi\n[assistant] ")
+    res = run_main(base_args(env, tmp_path / "run", "--max_steps", "1", "--chat_template", str(tmp_path / "qa.jinja")))
+    assert res["config"]["chat_template"] == str(tmp_path / "qa.jinja")
+    (tmp_path / "bad.jinja").write_text("{% for m in messages %}")
+    msg = expect_exit(base_args(env, tmp_path / "bad", "--chat_template", str(tmp_path / "bad.jinja")), capsys)
+    assert "bad.jinja" in msg and "does not parse" in msg and not (tmp_path / "bad").exists()
