@@ -23,7 +23,7 @@ import torch
 from ivft import lora
 from ivft.config import RESUME_FREE, RUN_START_FILES
 from ivft.dist import barrier, full_state_dict, gather_objects
-from ivft.files import clean_leftovers
+from ivft.files import clean_leftovers, leftover_target
 from ivft.load import LoadError, load_hf_dir, load_model, read_safetensors, save_hf
 from ivft.runtime import TrainError, write_json
 from model import Transformer
@@ -187,13 +187,17 @@ def load_base_model(model_id: str | None, model_dtype: str, device):
     return model, tok
 
 
-def is_run_file(name: str) -> bool:
+def is_run_base(name: str) -> bool:
     """Whether out_dir/name is something train.py writes: its start files, stage-j/ and last/
-    checkpoints, or a temporary / swapped-out copy of one of those (ivft/files.py names them)."""
+    checkpoints, summary.png."""
     import re
-    m = re.match(r"^\.(.+)\.(?:tmp|old)-", name)
-    base = m.group(1) if m else name
-    return base in RUN_START_FILES | {"last", "summary.png"} or re.fullmatch(r"stage-\d+", base) is not None
+    return name in RUN_START_FILES | {"last", "summary.png"} or re.fullmatch(r"stage-\d+", name) is not None
+
+
+def is_run_file(name: str) -> bool:
+    """is_run_base, or a temporary / swapped-out copy of one of those named exactly as ivft/files.py
+    names them (with a writer's pid and start token): `.results.json.tmp-mine` is not a run's."""
+    return is_run_base(leftover_target(name) or name)
 
 
 def started_here(out_dir: Path, entries: set) -> bool:
@@ -208,24 +212,31 @@ def started_here(out_dir: Path, entries: set) -> bool:
     return isinstance(saved, dict) and {"preset", "tasks", "out_dir"} <= set(saved)
 
 
+def run_entries(out_dir: Path) -> set:
+    """The names in out_dir but run.lock (this run's own lock: train.py holds it while it runs)."""
+    return {p.name for p in out_dir.iterdir()} - {"run.lock"} if out_dir.is_dir() else set()
+
+
 def find_resume(run: RunFiles, n_tasks: int, resume: bool, overwrite: bool, main: bool, d) -> dict:
     """Decide, before anything is written, where the run starts. -> {"ckpt": Path or None,
     "state": its training state or None, "early_death": out_dir holds only what a start that died
     wrote, "finished": results of a finished run to return untouched, else None}. Raises TrainError
     for an out_dir that holds another run (without --resume / --overwrite) or no usable checkpoint."""
     out_dir = run.out_dir
-    notes = clean_leftovers(out_dir) if main else []    # before looking for checkpoints: a swap
-    barrier(d)                                          # cut short may have to be moved back
-    # run.lock: this run's own lock (train.py holds it while it runs)
-    entries = {p.name for p in out_dir.iterdir()} - {"run.lock"} if out_dir.is_dir() else set()
+    entries = run_entries(out_dir)
     # a folder holding anything a run does not write is someone else's: never taken over, not even
-    # with --overwrite (which replaces only a run's own files)
+    # with --overwrite (which replaces only a run's own files), and nothing in it is touched
     ours = started_here(out_dir, entries)
     foreign = sorted(n for n in entries if not is_run_file(n) or not ours)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise TrainError(f"{out_dir} holds files that are not a run's ({shown}): choose another --out_dir "
                          f"(a run never takes over such a folder, with or without --overwrite)")
+    # only now, in a folder known to be a run's, and only the run's own names: before looking for
+    # checkpoints, since a swap cut short may have to be moved back
+    notes = clean_leftovers(out_dir, ours=is_run_base) if main else []
+    barrier(d)
+    entries = run_entries(out_dir)
     out = {"ckpt": None, "state": None, "finished": None, "early_death": bool(entries) and entries <= RUN_START_FILES}
     # training states are read (they hold the optimizer: large) only when resuming
     ckpt = newest_checkpoint(out_dir, notes) if resume and out_dir.is_dir() else None

@@ -28,6 +28,7 @@ from ivft import lora
 import evaluate
 import train
 from ivft import checkpoint as ckpt
+from ivft import files
 from ivft.data import Item, collate
 from ivft.load import load_model, read_safetensors, save_hf
 from ivft.runtime import TrainError
@@ -544,12 +545,11 @@ def test_leftovers_of_crashed_writers_are_cleaned(env, tmp_path, capsys):
             raise Interrupt
     with pytest.raises(Interrupt):
         run_main(args, crash)
-    dead = 999_999_999                      # no such process
+    dead = "999999999-Sdeadbeef"            # no such process (pid and start token: files.owner_tag)
     (out / f".last.tmp-{dead}-abc").mkdir()
     (out / f".last.tmp-{dead}-abc" / "model.safetensors").write_bytes(b"half")
-    (out / ".stage-1.tmp-legacyname").mkdir()              # an older version's name, no pid
-    (out / f".results.json.tmp-{dead}").write_text("{")
-    live = out / f".last.tmp-{os.getpid()}-xyz"             # a live writer's: kept
+    (out / f".results.json.tmp-{dead}-x1y2z3").write_text("{")
+    live = out / f".last.tmp-{files.owner_tag()}-xyz"      # a live writer's: kept
     live.mkdir()
     # a swap cut between its two renames: the only complete copy of `last` is the .old one
     os.replace(out / "last", out / f".last.old-{dead}")
