@@ -191,7 +191,7 @@ def is_run_base(name: str) -> bool:
     """Whether out_dir/name is something train.py writes: its start files, stage-j/ and last/
     checkpoints, summary.png."""
     import re
-    return name in RUN_START_FILES | {"last", "summary.png"} or re.fullmatch(r"stage-\d+", name) is not None
+    return name in RUN_START_FILES | {"last", "summary.png", FINISHED} or re.fullmatch(r"stage-\d+", name) is not None
 
 
 def is_run_file(name: str) -> bool:
@@ -201,15 +201,71 @@ def is_run_file(name: str) -> bool:
 
 
 def started_here(out_dir: Path, entries: set) -> bool:
-    """Whether a folder of start files was begun by train.py: its train_config.json (the first file a
-    run writes, after run.lock) reads as a run's flags. A results.json or log.txt alone is not ours."""
-    if not entries or {"stage-1", "last"} & entries:    # nothing yet, or checkpoints
+    """Whether a folder was begun by train.py: empty, or its train_config.json (the first file a run
+    writes, after run.lock) reads as a run's flags. Files named like a run's (results.json, log.txt,
+    even stage-1/) without it are not proof: --overwrite never deletes on a name alone."""
+    if not entries:
         return True
     try:
         saved = json.loads((out_dir / "train_config.json").read_text())
     except (OSError, ValueError):
         return False
     return isinstance(saved, dict) and {"preset", "tasks", "out_dir"} <= set(saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# "Finished" is a marker written last, atomically, after everything a run produces (results.json,
+# summary.png): a run killed anywhere before it is not finished, and --resume completes it.
+
+FINISHED = "finished"
+
+
+def mark_finished(out_dir: Path, task_names: list) -> None:
+    """The last write of a run (train.py, after results.json and summary.png)."""
+    write_json(Path(out_dir) / FINISHED, {"finished": True, "tasks": list(task_names)})
+
+
+def read_finished(out_dir: Path) -> dict | None:
+    """The marker of a finished run, or None (absent, or not one this code writes)."""
+    try:
+        marker = json.loads((Path(out_dir) / FINISHED).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("finished") is True else None
+
+
+def read_results(out_dir: Path) -> dict | None:
+    """out_dir/results.json as a dict, None when absent; one line naming it when unreadable."""
+    path = Path(out_dir) / "results.json"
+    if not path.exists():
+        return None
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TrainError(f"{path}: unreadable ({type(e).__name__}); the checkpoints still hold the run's "
+                         f"stages: rerun with --resume after moving it away") from None
+    if not isinstance(res, dict) or not isinstance(res.get("stages", []), list) \
+            or not isinstance(res.get("training", []), list):
+        raise TrainError(f"{path}: not a run's results (a JSON object with lists 'stages' and 'training')")
+    return res
+
+
+def results_complete(res: dict | None, state: dict, n_tasks: int) -> bool:
+    """A run that ended before the marker existed counts as finished only when its results.json holds
+    what the end of the run writes: every task's training entry and every stage's report. (A kill
+    between the last checkpoint and the final write leaves the last task's entry out.)"""
+    return (res is not None and len(res.get("training", [])) == n_tasks
+            and len(res.get("stages", [])) == len(state.get("stages", [])))
+
+
+def trained_before(out_dir: Path) -> bool:
+    """Whether results.json records any trained stage (or cannot be read): then the folder is not
+    what a start that died early leaves, even without checkpoints (a user may delete those)."""
+    try:
+        res = read_results(out_dir)
+    except TrainError:
+        return True
+    return res is not None and (len(res.get("training", [])) > 0 or len(res.get("stages", [])) > 1)
 
 
 def run_entries(out_dir: Path) -> set:
@@ -234,21 +290,28 @@ def find_resume(run: RunFiles, n_tasks: int, resume: bool, overwrite: bool, main
                          f"(a run never takes over such a folder, with or without --overwrite)")
     # only now, in a folder known to be a run's, and only the run's own names: before looking for
     # checkpoints, since a swap cut short may have to be moved back
-    notes = clean_leftovers(out_dir, ours=is_run_base) if main else []
+    for line in clean_leftovers(out_dir, ours=is_run_base) if main else []:
+        print(line, file=sys.stderr)
     barrier(d)
     entries = run_entries(out_dir)
-    out = {"ckpt": None, "state": None, "finished": None, "early_death": bool(entries) and entries <= RUN_START_FILES}
-    # training states are read (they hold the optimizer: large) only when resuming
-    ckpt = newest_checkpoint(out_dir, notes) if resume and out_dir.is_dir() else None
-    for line in notes:
-        print(line, file=sys.stderr)
+    marker = read_finished(out_dir)
+    early = bool(entries) and entries <= RUN_START_FILES and marker is None and not trained_before(out_dir)
+    out = {"ckpt": None, "state": None, "finished": None, "early_death": early}
     if not resume:
-        if entries and not out["early_death"] and not overwrite:
+        if entries and not early and not overwrite:
             shown = ", ".join(sorted(entries)[:6])
             raise TrainError(f"{out_dir} already holds a run ({shown}): pass --resume to continue it or "
                              f"--overwrite to start it afresh")
         return out
-    if ckpt is None and entries and not out["early_death"]:
+    if marker is not None:
+        check_resume_config(out_dir, run.settings)
+        return {**out, "finished": finished_results(run, n_tasks, None)}
+    # training states are read (they hold the optimizer: large) only when resuming
+    notes = []
+    ckpt = newest_checkpoint(out_dir, notes) if out_dir.is_dir() else None
+    for line in notes:
+        print(line, file=sys.stderr)
+    if ckpt is None and entries and not early:
         raise TrainError(f"--resume: no readable checkpoint in {out_dir}" + (f" ({notes[-1]})" if notes else ""))
     if ckpt is None:
         print(f"--resume: no checkpoint in {out_dir} yet: starting from the beginning", file=sys.stderr)
@@ -256,14 +319,19 @@ def find_resume(run: RunFiles, n_tasks: int, resume: bool, overwrite: bool, main
     check_resume_config(ckpt, run.settings)
     state = read_state(ckpt)
     out.update(ckpt=ckpt, state=state)
-    if state["stage_done"] == n_tasks and state["step"] == 0:
-        # a finished run is left exactly as it is
-        print(f"{out_dir}: this run is finished ({n_tasks} tasks); nothing to resume, nothing changed. "
-              f"Results: {out_dir / 'results.json'}", file=sys.stderr)
-        res = out_dir / "results.json"
-        out["finished"] = json.loads(res.read_text()) if res.is_file() else {"config": run.settings,
-                                                                              "stages": state["stages"]}
+    if state["stage_done"] == n_tasks and state["step"] == 0 and results_complete(read_results(out_dir), state, n_tasks):
+        out["finished"] = finished_results(run, n_tasks, state)   # a run that ended before markers existed
     return out
+
+
+def finished_results(run: RunFiles, n_tasks: int, state: dict | None) -> dict:
+    """The results of a finished run, returned untouched (nothing in out_dir changes)."""
+    print(f"{run.out_dir}: this run is finished ({n_tasks} tasks); nothing to resume, nothing changed. "
+          f"Results: {run.out_dir / 'results.json'}", file=sys.stderr)
+    res = read_results(run.out_dir)
+    if res is None:
+        return {"config": run.settings, "stages": state["stages"] if state else [], "metrics": {}}
+    return res
 
 
 def start_out_dir(run: RunFiles, clear: bool, d):
@@ -273,6 +341,8 @@ def start_out_dir(run: RunFiles, clear: bool, d):
     out_dir = run.out_dir
     if d.main:
         if clear and out_dir.is_dir():
+            # the marker first: a clearing cut short must not leave a folder that reads as finished
+            (out_dir / FINISHED).unlink(missing_ok=True)
             # what a run writes (is_run_file), but the lock this run holds and the flags it rewrites now
             for p in [p for p in out_dir.iterdir() if is_run_file(p.name)
                       and p.name not in ("run.lock", "train_config.json")]:

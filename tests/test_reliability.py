@@ -67,3 +67,63 @@ def test_user_files_with_leftover_like_names_are_never_touched(env, tmp_path, ca
     for extra in ([], ["--overwrite"], ["--resume"]):
         assert ".last.old-2023" in expect_exit(base_args(env, run, *extra), capsys)
         assert snapshot(run) == before
+
+
+# ---- items 2 and 5: a finished run is final ---------------------------------------------------------
+
+def test_a_finished_run_is_never_wiped_by_a_plain_rerun(env, tmp_path, capsys):
+    # finished without summary.png (--eval_n 0, --general none), its checkpoints removed by the user:
+    # results.json says it trained, so it is no early death, and a rerun with other tasks is refused
+    out = tmp_path / "done"
+    run_main(base_args(env, out))
+    for p in out.glob("stage-*"):
+        shutil.rmtree(p)
+    before = snapshot(out)
+    one_task = [a if a != env["tasks"] else env["tasks"].split(",")[0] for a in base_args(env, out)]
+    assert "already holds a run" in expect_exit(one_task, capsys)
+    assert snapshot(out) == before
+    # with the marker (train.py's last write): --resume is "finished", nothing changed, no checkpoint needed
+    ckpt.mark_finished(out, ["a", "b"])
+    before = snapshot(out)
+    capsys.readouterr()
+    res = run_main(base_args(env, out, "--resume"))
+    assert "this run is finished" in capsys.readouterr().err and snapshot(out) == before
+    assert res == json.loads((out / "results.json").read_text())
+    assert "already holds a run" in expect_exit(one_task, capsys) and snapshot(out) == before
+
+
+def test_overwrite_needs_a_folder_proven_to_be_a_runs(env, tmp_path, capsys):
+    # names a run writes, but no train_config.json of a run: not proof, --overwrite deletes nothing
+    out = tmp_path / "lookalike"
+    (out / "stage-1").mkdir(parents=True)
+    (out / "stage-1" / "model.safetensors").write_bytes(b"someone's weights")
+    (out / "results.json").write_text('{"mine": 1}')
+    before = snapshot(out)
+    for extra in (["--overwrite"], ["--resume"], []):
+        assert "not a run's" in expect_exit(base_args(env, out, *extra), capsys)
+        assert snapshot(out) == before
+
+
+def test_the_marker_is_removed_first_by_overwrite_and_read_back(tmp_path):
+    assert ckpt.read_finished(tmp_path) is None
+    ckpt.mark_finished(tmp_path, ["a"])
+    assert ckpt.read_finished(tmp_path) == {"finished": True, "tasks": ["a"]}
+    assert [p.name for p in tmp_path.iterdir()] == ["finished"]           # written atomically
+    (tmp_path / "finished").write_text("[1]")                               # not a marker this code writes
+    assert ckpt.read_finished(tmp_path) is None
+    assert ckpt.is_run_file("finished") and ckpt.is_run_file(".finished.tmp-1-Sdeadbeef-x")
+
+
+def test_results_without_the_last_tasks_training_entry_is_not_finished(env, tmp_path, capsys):
+    # a kill between the last stage checkpoint and the final results.json write leaves the last
+    # task's training entry out: --resume completes the run instead of calling it finished
+    out = tmp_path / "cut"
+    ref = run_main(base_args(env, out))
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["training"]) == 2
+    res["training"] = res["training"][:1]
+    (out / "results.json").write_text(json.dumps(res))
+    capsys.readouterr()
+    again = run_main(base_args(env, out, "--resume"))
+    assert "finished" not in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["training"] == ref["training"] == again["training"]
