@@ -31,12 +31,14 @@ def model_tag(name_or_path) -> str:
 
 
 def task_fingerprint(task) -> str:
-    """A short hash of a task's examples: an IV cached for a task is reused only for the same data,
-    and a task read from a file gets a cache name of its own (<name>-<hash>)."""
-    h = hashlib.sha1()
-    for ex in list(task.train) + list(task.test):
-        h.update(json.dumps([ex.instruction, ex.input, ex.output]).encode())
-    return h.hexdigest()[:8]
+    """A short hash of everything of a task that an IV or a score depends on: every field of every
+    example (instruction, input, output, choices, knowledge prompt and answer), the fixed
+    demonstrations, the split and the metric. An IV or stage-0 report cached for a task is reused only
+    for the same content, and a task read from a file gets a cache name of its own (<name>-<hash>).
+    The name, kind and description are labels, not content: they are keyed where they matter."""
+    content = {"metric": task.metric,
+               **{part: [dataclasses.asdict(ex) for ex in getattr(task, part)] for part in ("train", "test", "demos")}}
+    return hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def is_registered(task) -> bool:

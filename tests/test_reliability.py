@@ -127,3 +127,48 @@ def test_results_without_the_last_tasks_training_entry_is_not_finished(env, tmp_
     again = run_main(base_args(env, out, "--resume"))
     assert "finished" not in capsys.readouterr().err
     assert json.loads((out / "results.json").read_text())["training"] == ref["training"] == again["training"]
+
+
+# ---- item 3: caches are keyed by the whole task content ---------------------------------------------
+
+def test_task_fingerprint_covers_every_field_the_demonstrations_and_the_metric():
+    from dataclasses import replace
+    from ivft.ivfile import task_fingerprint
+    from ivft.tasks import Example, Task
+    ex = Example("Say it.", "cat", "CAT", choices=["CAT", "DOG"], knowledge_prompt="A cat is", knowledge_answer=" a pet")
+    task = Task("t", "general", "choice", [ex], [replace(ex, input="dog", output="DOG")], "desc", demos=[ex])
+    base = task_fingerprint(task)
+    assert task_fingerprint(replace(task, name="u", kind="train", description="other")) == base   # labels only
+    changed = {f: replace(ex, **{f: v}) for f, v in [("instruction", "Shout it."), ("input", "cow"),
+               ("output", "COW"), ("choices", ["CAT", "COW"]), ("knowledge_prompt", "A dog is"),
+               ("knowledge_answer", " wild")]}
+    for field, other in changed.items():
+        assert task_fingerprint(replace(task, train=[other])) != base, field
+        assert task_fingerprint(replace(task, demos=[other])) != base, f"demos: {field}"
+    assert task_fingerprint(replace(task, metric="exact_match")) != base
+    assert task_fingerprint(replace(task, demos=[])) != base
+    assert task_fingerprint(replace(task, train=task.test, test=task.train)) != base     # the split
+
+
+def test_stage0_cache_is_not_reused_after_a_knowledge_answer_changes(env, tmp_path, monkeypatch):
+    import evaluate
+    gdir = tmp_path / "gk"
+    gdir.mkdir()
+    rows = [{"instruction": "Name the first letter.", "input": w, "output": w[0], "choices": [w[0], "z"],
+             "knowledge_prompt": f"The word {w} starts with", "knowledge_answer": f" {w[0]}"}
+            for w in ["cat", "dog", "sun", "red", "box", "hat"]]
+    def write(rows):
+        (gdir / "g.train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:3]) + "\n")
+        (gdir / "g.test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[3:]) + "\n")
+    write(rows)
+    cache = tmp_path / "stage0.json"
+    ev = ["--eval_n", "3", "--eval_k_shot", "0", "--stage0_cache", str(cache), "--general", str(gdir / "g.train.jsonl")]
+    run_main([*base_args(env, tmp_path / "r1"), *ev])
+    write([{**r, "knowledge_answer": " a long and unlikely continuation"} for r in rows])
+    calls = []
+    real = evaluate.evaluate_suite
+    monkeypatch.setattr(evaluate, "evaluate_suite", lambda *a, **k: calls.append(k["model_name"]) or real(*a, **k))
+    second = run_main([*base_args(env, tmp_path / "r2"), *ev])
+    assert calls and calls[0].startswith("stage 0"), "a stage-0 report of other knowledge answers was reused"
+    first = json.loads((tmp_path / "r1" / "results.json").read_text())
+    assert second["stages"][0]["tasks"]["g"]["knowledge_logprob"] != first["stages"][0]["tasks"]["g"]["knowledge_logprob"]
