@@ -37,6 +37,7 @@ class RunFiles:
     model_id: str | None = None       # the base model (--model), named in the LoRA adapter config
     fsdp: bool = False                # sharded: state dicts are gathered from every rank
     lora: lora.LoraSpec | None = None  # the adapters of the run, None for full fine-tuning
+    inputs: dict | None = None        # input_fingerprints: stored in every checkpoint, compared on --resume
 
 
 class _Export:
@@ -56,6 +57,8 @@ def save_checkpoint(path: Path, model: Transformer, tok, run: RunFiles, state: d
     buf = io.BytesIO()
     torch.save(state, buf)
     extra = {"train_state.pt": buf.getvalue(), "train_config.json": run.settings}
+    if run.inputs is not None:
+        extra[INPUTS_FILE] = run.inputs
     if lora.has_lora(model):
         sd, adapters = lora.split_state_dict(sd, lora.scale_of(model))
         extra["adapter_model.safetensors"] = st_save(adapters, metadata={"format": "pt"})
@@ -151,6 +154,45 @@ def check_resume_config(ckpt: Path, settings: dict):
     if "code" in saved and saved.get("code") != settings.get("code"):
         print(f"warning: --resume: the code changed since {ckpt} was written (then {saved.get('code')}, now "
               f"{settings.get('code')}): the resumed run is not one version's", file=sys.stderr)
+
+
+INPUTS_FILE = "run_inputs.json"     # in a checkpoint: the fingerprints of the data and base model it came from
+
+
+def input_fingerprints(train_tasks, general, model) -> dict:
+    """What a run's numbers depend on besides its flags, by content: every task's data
+    (ivfile.task_fingerprint) and the base model's weights and config. Taken from the model as
+    loaded, before a resumed run's weights go in."""
+    from ivft.ivfile import config_hash, task_fingerprint, weight_fingerprint
+    return {"tasks": {t.name: task_fingerprint(t) for t in train_tasks},
+            "general": {t.name: task_fingerprint(t) for t in general},
+            "weights": weight_fingerprint(model), "config": config_hash(model)}
+
+
+def check_resume_inputs(ckpt: Path, inputs: dict):
+    """A resumed run must see the data and base model its checkpoint was made from: the same flags
+    over edited task files or replaced weights at the same path would splice two runs. One line
+    naming what changed. A checkpoint without the record (older code) is resumed with a warning."""
+    path = ckpt / INPUTS_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        print(f"warning: --resume: {ckpt} records no fingerprints of its task data and base model "
+              f"(older code): their changes cannot be checked", file=sys.stderr)
+        return
+    except (OSError, ValueError) as e:
+        raise TrainError(f"{path}: unreadable ({type(e).__name__})") from None
+    if not isinstance(saved, dict):
+        raise TrainError(f"{path}: not a record of fingerprints (a JSON object)")
+    changed = []
+    for group, what in (("tasks", "training task"), ("general", "general task")):
+        then, now = saved.get(group) or {}, inputs.get(group) or {}
+        changed += [f"the data of {what} {n!r}" for n in now if n in then and then[n] != now[n]]
+    if saved.get("weights") != inputs.get("weights") or saved.get("config") != inputs.get("config"):
+        changed.append("the base model's " + ("weights" if saved.get("config") == inputs.get("config") else "config"))
+    if changed:
+        raise TrainError(f"--resume: {', '.join(changed)} changed since {ckpt} was written; resume with "
+                         f"the same data and model, or start afresh with --overwrite")
 
 
 def restore_model(model, ckpt: Path, state: dict, spec: lora.LoraSpec | None, out_dir: Path):

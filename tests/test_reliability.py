@@ -172,3 +172,31 @@ def test_stage0_cache_is_not_reused_after_a_knowledge_answer_changes(env, tmp_pa
     assert calls and calls[0].startswith("stage 0"), "a stage-0 report of other knowledge answers was reused"
     first = json.loads((tmp_path / "r1" / "results.json").read_text())
     assert second["stages"][0]["tasks"]["g"]["knowledge_logprob"] != first["stages"][0]["tasks"]["g"]["knowledge_logprob"]
+
+
+# ---- item 4: --resume checks the task data and the base weights ------------------------------------
+
+def test_resume_refuses_changed_task_data_or_base_weights(env, tmp_path, capsys):
+    from ivft.load import load_model
+    from ivft.tasks import load_task
+    from test_train import tiny_model, write_task
+    model, tok = load_model(env["model"])
+    folder = tmp_path / "data"
+    folder.mkdir()
+    tasks = [load_task(write_task(folder, "a", str.upper, 1))]
+    general = [load_task(env["general"])]
+    inputs = ckpt.input_fingerprints(tasks, general, model)
+    run = ckpt.RunFiles(tmp_path / "run", {"preset": "plain"}, inputs=inputs)
+    ckpt.save_checkpoint(tmp_path / "run" / "last", model, tok, run, {"stage_done": 0, "step": 1})
+    last = tmp_path / "run" / "last"
+    ckpt.check_resume_inputs(last, inputs)                         # the same data and model: resumes
+    edited = [load_task(write_task(folder, "a", str.lower, 1))]     # same name and path, other answers
+    with pytest.raises(ckpt.TrainError, match=r"^--resume: the data of training task 'a' changed since .*last"):
+        ckpt.check_resume_inputs(last, ckpt.input_fingerprints(edited, general, model))
+    other = tiny_model(seed=1)                                       # other weights at the same path
+    with pytest.raises(ckpt.TrainError, match=r"^--resume: the base model's weights changed"):
+        ckpt.check_resume_inputs(last, ckpt.input_fingerprints(tasks, general, other))
+    (last / ckpt.INPUTS_FILE).unlink()                               # a checkpoint of older code: a warning
+    capsys.readouterr()
+    ckpt.check_resume_inputs(last, inputs)
+    assert "records no fingerprints" in capsys.readouterr().err
