@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -130,10 +131,44 @@ def read_iv(path) -> dict:
         raise ExtractError(f"{path}: not a readable IV file ({e})") from None
     if not isinstance(meta, dict) or "iv" not in out or "aie" not in out or "layer" not in meta:
         raise ExtractError(f"{path}: not an IV file (needs tensors iv, aie and iv_meta metadata)")
+    check_iv_content(out, meta, path)
     out["meta"] = meta
     out["layer"] = meta["layer"]
     out["heads"] = [tuple(h) for h in meta.get("heads", [])]
     return out
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_iv_content(tensors: dict, meta: dict, path) -> None:
+    """What read_iv can check without a model: finite tensors of the right rank, and metadata of the
+    types this code writes. A NaN IV would otherwise surface as "loss is nan ... try a lower --lr", a
+    negative stored state norm would flip the IV's sign (scale_to_state), a zero one erase it."""
+    def bad(what):
+        raise ExtractError(f"{path}: {what}")
+    if tensors["iv"].dim() != 1 or tensors["aie"].dim() != 2:
+        bad(f"tensor iv must be 1-D and aie 2-D, got shapes {tuple(tensors['iv'].shape)} and {tuple(tensors['aie'].shape)}")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad(f"tensor {name} holds NaN or Inf values")
+    if not _whole(meta["layer"]) or meta["layer"] < 0:
+        bad(f"metadata 'layer' is {meta['layer']!r}; expected a block index (a whole number >= 0)")
+    heads = meta.get("heads", [])
+    if not isinstance(heads, list) or not all(isinstance(h, list) and len(h) == 2 and all(_whole(x) and x >= 0 for x in h)
+                                              for h in heads):
+        bad("metadata 'heads' must be a list of [layer, head] pairs of whole numbers >= 0")
+    for key in ("task", "task_hash", "config_hash", "model", "kind"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            bad(f"metadata {key!r} is {meta[key]!r}; expected a string")
+    for key in ("top_k", "n_layers", "n_heads", "d_model", "format"):
+        if meta.get(key) is not None and (not _whole(meta[key]) or meta[key] < 0):
+            bad(f"metadata {key!r} is {meta[key]!r}; expected a whole number >= 0")
+    norms = meta.get("state_norms")
+    if norms is not None and not (isinstance(norms, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in norms)):
+        bad("metadata 'state_norms' must be a list of hidden-state norms, each finite and > 0")
 
 
 def cached_iv(path: Path, task, key: dict, model) -> dict | None:
@@ -163,6 +198,10 @@ def load_iv(path, model) -> tuple[torch.Tensor, int, dict]:
         raise ExtractError(f"{path}: extracted from model {meta.get('model')!r} with config hash "
                            f"{meta.get('config_hash')}, this model's is {config_hash(model)}")
     check_layer(r["layer"], mc.num_hidden_layers, f"{path}: layer")
+    outside = [h for h in r["heads"] if h[0] >= mc.num_hidden_layers or h[1] >= mc.num_attention_heads]
+    if outside:
+        raise ExtractError(f"{path}: metadata 'heads' names head {list(outside[0])} (layer, head), outside this "
+                           f"model's {mc.num_hidden_layers} layers x {mc.num_attention_heads} heads")
     return r["iv"], r["layer"], meta
 
 
