@@ -127,6 +127,18 @@ def load_task(name_or_path: str, test_fraction: float = 0.2, seed: int = 0) -> T
                     f"function-vector JSON, or JSONL)")
 
 
+def check_never_trained_on(train_tasks: list, general: list) -> None:
+    """The general suite measures what a run never trains on: a task in both lists (the same name, or
+    the same content under another name) would count learning as kept ability."""
+    from ivft.ivfile import task_fingerprint
+    trained = {t.name: t for t in train_tasks} | {task_fingerprint(t): t for t in train_tasks}
+    for g in general:
+        t = trained.get(g.name) or trained.get(task_fingerprint(g))
+        if t is not None:
+            raise TaskError(f"task {g.name!r} is in the general suite and trained on (as {t.name!r}): the general "
+                            f"suite must hold tasks the run never trains on; drop it from --tasks or --general")
+
+
 # --- user formats -----------------------------------------------------------------------------
 
 def load_trace(path, test_fraction=0.2, seed=0) -> Task:
@@ -248,14 +260,35 @@ def _text(record, key, path, where=None, **kw) -> str:
 
 
 def _example(r, path, where):
-    return Example(
+    ex = Example(
         instruction=_text(r, "instruction", path, where, empty_ok=True),   # first: checks r is an object
         input=_as_text(r.get("input") or "", "input", path, where, empty_ok=True),
         output=_text(r, "output", path, where),
-        choices=r.get("choices"),
-        knowledge_prompt=r.get("knowledge_prompt"),
-        knowledge_answer=r.get("knowledge_answer"),
+        choices=_choices(r.get("choices"), path, where),
+        knowledge_prompt=_optional_text(r, "knowledge_prompt", path, where),
+        knowledge_answer=_optional_text(r, "knowledge_answer", path, where),
     )
+    if ex.choices is not None and ex.output.strip() not in {c.strip() for c in ex.choices}:
+        raise TaskError(f"{path}: {where}: field 'output' {ex.output!r} is not among its 'choices' (the gold "
+                        f"answer must be one of them)")
+    if (ex.knowledge_prompt is None) != (ex.knowledge_answer is None):
+        raise TaskError(f"{path}: {where}: fields 'knowledge_prompt' and 'knowledge_answer' come together "
+                        f"(one is missing)")
+    return ex
+
+
+def _optional_text(r, key, path, where) -> str | None:
+    """An optional text field: absent or null is None, anything else must be non-empty text."""
+    return None if r.get(key) is None else _as_text(r[key], key, path, where)
+
+
+def _choices(v, path, where) -> list[str] | None:
+    """The answer set of likelihood scoring: absent or null, or a non-empty list of non-empty strings."""
+    if v is None:
+        return None
+    if not isinstance(v, list) or not v:
+        raise TaskError(f"{path}: {where}: field 'choices' must be a non-empty list of strings, got {v!r:.60}")
+    return [_as_text(c, "choices", path, f"{where}: choice {i}") for i, c in enumerate(v)]
 
 
 def _read_text(path) -> str:
@@ -276,6 +309,8 @@ def _jsonl_records(path) -> list[tuple[int, dict]]:
             out.append((lineno, json.loads(line)))
         except json.JSONDecodeError as e:
             raise TaskError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        except RecursionError:
+            raise TaskError(f"{path}:{lineno}: JSON nested too deeply to be a task") from None
     if not out:
         raise TaskError(f"{path}: no examples (empty task)")
     return out
@@ -296,6 +331,8 @@ def _read_json(path):
         return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise TaskError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    except RecursionError:      # json.loads recurses once per level of nesting
+        raise TaskError(f"{path}: JSON nested too deeply to be a task") from None
 
 
 def _read_json_list(path):

@@ -200,3 +200,35 @@ def test_resume_refuses_changed_task_data_or_base_weights(env, tmp_path, capsys)
     capsys.readouterr()
     ckpt.check_resume_inputs(last, inputs)
     assert "records no fingerprints" in capsys.readouterr().err
+
+
+# ---- items 6 and 8: flags checked at the door -----------------------------------------------------
+
+@pytest.mark.parametrize("flag,value,what", [
+    ("--lora_alpha", "0", "--lora_alpha 0.0: must be > 0"), ("--lora_alpha", "-4", "--lora_alpha -4.0: must be > 0"),
+    ("--betas", "nan,nan", "--betas nan,nan: expected two numbers in [0, 1)"),
+    ("--betas", "1.5,0.9", "--betas 1.5,0.9"), ("--betas", "0.9,inf", "--betas 0.9,inf"),
+    ("--betas", "0.9", "--betas 0.9:"), ("--betas", "a,b", "--betas a,b"), ("--betas", "-0.1,0.9", "--betas -0.1,0.9"),
+    ("--max_len", "1000000", "--max_len 1000000: must be <= 131072"),
+])
+def test_flags_out_of_range_are_one_line(env, tmp_path, capsys, flag, value, what):
+    out = tmp_path / "run"
+    msg = expect_exit([*base_args(env, out), f"{flag}={value}", "--lora_r", "4"], capsys)
+    assert msg == f"error: {what}" or msg.startswith(f"error: {what}"), msg
+    assert not out.exists()
+
+
+def test_a_task_in_both_tasks_and_general_is_refused(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = env["tasks"].split(",")[0]
+    msg = expect_exit([*base_args(env, out), "--general", f"{env['general']},{first}"], capsys)
+    assert first in msg and "in both --tasks and --general" in msg and not out.exists()
+    # loaded: the same name, or the same content under another name
+    from ivft.tasks import TaskError, check_never_trained_on, load_task
+    a, g = load_task(first), load_task(env["general"])
+    check_never_trained_on([a], [g])
+    copy = tmp_path / "renamed.train.jsonl"
+    shutil.copy(first, copy)
+    shutil.copy(first.replace(".train.", ".test."), tmp_path / "renamed.test.jsonl")
+    with pytest.raises(TaskError, match="task 'renamed' is in the general suite and trained on \\(as 'a'\\)"):
+        check_never_trained_on([a], [g, load_task(str(copy))])
