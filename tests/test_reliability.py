@@ -232,3 +232,69 @@ def test_a_task_in_both_tasks_and_general_is_refused(env, tmp_path, capsys):
     shutil.copy(first.replace(".train.", ".test."), tmp_path / "renamed.test.jsonl")
     with pytest.raises(TaskError, match="task 'renamed' is in the general suite and trained on \\(as 'a'\\)"):
         check_never_trained_on([a], [g, load_task(str(copy))])
+
+
+# ---- item 8: a model folder that cannot be loaded is one line naming the file and field ---------------
+
+def model_copy(env, tmp_path, name="m") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(env["model"], dst)
+    return dst
+
+
+@pytest.mark.parametrize("change,what", [
+    ({"hidden_size": -32}, "config field 'hidden_size' is -32; expected a whole number in [1, 65536]"),
+    ({"hidden_size": "32"}, "config field 'hidden_size' is '32'"),
+    ({"hidden_size": None}, "config field 'hidden_size' is None"),
+    ({"num_hidden_layers": 10_000_000}, "config field 'num_hidden_layers' is 10000000"),
+    ({"vocab_size": 2.5}, "config field 'vocab_size' is 2.5"),
+    ({"max_position_embeddings": 0}, "config field 'max_position_embeddings' is 0"),
+    ({"rms_norm_eps": -1}, "config field 'rms_norm_eps' is -1; expected a finite number > 0"),
+    ({"rope_theta": "big"}, "config field 'rope_theta' is 'big'"),
+    ({"num_attention_heads": 64, "head_dim": None}, "head_dim 0"),
+    ("list", "expected a JSON object of model settings, got list"),
+])
+def test_bad_config_json_is_one_line_naming_the_field(env, tmp_path, capsys, change, what):
+    from ivft.load import LoadError, load_model
+    m = model_copy(env, tmp_path)
+    cfg = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps([cfg] if change == "list" else {**cfg, **change}))
+    with pytest.raises(LoadError) as e:
+        load_model(m)
+    assert str(e.value).startswith(f"{m / 'config.json'}: ") and what in str(e.value), str(e.value)
+    out = tmp_path / "run"                          # and train.py: one line, exit 2, nothing created
+    args = base_args(env, out)
+    args[args.index("--model") + 1] = str(m)
+    assert what in expect_exit(args, capsys) and not out.exists()
+
+
+@pytest.mark.parametrize("content", ['{"model": 5}', "[1]", '{"model": {"type": "BPE", "vocab": [], "merges": 3}}',
+                                     "\xff not json"])
+def test_bad_tokenizer_json_is_one_line(env, tmp_path, content):
+    from ivft.load import LoadError, load_model
+    m = model_copy(env, tmp_path)
+    (m / "tokenizer.json").write_bytes(content.encode("latin-1"))
+    with pytest.raises(LoadError, match=f"^not a usable tokenizer: .*{m / 'tokenizer.json'}"):
+        load_model(m)
+
+
+def test_shards_outside_the_model_folder_are_refused(env, tmp_path):
+    from ivft.load import LoadError, load_model
+    m = model_copy(env, tmp_path)
+    other = model_copy(env, tmp_path, "other")
+    (m / "model.safetensors").unlink()
+    (m / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../other/model.safetensors"}}))
+    with pytest.raises(LoadError, match="shard '../other/model.safetensors' is not a file name in"):
+        load_model(m)
+    assert (other / "model.safetensors").is_file()
+
+
+def test_sequence_length_is_checked_against_the_models_context(env, tmp_path):
+    from ivft.load import LoadError, check_context, read_config_only, read_hf_config
+    m = model_copy(env, tmp_path)
+    (m / "model.safetensors").write_bytes(b"not read: only the config is")
+    mc = read_hf_config(m)
+    assert read_config_only(m) == mc
+    check_context(512, mc)
+    with pytest.raises(LoadError, match=r"^--max_len 513: longer than the model's context \(max_position_embeddings 512\)"):
+        check_context(513, mc)
