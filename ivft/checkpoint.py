@@ -72,11 +72,35 @@ def save_checkpoint(path: Path, model: Transformer, tok, run: RunFiles, state: d
 
 
 def read_state(path: Path) -> dict:
+    """A checkpoint's training state, checked to hold what resuming reads (check_state)."""
     try:
-        return torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file raises many kinds of errors
         raise TrainError(f"{path / 'train_state.pt'}: corrupt or unreadable training state "
                          f"({type(e).__name__})") from None
+    check_state(state, path / "train_state.pt")
+    return state
+
+
+def check_state(state, where) -> None:
+    """The fields resuming reads, of the types save_mid_task / save_stage write: a state missing one
+    is refused here, in one line, instead of a KeyError halfway through restoring."""
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    if not isinstance(state, dict):
+        raise TrainError(f"{where}: not a training state (got {type(state).__name__})")
+    for key, ok, what in (("stage_done", whole, "a whole number >= 0"), ("step", whole, "a whole number >= 0"),
+                          ("stages", lambda v: isinstance(v, list), "a list"),
+                          ("rng", lambda v: isinstance(v, list) and v and all(isinstance(r, dict) for r in v),
+                           "a non-empty list of RNG states"),
+                          ("training", lambda v: isinstance(v, list), "a list")):
+        if key == "training" and key not in state:
+            continue       # older states
+        if key not in state or not ok(state[key]):
+            raise TrainError(f"{where}: training state field {key!r} is "
+                             f"{'missing' if key not in state else 'not ' + what}")
+    if state["step"] > 0 and not isinstance(state.get("optimizer"), dict):
+        raise TrainError(f"{where}: a mid-task training state without its optimizer state")
 
 
 def newest_checkpoint(out_dir: Path, notes: list | None = None) -> Path | None:
@@ -284,8 +308,8 @@ def read_results(out_dir: Path) -> dict | None:
     try:
         res = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise TrainError(f"{path}: unreadable ({type(e).__name__}); the checkpoints still hold the run's "
-                         f"stages: rerun with --resume after moving it away") from None
+        raise TrainError(f"{path}: unreadable ({type(e).__name__}); nothing changed (move it aside to go "
+                         f"on: the checkpoints hold the run's stages)") from None
     if not isinstance(res, dict) or not isinstance(res.get("stages", []), list) \
             or not isinstance(res.get("training", []), list):
         raise TrainError(f"{path}: not a run's results (a JSON object with lists 'stages' and 'training')")
@@ -351,15 +375,18 @@ def find_resume(run: RunFiles, n_tasks: int, resume: bool, overwrite: bool, main
     # training states are read (they hold the optimizer: large) only when resuming
     notes = []
     ckpt = newest_checkpoint(out_dir, notes) if out_dir.is_dir() else None
+    if ckpt is None and entries and not early:      # one line: the note of the last one skipped is in it
+        raise TrainError(f"--resume: no readable checkpoint in {out_dir}" + (f" ({notes[-1]})" if notes else ""))
     for line in notes:
         print(line, file=sys.stderr)
-    if ckpt is None and entries and not early:
-        raise TrainError(f"--resume: no readable checkpoint in {out_dir}" + (f" ({notes[-1]})" if notes else ""))
     if ckpt is None:
         print(f"--resume: no checkpoint in {out_dir} yet: starting from the beginning", file=sys.stderr)
         return out
     check_resume_config(ckpt, run.settings)
     state = read_state(ckpt)
+    if state["stage_done"] > n_tasks or (state["stage_done"] == n_tasks and state["step"] > 0):
+        raise TrainError(f"{ckpt / 'train_state.pt'}: records {state['stage_done']} task(s) done (step "
+                         f"{state['step']}) of a run of {n_tasks}: not a checkpoint of this run")
     out.update(ckpt=ckpt, state=state)
     if state["stage_done"] == n_tasks and state["step"] == 0 and results_complete(read_results(out_dir), state, n_tasks):
         out["finished"] = finished_results(run, n_tasks, state)   # a run that ended before markers existed
@@ -368,9 +395,9 @@ def find_resume(run: RunFiles, n_tasks: int, resume: bool, overwrite: bool, main
 
 def finished_results(run: RunFiles, n_tasks: int, state: dict | None) -> dict:
     """The results of a finished run, returned untouched (nothing in out_dir changes)."""
+    res = read_results(run.out_dir)
     print(f"{run.out_dir}: this run is finished ({n_tasks} tasks); nothing to resume, nothing changed. "
           f"Results: {run.out_dir / 'results.json'}", file=sys.stderr)
-    res = read_results(run.out_dir)
     if res is None:
         return {"config": run.settings, "stages": state["stages"] if state else [], "metrics": {}}
     return res

@@ -298,3 +298,44 @@ def test_sequence_length_is_checked_against_the_models_context(env, tmp_path):
     check_context(512, mc)
     with pytest.raises(LoadError, match=r"^--max_len 513: longer than the model's context \(max_position_embeddings 512\)"):
         check_context(513, mc)
+
+
+# ---- item 8: damaged training states and results on --resume -------------------------------------------
+
+def interrupted_run(env, out):
+    def ctrl_c(stage, step, model):
+        if (stage, step) == (1, 2):
+            raise KeyboardInterrupt
+    with pytest.raises(SystemExit):
+        run_main(base_args(env, out), ctrl_c)
+    return out
+
+
+@pytest.mark.parametrize("damage,what", [
+    (lambda st: st.pop("stage_done"), "field 'stage_done' is missing"),
+    (lambda st: st.pop("rng"), "field 'rng' is missing"),
+    (lambda st: st.update(step="2"), "field 'step' is not a whole number"),
+    (lambda st: st.pop("optimizer"), "without its optimizer state"),
+    (lambda st: st.update(stage_done=7), "records 7 task(s) done (step 2) of a run of 2"),
+])
+def test_a_damaged_training_state_is_one_line(env, tmp_path, capsys, damage, what):
+    out = interrupted_run(env, tmp_path / "cut")
+    shutil.rmtree(out / "stage-1")                         # `last` is the only checkpoint
+    state = torch.load(out / "last" / "train_state.pt", weights_only=True)
+    damage(state)
+    torch.save(state, out / "last" / "train_state.pt")
+    before = snapshot(out)
+    msg = expect_exit(base_args(env, out, "--resume"), capsys)
+    assert what in msg and str(out / "last") in msg, msg
+    assert snapshot(out) == before
+
+
+def test_a_corrupt_results_json_on_resume_is_one_line(env, tmp_path, capsys):
+    out = tmp_path / "done"
+    run_main(base_args(env, out))
+    ckpt.mark_finished(out, ["a", "b"])
+    for text in ("{", "[1, 2]", '"x"'):
+        (out / "results.json").write_text(text)
+        before = snapshot(out)
+        msg = expect_exit(base_args(env, out, "--resume"), capsys)
+        assert msg.startswith(f"error: {out / 'results.json'}: ") and snapshot(out) == before, msg
