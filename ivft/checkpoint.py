@@ -250,6 +250,9 @@ def load_base_model(model_id: str | None, model_dtype: str, device):
         raise TrainError(str(e)) from None
     if tok is None:
         raise TrainError(f"{model_id}: no tokenizer files next to the weights")
+    if getattr(tok, "chat_format", None) is None:     # prompts are chat turns (prompts.render_prompt)
+        raise TrainError(f"{model_id}: its tokenizer has no chat template this code knows (ChatML, Llama-3 or "
+                         f"Llama-2 turns): train.py fine-tunes chat models")
     return model, tok
 
 

@@ -339,3 +339,16 @@ def test_a_corrupt_results_json_on_resume_is_one_line(env, tmp_path, capsys):
         before = snapshot(out)
         msg = expect_exit(base_args(env, out, "--resume"), capsys)
         assert msg.startswith(f"error: {out / 'results.json'}: ") and snapshot(out) == before, msg
+
+
+def test_a_tokenizer_without_a_chat_template_is_one_line(env, tmp_path, capsys):
+    m = model_copy(env, tmp_path)
+    text = (m / "tokenizer.json").read_text()      # its turn tokens renamed: no template is recognisable
+    (m / "tokenizer.json").write_text(text.replace("<|im_start|>", "<|turn|>").replace("<|im_end|>", "<|stop|>"))
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (m / name).unlink(missing_ok=True)
+    out = tmp_path / "run"
+    args = base_args(env, out)
+    args[args.index("--model") + 1] = str(m)
+    msg = expect_exit(args, capsys)
+    assert msg.startswith(f"error: {m}: its tokenizer has no chat template") and not out.exists(), msg
