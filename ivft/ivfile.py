@@ -111,9 +111,11 @@ def save_iv(result: dict, path) -> Path:
     tensors = {k: result[k].detach().float().contiguous() for k in ("iv", "aie", "z_mean", "aie_task", "resid_diff")
                if k in result}
     metadata = {"format": "pt", "iv_meta": json.dumps(result["meta"])}
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    save_heatmap(result["aie"], result["heads"], path.with_suffix(".png"),
-                 f"AIE {result['meta']['task']} ({result['meta']['model']})")
+    # a full disk or a read-only iv_dir: one ExtractError naming the file (safetensors raises its own
+    # SafetensorError, and an OSError's message alone is only an errno)
+    written(path, write_atomic, path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    written(path.with_suffix(".png"), save_heatmap, result["aie"], result["heads"], path.with_suffix(".png"),
+            f"AIE {result['meta']['task']} ({result['meta']['model']})")
     return path
 
 

@@ -352,3 +352,28 @@ def test_a_tokenizer_without_a_chat_template_is_one_line(env, tmp_path, capsys):
     args[args.index("--model") + 1] = str(m)
     msg = expect_exit(args, capsys)
     assert msg.startswith(f"error: {m}: its tokenizer has no chat template") and not out.exists(), msg
+
+
+# ---- items 8 and 9: a full disk under the IV cache ---------------------------------------------------
+
+@pytest.mark.parametrize("error", ["oserror", "safetensors"])
+def test_a_full_disk_under_the_iv_cache_is_one_line_naming_the_file(env, tmp_path, capsys, monkeypatch, error):
+    import errno
+    from safetensors import SafetensorError
+    from ivft import ivfile
+
+    def full(path, data):
+        if error == "oserror":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))      # no file name, as a full disk gives
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+    monkeypatch.setattr(ivfile, "write_atomic", full)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:         # after the extraction's progress bars: the last line
+        run_main([*base_args(env, out), "--guided", "--iv_dir", str(tmp_path / "ivs"),
+                  "--iv_n_clean", "4", "--iv_n_corrupt", "4", "--iv_top_k", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    msg = err[-1]
+    assert e.value.code == 2 and [line for line in err if line.startswith("error: ")] == [msg], err[-3:]
+    assert f"error: IV of task 'a': {tmp_path / 'ivs'}" in msg and ".safetensors: cannot write (" in msg, msg
+    assert "No space left on device" in msg and not out.exists()
