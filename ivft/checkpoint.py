@@ -352,7 +352,8 @@ def find_resume(run: RunFiles, n_tasks: int, resume: bool, overwrite: bool, main
     # a folder holding anything a run does not write is someone else's: never taken over, not even
     # with --overwrite (which replaces only a run's own files), and nothing in it is touched
     ours = started_here(out_dir, entries)
-    foreign = sorted(n for n in entries if not is_run_file(n) or not ours)
+    own = {"wandb"} if run.settings.get("wandb") else set()     # wandb.init(dir=out_dir) writes out_dir/wandb
+    foreign = sorted(n for n in entries if not (is_run_file(n) or n in own) or not ours)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise TrainError(f"{out_dir} holds files that are not a run's ({shown}): choose another --out_dir "
@@ -364,7 +365,7 @@ def find_resume(run: RunFiles, n_tasks: int, resume: bool, overwrite: bool, main
     barrier(d)
     entries = run_entries(out_dir)
     marker = read_finished(out_dir)
-    early = bool(entries) and entries <= RUN_START_FILES and marker is None and not trained_before(out_dir)
+    early = bool(entries) and entries - own <= RUN_START_FILES and marker is None and not trained_before(out_dir)
     out = {"ckpt": None, "state": None, "finished": None, "early_death": early}
     if not resume:
         if entries and not early and not overwrite:
@@ -435,6 +436,20 @@ def load_optimizer(opt, state: dict, fsdp: bool, module):
         raise TrainError(f"optimizer state does not fit the model ({e})") from None
 
 
+def check_lock(out_dir: Path) -> None:
+    """Before a checkpoint is written: out_dir/run.lock must still be this process's. Deleting out_dir
+    under a running train.py deletes the lock with it, and a second writer could then start there:
+    the first one stops instead of writing into a folder it no longer holds."""
+    import os
+    try:
+        holder = (out_dir / "run.lock").read_text().split()
+    except OSError:
+        holder = []
+    if holder[:1] != [str(os.getpid())]:
+        raise TrainError(f"{out_dir / 'run.lock'} is gone or another process's: {out_dir} was removed or "
+                         f"replaced while this run was writing to it; stopped without saving")
+
+
 def save_mid_task(run: RunFiles, model, tok, opt, module, stage_done: int, step: int, rng: dict, stages: list, d,
                   training: list | None = None, term_log: list | None = None):
     """The resumable checkpoint out_dir/last: weights, optimizer, step, RNG of every rank, results.
@@ -449,6 +464,7 @@ def save_mid_task(run: RunFiles, model, tok, opt, module, stage_done: int, step:
     state = {"stage_done": stage_done, "step": step, "optimizer": optim, "rng": gather_objects(rng, d),
              "stages": stages, "training": training or [], "term_log": term_log or [], "version": 1}
     if d.main:
+        check_lock(run.out_dir)
         save_checkpoint(run.out_dir / "last", model, tok, run, state, sd)
     barrier(d)
 
@@ -463,6 +479,7 @@ def save_stage(run: RunFiles, model, tok, stage_done: int, stages: list, task_na
     sd = full_state_dict(model, True) if run.fsdp else None
     path = run.out_dir / f"stage-{stage_done}"
     if d.main:
+        check_lock(run.out_dir)
         save_checkpoint(path, model, tok, run, state, sd)
         shutil.rmtree(run.out_dir / "last", ignore_errors=True)
     return path

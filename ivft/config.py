@@ -180,6 +180,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
         (betas_in_range(cfg["betas"]), f"--betas {cfg['betas']}: expected two numbers in [0, 1), e.g. 0.9,0.999"),
         (cfg["max_len"] <= MAX_LEN, f"--max_len {cfg['max_len']}: must be <= {MAX_LEN} (the model's context is "
                                     f"checked too, once its config is read)"),
+        (cfg["stage0_cache"] is None or not inside(cfg["stage0_cache"], cfg["out_dir"]),
+         f"--stage0_cache {cfg['stage0_cache']}: must be outside --out_dir (a run folder holds only the "
+         f"run's own files, or it cannot be resumed)"),
         (not spelled_in_both(cfg["tasks"], cfg["general"]), f"task(s) {', '.join(spelled_in_both(cfg['tasks'], cfg['general']))} "
          f"in both --tasks and --general: the general suite must be tasks the run never trains on"),
     ]
@@ -247,3 +250,9 @@ def spelled_in_both(tasks: str | None, general: str | None) -> list[str]:
     def entries(spec):
         return {x.strip() for x in (spec or "").split(",") if x.strip()}
     return sorted(entries(tasks) & entries(general))
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether `path` is in `folder` or below it (paths as given, made absolute; no file is read)."""
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return os.path.commonpath([path, folder]) == folder

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ivft.files import check_writable, write_atomic
+from ivft.files import check_writable, clean_leftovers, write_atomic
 from ivft.ivsettings import ExtractError, check_layer
 from ivft.report import save_heatmap
 
@@ -28,7 +28,9 @@ def model_tag(name_or_path) -> str:
     if name_or_path is None:
         return "SmolLM2-135M-Instruct"
     p = Path(name_or_path)
-    return p.stem if p.suffix == ".gguf" else p.name
+    if p.name in ("", ".", ".."):      # "--model ." or "..": the folder's own name, not a path step
+        p = p.resolve()                # (which would put the IVs flat in, or outside, iv_dir)
+    return (p.stem if p.suffix == ".gguf" else p.name) or "model"
 
 
 def task_fingerprint(task) -> str:
@@ -108,6 +110,8 @@ def save_iv(result: dict, path) -> Path:
     matplotlib is installed."""
     from safetensors.torch import save_file
     path = Path(path)
+    # what an extraction killed while writing here left (only this code's names, its dead writers')
+    clean_leftovers(path.parent, ours=lambda name: name.endswith((".safetensors", ".png")))
     tensors = {k: result[k].detach().float().contiguous() for k in ("iv", "aie", "z_mean", "aie_task", "resid_diff")
                if k in result}
     metadata = {"format": "pt", "iv_meta": json.dumps(result["meta"])}

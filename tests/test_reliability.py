@@ -14,6 +14,16 @@ from ivft import files
 from test_train import Interrupt, base_args, env, expect_exit, run_main, tree_digest  # noqa: F401 (env: fixture)
 
 
+def error_after_start(argv, capsys, callback=None) -> str:
+    """Exit status 2 after work has begun: progress bars come first, the one error line last."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(argv, callback)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and [line for line in err if line.startswith("error: ")] == err[-1:], err[-3:]
+    return err[-1]
+
+
 # ---- item 7: a run without a general suite ends with its summary, not a TypeError -----------------
 
 @pytest.mark.parametrize("spec", ["none", "", ",", "NONE"])
@@ -368,12 +378,63 @@ def test_a_full_disk_under_the_iv_cache_is_one_line_naming_the_file(env, tmp_pat
         raise SafetensorError("Error while serializing: IoError(No space left on device)")
     monkeypatch.setattr(ivfile, "write_atomic", full)
     out = tmp_path / "run"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:         # after the extraction's progress bars: the last line
-        run_main([*base_args(env, out), "--guided", "--iv_dir", str(tmp_path / "ivs"),
-                  "--iv_n_clean", "4", "--iv_n_corrupt", "4", "--iv_top_k", "2"])
-    err = capsys.readouterr().err.strip().splitlines()
-    msg = err[-1]
-    assert e.value.code == 2 and [line for line in err if line.startswith("error: ")] == [msg], err[-3:]
+    msg = error_after_start([*base_args(env, out), "--guided", "--iv_dir", str(tmp_path / "ivs"),
+                             "--iv_n_clean", "4", "--iv_n_corrupt", "4", "--iv_top_k", "2"], capsys)
     assert f"error: IV of task 'a': {tmp_path / 'ivs'}" in msg and ".safetensors: cannot write (" in msg, msg
     assert "No space left on device" in msg and not out.exists()
+
+
+# ---- item 9: leftovers, folders and names ---------------------------------------------------------------
+
+def test_out_dir_removed_under_a_running_train_stops_it_before_it_writes(env, tmp_path, capsys):
+    out = tmp_path / "gone"
+
+    def remove(stage, step, model):
+        if (stage, step) == (0, 1):
+            shutil.rmtree(out)            # the lock goes with it: a second writer could start here now
+            out.mkdir()                   # (and, say, that second writer's folder appears)
+            (out / "theirs.txt").write_text("another run")
+    msg = error_after_start(base_args(env, out, "--save_every", "2"), capsys, callback=remove)
+    assert "run.lock is gone or another process's" in msg, msg
+    # no checkpoint written there (the log line of the step before the save is: runtime.Logger appends)
+    assert not (out / "last").exists() and (out / "theirs.txt").read_text() == "another run"
+
+
+def test_stage0_cache_inside_out_dir_is_refused(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    msg = expect_exit(base_args(env, out, "--eval_n", "2", "--stage0_cache", str(out / "s0.json")), capsys)
+    assert "--stage0_cache" in msg and "must be outside --out_dir" in msg and not out.exists()
+
+
+def test_a_wandb_folder_belongs_to_a_run_that_logs_to_wandb(tmp_path):
+    from types import SimpleNamespace
+    out = tmp_path / "run"
+    (out / "wandb").mkdir(parents=True)
+    settings = {"preset": "plain", "tasks": "a", "out_dir": str(out), "wandb": True}
+    (out / "train_config.json").write_text(json.dumps(settings))
+    d = SimpleNamespace(world=1, main=True, rank=0)
+    ckpt.find_resume(ckpt.RunFiles(out, settings), 1, True, False, True, d)       # resumable
+    with pytest.raises(ckpt.TrainError, match=r"not a run's \(wandb\)"):          # not without --wandb
+        ckpt.find_resume(ckpt.RunFiles(out, {**settings, "wandb": False}), 1, True, False, True, d)
+
+
+def test_model_dot_and_dot_dot_get_their_folders_name_as_iv_tag(tmp_path, monkeypatch):
+    from ivft.ivfile import model_tag
+    (tmp_path / "MyModel" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "MyModel" / "sub")
+    assert model_tag(".") == "sub" and model_tag("..") == "MyModel" and model_tag("../") == "MyModel"
+    assert model_tag("/x/m.gguf") == "m" and model_tag("runs/plain/stage-2") == "stage-2"
+
+
+def test_an_iv_write_killed_midway_is_cleaned_by_the_next_write(tmp_path):
+    import extract_iv as X
+    from ivft.ivfile import save_iv
+    from toys import SMALL, TOK, char_model, standin_task
+    a = X.extract_iv(char_model(), TOK, standin_task(), progress=False, **SMALL)
+    dead = tmp_path / ".opp.safetensors.tmp-999999999-Sdeadbeef-k1x2"     # a SIGKILLed writer's
+    dead.write_bytes(b"half")
+    mine = [tmp_path / ".opp.safetensors.tmp-draft", tmp_path / ".notes.txt.tmp-999999999-Sdeadbeef-k1x2"]
+    for p in mine:
+        p.write_text("a user's")
+    save_iv(a, tmp_path / "opp.safetensors")
+    assert not dead.exists() and all(p.read_text() == "a user's" for p in mine)
