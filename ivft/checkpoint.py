@@ -250,6 +250,11 @@ def load_base_model(model_id: str | None, model_dtype: str, device):
         raise TrainError(str(e)) from None
     if tok is None:
         raise TrainError(f"{model_id}: no tokenizer files next to the weights")
+    # weights with NaN / Inf would only show as "loss is nan ... try a lower --lr" after stage 0
+    bad = next((name for name, t in model.state_dict().items()
+                if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise TrainError(f"{model_id or 'the embedded model'}: tensor {bad} holds NaN or Inf values")
     if getattr(tok, "chat_format", None) is None:     # prompts are chat turns (prompts.render_prompt)
         raise TrainError(f"{model_id}: its tokenizer has no chat template this code knows (ChatML, Llama-3 or "
                          f"Llama-2 turns): train.py fine-tunes chat models")

@@ -438,3 +438,18 @@ def test_an_iv_write_killed_midway_is_cleaned_by_the_next_write(tmp_path):
         p.write_text("a user's")
     save_iv(a, tmp_path / "opp.safetensors")
     assert not dead.exists() and all(p.read_text() == "a user's" for p in mine)
+
+
+def test_base_weights_with_nan_are_refused_before_training(env, tmp_path, capsys):
+    from ivft.load import read_safetensors
+    from safetensors.torch import save_file
+    m = model_copy(env, tmp_path)
+    sd = dict(read_safetensors(m / "model.safetensors"))
+    name = "model.layers.1.mlp.up_proj.weight"
+    sd[name] = sd[name].clone()
+    sd[name][0, 0] = float("inf")
+    save_file(sd, str(m / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "run"
+    args = base_args(env, out)
+    args[args.index("--model") + 1] = str(m)
+    assert expect_exit(args, capsys) == f"error: {m}: tensor {name} holds NaN or Inf values" and not out.exists()
