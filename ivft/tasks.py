@@ -139,6 +139,25 @@ def check_never_trained_on(train_tasks: list, general: list) -> None:
                             f"suite must hold tasks the run never trains on; drop it from --tasks or --general")
 
 
+def unspellable_note(task: Task, tok) -> str | None:
+    """A warning naming the characters of a task's text that the tokenizer cannot spell (no token
+    holds one of their bytes: the tokenizer writes U+FFFD in their place, so a model would be
+    trained and scored on the stand-in), or None when every character is spellable."""
+    spellable = getattr(tok, "_spellable", None)
+    if spellable is None:
+        return None
+    chars = set()
+    for ex in [*task.train, *task.test, *task.demos]:
+        for text in (ex.instruction, ex.input, ex.output, ex.knowledge_prompt, ex.knowledge_answer, *(ex.choices or [])):
+            chars.update(text or "")
+    missing = sorted(c for c in chars if not spellable(c))
+    if not missing:
+        return None
+    shown = ", ".join(f"U+{ord(c):04X}" for c in missing[:8]) + (" ..." if len(missing) > 8 else "")
+    return (f"warning: task {task.name!r}: {len(missing)} character(s) the tokenizer cannot spell ({shown}) "
+            f"become U+FFFD in its prompts and answers")
+
+
 # --- user formats -----------------------------------------------------------------------------
 
 def load_trace(path, test_fraction=0.2, seed=0) -> Task:

@@ -453,3 +453,14 @@ def test_base_weights_with_nan_are_refused_before_training(env, tmp_path, capsys
     args = base_args(env, out)
     args[args.index("--model") + 1] = str(m)
     assert expect_exit(args, capsys) == f"error: {m}: tensor {name} holds NaN or Inf values" and not out.exists()
+
+
+def test_characters_the_tokenizer_cannot_spell_are_named(smollm):
+    from ivft.tasks import Example, Task, unspellable_note
+    _, tok = smollm
+    plain = Task("t", "train", "exact_match", [Example("Say it.", "cat", "CAT")], [Example("Say it.", "dog", "DOG")])
+    assert unspellable_note(plain, tok) is None
+    odd = Task("t", "train", "exact_match", [Example("Say it.", "c\x04t", "C\x06T")], [Example("Say it.", "dog", "DOG")])
+    note = unspellable_note(odd, tok)
+    assert note.startswith("warning: task 't': 2 character(s)") and "U+0004, U+0006" in note
+    assert "\ufffd" in tok.decode(tok.encode("c\x04t"))          # what the note warns of
