@@ -261,6 +261,45 @@ def load_base_model(model_id: str | None, model_dtype: str, device):
     return model, tok
 
 
+def check_before_load(model_id: str | None, max_len: int, train_tasks: list, general: list,
+                      iv_dir: str | None = None) -> None:
+    """What can be refused before the model loads (one TrainError line each): a task both trained on
+    and in the general suite, a --max_len past the model's positions (its config.json alone is read),
+    an --iv_dir (given when the run uses IVs) that cannot take the IV files."""
+    from ivft.ivfile import check_outputs
+    from ivft.load import check_context, read_config_only
+    from ivft.tasks import TaskError, check_never_trained_on
+    try:
+        check_never_trained_on(train_tasks, general)
+        mc = read_config_only(model_id)
+        if mc is not None:
+            check_context(max_len, mc)
+    except (TaskError, LoadError) as e:
+        raise TrainError(str(e)) from None
+    if iv_dir is not None:
+        check_outputs(Path(iv_dir), True, "--iv_dir")
+
+
+def check_after_load(run: RunFiles, model, tok, max_len: int, train_tasks: list, general: list,
+                     resumed_from: Path | None) -> None:
+    """Once the base model is loaded, before a resumed run's weights go in: the sequence length
+    against its positions (a GGUF's config comes with its weights), the fingerprints of the data and
+    weights kept in run.inputs (and checked against the checkpoint resumed from), and a warning per
+    task with characters the tokenizer cannot spell."""
+    from ivft.load import check_context
+    from ivft.tasks import unspellable_note
+    try:
+        check_context(max_len, model.config)
+    except LoadError as e:
+        raise TrainError(str(e)) from None
+    run.inputs = input_fingerprints(train_tasks, general, model)
+    if resumed_from is not None:
+        check_resume_inputs(resumed_from, run.inputs)
+    for task in [*train_tasks, *general]:
+        if note := unspellable_note(task, tok):
+            print(note, file=sys.stderr)
+
+
 def is_run_base(name: str) -> bool:
     """Whether out_dir/name is something train.py writes: its start files, stage-j/ and last/
     checkpoints, summary.png."""
