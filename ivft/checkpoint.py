@@ -38,6 +38,7 @@ class RunFiles:
     fsdp: bool = False                # sharded: state dicts are gathered from every rank
     lora: lora.LoraSpec | None = None  # the adapters of the run, None for full fine-tuning
     inputs: dict | None = None        # input_fingerprints: stored in every checkpoint, compared on --resume
+    finish_marker: bool = False       # the run writes mark_finished last: its stage states say so (find_resume)
 
 
 class _Export:
@@ -364,9 +365,10 @@ def read_results(out_dir: Path) -> dict | None:
 
 
 def results_complete(res: dict | None, state: dict, n_tasks: int) -> bool:
-    """A run that ended before the marker existed counts as finished only when its results.json holds
-    what the end of the run writes: every task's training entry and every stage's report. (A kill
-    between the last checkpoint and the final write leaves the last task's entry out.)"""
+    """A run of code that wrote no marker counts as finished only when its results.json holds what
+    the end of the run writes: every task's training entry and every stage's report. (A kill between
+    the last checkpoint and the final write leaves the last task's entry out.) A run whose stage states
+    say it writes the marker (RunFiles.finish_marker) is finished by the marker alone."""
     return (res is not None and len(res.get("training", [])) == n_tasks
             and len(res.get("stages", [])) == len(state.get("stages", [])))
 
@@ -436,8 +438,10 @@ def find_resume(run: RunFiles, n_tasks: int, resume: bool, overwrite: bool, main
         raise TrainError(f"{ckpt / 'train_state.pt'}: records {state['stage_done']} task(s) done (step "
                          f"{state['step']}) of a run of {n_tasks}: not a checkpoint of this run")
     out.update(ckpt=ckpt, state=state)
-    if state["stage_done"] == n_tasks and state["step"] == 0 and results_complete(read_results(out_dir), state, n_tasks):
-        out["finished"] = finished_results(run, n_tasks, state)   # a run that ended before markers existed
+    # a run of code that wrote no marker: finished when its results.json holds what its end writes
+    if state["stage_done"] == n_tasks and state["step"] == 0 and not state.get("finish_marker") \
+            and results_complete(read_results(out_dir), state, n_tasks):
+        out["finished"] = finished_results(run, n_tasks, state)
     return out
 
 
@@ -519,7 +523,7 @@ def save_stage(run: RunFiles, model, tok, stage_done: int, stages: list, task_na
     checkpoint of this task is then behind and is removed, so that resume never picks it."""
     import shutil
     state = {"stage_done": stage_done, "step": 0, "rng": gather_objects(rng_state(), d), "stages": stages,
-             "training": training or [], "tasks": task_names, "version": 1}
+             "training": training or [], "tasks": task_names, "version": 1, "finish_marker": run.finish_marker}
     sd = full_state_dict(model, True) if run.fsdp else None
     path = run.out_dir / f"stage-{stage_done}"
     if d.main:
