@@ -478,6 +478,7 @@ def test_bad_inputs(env, tmp_path, capsys):
     # one unreadable training state: resume falls back to the checkpoint before it, says so, and
     # redoes the lost stage bit-exactly
     final = final_weights(out)
+    (out / "finished").unlink(missing_ok=True)     # as if cut before its end: resumable, not final
     state = out / "stage-2" / "train_state.pt"
     state.write_bytes(state.read_bytes()[:100])
     run_main([*args, "--resume"])
@@ -485,6 +486,7 @@ def test_bad_inputs(env, tmp_path, capsys):
     assert_same_weights(final_weights(out), final)
     # unreadable weights in the checkpoint to resume from: exit 2 naming the file, nothing changed
     shutil.rmtree(out / "stage-2")
+    (out / "finished").unlink(missing_ok=True)
     weights = out / "stage-1" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     before = tree_digest(out)
@@ -557,7 +559,7 @@ def test_leftovers_of_crashed_writers_are_cleaned(env, tmp_path, capsys):
     run_main([*args, "--resume"])
     err = capsys.readouterr().err
     assert "restored" in err and "removed stale" in err
-    names = {p.name for p in out.iterdir()}
+    names = {p.name for p in out.iterdir()} - {"finished"}         # the marker, once train.py writes it
     assert names == {"stage-1", "stage-2", "results.json", "log.txt", "train_config.json", live.name}, names
     ref = run_main(base_args(env, tmp_path / "ref", "--save_every", "2"))
     assert_same_weights(final_weights(out), final_weights(tmp_path / "ref"))
@@ -760,6 +762,7 @@ def test_resume_warns_when_the_code_changed(env, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "code_version", lambda: {"commit": "aaa", "diff": ""})
     run_main(base_args(env, out, "--max_steps", "2", "--save_every", "1"))
     shutil.rmtree(out / "stage-2")
+    (out / "finished").unlink(missing_ok=True)     # as if cut before its end: resumable, not final
     monkeypatch.setattr(train, "code_version", lambda: {"commit": "bbb", "diff": "123"})
     capsys.readouterr()
     run_main([*base_args(env, out, "--max_steps", "2", "--save_every", "1"), "--resume"])
