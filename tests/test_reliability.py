@@ -535,3 +535,20 @@ def test_wired_context_and_suite_checks_come_before_the_model_loads(env, tmp_pat
     assert "task 'again' is in the general suite and trained on (as 'a')" in \
         expect_exit([*base_args(env, out), "--general", str(copy)], capsys)
     assert not out.exists()
+
+
+def test_stage0_cache_key_holds_the_weights_and_config(env):
+    import evaluate
+    from ivft.load import load_model
+    from ivft.tasks import load_task
+    from test_train import tiny_model
+    model, _ = load_model(env["model"])
+    tasks, general = [load_task(p) for p in env["tasks"].split(",")], [load_task(env["general"])]
+    ev = evaluate.StageEval(2, 0)
+    key = evaluate.stage_cache_key(model, tasks, general, ev, torch.float32)
+    assert evaluate.stage_cache_key(model, tasks, general, evaluate.StageEval(2, 0, batch_size=7), torch.float32) == key
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+    assert evaluate.stage_cache_key(model, tasks, general, ev, torch.float32)["weights"] != key["weights"]
+    wider = tiny_model(hidden=48)
+    assert evaluate.stage_cache_key(wider, tasks, general, ev, torch.float32)["config"] != key["config"]
