@@ -174,6 +174,7 @@ def ours_to_gpt2(sd: dict, mc: ModelConfig) -> dict:
 def build_model(mc: ModelConfig, sd: dict, where: str, dtype=torch.float32, device="cpu") -> Transformer:
     """Check every tensor's name and shape against the config, then load without a second copy:
     the model is built on the meta device and the loaded tensors are assigned in place."""
+    check_config_sizes(mc, where)
     with torch.device("meta"):
         model = Transformer(mc)
     expected = model.state_dict()
@@ -290,6 +291,16 @@ def check_config_dict(d, where: str) -> dict:
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
             raise LoadError(f"{where}: config field {key!r} is {v!r:.40}; expected a finite number > 0")
     return d
+
+
+def check_config_sizes(mc: ModelConfig, where: str) -> None:
+    """The sizes of a built config (from config.json or GGUF metadata) within CONFIG_SIZES' limits,
+    before a model of that shape is built (10,000,000 meta-device layers take hours)."""
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        v, limit = getattr(mc, key), CONFIG_SIZES[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
+            raise LoadError(f"{where}: model size {key}={v!r:.40} is outside [1, {limit}]")
 
 
 def read_hf_config(path: Path) -> ModelConfig:

@@ -552,3 +552,13 @@ def test_stage0_cache_key_holds_the_weights_and_config(env):
     assert evaluate.stage_cache_key(model, tasks, general, ev, torch.float32)["weights"] != key["weights"]
     wider = tiny_model(hidden=48)
     assert evaluate.stage_cache_key(wider, tasks, general, ev, torch.float32)["config"] != key["config"]
+
+
+def test_absurd_sizes_from_any_source_are_refused_before_building():
+    # GGUF metadata is not config.json: build_model checks the sizes of whatever config it gets
+    from dataclasses import replace
+    from ivft.load import LoadError, build_model
+    from test_train import tiny_model
+    mc = replace(tiny_model().config, num_hidden_layers=10_000_000)
+    with pytest.raises(LoadError, match=r"^x\.gguf: model size num_hidden_layers=10000000 is outside \[1, 1024\]"):
+        build_model(mc, {}, "x.gguf")
