@@ -266,6 +266,11 @@ class RunLock:
                 pass
             os.close(fd)
         self.found = _read_fd(fd).strip() or None
+        if self.found and not re.match(r"\d+ \S+", self.found):     # a file of that name that is not a lock
+            os.close(fd)                                            # of ours: neither rewritten nor removed
+            self._remove_made()
+            raise TrainError(f"{self.path} exists and is not a run lock (it says {self.found[:40]!r}): "
+                             f"choose another folder")
         text = f"{os.getpid()} {socket.gethostname()}" + (f" {self.note}" if self.note else "") + "\n"
         try:
             os.ftruncate(fd, 0)

@@ -562,3 +562,13 @@ def test_absurd_sizes_from_any_source_are_refused_before_building():
     mc = replace(tiny_model().config, num_hidden_layers=10_000_000)
     with pytest.raises(LoadError, match=r"^x\.gguf: model size num_hidden_layers=10000000 is outside \[1, 1024\]"):
         build_model(mc, {}, "x.gguf")
+
+
+def test_a_users_file_named_run_lock_is_neither_rewritten_nor_removed(env, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "run.lock").write_text("my notes about locks\n")
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        msg = expect_exit(base_args(env, out, *extra), capsys)
+        assert "run.lock exists and is not a run lock" in msg, msg
+        assert (out / "run.lock").read_text() == "my notes about locks\n" and len(list(out.iterdir())) == 1
