@@ -380,13 +380,29 @@ def evaluate_stage(model, tok, train_tasks, general, ev: StageEval, label: str, 
     return report
 
 
-def record_stage(results: dict, report: dict, train_tasks, general):
-    """Append a stage report to a run's results, recompute the CL metrics and print the tables."""
-    results["stages"].append(report)
+def run_results(settings: dict, state: dict | None, train_tasks, general) -> dict:
+    """A run's results.json: empty for a fresh start; a resumed run's stage reports and training
+    terms from its checkpoint's state, with the CL metrics recomputed from them."""
+    results = {"config": settings, "stages": [], "metrics": {}, "training": []}
+    if state is not None:
+        results.update(stages=state["stages"], training=state.get("training", []))
+        update_metrics(results, train_tasks, general)
+    return results
+
+
+def update_metrics(results: dict, train_tasks, general):
+    """results["metrics"] and results["cl"] from the stage reports so far (none before stage 1)."""
     cl = cl_metrics(results["stages"], [t.name for t in train_tasks], [t.name for t in general]) \
         if len(results["stages"]) > 1 else {}
     results["metrics"] = {k: cl.get(k) for k in ("AP", "BWT", "FWT", "GP_drop", "IP_drop")} if cl else {}
     results["cl"] = cl
+
+
+def record_stage(results: dict, report: dict, train_tasks, general):
+    """Append a stage report to a run's results, recompute the CL metrics and print the tables."""
+    results["stages"].append(report)
+    update_metrics(results, train_tasks, general)
+    cl = results["cl"]
     print(f"\n== {report['model']} ==")
     print_table(report, METRICS)
     if cl:

@@ -476,10 +476,11 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
     train_tasks = load_task_list(cfg["tasks"], "default_sequence", "training")
     general = load_task_list(cfg["general"], "general_suite", "general")
     guidance = Guidance.from_flags(cfg, train_iv=cfg["guided"] or cfg["iv_alpha0"] > 0)
+    ckpt.check_before_load(cfg["model"], cfg["max_len"], train_tasks, general,   # from config.json alone
+                           cfg["iv_dir"] if guidance.uses_iv() else None)
     amp_dtype = resolve_amp(cfg["dtype"], d.device)
     spec = lora_spec(cfg)             # None: full fine-tuning
-    run = ckpt.RunFiles(out_dir, cfg, cfg["model"], cfg["fsdp"], spec)
-    stage_eval = evaluate.StageEval(cfg["eval_n"], cfg["eval_k_shot"], cfg["eval_batch"], cfg["eval_metrics"])
+    run = ckpt.RunFiles(out_dir, cfg, cfg["model"], cfg["fsdp"], spec, finish_marker=True)
     evaluate.read_stage_cache(cfg["stage0_cache"])       # a bad file fails now, not after stage 0
     start = ckpt.find_resume(run, len(train_tasks), cfg["resume"], cfg["overwrite"], d.main, d)
     if start["finished"] is not None:
@@ -487,6 +488,7 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
     model, tok = ckpt.load_base_model(cfg["model"], cfg["model_dtype"], d.device, spec and spec.targets,
                                       cfg["chat_template"])
     model.grad_checkpointing = cfg["grad_checkpointing"]     # recompute each block in the backward
+    ckpt.check_after_load(run, model, tok, cfg["max_len"], train_tasks, general, start["ckpt"])
     encoded = [encode_task(tok, t, i, cfg["max_len"], cfg["max_train"], free=cfg["free_kl_weight"] > 0)
                for i, t in enumerate(train_tasks)]
     # IVs come from the model before any training: extracted (or loaded) before a resumed run's weights
@@ -496,8 +498,7 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
     # ---- resume: the weights, results and (below) RNG of the newest checkpoint, in one place --------
     state = start["state"]           # None: a fresh start
     start_stage, start_step = (state["stage_done"], state["step"]) if state is not None else (0, 0)
-    results = {"config": cfg, "stages": state["stages"] if state else [], "metrics": {},
-               "training": state.get("training", []) if state else []}
+    results = evaluate.run_results(cfg, state, train_tasks, general)
     if state is not None:
         ckpt.restore_model(model, start["ckpt"], state, spec, out_dir)
 
@@ -505,10 +506,9 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
     ckpt.start_out_dir(run, clear=(cfg["overwrite"] and not cfg["resume"]) or start["early_death"], d=d)
     log = Logger(out_dir, d.main, cfg["wandb_project"] if cfg["wandb"] else None, cfg)
     if d.main:
-        log.config(cfg)
-        for n, (v, l, _) in ivs.items():
-            log.line(f"IV {n}: layer {l}, norm {v.norm():.3f}")
+        log.config(cfg, [f"IV {n}: layer {l}, norm {v.norm():.3f}" for n, (v, l, _) in ivs.items()])
 
+    stage_eval = evaluate.StageEval(cfg["eval_n"], cfg["eval_k_shot"], cfg["eval_batch"], cfg["eval_metrics"])
     evaluate_and_record = functools.partial(evaluate_stage, model, tok, train_tasks, general, stage_eval,
                                             amp_dtype, results, out_dir, d, cfg["fsdp"])
 
@@ -542,10 +542,11 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
             write_json(out_dir / "results.json", results)
             log.line(f"task {j + 1}/{len(train_tasks)} {task.name} done: saved {path}")
         barrier(d)
-        model.train()
 
     if d.main:
+        write_json(out_dir / "results.json", results)     # (a resume after the last stage writes it here)
         log.final(results, out_dir)     # metrics, a summary in plain words, summary.png
+        ckpt.mark_finished(out_dir, [t.name for t in train_tasks])     # the last write: the run is final
     barrier(d)
     return results
 

@@ -33,13 +33,23 @@ def row(results: dict) -> dict:
 
 
 def load(run_dir: Path) -> dict:
+    """A run's results.json, checked to be one (a JSON object whose "cl" is an object, "stages" a
+    list) and to give its table row: any other JSON (a list, a string) is one ValueError naming it."""
     path = run_dir / "results.json"
     try:
-        return json.loads(path.read_text())
+        res = json.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file (is {run_dir} a train.py out_dir?)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a results file ({type(e).__name__})") from None
+    if not isinstance(res, dict) or not isinstance(res.get("cl") or {}, dict) \
+            or not isinstance(res.get("stages", []), list):
+        raise ValueError(f"{path}: not a results file (expected train.py's JSON object, got {type(res).__name__})")
+    try:
+        row(res)
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        raise ValueError(f"{path}: not a results file (its 'cl' is damaged: {type(e).__name__} {e})") from None
+    return res
 
 
 def plot(runs: dict, path: Path) -> str | None:

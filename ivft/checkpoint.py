@@ -32,9 +32,11 @@ from ivft import lora
 from ivft.config import RESUME_FREE, RUN_START_FILES
 from ivft.dist import barrier, full_state_dict, gather_objects
 from ivft.errors import LoadError, TrainError
-from ivft.files import clean_leftovers
-from ivft.load import load_hf_dir, load_model, read_safetensors, save_hf
+from ivft.files import clean_leftovers, leftover_target
+from ivft.ivfile import check_outputs
+from ivft.load import check_context, load_hf_dir, load_model, read_config_only, read_safetensors, save_hf
 from ivft.runtime import write_json
+from ivft.tasks import TaskError, check_never_trained_on, unspellable_note
 from model import Transformer
 
 
@@ -49,6 +51,8 @@ class RunFiles:
     model_id: str | None = None       # the base model (--model), named in the LoRA adapter config
     fsdp: bool = False                # sharded: state dicts are gathered from every rank
     lora: lora.LoraSpec | None = None  # the adapters of the run, None for full fine-tuning
+    inputs: dict | None = None        # input_fingerprints: stored in every checkpoint, compared on --resume
+    finish_marker: bool = False       # the run writes mark_finished last: its stage states say so (find_resume)
 
 
 class _Export:
@@ -70,6 +74,8 @@ def save_checkpoint(path: Path, model: Transformer, tok, run: RunFiles, state: d
     buf = io.BytesIO()
     torch.save(state, buf)
     extra = {"train_state.pt": buf.getvalue(), "train_config.json": run.settings}
+    if run.inputs is not None:
+        extra[INPUTS_FILE] = run.inputs
     if lora.lora_layers(model):
         sd, adapters = lora.split_state_dict(sd, lora.scale_of(model))   # every adapter merged in
         if adapters:    # a current adapter; between tasks of the merge policy only merged weights
@@ -146,11 +152,35 @@ def adapters_from_peft(sd: dict, mc, targets, r: int) -> dict:
 
 
 def read_state(path: Path) -> dict:
+    """A checkpoint's training state, checked to hold what resuming reads (check_state)."""
     try:
-        return torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file raises many kinds of errors
         raise TrainError(f"{path / 'train_state.pt'}: corrupt or unreadable training state "
                          f"({type(e).__name__})") from None
+    check_state(state, path / "train_state.pt")
+    return state
+
+
+def check_state(state, where) -> None:
+    """The fields resuming reads, of the types save_mid_task / save_stage write: a state missing one
+    is refused here, in one line, instead of a KeyError halfway through restoring."""
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    if not isinstance(state, dict):
+        raise TrainError(f"{where}: not a training state (got {type(state).__name__})")
+    for key, ok, what in (("stage_done", whole, "a whole number >= 0"), ("step", whole, "a whole number >= 0"),
+                          ("stages", lambda v: isinstance(v, list), "a list"),
+                          ("rng", lambda v: isinstance(v, list) and v and all(isinstance(r, dict) for r in v),
+                           "a non-empty list of RNG states"),
+                          ("training", lambda v: isinstance(v, list), "a list")):
+        if key == "training" and key not in state:
+            continue       # older states
+        if key not in state or not ok(state[key]):
+            raise TrainError(f"{where}: training state field {key!r} is "
+                             f"{'missing' if key not in state else 'not ' + what}")
+    if state["step"] > 0 and not isinstance(state.get("optimizer"), dict):
+        raise TrainError(f"{where}: a mid-task training state without its optimizer state")
 
 
 def newest_checkpoint(out_dir: Path, notes: list | None = None) -> Path | None:
@@ -230,6 +260,45 @@ def check_resume_config(ckpt: Path, settings: dict):
               f"{settings.get('code')}): the resumed run is not one version's", file=sys.stderr)
 
 
+INPUTS_FILE = "run_inputs.json"     # in a checkpoint: the fingerprints of the data and base model it came from
+
+
+def input_fingerprints(train_tasks, general, model) -> dict:
+    """What a run's numbers depend on besides its flags, by content: every task's data
+    (ivfile.task_fingerprint) and the base model's weights and config. Taken from the model as
+    loaded, before a resumed run's weights go in."""
+    from ivft.ivfile import config_hash, task_fingerprint, weight_fingerprint
+    return {"tasks": {t.name: task_fingerprint(t) for t in train_tasks},
+            "general": {t.name: task_fingerprint(t) for t in general},
+            "weights": weight_fingerprint(model), "config": config_hash(model)}
+
+
+def check_resume_inputs(ckpt: Path, inputs: dict):
+    """A resumed run must see the data and base model its checkpoint was made from: the same flags
+    over edited task files or replaced weights at the same path would splice two runs. One line
+    naming what changed. A checkpoint without the record (older code) is resumed with a warning."""
+    path = ckpt / INPUTS_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        print(f"warning: --resume: {ckpt} records no fingerprints of its task data and base model "
+              f"(older code): their changes cannot be checked", file=sys.stderr)
+        return
+    except (OSError, ValueError) as e:
+        raise TrainError(f"{path}: unreadable ({type(e).__name__})") from None
+    if not isinstance(saved, dict):
+        raise TrainError(f"{path}: not a record of fingerprints (a JSON object)")
+    changed = []
+    for group, what in (("tasks", "training task"), ("general", "general task")):
+        then, now = saved.get(group) or {}, inputs.get(group) or {}
+        changed += [f"the data of {what} {n!r}" for n in now if n in then and then[n] != now[n]]
+    if saved.get("weights") != inputs.get("weights") or saved.get("config") != inputs.get("config"):
+        changed.append("the base model's " + ("weights" if saved.get("config") == inputs.get("config") else "config"))
+    if changed:
+        raise TrainError(f"--resume: {', '.join(changed)} changed since {ckpt} was written; resume with "
+                         f"the same data and model, or start afresh with --overwrite")
+
+
 def restore_model(model, ckpt: Path, state: dict, spec: lora.LoraSpec | None, out_dir: Path):
     """Put the weights of checkpoint `ckpt` into `model` (which holds the original weights).
     Full fine-tuning: the checkpoint's weights. LoRA: the original weights stay (the references are
@@ -291,21 +360,68 @@ def load_base_model(model_id: str | None, model_dtype: str, device, lora_targets
         raise TrainError(str(e)) from None
     if tok is None:
         raise TrainError(f"{model_id}: no tokenizer files next to the weights")
+    # weights with NaN / Inf would only show as "loss is nan ... try a lower --lr" after stage 0
+    bad = next((name for name, t in model.state_dict().items()
+                if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise TrainError(f"{model_id or 'the embedded model'}: tensor {bad} holds NaN or Inf values")
+    if getattr(tok, "chat_format", None) is None:     # prompts are chat turns (prompts.render_prompt)
+        raise TrainError(f"{model_id}: its tokenizer has no chat template this code knows (ChatML, Llama-3 or "
+                         f"Llama-2 turns): train.py fine-tunes chat models")
     return model, tok
 
 
-def is_run_file(name: str) -> bool:
+def check_before_load(model_id: str | None, max_len: int, train_tasks: list, general: list,
+                      iv_dir: str | None = None) -> None:
+    """What can be refused before the model loads (one TrainError line each): a task both trained on
+    and in the general suite, a --max_len past the model's positions (its config.json alone is read),
+    an --iv_dir (given when the run uses IVs) that cannot take the IV files."""
+    try:
+        check_never_trained_on(train_tasks, general)
+        mc = read_config_only(model_id)
+        if mc is not None:
+            check_context(max_len, mc)
+    except (TaskError, LoadError) as e:
+        raise TrainError(str(e)) from None
+    if iv_dir is not None:
+        check_outputs(Path(iv_dir), True, "--iv_dir")
+
+
+def check_after_load(run: RunFiles, model, tok, max_len: int, train_tasks: list, general: list,
+                     resumed_from: Path | None) -> None:
+    """Once the base model is loaded, before a resumed run's weights go in: the sequence length
+    against its positions (a GGUF's config comes with its weights), the fingerprints of the data and
+    weights kept in run.inputs (and checked against the checkpoint resumed from), and a warning per
+    task with characters the tokenizer cannot spell."""
+    try:
+        check_context(max_len, model.config)
+    except LoadError as e:
+        raise TrainError(str(e)) from None
+    run.inputs = input_fingerprints(train_tasks, general, model)
+    if resumed_from is not None:
+        check_resume_inputs(resumed_from, run.inputs)
+    for task in [*train_tasks, *general]:
+        if note := unspellable_note(task, tok):
+            print(note, file=sys.stderr)
+
+
+def is_run_base(name: str) -> bool:
     """Whether out_dir/name is something train.py writes: its start files, stage-j/ and last/
-    checkpoints, or a temporary / swapped-out copy of one of those (ivft/files.py names them)."""
-    m = re.match(r"^\.(.+)\.(?:tmp|old)-", name)
-    base = m.group(1) if m else name
-    return base in RUN_START_FILES | {"last", "summary.png"} or re.fullmatch(r"stage-\d+", base) is not None
+    checkpoints, summary.png."""
+    return name in RUN_START_FILES | {"last", "summary.png", FINISHED} or re.fullmatch(r"stage-\d+", name) is not None
+
+
+def is_run_file(name: str) -> bool:
+    """is_run_base, or a temporary / swapped-out copy of one of those named exactly as ivft/files.py
+    names them (with a writer's pid and start token): `.results.json.tmp-mine` is not a run's."""
+    return is_run_base(leftover_target(name) or name)
 
 
 def started_here(out_dir: Path, entries: set) -> bool:
-    """Whether a folder of start files was begun by train.py: its train_config.json (the first file a
-    run writes, after run.lock) reads as a run's flags. A results.json or log.txt alone is not ours."""
-    if not entries or {"stage-1", "last"} & entries:    # nothing yet, or checkpoints
+    """Whether a folder was begun by train.py: empty, or its train_config.json (the first file a run
+    writes, after run.lock) reads as a run's flags. Files named like a run's (results.json, log.txt,
+    even stage-1/) without it are not proof: --overwrite never deletes on a name alone."""
+    if not entries:
         return True
     try:
         saved = json.loads((out_dir / "train_config.json").read_text())
@@ -314,51 +430,132 @@ def started_here(out_dir: Path, entries: set) -> bool:
     return isinstance(saved, dict) and {"preset", "tasks", "out_dir"} <= set(saved)
 
 
+# ---------------------------------------------------------------------------------------------
+# "Finished" is a marker written last, atomically, after everything a run produces (results.json,
+# summary.png): a run killed anywhere before it is not finished, and --resume completes it.
+
+FINISHED = "finished"
+
+
+def mark_finished(out_dir: Path, task_names: list) -> None:
+    """The last write of a run (train.py, after results.json and summary.png)."""
+    write_json(Path(out_dir) / FINISHED, {"finished": True, "tasks": list(task_names)})
+
+
+def read_finished(out_dir: Path) -> dict | None:
+    """The marker of a finished run, or None (absent, or not one this code writes)."""
+    try:
+        marker = json.loads((Path(out_dir) / FINISHED).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("finished") is True else None
+
+
+def read_results(out_dir: Path) -> dict | None:
+    """out_dir/results.json as a dict, None when absent; one line naming it when unreadable."""
+    path = Path(out_dir) / "results.json"
+    if not path.exists():
+        return None
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TrainError(f"{path}: unreadable ({type(e).__name__}); nothing changed (move it aside to go "
+                         f"on: the checkpoints hold the run's stages)") from None
+    if not isinstance(res, dict) or not isinstance(res.get("stages", []), list) \
+            or not isinstance(res.get("training", []), list):
+        raise TrainError(f"{path}: not a run's results (a JSON object with lists 'stages' and 'training')")
+    return res
+
+
+def results_complete(res: dict | None, state: dict, n_tasks: int) -> bool:
+    """A run of code that wrote no marker counts as finished only when its results.json holds what
+    the end of the run writes: every task's training entry and every stage's report. (A kill between
+    the last checkpoint and the final write leaves the last task's entry out.) A run whose stage states
+    say it writes the marker (RunFiles.finish_marker) is finished by the marker alone."""
+    return (res is not None and len(res.get("training", [])) == n_tasks
+            and len(res.get("stages", [])) == len(state.get("stages", [])))
+
+
+def trained_before(out_dir: Path) -> bool:
+    """Whether results.json records any trained stage (or cannot be read): then the folder is not
+    what a start that died early leaves, even without checkpoints (a user may delete those)."""
+    try:
+        res = read_results(out_dir)
+    except TrainError:
+        return True
+    return res is not None and (len(res.get("training", [])) > 0 or len(res.get("stages", [])) > 1)
+
+
+def run_entries(out_dir: Path) -> set:
+    """The names in out_dir but run.lock (this run's own lock: train.py holds it while it runs)."""
+    return {p.name for p in out_dir.iterdir()} - {"run.lock"} if out_dir.is_dir() else set()
+
+
 def find_resume(run: RunFiles, n_tasks: int, resume: bool, overwrite: bool, main: bool, d) -> dict:
     """Decide, before anything is written, where the run starts. -> {"ckpt": Path or None,
     "state": its training state or None, "early_death": out_dir holds only what a start that died
     wrote, "finished": results of a finished run to return untouched, else None}. Raises TrainError
     for an out_dir that holds another run (without --resume / --overwrite) or no usable checkpoint."""
     out_dir = run.out_dir
-    notes = clean_leftovers(out_dir) if main else []    # before looking for checkpoints: a swap
-    barrier(d)                                          # cut short may have to be moved back
-    # run.lock: this run's own lock (train.py holds it while it runs)
-    entries = {p.name for p in out_dir.iterdir()} - {"run.lock"} if out_dir.is_dir() else set()
+    entries = run_entries(out_dir)
     # a folder holding anything a run does not write is someone else's: never taken over, not even
-    # with --overwrite (which replaces only a run's own files)
+    # with --overwrite (which replaces only a run's own files), and nothing in it is touched
     ours = started_here(out_dir, entries)
-    foreign = sorted(n for n in entries if not is_run_file(n) or not ours)
+    own = {"wandb"} if run.settings.get("wandb") else set()     # wandb.init(dir=out_dir) writes out_dir/wandb
+    foreign = sorted(n for n in entries if not (is_run_file(n) or n in own) or not ours)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise TrainError(f"{out_dir} holds files that are not a run's ({shown}): choose another --out_dir "
                          f"(a run never takes over such a folder, with or without --overwrite)")
-    out = {"ckpt": None, "state": None, "finished": None, "early_death": bool(entries) and entries <= RUN_START_FILES}
-    # training states are read (they hold the optimizer: large) only when resuming
-    ckpt = newest_checkpoint(out_dir, notes) if resume and out_dir.is_dir() else None
-    for line in notes:
+    # only now, in a folder known to be a run's, and only the run's own names: before looking for
+    # checkpoints, since a swap cut short may have to be moved back
+    for line in clean_leftovers(out_dir, ours=is_run_base) if main else []:
         print(line, file=sys.stderr)
+    barrier(d)
+    entries = run_entries(out_dir)
+    marker = read_finished(out_dir)
+    early = bool(entries) and entries - own <= RUN_START_FILES and marker is None and not trained_before(out_dir)
+    out = {"ckpt": None, "state": None, "finished": None, "early_death": early}
     if not resume:
-        if entries and not out["early_death"] and not overwrite:
+        if entries and not early and not overwrite:
             shown = ", ".join(sorted(entries)[:6])
             raise TrainError(f"{out_dir} already holds a run ({shown}): pass --resume to continue it or "
                              f"--overwrite to start it afresh")
         return out
-    if ckpt is None and entries and not out["early_death"]:
+    if marker is not None:
+        check_resume_config(out_dir, run.settings)
+        return {**out, "finished": finished_results(run, n_tasks, None)}
+    # training states are read (they hold the optimizer: large) only when resuming
+    notes = []
+    ckpt = newest_checkpoint(out_dir, notes) if out_dir.is_dir() else None
+    if ckpt is None and entries and not early:      # one line: the note of the last one skipped is in it
         raise TrainError(f"--resume: no readable checkpoint in {out_dir}" + (f" ({notes[-1]})" if notes else ""))
+    for line in notes:
+        print(line, file=sys.stderr)
     if ckpt is None:
         print(f"--resume: no checkpoint in {out_dir} yet: starting from the beginning", file=sys.stderr)
         return out
     check_resume_config(ckpt, run.settings)
     state = read_state(ckpt)
+    if state["stage_done"] > n_tasks or (state["stage_done"] == n_tasks and state["step"] > 0):
+        raise TrainError(f"{ckpt / 'train_state.pt'}: records {state['stage_done']} task(s) done (step "
+                         f"{state['step']}) of a run of {n_tasks}: not a checkpoint of this run")
     out.update(ckpt=ckpt, state=state)
-    if state["stage_done"] == n_tasks and state["step"] == 0:
-        # a finished run is left exactly as it is
-        print(f"{out_dir}: this run is finished ({n_tasks} tasks); nothing to resume, nothing changed. "
-              f"Results: {out_dir / 'results.json'}", file=sys.stderr)
-        res = out_dir / "results.json"
-        out["finished"] = json.loads(res.read_text()) if res.is_file() else {"config": run.settings,
-                                                                              "stages": state["stages"]}
+    # a run of code that wrote no marker: finished when its results.json holds what its end writes
+    if state["stage_done"] == n_tasks and state["step"] == 0 and not state.get("finish_marker") \
+            and results_complete(read_results(out_dir), state, n_tasks):
+        out["finished"] = finished_results(run, n_tasks, state)
     return out
+
+
+def finished_results(run: RunFiles, n_tasks: int, state: dict | None) -> dict:
+    """The results of a finished run, returned untouched (nothing in out_dir changes)."""
+    res = read_results(run.out_dir)
+    print(f"{run.out_dir}: this run is finished ({n_tasks} tasks); nothing to resume, nothing changed. "
+          f"Results: {run.out_dir / 'results.json'}", file=sys.stderr)
+    if res is None:
+        return {"config": run.settings, "stages": state["stages"] if state else [], "metrics": {}}
+    return res
 
 
 def start_out_dir(run: RunFiles, clear: bool, d):
@@ -367,6 +564,8 @@ def start_out_dir(run: RunFiles, clear: bool, d):
     out_dir = run.out_dir
     if d.main:
         if clear and out_dir.is_dir():
+            # the marker first: a clearing cut short must not leave a folder that reads as finished
+            (out_dir / FINISHED).unlink(missing_ok=True)
             # what a run writes (is_run_file), but the lock this run holds and the flags it rewrites now
             for p in [p for p in out_dir.iterdir() if is_run_file(p.name)
                       and p.name not in ("run.lock", "train_config.json")]:
@@ -388,6 +587,20 @@ def load_optimizer(opt, state: dict, fsdp: bool, module):
         raise TrainError(f"optimizer state does not fit the model ({e})") from None
 
 
+def check_lock(out_dir: Path) -> None:
+    """Before a checkpoint is written: out_dir/run.lock must still be this process's. Deleting out_dir
+    under a running train.py deletes the lock with it, and a second writer could then start there:
+    the first one stops instead of writing into a folder it no longer holds."""
+    import os
+    try:
+        holder = (out_dir / "run.lock").read_text().split()
+    except OSError:
+        holder = []
+    if holder[:1] != [str(os.getpid())]:
+        raise TrainError(f"{out_dir / 'run.lock'} is gone or another process's: {out_dir} was removed or "
+                         f"replaced while this run was writing to it; stopped without saving")
+
+
 def save_mid_task(run: RunFiles, model, tok, opt, module, stage_done: int, step: int, rng: dict, stages: list, d,
                   training: list | None = None, term_log: list | None = None):
     """The resumable checkpoint out_dir/last: weights, optimizer, step, RNG of every rank, results.
@@ -403,6 +616,7 @@ def save_mid_task(run: RunFiles, model, tok, opt, module, stage_done: int, step:
     state = {"stage_done": stage_done, "step": step, "optimizer": optim, "rng": gather_objects(rng, d),
              "stages": stages, "training": training or [], "term_log": term_log or [], "version": 1}
     if d.main:
+        check_lock(run.out_dir)
         save_checkpoint(run.out_dir / "last", model, tok, run, state, sd)
     barrier(d)
 
@@ -412,10 +626,11 @@ def save_stage(run: RunFiles, model, tok, stage_done: int, stages: list, task_na
     """out_dir/stage-j after task j (no optimizer: the next task starts a fresh one). The mid-task
     checkpoint of this task is then behind and is removed, so that resume never picks it."""
     state = {"stage_done": stage_done, "step": 0, "rng": gather_objects(rng_state(), d), "stages": stages,
-             "training": training or [], "tasks": task_names, "version": 1}
+             "training": training or [], "tasks": task_names, "version": 1, "finish_marker": run.finish_marker}
     sd = full_state_dict(model, True) if run.fsdp else None
     path = run.out_dir / f"stage-{stage_done}"
     if d.main:
+        check_lock(run.out_dir)
         save_checkpoint(path, model, tok, run, state, sd)
         shutil.rmtree(run.out_dir / "last", ignore_errors=True)
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from ivft import lora
 from ivft.files import check_writable
@@ -109,6 +110,15 @@ def check_flags(cfg: dict) -> dict:
         (cfg["iv_norm_ratio"] >= 0, f"--iv_norm_ratio {cfg['iv_norm_ratio']}: must be >= 0"),
         (all(cfg[k] is None or cfg[k] >= 1 for k in ("iv_n_clean", "iv_n_corrupt", "iv_top_k")),
          "--iv_n_clean, --iv_n_corrupt and --iv_top_k must be >= 1"),
+        (cfg["lora_alpha"] > 0, f"--lora_alpha {cfg['lora_alpha']}: must be > 0 (at 0 the adapters change nothing)"),
+        (betas_in_range(cfg["betas"]), f"--betas {cfg['betas']}: expected two numbers in [0, 1), e.g. 0.9,0.999"),
+        (cfg["max_len"] <= MAX_LEN, f"--max_len {cfg['max_len']}: must be <= {MAX_LEN} (the model's context is "
+                                    f"checked too, once its config is read)"),
+        (cfg["stage0_cache"] is None or not inside(cfg["stage0_cache"], cfg["out_dir"]),
+         f"--stage0_cache {cfg['stage0_cache']}: must be outside --out_dir (a run folder holds only the "
+         f"run's own files, or it cannot be resumed)"),
+        (not spelled_in_both(cfg["tasks"], cfg["general"]), f"task(s) {', '.join(spelled_in_both(cfg['tasks'], cfg['general']))} "
+         f"in both --tasks and --general: the general suite must be tasks the run never trains on"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -151,3 +161,31 @@ def check_launch(cfg: dict, world: int):
         check_writable(cfg["out_dir"])
     except OSError as e:
         raise TrainError(f"--out_dir {cfg['out_dir']}: {e}") from None
+
+
+# ---- helpers of check_flags' checks ----------------------------------------------------------
+
+MAX_LEN = 1 << 17     # --max_len above every context this code loads (128K): a typo, not a setting
+
+
+def betas_in_range(text: str) -> bool:
+    """--betas: two finite numbers in [0, 1) (AdamW's own check comes only after stage 0)."""
+    try:
+        betas = [float(x) for x in str(text).split(",")]
+    except ValueError:
+        return False
+    return len(betas) == 2 and all(0 <= b < 1 for b in betas)      # NaN fails every comparison
+
+
+def spelled_in_both(tasks: str | None, general: str | None) -> list[str]:
+    """Entries given in both --tasks and --general, as spelled (loaded tasks are compared by name and
+    content in tasks.check_never_trained_on)."""
+    def entries(spec):
+        return {x.strip() for x in (spec or "").split(",") if x.strip()}
+    return sorted(entries(tasks) & entries(general))
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether `path` is in `folder` or below it (paths as given, made absolute; no file is read)."""
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return os.path.commonpath([path, folder]) == folder

@@ -2,10 +2,11 @@
 swap that puts a finished directory in place, the clean-up of what a killed writer left, and the
 lock that keeps a second writer out of a run folder.
 
-Every temporary is named `.<target>.tmp-<owner>...` (a swapped-out directory `.<target>.old-<owner>`),
-where <owner> is `<pid>-S<token>`: the token fingerprints the process's start (owner_tag), so a
-later run tells a crashed writer's leftovers from a live one's even when the pid has since been
-given to another process (clean_leftovers). Names with a bare `<pid>` come from older code.
+Every temporary is named `.<target>.tmp-<owner>-<random>` (a swapped-out directory
+`.<target>.old-<owner>`), where <owner> is `<pid>-S<token>`: the token fingerprints the process's
+start (owner_tag), so a later run tells a crashed writer's leftovers from a live one's even when the
+pid has since been given to another process (clean_leftovers). Only names of exactly this form are
+ever taken for leftovers: a user's `.draft.tmp-final` or `.notes.old-2023` is never touched.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import tempfile
@@ -104,13 +106,13 @@ _OWN_TOKEN: dict[int, str | None] = {}     # by pid: a forked child computes its
 
 
 def owner_tag() -> str:
-    """`<pid>-S<token>` of this process (`<pid>` where /proc is absent): the owner part of the name
-    of every temporary and swapped-out copy. 'S' is not in mkstemp's alphabet, so a bare-pid name
-    of older code followed by mkstemp's random letters never reads as a token."""
+    """`<pid>-S<token>` of this process: the owner part of the name of every temporary and
+    swapped-out copy."""
     pid = os.getpid()
     if pid not in _OWN_TOKEN:
-        _OWN_TOKEN[pid] = _start_token(pid)
-    return f"{pid}-S{_OWN_TOKEN[pid]}" if _OWN_TOKEN[pid] else str(pid)
+        # without /proc a random token still makes the name ours alone (liveness then goes by the pid)
+        _OWN_TOKEN[pid] = _start_token(pid) or secrets.token_hex(4)
+    return f"{pid}-S{_OWN_TOKEN[pid]}"
 
 
 def temp_prefix(target_name: str) -> str:
@@ -118,7 +120,15 @@ def temp_prefix(target_name: str) -> str:
     return f".{target_name}.tmp-{owner_tag()}-"
 
 
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)(?:-S(?P<token>[0-9a-f]{8}))?)?")
+# exactly the names temp_prefix + mkstemp / mkdtemp (a random tail) and replace_dir (none) make
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp-(?P<pid>\d+)-S(?P<token>[0-9a-f]{8})-[A-Za-z0-9_]+"
+                       r"|(?P<old>old)-(?P<opid>\d+)-S(?P<otoken>[0-9a-f]{8}))")
+
+
+def leftover_target(name: str) -> str | None:
+    """The target of a temporary or swapped-out copy named `name` by this code, else None."""
+    m = _LEFTOVER.fullmatch(name)
+    return m["name"] if m else None
 
 
 def _alive(pid: int) -> bool:
@@ -133,35 +143,39 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _owner_alive(pid: int, token: str | None) -> bool:
+def _owner_alive(pid: int, token: str) -> bool:
     """Is the process that wrote a leftover named with (pid, token) still running?"""
-    now = _start_token(pid) if token is not None else None
-    if now is None:     # a bare pid (older code), no such process, or no /proc here: kill(pid, 0) decides
+    now = _start_token(pid)
+    if now is None:     # no such process, or no /proc here: kill(pid, 0) decides
         return _alive(pid)
     return now == token          # another start time: the pid was given to a new process since
 
 
-def clean_leftovers(folder) -> list[str]:
+def clean_leftovers(folder, ours=None) -> list[str]:
     """Remove what crashed writers of save_hf / replace_dir / atomic JSON writes left in `folder`:
-    temporaries `.<name>.tmp-<owner>...` and swapped-out copies `.<name>.old-<owner>` whose process
-    is gone, also when its pid now belongs to another process (the owner's start token differs; see
-    owner_tag). A name without a pid is from an older version of this code, and also stale. A swapped-out
-    copy whose replacement never arrived is the only complete one: it is moved back, not deleted.
-    -> one line per thing done."""
+    temporaries `.<name>.tmp-<owner>-<random>` and swapped-out copies `.<name>.old-<owner>` whose
+    process is gone, also when its pid now belongs to another process (the owner's start token
+    differs; see owner_tag). Nothing else is touched: a name must be exactly of that form, and with
+    `ours` (a test on <name>) its target one the caller writes. Call it only on a folder known to be
+    the caller's. A swapped-out copy whose replacement never arrived is the only complete one: it is
+    moved back, not deleted. -> one line per thing done."""
     folder = Path(folder)
     done = []
     if not folder.is_dir():
         return done
     for p in sorted(folder.iterdir()):
-        m = _LEFTOVER.match(p.name)
-        if not m or (m["pid"] and _owner_alive(int(m["pid"]), m["token"])):
+        m = _LEFTOVER.fullmatch(p.name)
+        if not m or (ours is not None and not ours(m["name"])):
+            continue
+        pid, token = (m["opid"], m["otoken"]) if m["old"] else (m["pid"], m["token"])
+        if _owner_alive(int(pid), token):
             continue
         target = folder / m["name"]
-        if m["kind"] == "old" and not target.exists():
+        if m["old"] and not target.exists():
             os.replace(p, target)
             done.append(f"restored {target} from an interrupted swap ({p.name})")
             continue
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
         done.append(f"removed stale {p}")
     return done
 
@@ -248,6 +262,11 @@ class RunLock:
                 pass
             os.close(fd)
         self.found = _read_fd(fd).strip() or None
+        if self.found and not re.match(r"\d+ \S+", self.found):     # a file of that name that is not a lock
+            os.close(fd)                                            # of ours: neither rewritten nor removed
+            self._remove_made()
+            raise TrainError(f"{self.path} exists and is not a run lock (it says {self.found[:40]!r}): "
+                             f"choose another folder")
         text = f"{os.getpid()} {socket.gethostname()}" + (f" {self.note}" if self.note else "") + "\n"
         try:
             os.ftruncate(fd, 0)

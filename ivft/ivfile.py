@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ivft.errors import ExtractError
-from ivft.files import check_writable, write_atomic
+from ivft.files import check_writable, clean_leftovers, write_atomic
 from ivft.ivsettings import check_layer
 from ivft.report import save_heatmap
 from ivft.tasks import list_tasks
@@ -31,16 +32,20 @@ def model_tag(name_or_path) -> str:
     if name_or_path is None:
         return "SmolLM2-135M-Instruct"
     p = Path(name_or_path)
-    return p.stem if p.suffix == ".gguf" else p.name
+    if p.name in ("", ".", ".."):      # "--model ." or "..": the folder's own name, not a path step
+        p = p.resolve()                # (which would put the IVs flat in, or outside, iv_dir)
+    return (p.stem if p.suffix == ".gguf" else p.name) or "model"
 
 
 def task_fingerprint(task) -> str:
-    """A short hash of a task's examples: an IV cached for a task is reused only for the same data,
-    and a task read from a file gets a cache name of its own (<name>-<hash>)."""
-    h = hashlib.sha1()
-    for ex in list(task.train) + list(task.test):
-        h.update(json.dumps([ex.instruction, ex.input, ex.output]).encode())
-    return h.hexdigest()[:8]
+    """A short hash of everything of a task that an IV or a score depends on: every field of every
+    example (instruction, input, output, choices, knowledge prompt and answer), the fixed
+    demonstrations, the split and the metric. An IV or stage-0 report cached for a task is reused only
+    for the same content, and a task read from a file gets a cache name of its own (<name>-<hash>).
+    The name, kind and description are labels, not content: they are keyed where they matter."""
+    content = {"metric": task.metric,
+               **{part: [dataclasses.asdict(ex) for ex in getattr(task, part)] for part in ("train", "test", "demos")}}
+    return hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def is_registered(task) -> bool:
@@ -117,12 +122,16 @@ def save_iv(result: dict, path) -> Path:
     """Write through write_atomic (a reader never sees half a file), plus an AIE heatmap if
     matplotlib is installed."""
     path = Path(path)
+    # what an extraction killed while writing here left (only this code's names, its dead writers')
+    clean_leftovers(path.parent, ours=lambda name: name.endswith((".safetensors", ".png")))
     tensors = {k: result[k].detach().float().contiguous() for k in ("iv", "aie", "z_mean", "aie_task", "resid_diff")
                if k in result}
     metadata = {"format": "pt", "iv_meta": json.dumps(result["meta"])}
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    save_heatmap(result["aie"], result["heads"], path.with_suffix(".png"),
-                 f"AIE {result['meta']['task']} ({result['meta']['model']})")
+    # a full disk or a read-only iv_dir: one ExtractError naming the file (safetensors raises its own
+    # SafetensorError, and an OSError's message alone is only an errno)
+    written(path, write_atomic, path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    written(path.with_suffix(".png"), save_heatmap, result["aie"], result["heads"], path.with_suffix(".png"),
+            f"AIE {result['meta']['task']} ({result['meta']['model']})")
     return path
 
 
@@ -139,10 +148,44 @@ def read_iv(path) -> dict:
         raise ExtractError(f"{path}: not a readable IV file ({e})") from None
     if not isinstance(meta, dict) or "iv" not in out or "aie" not in out or "layer" not in meta:
         raise ExtractError(f"{path}: not an IV file (needs tensors iv, aie and iv_meta metadata)")
+    check_iv_content(out, meta, path)
     out["meta"] = meta
     out["layer"] = meta["layer"]
     out["heads"] = [tuple(h) for h in meta.get("heads", [])]
     return out
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_iv_content(tensors: dict, meta: dict, path) -> None:
+    """What read_iv can check without a model: finite tensors of the right rank, and metadata of the
+    types this code writes. A NaN IV would otherwise surface as "loss is nan ... try a lower --lr", a
+    negative stored state norm would flip the IV's sign (scale_to_state), a zero one erase it."""
+    def bad(what):
+        raise ExtractError(f"{path}: {what}")
+    if tensors["iv"].dim() != 1 or tensors["aie"].dim() != 2:
+        bad(f"tensor iv must be 1-D and aie 2-D, got shapes {tuple(tensors['iv'].shape)} and {tuple(tensors['aie'].shape)}")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad(f"tensor {name} holds NaN or Inf values")
+    if not _whole(meta["layer"]) or meta["layer"] < 0:
+        bad(f"metadata 'layer' is {meta['layer']!r}; expected a block index (a whole number >= 0)")
+    heads = meta.get("heads", [])
+    if not isinstance(heads, list) or not all(isinstance(h, list) and len(h) == 2 and all(_whole(x) and x >= 0 for x in h)
+                                              for h in heads):
+        bad("metadata 'heads' must be a list of [layer, head] pairs of whole numbers >= 0")
+    for key in ("task", "task_hash", "config_hash", "model", "kind"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            bad(f"metadata {key!r} is {meta[key]!r}; expected a string")
+    for key in ("top_k", "n_layers", "n_heads", "d_model", "format"):
+        if meta.get(key) is not None and (not _whole(meta[key]) or meta[key] < 0):
+            bad(f"metadata {key!r} is {meta[key]!r}; expected a whole number >= 0")
+    norms = meta.get("state_norms")
+    if norms is not None and not (isinstance(norms, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in norms)):
+        bad("metadata 'state_norms' must be a list of hidden-state norms, each finite and > 0")
 
 
 def cached_iv(path: Path, task, key: dict, model) -> dict | None:
@@ -172,6 +215,10 @@ def load_iv(path, model) -> tuple[torch.Tensor, int, dict]:
         raise ExtractError(f"{path}: extracted from model {meta.get('model')!r} with config hash "
                            f"{meta.get('config_hash')}, this model's is {config_hash(model)}")
     check_layer(r["layer"], mc.num_hidden_layers, f"{path}: layer")
+    outside = [h for h in r["heads"] if h[0] >= mc.num_hidden_layers or h[1] >= mc.num_attention_heads]
+    if outside:
+        raise ExtractError(f"{path}: metadata 'heads' names head {list(outside[0])} (layer, head), outside this "
+                           f"model's {mc.num_hidden_layers} layers x {mc.num_attention_heads} heads")
     return r["iv"], r["layer"], meta
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -271,6 +272,7 @@ def ours_to_gpt2(sd: dict, mc: ModelConfig) -> dict:
 def build_model(mc: ModelConfig, sd: dict, where: str, dtype=torch.float32, device="cpu") -> Transformer:
     """Check every tensor's name and shape against the config, then load without a second copy:
     the model is built on the meta device and the loaded tensors are assigned in place."""
+    check_config_sizes(mc, where)
     with torch.device("meta"):
         model = Transformer(mc)
     expected = model.state_dict()
@@ -307,24 +309,22 @@ def read_safetensors(path: Path) -> dict:
 
 
 def load_hf_dir(path: Path, dtype=torch.float32, device="cpu"):
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise LoadError(f"{path}: no config.json (expected an HF model directory)")
-    try:
-        cfg_dict = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    mc = config_from_hf(cfg_dict, str(cfg_file))
+    mc = read_hf_config(path)
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
         sd, where = read_safetensors(single), str(single)
     elif index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise LoadError(f"{index}: not a safetensors index ({e})") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LoadError(f"{index}: not a safetensors index ({type(e).__name__} {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise LoadError(f"{index}: 'weight_map' must map tensor names to shard file names")
         sd, where = {}, str(index)
         for shard in sorted(set(weight_map.values())):
+            # a shard is a file of this folder: a name like ../other/x would read another model's weights
+            if Path(shard).name != shard or shard in (".", ".."):
+                raise LoadError(f"{index}: shard {shard!r} is not a file name in {path}")
             if not (path / shard).is_file():
                 raise LoadError(f"{index}: shard {shard} is missing")
             sd.update(read_safetensors(path / shard))
@@ -337,15 +337,108 @@ def load_hf_dir(path: Path, dtype=torch.float32, device="cpu"):
         except KeyError as e:
             raise LoadError(f"{where}: GPT-2 tensor {e.args[0]} is missing") from None
     model = build_model(mc, sd, where, dtype, device)
-    tok = None
-    try:   # the tokenizer's errors name its file; as LoadError every script prints them in one line
-        if (path / "tokenizer.json").is_file():
-            tok = Tokenizer.from_hf_dir(path)
-        elif (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file():
-            tok = Tokenizer.gpt2(path)
-    except ValueError as e:
-        raise LoadError(str(e)) from None
-    return model, tok
+    return model, read_tokenizer(path)
+
+
+def read_tokenizer(path: Path) -> Tokenizer | None:
+    """The tokenizer files next to the weights (None when there are none); a file the tokenizer
+    cannot use is one LoadError naming it, whatever its parser raised."""
+    if (path / "tokenizer.json").is_file():
+        where, read = path / "tokenizer.json", Tokenizer.from_hf_dir
+    elif (path / "encoder.json").is_file() and (path / "vocab.bpe").is_file():
+        where, read = path / "encoder.json", Tokenizer.gpt2
+    else:
+        return None
+    try:
+        return read(path)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError, OSError) as e:
+        detail = str(e) if isinstance(e, ValueError) and str(path) in str(e) else f"{where}: {type(e).__name__}: {e}"
+        raise LoadError(f"not a usable tokenizer: {detail}"[:400]) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json, checked before anything is built: a size of the wrong type, sign or scale is one
+# LoadError naming the field, instead of a TypeError deep in the model or a build that never ends
+
+# whole numbers >= 1 up to limits far above any real model (10,000,000 layers would build for hours)
+CONFIG_SIZES = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
+                "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
+                "head_dim": 4096, "max_position_embeddings": 1 << 24,
+                "n_embd": 1 << 16, "n_inner": 1 << 18, "n_layer": 1024, "n_head": 1024, "n_positions": 1 << 24}
+CONFIG_OPTIONAL = {"num_key_value_heads", "head_dim", "n_inner"}     # null: derived from the others
+CONFIG_POSITIVE = ("rms_norm_eps", "layer_norm_epsilon", "rope_theta")
+
+
+def check_config_dict(d, where: str) -> dict:
+    """config.json's content: a JSON object whose sizes are whole numbers in range and whose
+    epsilons / RoPE base are finite positive numbers (fields a family does not use are not required
+    here: config_from_hf names a missing one)."""
+    if not isinstance(d, dict):
+        raise LoadError(f"{where}: expected a JSON object of model settings, got {type(d).__name__}")
+    for key, limit in CONFIG_SIZES.items():
+        if key not in d or (d[key] is None and key in CONFIG_OPTIONAL):
+            continue
+        v = d[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
+            raise LoadError(f"{where}: config field {key!r} is {v!r:.40}; expected a whole number in [1, {limit}]")
+    for key in CONFIG_POSITIVE:
+        v = d.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            raise LoadError(f"{where}: config field {key!r} is {v!r:.40}; expected a finite number > 0")
+    return d
+
+
+def check_config_sizes(mc: ModelConfig, where: str) -> None:
+    """The sizes of a built config (from config.json or GGUF metadata) within CONFIG_SIZES' limits,
+    before a model of that shape is built (10,000,000 meta-device layers take hours)."""
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        v, limit = getattr(mc, key), CONFIG_SIZES[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
+            raise LoadError(f"{where}: model size {key}={v!r:.40} is outside [1, {limit}]")
+
+
+def read_hf_config(path: Path) -> ModelConfig:
+    """The ModelConfig of the HF directory `path`, from its config.json alone (no weights read): what
+    a script checks its flags against (check_context) before it loads anything."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise LoadError(f"{path}: no config.json (expected an HF model directory)")
+    try:
+        cfg_dict = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError, RecursionError) as e:
+        raise LoadError(f"{cfg_file}: unreadable ({type(e).__name__})") from None
+    mc = config_from_hf(check_config_dict(cfg_dict, str(cfg_file)), str(cfg_file))
+    if mc.head_dim < 1 or (mc.position == "rope" and mc.head_dim % 2):
+        raise LoadError(f"{cfg_file}: head_dim {mc.head_dim} (hidden_size / num_attention_heads, or its own "
+                        f"field) must be >= 1{' and even for RoPE' if mc.position == 'rope' else ''}")
+    return mc
+
+
+def read_config_only(name_or_path=None) -> ModelConfig | None:
+    """The config of what load_model would load, without reading weights: an HF directory's
+    config.json, or a GGUF's converted copy when it exists; None when there is nothing to read yet
+    (a GGUF never loaded: its metadata comes with the weights)."""
+    path = default_gguf_path() if name_or_path is None else Path(name_or_path)
+    if path.is_dir():
+        return read_hf_config(path)
+    if path.suffix == ".gguf" and path.is_file() and (gguf_cache_path(path) / "config.json").is_file():
+        try:
+            return read_hf_config(gguf_cache_path(path))
+        except LoadError:
+            return None      # a damaged cache entry: load_model rebuilds it
+    return None
+
+
+def check_context(max_len: int, mc: ModelConfig, what: str = "--max_len", where: str = "the model") -> None:
+    """A sequence length must fit the model's positions: RoPE models run past
+    max_position_embeddings without an error (and off what they were trained on), learned positions
+    (GPT-2) fail with an IndexError. One LoadError naming the flag and the limit."""
+    if max_len > mc.max_position_embeddings:
+        raise LoadError(f"{what} {max_len}: longer than {where}'s context (max_position_embeddings "
+                        f"{mc.max_position_embeddings})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,12 +89,21 @@ def new_task_scores(cl: dict) -> dict:
     return {t: (cl["R"][0][j], cl["R"][j + 1][j]) for j, t in enumerate(cl["train_tasks"]) if j + 1 < len(cl["R"])}
 
 
+def general_scores(cl: dict) -> list | None:
+    """The general suite's score per stage, or None when the run had none (--general none, "", ","):
+    cl_metrics then gives GP = [None, ...], a list of no scores, which must not be formatted."""
+    gp = cl.get("GP")
+    return gp if gp and all(isinstance(v, (int, float)) for v in gp) else None
+
+
 def run_summary(cl: dict, preset: str) -> list[str]:
     """The end of a run in plain words: what was learned, what the general suite kept, what to look at."""
     learned = new_task_scores(cl)
     lines = ["learned (right after its stage): " + ", ".join(f"{t} {a:.2f} -> {b:.2f}" for t, (a, b) in learned.items())]
     mean_new = mean([b for _, b in learned.values()])
-    if cl.get("GP"):
+    if general_scores(cl) is None:
+        lines.append("general suite: none (--general), so forgetting of general ability was not measured")
+    else:
         gp = cl["GP"]
         lines.append(f"general suite (zero-shot, never trained on): {gp[0]:.2f} before -> {gp[-1]:.2f} after "
                      f"(drop {cl['GP_drop']:.2f}; lowest {min(gp[1:]):.2f}, after stage {gp.index(min(gp[1:]))})")
@@ -117,7 +126,7 @@ def plot_summary(cl: dict, path, title: str = "") -> str | None:
         return None
     stages = range(len(cl["R"]))
     fig, ax = plt.subplots(figsize=(7, 4))
-    if cl.get("GP"):
+    if general_scores(cl) is not None:
         ax.plot(stages, cl["GP"], "k-o", lw=2.5, label=f"general suite (drop {fmt_score(cl['GP_drop'])})")
     for j, t in enumerate(cl["train_tasks"]):
         ax.plot(stages, [row[j] for row in cl["R"]], "--", marker=".", label=f"{t} (trained in stage {j + 1})")

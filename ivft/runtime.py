@@ -48,9 +48,12 @@ class Logger:
         if echo:
             tqdm.write(text)      # above the progress bar, not through it
 
-    def config(self, settings: dict):
+    def config(self, settings: dict, notes=()):
+        """The resolved flags (printed, and as JSON in the log), then a line per note."""
         print("config:\n" + "\n".join(f"  {k} = {v}" for k, v in settings.items()))
         self.line(f"config: {json.dumps(settings, sort_keys=True)}", echo=False)
+        for note in notes:
+            self.line(note)
 
     def final(self, results: dict, out_dir: Path):
         """A run's last lines: its metrics, what it learned and forgot in plain words (report.run_summary)

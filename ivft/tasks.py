@@ -138,6 +138,37 @@ def load_tasks(names=None, default=general_suite, error=TaskError, what: str = "
         raise error(f"{what}{msg}") from None
 
 
+def check_never_trained_on(train_tasks: list, general: list) -> None:
+    """The general suite measures what a run never trains on: a task in both lists (the same name, or
+    the same content under another name) would count learning as kept ability."""
+    from ivft.ivfile import task_fingerprint    # lazily: ivft.ivfile imports this module
+    trained = {t.name: t for t in train_tasks} | {task_fingerprint(t): t for t in train_tasks}
+    for g in general:
+        t = trained.get(g.name) or trained.get(task_fingerprint(g))
+        if t is not None:
+            raise TaskError(f"task {g.name!r} is in the general suite and trained on (as {t.name!r}): the general "
+                            f"suite must hold tasks the run never trains on; drop it from --tasks or --general")
+
+
+def unspellable_note(task: Task, tok) -> str | None:
+    """A warning naming the characters of a task's text that the tokenizer cannot spell (no token
+    holds one of their bytes: the tokenizer writes U+FFFD in their place, so a model would be
+    trained and scored on the stand-in), or None when every character is spellable."""
+    spellable = getattr(tok, "_spellable", None)
+    if spellable is None:
+        return None
+    chars = set()
+    for ex in [*task.train, *task.test, *task.demos]:
+        for text in (ex.instruction, ex.input, ex.output, ex.knowledge_prompt, ex.knowledge_answer, *(ex.choices or [])):
+            chars.update(text or "")
+    missing = sorted(c for c in chars if not spellable(c))
+    if not missing:
+        return None
+    shown = ", ".join(f"U+{ord(c):04X}" for c in missing[:8]) + (" ..." if len(missing) > 8 else "")
+    return (f"warning: task {task.name!r}: {len(missing)} character(s) the tokenizer cannot spell ({shown}) "
+            f"become U+FFFD in its prompts and answers")
+
+
 # --- user formats -----------------------------------------------------------------------------
 
 def load_trace(path, test_fraction=0.2, seed=0) -> Task:
@@ -259,14 +290,35 @@ def _text(record, key, path, where=None, **kw) -> str:
 
 
 def _example(r, path, where):
-    return Example(
+    ex = Example(
         instruction=_text(r, "instruction", path, where, empty_ok=True),   # first: checks r is an object
         input=_as_text(r.get("input") or "", "input", path, where, empty_ok=True),
         output=_text(r, "output", path, where),
-        choices=r.get("choices"),
-        knowledge_prompt=r.get("knowledge_prompt"),
-        knowledge_answer=r.get("knowledge_answer"),
+        choices=_choices(r.get("choices"), path, where),
+        knowledge_prompt=_optional_text(r, "knowledge_prompt", path, where),
+        knowledge_answer=_optional_text(r, "knowledge_answer", path, where),
     )
+    if ex.choices is not None and ex.output.strip() not in {c.strip() for c in ex.choices}:
+        raise TaskError(f"{path}: {where}: field 'output' {ex.output!r} is not among its 'choices' (the gold "
+                        f"answer must be one of them)")
+    if (ex.knowledge_prompt is None) != (ex.knowledge_answer is None):
+        raise TaskError(f"{path}: {where}: fields 'knowledge_prompt' and 'knowledge_answer' come together "
+                        f"(one is missing)")
+    return ex
+
+
+def _optional_text(r, key, path, where) -> str | None:
+    """An optional text field: absent or null is None, anything else must be non-empty text."""
+    return None if r.get(key) is None else _as_text(r[key], key, path, where)
+
+
+def _choices(v, path, where) -> list[str] | None:
+    """The answer set of likelihood scoring: absent or null, or a non-empty list of non-empty strings."""
+    if v is None:
+        return None
+    if not isinstance(v, list) or not v:
+        raise TaskError(f"{path}: {where}: field 'choices' must be a non-empty list of strings, got {v!r:.60}")
+    return [_as_text(c, "choices", path, f"{where}: choice {i}") for i, c in enumerate(v)]
 
 
 def _read_text(path) -> str:
@@ -287,6 +339,8 @@ def _jsonl_records(path) -> list[tuple[int, dict]]:
             out.append((lineno, json.loads(line)))
         except json.JSONDecodeError as e:
             raise TaskError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        except RecursionError:
+            raise TaskError(f"{path}:{lineno}: JSON nested too deeply to be a task") from None
     if not out:
         raise TaskError(f"{path}: no examples (empty task)")
     return out
@@ -307,6 +361,8 @@ def _read_json(path):
         return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise TaskError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    except RecursionError:      # json.loads recurses once per level of nesting
+        raise TaskError(f"{path}: JSON nested too deeply to be a task") from None
 
 
 def _read_json_list(path):

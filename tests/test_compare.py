@@ -33,3 +33,16 @@ def test_a_folder_without_results_is_one_line(tmp_path, capsys):
     (tmp_path / "results.json").write_bytes(b"\xff garbage")
     assert compare.main([str(tmp_path)]) == 2
     assert "not a results file" in capsys.readouterr().err
+
+
+def test_a_results_json_that_is_not_a_runs_is_one_line(tmp_path, capsys):
+    # a list, a string, a number, an object whose "cl" is not one, a damaged cl, deep nesting
+    for i, text in enumerate(['[1, 2]', '"results"', '3', '{"cl": [1]}', '{"cl": {"R": 1, "stages": 1}}',
+                              '{"stages": "x"}', "[" * 100000 + "]" * 100000]):
+        folder = tmp_path / f"r{i}"
+        folder.mkdir()
+        (folder / "results.json").write_text(text)
+        capsys.readouterr()
+        assert compare.main([str(folder), "--png", str(tmp_path / "c.png")]) == 2, text[:20]
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"compare.py: error: {folder / 'results.json'}: not a results"), err

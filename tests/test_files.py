@@ -105,9 +105,27 @@ def test_leftover_names_carry_the_owner(tmp_path):
     tag = files.owner_tag()
     assert tag.startswith(f"{os.getpid()}-S") and len(tag.split("-S")[1]) == 8
     assert files.temp_prefix("results.json") == f".results.json.tmp-{tag}-"
-    # older code's names: a bare pid, judged by the pid alone (a dead one is stale)
-    (tmp_path / ".stage-1.old-999999999").mkdir()
-    (tmp_path / f".log.txt.tmp-{os.getpid()}-abcdefgh").write_text("a live writer's")
+    (tmp_path / ".stage-1.old-999999999-Sdeadbeef").mkdir()                  # a dead writer's swap
+    (tmp_path / f".log.txt.tmp-{tag}-abcdefgh").write_text("a live writer's")
     assert files.clean_leftovers(tmp_path) == [f"restored {tmp_path / 'stage-1'} from an interrupted swap "
-                                               "(.stage-1.old-999999999)"]
-    assert (tmp_path / f".log.txt.tmp-{os.getpid()}-abcdefgh").exists()
+                                               "(.stage-1.old-999999999-Sdeadbeef)"]
+    assert (tmp_path / f".log.txt.tmp-{tag}-abcdefgh").exists()
+
+
+# names a user may give their own files that look like leftovers but were not made by this code
+# (no pid, a bare pid, no start token, a token of another form, a tail where none belongs)
+USER_NAMES = [".report.tmp-final", ".settings.old-2023", ".last.old-999999999", ".stage-1.tmp-legacy",
+              ".results.json.tmp-999999999", ".x.tmp-anything", ".x.old-anything", ".y.tmp-", ".z.old-",
+              ".last.old-999999999-Sdeadbeef-copy", ".log.txt.tmp-999999999-S12-abc", ".a.tmp-1-SDEADBEEF-x"]
+
+
+def test_clean_leftovers_never_touches_names_it_did_not_make(tmp_path):
+    for i, name in enumerate(USER_NAMES):
+        (tmp_path / name).write_text(f"user file {i}")
+    assert files.clean_leftovers(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(USER_NAMES)
+    assert all((tmp_path / n).read_text() == f"user file {i}" for i, n in enumerate(USER_NAMES))
+    # `ours` keeps even a name of this code's form when its target is not the caller's
+    (tmp_path / ".mine.old-999999999-Sdeadbeef").mkdir()
+    assert files.clean_leftovers(tmp_path, ours=lambda name: name == "last") == []
+    assert (tmp_path / ".mine.old-999999999-Sdeadbeef").is_dir() and not (tmp_path / "mine").exists()

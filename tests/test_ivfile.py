@@ -64,7 +64,7 @@ def test_the_heatmap_is_a_png_written_atomically(tmp_path, monkeypatch):
             f.truncate(100)
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(Figure, "savefig", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ExtractError, match=r"opp\.png: cannot write \(No space left"):   # names the file
         save_iv(a, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["opp.safetensors"]   # no half PNG, no temporary
 
@@ -81,3 +81,34 @@ def test_a_damaged_cache_file_is_said_and_not_reused(tmp_path, capsys):
     path.write_bytes(b"damaged")
     assert cached_iv(path, task, key, model) is None
     assert f"note: {path}: not a readable IV file" in capsys.readouterr().err
+
+
+def test_bad_iv_content_and_metadata_are_one_line_naming_the_file(tmp_path):
+    from ivft.ivfile import read_iv
+    model = char_model()
+    a = X.extract_iv(model, TOK, standin_task(), progress=False, **SMALL)
+    mc = model.config
+    nan_iv, inf_aie = a["iv"].clone(), a["aie"].clone()
+    nan_iv[0], inf_aie[0, 0] = float("nan"), float("inf")
+    bad = {"nan_iv": ({"iv": nan_iv}, {}, "tensor iv holds NaN"),
+           "inf_aie": ({"aie": inf_aie}, {}, "tensor aie holds NaN or Inf"),
+           "negative_norm": ({}, {"state_norms": [1.0, -2.0, 3.0]}, "'state_norms'"),
+           "zero_norm": ({}, {"state_norms": [0.0] * mc.num_hidden_layers}, "'state_norms'"),
+           "nan_norm": ({}, {"state_norms": [float("nan")]}, "'state_norms'"),
+           "string_norms": ({}, {"state_norms": "big"}, "'state_norms'"),
+           "string_layer": ({}, {"layer": "1"}, "metadata 'layer' is '1'"),
+           "bool_layer": ({}, {"layer": True}, "metadata 'layer'"),
+           "heads_not_pairs": ({}, {"heads": [[0, 1, 2]]}, "metadata 'heads'"),
+           "heads_string": ({}, {"heads": "all"}, "metadata 'heads'"),
+           "task_number": ({}, {"task": 7}, "metadata 'task' is 7"),
+           "top_k_float": ({}, {"top_k": 2.5}, "metadata 'top_k'")}
+    for name, (tensors, meta, what) in bad.items():
+        path = save_iv({**a, **tensors, "meta": {**a["meta"], **meta}}, tmp_path / f"{name}.safetensors")
+        with pytest.raises(ExtractError) as e:
+            load_iv(path, model)
+        assert str(e.value).startswith(f"{path}: ") and what in str(e.value), (name, str(e.value))
+    # heads out of this model's range: refused by load_iv, naming the head
+    path = save_iv({**a, "meta": {**a["meta"], "heads": [[0, mc.num_attention_heads]]}}, tmp_path / "far.safetensors")
+    read_iv(path)                     # in range for some model: the file itself is fine
+    with pytest.raises(ExtractError, match=f"far.safetensors: metadata 'heads' names head \\[0, {mc.num_attention_heads}\\]"):
+        load_iv(path, model)

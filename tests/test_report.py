@@ -55,3 +55,15 @@ def test_plot_summary_png_or_skip(tmp_path, monkeypatch):
     # without matplotlib: nothing drawn, no error
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert R.plot_summary(CL, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_run_summary_and_plot_without_a_general_suite(tmp_path):
+    # --general none (or "", ",", "NONE"): cl_metrics over no general tasks gives GP = [None, None]
+    import evaluate
+    reports = [{"tasks": {"A": {"n": 2, "exact_match": s}}, "primary": {"A": "exact_match"}} for s in (0.1, 0.9)]
+    cl = evaluate.cl_metrics(reports, ["A"], [])
+    assert cl["GP"] == [None, None]
+    lines = R.run_summary(cl, "plain")
+    assert lines[0] == "learned (right after its stage): A 0.10 -> 0.90"
+    assert lines[1].startswith("general suite: none") and len(lines) == 2
+    R.plot_summary(cl, tmp_path / "summary.png")      # draws the tasks only, no error

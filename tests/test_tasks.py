@@ -92,7 +92,7 @@ def test_alpaca_json_and_jsonl(tmp_path):
 def test_suite_layout_pairs_train_and_test(tmp_path):
     row = {"instruction": "Copy.", "input": "x", "output": "x", "choices": ["x", "y"]}
     write(tmp_path / "copy.train.jsonl", json.dumps(row) + "\n" + json.dumps(row) + "\n")
-    write(tmp_path / "copy.test.jsonl", json.dumps({**row, "input": "z", "output": "z"}) + "\n")
+    write(tmp_path / "copy.test.jsonl", json.dumps({**row, "input": "z", "output": "z", "choices": ["z", "y"]}) + "\n")
     t = tasks.load_task(str(tmp_path / "copy.train.jsonl"))
     assert t.name == "copy" and len(t.train) == 2 and t.test[0].input == "z"
     assert t.train[0].choices == ["x", "y"]
@@ -289,6 +289,34 @@ def test_wrong_types_name_file_item_and_field(tmp_path, name, content, where, wh
         tasks.load_task(str(p))
     msg = str(e.value)
     assert str(p) in msg and where in msg and what in msg and len(msg.splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra,what", [
+    ({"choices": "x"}, "'choices' must be a non-empty list of strings"),
+    ({"choices": []}, "'choices' must be a non-empty list of strings"),
+    ({"choices": ["y", 3]}, "choice 1: field 'choices' must be a string, got int"),
+    ({"choices": ["y", "z"]}, "'output' 'y!' is not among its 'choices'"),
+    ({"knowledge_prompt": 5, "knowledge_answer": " x"}, "'knowledge_prompt' must be a string, got int"),
+    ({"knowledge_prompt": "A is", "knowledge_answer": ["x"]}, "'knowledge_answer' must be a string, got list"),
+    ({"knowledge_prompt": "A is"}, "'knowledge_prompt' and 'knowledge_answer' come together"),
+    ({"knowledge_prompt": "A is", "knowledge_answer": "  "}, "'knowledge_answer' is empty"),
+])
+def test_choices_and_knowledge_fields_are_checked_at_load(tmp_path, extra, what):
+    # these used to pass loading and crash at stage 0's evaluation
+    p = tmp_path / "k.jsonl"
+    p.write_text("\n".join(json.dumps({"instruction": "Say it.", "input": f"x{i}", "output": "y!", **extra})
+                           for i in range(3)))
+    with pytest.raises(TaskError) as e:
+        tasks.load_task(str(p))
+    assert str(e.value).startswith(f"{p}: line 1: ") and what in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("name", ["deep.json", "deep.jsonl"])
+def test_deeply_nested_json_is_one_line(tmp_path, name):
+    p = tmp_path / name
+    p.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(TaskError, match=f"^{p}(:1)?: JSON nested too deeply"):
+        tasks.load_task(str(p))
 
 
 def test_encodings(tmp_path):

@@ -28,6 +28,7 @@ from ivft import lora
 import evaluate
 import train
 from ivft import checkpoint as ckpt
+from ivft import files
 from ivft.data import Item, collate
 from ivft.load import load_model, read_safetensors, save_hf
 from ivft.errors import TrainError
@@ -474,6 +475,7 @@ def test_bad_inputs(env, tmp_path, capsys):
     # one unreadable training state: resume falls back to the checkpoint before it, says so, and
     # redoes the lost stage bit-exactly
     final = final_weights(out)
+    (out / "finished").unlink(missing_ok=True)     # as if cut before its end: resumable, not final
     state = out / "stage-2" / "train_state.pt"
     state.write_bytes(state.read_bytes()[:100])
     run_main([*args, "--resume"])
@@ -481,6 +483,7 @@ def test_bad_inputs(env, tmp_path, capsys):
     assert_same_weights(final_weights(out), final)
     # unreadable weights in the checkpoint to resume from: exit 2 naming the file, nothing changed
     shutil.rmtree(out / "stage-2")
+    (out / "finished").unlink(missing_ok=True)
     weights = out / "stage-1" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     before = tree_digest(out)
@@ -541,12 +544,11 @@ def test_leftovers_of_crashed_writers_are_cleaned(env, tmp_path, capsys):
             raise Interrupt
     with pytest.raises(Interrupt):
         run_main(args, crash)
-    dead = 999_999_999                      # no such process
+    dead = "999999999-Sdeadbeef"            # no such process (pid and start token: files.owner_tag)
     (out / f".last.tmp-{dead}-abc").mkdir()
     (out / f".last.tmp-{dead}-abc" / "model.safetensors").write_bytes(b"half")
-    (out / ".stage-1.tmp-legacyname").mkdir()              # an older version's name, no pid
-    (out / f".results.json.tmp-{dead}").write_text("{")
-    live = out / f".last.tmp-{os.getpid()}-xyz"             # a live writer's: kept
+    (out / f".results.json.tmp-{dead}-x1y2z3").write_text("{")
+    live = out / f".last.tmp-{files.owner_tag()}-xyz"      # a live writer's: kept
     live.mkdir()
     # a swap cut between its two renames: the only complete copy of `last` is the .old one
     os.replace(out / "last", out / f".last.old-{dead}")
@@ -554,7 +556,7 @@ def test_leftovers_of_crashed_writers_are_cleaned(env, tmp_path, capsys):
     run_main([*args, "--resume"])
     err = capsys.readouterr().err
     assert "restored" in err and "removed stale" in err
-    names = {p.name for p in out.iterdir()}
+    names = {p.name for p in out.iterdir()} - {"finished"}         # the marker, once train.py writes it
     assert names == {"stage-1", "stage-2", "results.json", "log.txt", "train_config.json", live.name}, names
     ref = run_main(base_args(env, tmp_path / "ref", "--save_every", "2"))
     assert_same_weights(final_weights(out), final_weights(tmp_path / "ref"))
@@ -757,6 +759,7 @@ def test_resume_warns_when_the_code_changed(env, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "code_version", lambda: {"commit": "aaa", "diff": ""})
     run_main(base_args(env, out, "--max_steps", "2", "--save_every", "1"))
     shutil.rmtree(out / "stage-2")
+    (out / "finished").unlink(missing_ok=True)     # as if cut before its end: resumable, not final
     monkeypatch.setattr(train, "code_version", lambda: {"commit": "bbb", "diff": "123"})
     capsys.readouterr()
     run_main([*base_args(env, out, "--max_steps", "2", "--save_every", "1"), "--resume"])
