@@ -51,7 +51,7 @@ from ivft.dist import (all_reduce_floats, all_reduce_sum, barrier, grad_shares, 
                        setup_distributed, wrap_for_parallel)
 from ivft.engine import autocast, lm_head_fp32
 from ivft.files import RunLock
-from ivft.interrupt import TaskGuard
+from ivft.interrupt import TaskGuard, deferred_stop
 from ivft.ivfile import model_tag, union_of_top_heads
 from ivft.optim import make_adamw
 from ivft.reference import Reference, needs_original_copy, pick_reference
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data").add_argument
     g("--tasks", default=None, help="comma-separated training sequence: registry names or task files in any "
       "format tasks.load_task reads (default: tasks.default_sequence())")
-    g("--general", default=None, help="comma-separated general suite, or 'none' (default: tasks.general_suite())")
+    g("--general", default=None, help="comma-separated general suite, or 'none' (default: the suite's)")
     g("--max_train", type=int, default=320, help="at most this many training examples per task")
     g("--chat_template", default=None, metavar="FILE", help=chat.FLAG_HELP)
     g("--max_len", type=int, default=256, help="longest training sequence; longer prompts lose their start")
@@ -446,7 +446,7 @@ def train(cfg: dict, step_callback=None) -> dict:
     torch.set_num_threads(cfg["num_threads"] or torch.get_num_threads())
     d = setup_distributed(cfg["device"])
     check_launch(cfg, d.world)        # before the lock, which creates out_dir: is it writable at all?
-    if cfg["dry_run"]:   # config.json only: the memory plan, then exit (one line with the flag to change if too big)
+    if cfg["dry_run"] is not None:   # config.json only: the memory plan, then exit (refused if too big)
         memory = cfg["dry_run"] * 2 ** 30 if cfg["dry_run"] else memplan.device_memory(d.device)
         print(memplan.dry_run(cfg["model"], memory_shape(cfg, d), int(memory)))
         return {}
@@ -462,7 +462,8 @@ def memory_shape(cfg: dict, d) -> memplan.RunShape:
     n_tasks = len(cfg["tasks"].split(",")) if cfg["tasks"] else len(default_sequence())
     guidance = Guidance.from_flags(cfg, train_iv=cfg["guided"] or cfg["iv_alpha0"] > 0)
     return memplan.RunShape(
-        lora_r=cfg["lora_r"], lora_targets=tuple(cfg["lora_targets"].split(",")), lora_dropout=cfg["lora_dropout"],
+        lora_r=cfg["lora_r"], lora_targets=tuple(cfg["lora_targets"].split(",")),
+        lora_dropout=cfg["lora_dropout"],
         n_tasks=n_tasks if cfg["lora_merge"] else 1, model_dtype=cfg["model_dtype"],
         amp="bf16" if resolve_amp(cfg["dtype"], d.device) else None, micro_batch=cfg["micro_batch"],
         max_len=cfg["max_len"], reference=guidance.needs_reference(), grad_checkpointing=cfg["grad_checkpointing"],
@@ -488,7 +489,8 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
     model, tok = ckpt.load_base_model(cfg["model"], cfg["model_dtype"], d.device, spec and spec.targets,
                                       cfg["chat_template"])
     model.grad_checkpointing = cfg["grad_checkpointing"]     # recompute each block in the backward
-    ckpt.check_after_load(run, model, tok, cfg["max_len"], train_tasks, general, start["ckpt"])
+    ckpt.check_after_load(run, model, tok, cfg["max_len"], train_tasks, general, start["ckpt"],
+                          cfg["accept_changed_inputs"])
     encoded = [encode_task(tok, t, i, cfg["max_len"], cfg["max_train"], free=cfg["free_kl_weight"] > 0)
                for i, t in enumerate(train_tasks)]
     # IVs come from the model before any training: extracted (or loaded) before a resumed run's weights
@@ -532,16 +534,7 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
                               log, results, resume=state if j == start_stage and start_step else None,
                               step_callback=step_callback,
                               evaluate=lambda: evaluate_and_record(f"stage {j + 1} (after {task.name})"))
-        # ---- merge, checkpoint ------------------------------------------------------------------
-        if cfg["lora_r"] > 0:      # merged (--lora_merge) into the saved weights; kept apart in memory
-            lora.finish_task(model, merge=cfg["lora_merge"])
-        results["training"].append(term_means(task.name, term_log))
-        path = ckpt.save_stage(run, model, tok, j + 1, results["stages"], [t.name for t in train_tasks], d,
-                               training=results["training"])
-        if d.main:
-            write_json(out_dir / "results.json", results)
-            log.line(f"task {j + 1}/{len(train_tasks)} {task.name} done: saved {path}")
-        barrier(d)
+        save_task(cfg, d, run, model, tok, results, [t.name for t in train_tasks], j, term_log, log)
 
     if d.main:
         write_json(out_dir / "results.json", results)     # (a resume after the last stage writes it here)
@@ -549,6 +542,21 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
         ckpt.mark_finished(out_dir, [t.name for t in train_tasks])     # the last write: the run is final
     barrier(d)
     return results
+
+
+def save_task(cfg: dict, d, run, model, tok, results: dict, names: list, j: int, term_log: list, log):
+    """After task j: finish its adapters (merged into the saved weights with --lora_merge, kept apart
+    in memory), record its loss terms, write the stage checkpoint and results.json. A Ctrl-C during
+    the write stops the run right after it, with the task kept."""
+    if cfg["lora_r"] > 0:
+        lora.finish_task(model, merge=cfg["lora_merge"])
+    results["training"].append(term_means(names[j], term_log))
+    with deferred_stop():
+        path = ckpt.save_stage(run, model, tok, j + 1, results["stages"], names, d, training=results["training"])
+        if d.main:
+            write_json(run.out_dir / "results.json", results)
+            log.line(f"task {j + 1}/{len(names)} {names[j]} done: saved {path}")
+        barrier(d)
 
 
 def evaluate_stage(model, tok, train_tasks, general, stage_eval, amp_dtype, results: dict, out_dir: Path, d,

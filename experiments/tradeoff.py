@@ -41,6 +41,7 @@ from common import (STOPPING, read_json, run_child, run_train, stat,  # a siblin
                     stop_signals_to_children, summarise)
 import tradeoff_report as report
 from ivft import tasks as T
+from ivft.checkpoint import read_finished
 from ivft.files import FolderInUse, RunLock, write_atomic
 from ivft.report import save_report
 from train import parse_flags
@@ -111,7 +112,7 @@ def train_run(out_dir: Path, flags: list[str], threads: int, log: Path) -> dict 
     resume = (out_dir / "last").exists() or any(out_dir.glob("stage-*"))
     rc = run_train([*flags, "--out_dir", str(out_dir), "--num_threads", str(threads),
                     "--resume" if resume else "--overwrite"], log)
-    return read_json(out_dir / "results.json") if rc == 0 else None
+    return read_json(out_dir / "results.json") if rc == 0 and read_finished(out_dir) else None
 
 
 def one_run(raw: Path, out: Path, full: list[str], threads: int, dry_run: bool) -> tuple[dict | None, str]:

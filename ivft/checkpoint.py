@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import random
 import re
 import shutil
@@ -33,7 +34,7 @@ from ivft.config import RESUME_FREE, RUN_START_FILES
 from ivft.dist import barrier, full_state_dict, gather_objects
 from ivft.errors import LoadError, TrainError
 from ivft.files import clean_leftovers, leftover_target
-from ivft.ivfile import check_outputs
+from ivft.ivfile import check_outputs, config_hash, task_fingerprint, weight_fingerprint
 from ivft.load import check_context, load_hf_dir, load_model, read_config_only, read_safetensors, save_hf
 from ivft.runtime import write_json
 from ivft.tasks import TaskError, check_never_trained_on, unspellable_note
@@ -267,16 +268,16 @@ def input_fingerprints(train_tasks, general, model) -> dict:
     """What a run's numbers depend on besides its flags, by content: every task's data
     (ivfile.task_fingerprint) and the base model's weights and config. Taken from the model as
     loaded, before a resumed run's weights go in."""
-    from ivft.ivfile import config_hash, task_fingerprint, weight_fingerprint
     return {"tasks": {t.name: task_fingerprint(t) for t in train_tasks},
             "general": {t.name: task_fingerprint(t) for t in general},
             "weights": weight_fingerprint(model), "config": config_hash(model)}
 
 
-def check_resume_inputs(ckpt: Path, inputs: dict):
+def check_resume_inputs(ckpt: Path, inputs: dict, accept: bool = False):
     """A resumed run must see the data and base model its checkpoint was made from: the same flags
     over edited task files or replaced weights at the same path would splice two runs. One line
-    naming what changed. A checkpoint without the record (older code) is resumed with a warning."""
+    naming what changed (accept: a warning instead, --accept_changed_inputs). A checkpoint without the
+    record (older code) is resumed with a warning."""
     path = ckpt / INPUTS_FILE
     try:
         saved = json.loads(path.read_text())
@@ -294,9 +295,13 @@ def check_resume_inputs(ckpt: Path, inputs: dict):
         changed += [f"the data of {what} {n!r}" for n in now if n in then and then[n] != now[n]]
     if saved.get("weights") != inputs.get("weights") or saved.get("config") != inputs.get("config"):
         changed.append("the base model's " + ("weights" if saved.get("config") == inputs.get("config") else "config"))
-    if changed:
+    if changed and accept:
+        print(f"warning: --resume: {', '.join(changed)} changed since {ckpt} was written; continuing "
+              f"(--accept_changed_inputs): the run is a splice of two", file=sys.stderr)
+    elif changed:
         raise TrainError(f"--resume: {', '.join(changed)} changed since {ckpt} was written; resume with "
-                         f"the same data and model, or start afresh with --overwrite")
+                         f"the same data and model, start afresh with --overwrite, or pass "
+                         f"--accept_changed_inputs to continue anyway")
 
 
 def restore_model(model, ckpt: Path, state: dict, spec: lora.LoraSpec | None, out_dir: Path):
@@ -388,7 +393,7 @@ def check_before_load(model_id: str | None, max_len: int, train_tasks: list, gen
 
 
 def check_after_load(run: RunFiles, model, tok, max_len: int, train_tasks: list, general: list,
-                     resumed_from: Path | None) -> None:
+                     resumed_from: Path | None, accept_changes: bool = False) -> None:
     """Once the base model is loaded, before a resumed run's weights go in: the sequence length
     against its positions (a GGUF's config comes with its weights), the fingerprints of the data and
     weights kept in run.inputs (and checked against the checkpoint resumed from), and a warning per
@@ -399,7 +404,7 @@ def check_after_load(run: RunFiles, model, tok, max_len: int, train_tasks: list,
         raise TrainError(str(e)) from None
     run.inputs = input_fingerprints(train_tasks, general, model)
     if resumed_from is not None:
-        check_resume_inputs(resumed_from, run.inputs)
+        check_resume_inputs(resumed_from, run.inputs, accept_changes)
     for task in [*train_tasks, *general]:
         if note := unspellable_note(task, tok):
             print(note, file=sys.stderr)
@@ -591,7 +596,6 @@ def check_lock(out_dir: Path) -> None:
     """Before a checkpoint is written: out_dir/run.lock must still be this process's. Deleting out_dir
     under a running train.py deletes the lock with it, and a second writer could then start there:
     the first one stops instead of writing into a folder it no longer holds."""
-    import os
     try:
         holder = (out_dir / "run.lock").read_text().split()
     except OSError:

@@ -41,6 +41,8 @@ def add_run_flags(p: argparse.ArgumentParser):
     g("--out_dir", default=None, help="where checkpoints, log.txt and results.json go "
       "(default runs/<preset>, with -lora and -quick suffixes for --regime lora and --quick)")
     g("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    g("--accept_changed_inputs", action="store_true", help="with --resume: continue although the task data "
+      "or the base model changed since the checkpoint (a warning instead of the refusal)")
     g("--overwrite", action="store_true", help="start afresh in an out_dir that holds a run")
     g("--save_every", type=int, default=0, help="also write a resumable checkpoint (out_dir/last) every N "
       "optimizer steps; 0 = only after each task")
@@ -63,7 +65,7 @@ def add_run_flags(p: argparse.ArgumentParser):
 
 
 # flags that may differ between a run and its --resume (they do not change the numbers)
-RESUME_FREE = {"resume", "overwrite", "save_every", "log_every", "wandb", "wandb_project", "num_threads",
+RESUME_FREE = {"resume", "overwrite", "accept_changed_inputs", "save_every", "log_every", "wandb", "wandb_project", "num_threads",
                "grad_checkpointing", "dry_run",   # recomputation gives the same numbers
                "stage0_cache", "out_dir",   # out_dir: a moved or copied run resumes where it now is
                "code"}                      # a change of the code is warned about (check_resume_config)

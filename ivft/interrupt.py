@@ -14,6 +14,16 @@ import contextlib
 from ivft.runtime import StopFlag
 
 
+@contextlib.contextmanager
+def deferred_stop():
+    """Around a write that must not be cut (a stage checkpoint): a Ctrl-C or SIGTERM inside is acted on
+    when the block has finished (a second one still aborts at once)."""
+    with StopFlag() as stop:
+        yield
+    if stop.requested:
+        raise KeyboardInterrupt
+
+
 class TaskGuard:
     """with TaskGuard(save, log, f"task {j + 1}", total, start_step) as guard: ... -> save(step, rng)
     writes the checkpoint, log(text) reports; rng_state() is the RNG to save (ivft.checkpoint.rng_state)."""

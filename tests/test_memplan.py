@@ -171,3 +171,7 @@ def test_train_dry_run_reads_config_json_only(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--fsdp" in err[0] and "--regime lora" in err[0], err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["llama2-7b"]
+    # --dry_run alone plans against this device's memory (here the CPU's: 126 GiB is more than it has)
+    with pytest.raises(SystemExit) as e:
+        train.main([*flags[:-2], "--dry_run"])
+    assert e.value.code == 2 and "memory plan: 6.74 B parameters" in capsys.readouterr().out

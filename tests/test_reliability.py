@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ivft import checkpoint as ckpt
-from ivft import files
+from ivft.load import read_safetensors
 from test_train import Interrupt, base_args, env, expect_exit, run_main, tree_digest  # noqa: F401 (env: fixture)
 
 
@@ -556,10 +556,10 @@ def test_stage0_cache_key_holds_the_weights_and_config(env):
 
 def test_absurd_sizes_from_any_source_are_refused_before_building():
     # GGUF metadata is not config.json: build_model checks the sizes of whatever config it gets
-    from dataclasses import replace
     from ivft.load import LoadError, build_model
     from test_train import tiny_model
-    mc = replace(tiny_model().config, num_hidden_layers=10_000_000)
+    mc = tiny_model().config
+    mc.num_hidden_layers = 10_000_000       # as a GGUF's metadata could say (its layer_types unchecked)
     with pytest.raises(LoadError, match=r"^x\.gguf: model size num_hidden_layers=10000000 is outside \[1, 1024\]"):
         build_model(mc, {}, "x.gguf")
 
@@ -572,3 +572,50 @@ def test_a_users_file_named_run_lock_is_neither_rewritten_nor_removed(env, tmp_p
         msg = expect_exit(base_args(env, out, *extra), capsys)
         assert "run.lock exists and is not a run lock" in msg, msg
         assert (out / "run.lock").read_text() == "my notes about locks\n" and len(list(out.iterdir())) == 1
+
+
+# ---- a Ctrl-C during the stage checkpoint write; --resume over changed inputs, when told ----------------
+
+def test_ctrl_c_during_the_stage_checkpoint_write_keeps_the_task(env, tmp_path, monkeypatch):
+    # the signal arrives while stage-1 is being written: the write completes, the run stops right
+    # after it, and --resume continues with task 2 to the uninterrupted run's weights
+    import os
+    import signal
+    real = ckpt.save_checkpoint
+
+    def interrupted(path, *a, **k):
+        if path.name == "stage-1":
+            os.kill(os.getpid(), signal.SIGINT)         # Ctrl-C in the middle of the write
+        return real(path, *a, **k)
+    ref = tmp_path / "ref"
+    run_main(base_args(env, ref))
+    out = tmp_path / "cut"
+    monkeypatch.setattr(ckpt, "save_checkpoint", interrupted)
+    with pytest.raises(SystemExit) as e:
+        run_main(base_args(env, out))
+    assert e.value.code == 130 and ckpt.read_state(out / "stage-1")["stage_done"] == 1
+    assert not (out / "stage-2").exists()
+    monkeypatch.setattr(ckpt, "save_checkpoint", real)
+    run_main(base_args(env, out, "--resume"))
+    a, b = read_safetensors(ref / "stage-2" / "model.safetensors"), read_safetensors(out / "stage-2" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_over_changed_data_continues_when_told(env, tmp_path, capsys):
+    from test_train import write_task
+    data = tmp_path / "data"
+    data.mkdir()
+    tasks = ",".join([write_task(data, "a", str.upper, 1), write_task(data, "b", lambda w: w[::-1], 2)])
+    out = tmp_path / "run"
+    args = [a if a != env["tasks"] else tasks for a in base_args(env, out)]
+
+    def ctrl_c(stage, step, model):
+        if (stage, step) == (1, 1):
+            raise KeyboardInterrupt
+    with pytest.raises(SystemExit):
+        run_main(args, ctrl_c)
+    write_task(data, "b", str.lower, 2)
+    assert "--accept_changed_inputs" in expect_exit([*args, "--resume"], capsys)
+    capsys.readouterr()
+    res = run_main([*args, "--resume", "--accept_changed_inputs"])
+    assert "the data of training task 'b' changed" in capsys.readouterr().err and len(res["training"]) == 2
