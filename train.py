@@ -654,7 +654,8 @@ def train_task(cfg, d, run, loss_module, tok, pool, j, where, log, results, *, r
                 group["lr"] = lr
             log_now = (step + 1) % cfg["log_every"] == 0 or step + 1 == total
             # each term's ‖∇term‖ / ‖∇ce‖ on the first micro-batch: does a regulariser act at all?
-            shares = grad_shares(loss_module, micro[0], norms, params) if log_now and regularised else None
+            shares = grad_shares(loss_module, micro[0], norms, params, loss_module.amp_dtype) \
+                if log_now and regularised else None
             terms = {}
             for i, batch in enumerate(micro):
                 with no_sync(wrapped, last=i == len(micro) - 1):   # DDP all-reduces in the last backward only

@@ -127,13 +127,15 @@ def no_sync(wrapped, last: bool):
     return contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
 
 
-def grad_shares(loss_module, batch, norms, params) -> dict:
+def grad_shares(loss_module, batch, norms, params, amp_dtype=None) -> dict:
     """{term: ‖∇ term‖ / ‖∇ ce‖} over `params` on one micro-batch, for every term but ce: whether a
     regulariser acts at all (a small term can still steer the update; a large one can do nothing).
     Costs one more forward and a backward per term; the RNG (dropout) is put back, so a run gives the
-    same numbers with or without it."""
+    same numbers with or without it. amp_dtype: the backward runs under the same autocast as the
+    forward (which is how train.py has always measured them, so the shares of runs compare)."""
     devices = [batch["idx"].device] if batch["idx"].device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    amp = torch.autocast(batch["idx"].device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=devices), amp:
         _, parts = loss_module(batch, norms, keep_graph=True)
         norm = {}
         for k, v in parts.items():
