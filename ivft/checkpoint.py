@@ -370,9 +370,6 @@ def load_base_model(model_id: str | None, model_dtype: str, device, lora_targets
                 if t.is_floating_point() and not torch.isfinite(t).all()), None)
     if bad is not None:
         raise TrainError(f"{model_id or 'the embedded model'}: tensor {bad} holds NaN or Inf values")
-    if getattr(tok, "chat_format", None) is None:     # prompts are chat turns (prompts.render_prompt)
-        raise TrainError(f"{model_id}: its tokenizer has no chat template this code knows (ChatML, Llama-3 or "
-                         f"Llama-2 turns): train.py fine-tunes chat models")
     return model, tok
 
 

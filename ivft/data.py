@@ -43,7 +43,7 @@ def encode_example(tok, ex, max_len: int) -> tuple[list[int], int]:
     prompt = list(render_prompt(tok, ex, with_instruction=True))
     answer = list(answer_ids(tok, ex.output))
     eot = end_of_turn_id(tok)
-    if answer[-1] != eot:
+    if eot is not None and answer[-1] != eot:
         answer.append(eot)
     answer = answer[:max_len - 1]
     keep = max_len - len(answer)

@@ -73,12 +73,13 @@ def end_of_turn_id(tok) -> int:
 
 def answer_ids(tok, text: str) -> list[int]:
     """The answer as the assistant would write it right after the generation prompt: the stripped
-    text encoded on its own, then the end-of-turn token."""
+    text encoded on its own, then the end-of-turn token (where the tokenizer has one)."""
     prefix = getattr(tok, "answer_prefix", "")
     ids = continuation_ids(tok, prefix + text.strip()) if prefix else tok.encode(text.strip())
     if not ids:
         raise ValueError(f"answer {text!r} tokenizes to nothing")
-    return ids + [end_of_turn_id(tok)]
+    eot = end_of_turn_id(tok)
+    return ids + ([eot] if eot is not None else [])    # (None: a base tokenizer without an end token)
 
 
 def bos_ids(tok) -> list[int]:

@@ -143,6 +143,8 @@ def test_resume_puts_the_finished_adapters_back(tmp_path, step):
     tok = byte_tokenizer()
     run = ckpt.RunFiles(tmp_path, {"x": 1}, None, False, SPEC)
     state = {"stage_done": 1, "step": step, "rng": [ckpt.rng_state()], "stages": [], "version": 1}
+    if step:        # a mid-task state holds its optimizer's (ckpt.check_state asks for it)
+        state["optimizer"] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]).state_dict()
     path = tmp_path / ("stage-1" if step == 0 else "last")
     ckpt.save_checkpoint(path, model, tok, run, state)
     assert (path / ckpt.ADAPTER_DIR / "adapter_model.safetensors").exists() == (step > 0)

@@ -352,7 +352,7 @@ def test_a_corrupt_results_json_on_resume_is_one_line(env, tmp_path, capsys):
         assert msg.startswith(f"error: {out / 'results.json'}: ") and snapshot(out) == before, msg
 
 
-def test_a_tokenizer_without_a_chat_template_is_one_line(env, tmp_path, capsys):
+def test_a_tokenizer_without_a_chat_template_gets_the_plain_format_and_one_note(env, tmp_path, capsys):
     m = model_copy(env, tmp_path)
     text = (m / "tokenizer.json").read_text()      # its turn tokens renamed: no template is recognisable
     (m / "tokenizer.json").write_text(text.replace("<|im_start|>", "<|turn|>").replace("<|im_end|>", "<|stop|>"))
@@ -361,8 +361,11 @@ def test_a_tokenizer_without_a_chat_template_is_one_line(env, tmp_path, capsys):
     out = tmp_path / "run"
     args = base_args(env, out)
     args[args.index("--model") + 1] = str(m)
-    msg = expect_exit(args, capsys)
-    assert msg.startswith(f"error: {m}: its tokenizer has no chat template") and not out.exists(), msg
+    capsys.readouterr()
+    run_main(args)                                  # a base model: trained in the plain Q:/A: format
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "no chat template" in notes[0], notes
+    assert (out / "finished").is_file()
 
 
 # ---- items 8 and 9: a full disk under the IV cache ---------------------------------------------------
