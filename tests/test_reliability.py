@@ -505,8 +505,9 @@ def test_wired_a_run_killed_at_the_plot_is_completed_by_resume(env, tmp_path, ca
     assert snapshot(out) == before
 
 
-@wired
-def test_wired_resume_over_edited_task_data_is_one_line(env, tmp_path, capsys):
+def cut_run_then_edit_its_data(env, tmp_path) -> tuple[list, Path]:
+    """A run of its own two task files, cut by Ctrl-C in task 2, then task b's file rewritten at the
+    same path with other answers -> (the run's flags, its out_dir)."""
     from test_train import write_task
     data = tmp_path / "data"
     data.mkdir()
@@ -520,6 +521,12 @@ def test_wired_resume_over_edited_task_data_is_one_line(env, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_main(args, ctrl_c)
     write_task(data, "b", str.lower, 2)                     # the same path, other answers
+    return args, out
+
+
+@wired
+def test_wired_resume_over_edited_task_data_is_one_line(env, tmp_path, capsys):
+    args, out = cut_run_then_edit_its_data(env, tmp_path)
     before = snapshot(out)
     msg = expect_exit([*args, "--resume"], capsys)
     assert msg.startswith("error: --resume: the data of training task 'b' changed since") and snapshot(out) == before
@@ -605,19 +612,7 @@ def test_ctrl_c_during_the_stage_checkpoint_write_keeps_the_task(env, tmp_path, 
 
 
 def test_resume_over_changed_data_continues_when_told(env, tmp_path, capsys):
-    from test_train import write_task
-    data = tmp_path / "data"
-    data.mkdir()
-    tasks = ",".join([write_task(data, "a", str.upper, 1), write_task(data, "b", lambda w: w[::-1], 2)])
-    out = tmp_path / "run"
-    args = [a if a != env["tasks"] else tasks for a in base_args(env, out)]
-
-    def ctrl_c(stage, step, model):
-        if (stage, step) == (1, 1):
-            raise KeyboardInterrupt
-    with pytest.raises(SystemExit):
-        run_main(args, ctrl_c)
-    write_task(data, "b", str.lower, 2)
+    args, _ = cut_run_then_edit_its_data(env, tmp_path)
     assert "--accept_changed_inputs" in expect_exit([*args, "--resume"], capsys)
     capsys.readouterr()
     res = run_main([*args, "--resume", "--accept_changed_inputs"])
