@@ -208,23 +208,27 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     print("config: " + json.dumps(vars(args)))
     from ivft.load import load_model
+    report = {"model": args.model or "SmolLM2-135M-Instruct (embedded)", "original": args.original or "embedded",
+              "settings": {k: getattr(args, k) for k in ("n_if", "n_drift", "n_knowledge", "n_boot", "seed", "dtype",
+                                                          "batch_size")}
+              | {"if_tokens": IF_TOKENS, "drift_tokens": drift.REPLY_TOKENS, "threads": torch.get_num_threads()},
+              "code": code_version(), "seconds": {}}
     try:
         check_writable(Path(args.out).resolve().parent)
         model, tok = load_model(args.model, device=args.device)
         original = model if args.original == args.model else load_model(args.original, device=args.device)[0]
-        report = general_eval(model, tok, original=original, parts=parts, n_if=args.n_if or None,
-                              n_drift=args.n_drift or None, n_knowledge=args.n_knowledge or None,
-                              cache_dir=args.cache_dir, batch_size=args.batch_size, n_boot=args.n_boot,
-                              seed=args.seed, dtype=args.dtype)
+        for part in parts:      # the report is written after each part: a long run keeps what it finished
+            r = general_eval(model, tok, original=original, parts=(part,), n_if=args.n_if or None,
+                             n_drift=args.n_drift or None, n_knowledge=args.n_knowledge or None,
+                             cache_dir=args.cache_dir, batch_size=args.batch_size, n_boot=args.n_boot,
+                             seed=args.seed, dtype=args.dtype)
+            report["seconds"].update(r.pop("seconds"))
+            report.update(r)
+            write_json_atomic(args.out, report)
+            print(json.dumps(summary({part: r[part], "seconds": report["seconds"]}), indent=1), flush=True)
     except (ValueError, OSError) as e:          # LoadError, IFEvalError, DriftError, TaskError are ValueErrors
         print(f"general_eval.py: error: {e}", file=sys.stderr)
         return 2
-    report = {"model": args.model or "SmolLM2-135M-Instruct (embedded)", "original": args.original or "embedded",
-              "settings": {k: getattr(args, k) for k in ("n_if", "n_drift", "n_knowledge", "n_boot", "seed", "dtype")}
-              | {"if_tokens": IF_TOKENS, "drift_tokens": drift.REPLY_TOKENS, "threads": torch.get_num_threads()},
-              "code": code_version(), **report}
-    write_json_atomic(args.out, report)
-    print(json.dumps(summary({k: report[k] for k in parts if k in report} | {"seconds": report["seconds"]}), indent=1))
     print(f"report written to {args.out}")
     return 0
 
