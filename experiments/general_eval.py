@@ -1,0 +1,237 @@
+"""
+The general evaluation that sees forgetting in degrees (issue 38, item 1), for one model:
+  a. verifiable instruction following on data/ifeval.jsonl (ivft/ifeval.py): IFEval's four scores;
+  b. knowledge by likelihood: choice accuracy on every general task, per item, by evaluate.py's own
+     conventions (the gold strictly first among the task's choices);
+  c. drift: KL(original || model) per token on the original's greedy replies to data/everyday.jsonl
+     (ivft/drift.py; 0 for the original itself, whose replies this run caches);
+each with a bootstrap SE over items (ivft/retention.py). general_eval() returns the per-item results
+too, so that endpoints() can compare a tuned model with the base one (per-task retention, median
+retention, tasks keeping >= 50%, drift) with paired SEs.
+
+    python experiments/general_eval.py --threads 1                       # the embedded model, every item
+    python experiments/general_eval.py --n_if 60 --n_drift 60 --threads 1 # the per-stage subset
+    python experiments/general_eval.py --model runs/x/stage-1 --out results/x_general.json
+
+Files: reads the model and data/; writes --out (JSON, atomically) and the original's replies under
+--cache_dir (named by weights, prompts and budget; reused when they match).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import evaluate as E
+from ivft import drift, ifeval
+from ivft import retention as R
+from ivft import tasks as T
+from ivft.engine import autocast, eval_mode, run_prompts
+from ivft.files import check_writable, write_json_atomic
+from ivft.load import load_model
+from ivft.prompts import choice_candidates, distinct_outputs, render_prompt
+from ivft.runtime import code_version
+
+ROOT = Path(__file__).resolve().parents[1]
+IF_TOKENS = 192       # reply budget of the IF prompts: room for the longest asked length (80 words)
+IF_ENDPOINT = "prompt_strict"   # the per-prompt IF verdict the retention endpoints use (IFEval's headline)
+STAGE_N = 60          # the per-stage subset (--n_if, --n_drift): every IF kind 4 times
+
+
+# ---------------------------------------------------------------------------------------------
+# The three parts, each -> a summary with SEs and the per-item results it came from
+
+def if_part(model, tok, records, *, max_new_tokens=IF_TOKENS, batch_size=32, n_boot=R.N_BOOT, seed=0):
+    """IFEval's scores of the model's greedy replies to the IF prompts, each with its SE, per kind,
+    and per prompt (id, strict and loose verdicts per constraint, the reply)."""
+    stop = tok.stop_ids()
+    with eval_mode(model):
+        _, replies = drift.chat_replies(model, tok, [r["prompt"] for r in records], max_new_tokens, batch_size)
+    text = [tok.decode([t for t in r if t not in stop]) for r in replies]
+    v = ifeval.verdicts(records, text)
+    s = ifeval.scores(records, v)
+    out = {"n": len(records)}
+    for mode in ("strict", "loose"):
+        out[f"prompt_{mode}"] = R.mean_se(ifeval.prompt_level(v[mode]), n_boot, seed, f"if/prompt_{mode}")
+        out[f"inst_{mode}"] = R.ratio_se([sum(x) for x in v[mode]], [len(x) for x in v[mode]], n_boot, seed,
+                                         f"if/inst_{mode}")
+        assert abs(out[f"prompt_{mode}"]["value"] - s[f"prompt_{mode}"]) < 1e-12   # one definition
+    out["per_kind"] = s["per_kind"]
+    out["unfinished"] = sum(not r or r[-1] not in stop for r in replies) / len(replies)   # hit the budget
+    out["items"] = [{"id": r["id"], "strict": a, "loose": b, "reply": t}
+                    for r, a, b, t in zip(records, v["strict"], v["loose"], text)]
+    return out
+
+
+def choice_verdicts(model, tok, task, n=None, seed=0, batch_size=E.BATCH_SIZE) -> tuple[list, list]:
+    """Per test item of the task (the first n): 1.0 when the gold is strictly first among its choices
+    by summed log-prob, as evaluate.py's choice_accuracy scores it (its mean), and 1 / (choices),
+    the item's chance level."""
+    test = list(task.test)[:n] if n else list(task.test)
+    golds = E._golds(tok, task, test)              # evaluate's own gold and distractor ids: one scoring
+    conts = E._choice_conts(tok, task, test, golds, seed, distinct_outputs(task))
+    with eval_mode(model):
+        scores, _ = run_prompts(model, [render_prompt(tok, ex) for ex in test], conts, prune=True,
+                                batch_size=batch_size, progress=False)
+    labels = distinct_outputs(task)
+    chance = [1.0 / len(choice_candidates(task, ex, i, seed, labels)) for i, ex in enumerate(test)]
+    return [float(all(s[0] > x for x in s[1:])) for s in scores], chance
+
+
+def knowledge_part(model, tok, tasks, *, n=None, seed=0, batch_size=E.BATCH_SIZE, n_boot=R.N_BOOT):
+    out = {}
+    for task in tasks:
+        items, chance = choice_verdicts(model, tok, task, n, seed, batch_size)
+        out[task.name] = {"n": len(items), "chance": sum(chance) / len(chance),
+                          "choice_accuracy": R.mean_se(items, n_boot, seed, f"knowledge/{task.name}"),
+                          "items": items}
+    return out
+
+
+def drift_part(original, model, tok, prompts, cache_dir, *, n=None, max_new_tokens=drift.REPLY_TOKENS,
+               batch_size=32, n_boot=R.N_BOOT, seed=0):
+    """KL(original || model) per token on the original's replies to the first n prompts, with its SE
+    over prompts; the original itself scores 0 without a forward. The replies to *all* the prompts are
+    generated once into cache_dir, so a stage's subset and the full set read the same replies."""
+    rep = drift.original_replies(original, tok, prompts, cache_dir, max_new_tokens, batch_size)
+    rep = {**rep, "prompt_ids": rep["prompt_ids"][:n or None], "reply_ids": rep["reply_ids"][:n or None]}
+    prompts = prompts[:n or None]
+    stop = tok.stop_ids()
+    out = {"n": len(prompts), "reply_cache": str(drift.reply_cache_path(cache_dir, rep["key"])),
+           "reply_tokens": sum(len(r) for r in rep["reply_ids"]) / len(prompts),
+           "unfinished": sum(r[-1] not in stop for r in rep["reply_ids"]) / len(prompts)}
+    if model is original:
+        kl = {"kl_sum": [0.0] * len(prompts), "tokens": [len(r) for r in rep["reply_ids"]]}
+    else:
+        kl = drift.drift_kl(original, model, rep["prompt_ids"], rep["reply_ids"], batch_size=16)
+    out["kl_per_token"] = R.ratio_se(kl["kl_sum"], kl["tokens"], n_boot, seed, "drift")
+    out["items"] = {"kl_sum": kl["kl_sum"], "tokens": kl["tokens"]}
+    return out
+
+
+def general_eval(model, tok, *, original=None, parts=("if", "knowledge", "drift"), n_if=None, n_drift=None,
+                 n_knowledge=None, cache_dir=None, if_tokens=IF_TOKENS, drift_tokens=drift.REPLY_TOKENS,
+                 batch_size=64, n_boot=R.N_BOOT, seed=0, dtype="float32") -> dict:
+    """Every part for one model -> {part: summary with SEs and per-item results, "seconds": {part: s}}.
+    original: the model drift is measured from (None = this model, i.e. the base run); n_*: the first
+    n items of each part (None = all); *_tokens: the reply budgets."""
+    original = model if original is None else original
+    out, seconds = {}, {}
+    with autocast(dtype):
+        for part in parts:
+            t0 = time.perf_counter()
+            if part == "if":
+                out["if"] = if_part(model, tok, ifeval.load_ifeval(n=n_if), max_new_tokens=if_tokens,
+                                    batch_size=batch_size, n_boot=n_boot, seed=seed)
+            elif part == "knowledge":
+                tasks = [T.load_task(name) for name in T.general_suite()]
+                out["knowledge"] = knowledge_part(model, tok, tasks, n=n_knowledge, seed=seed, n_boot=n_boot)
+            elif part == "drift":
+                out["drift"] = drift_part(original, model, tok, drift.load_everyday(),
+                                          cache_dir or ROOT / "runs" / "drift_replies", n=n_drift,
+                                          max_new_tokens=drift_tokens, batch_size=batch_size, n_boot=n_boot,
+                                          seed=seed)
+            else:
+                raise ValueError(f"unknown part {part!r}; known: if, knowledge, drift")
+            seconds[part] = round(time.perf_counter() - t0, 1)
+    out["seconds"] = seconds
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A tuned model against the base: retention endpoints and drift
+
+def endpoints(base: dict, tuned: dict, *, keep=R.KEEP, n_boot=R.N_BOOT, seed=0) -> dict:
+    """Per-task retention over the knowledge tasks and IF (IF_ENDPOINT per prompt), chance-corrected
+    for the choice tasks (a collapsed model still ranks 1 in 4 golds first), the robust endpoints over
+    those tasks, and the tuned model's drift; every number with a paired bootstrap SE. Both reports
+    must hold the same items (the same n_* settings)."""
+    b_items, t_items, chance = {}, {}, {}
+    for name, k in base.get("knowledge", {}).items():
+        b_items[name], t_items[name], chance[name] = k["items"], tuned["knowledge"][name]["items"], k["chance"]
+    if "if" in base:
+        per = lambda rep, mode: [float(all(i[mode])) for i in rep["if"]["items"]]   # noqa: E731
+        mode = IF_ENDPOINT.split("_")[1]
+        b_items["ifeval"], t_items["ifeval"] = per(base, mode), per(tuned, mode)
+    out = R.retention_report(b_items, t_items, chance, keep=keep, n_boot=n_boot, seed=seed)
+    if "drift" in tuned:
+        out["drift_kl_per_token"] = tuned["drift"]["kl_per_token"]
+    return out
+
+
+def summary(report: dict) -> dict:
+    """The report without its per-item lists (what a table needs)."""
+    def strip(d):
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k != "items"}
+    return strip(report)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("I/O")
+    g.add_argument("--model", default=None, help="checkpoint (.gguf or HF folder); none = the embedded "
+                   "SmolLM2-135M-Instruct")
+    g.add_argument("--original", default=None, help="the model drift is measured from; none = the embedded "
+                   "model (the base run measures itself: KL 0, and caches its replies)")
+    g.add_argument("--out", default=str(ROOT / "results" / "general_eval.json"), help="JSON report")
+    g.add_argument("--cache_dir", default=str(ROOT / "runs" / "drift_replies"), help="the original's replies")
+    g = p.add_argument_group("data")
+    g.add_argument("--parts", default="if,knowledge,drift", help="comma-separated parts: if, knowledge, drift")
+    g.add_argument("--n_if", type=int, default=0, help=f"first n IF prompts (0 = all; {STAGE_N} per stage)")
+    g.add_argument("--n_drift", type=int, default=0, help=f"first n everyday prompts (0 = all; {STAGE_N} per stage)")
+    g.add_argument("--n_knowledge", type=int, default=0, help="first n test items per general task (0 = all)")
+    g.add_argument("--n_boot", type=int, default=R.N_BOOT, help="bootstrap replicates of every SE")
+    g.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the choice distractors")
+    g = p.add_argument_group("system")
+    g.add_argument("--batch_size", type=int, default=64, help="prompts per forward pass / rows per decoding step")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    g.add_argument("--device", default="cpu", help="torch device")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; 1 on a "
+                   "shared machine)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    parts = tuple(s.strip() for s in args.parts.split(",") if s.strip())
+    if bad := [s for s in parts if s not in ("if", "knowledge", "drift")]:
+        print(f"general_eval.py: error: --parts: unknown part(s) {bad}; known: if, knowledge, drift", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("config: " + json.dumps(vars(args)))
+    report = {"model": args.model or "SmolLM2-135M-Instruct (embedded)", "original": args.original or "embedded",
+              "settings": {k: getattr(args, k) for k in ("n_if", "n_drift", "n_knowledge", "n_boot", "seed", "dtype",
+                                                          "batch_size")}
+              | {"if_tokens": IF_TOKENS, "drift_tokens": drift.REPLY_TOKENS, "threads": torch.get_num_threads()},
+              "code": code_version(), "seconds": {}}
+    try:
+        check_writable(Path(args.out).resolve().parent)
+        model, tok = load_model(args.model, device=args.device)
+        original = model if args.original == args.model else load_model(args.original, device=args.device)[0]
+        for part in parts:      # the report is written after each part: a long run keeps what it finished
+            r = general_eval(model, tok, original=original, parts=(part,), n_if=args.n_if or None,
+                             n_drift=args.n_drift or None, n_knowledge=args.n_knowledge or None,
+                             cache_dir=args.cache_dir, batch_size=args.batch_size, n_boot=args.n_boot,
+                             seed=args.seed, dtype=args.dtype)
+            report["seconds"].update(r.pop("seconds"))
+            report.update(r)
+            write_json_atomic(args.out, report)
+            print(json.dumps(summary({part: r[part], "seconds": report["seconds"]}), indent=1), flush=True)
+    except (ValueError, OSError) as e:          # LoadError, IFEvalError, DriftError, TaskError are ValueErrors
+        print(f"general_eval.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"report written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

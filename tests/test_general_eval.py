@@ -1,0 +1,76 @@
+"""Tests for experiments/general_eval.py on tiny random models: per-item choice verdicts equal a naive
+ranking and average to evaluate.py's choice_accuracy; every part runs end to end on the real data
+files (a byte-level tokenizer, a few items); endpoints against a tuned model are paired and the base
+against itself keeps everything; the CLI's one-line error."""
+import pytest
+import torch
+
+import evaluate as E
+import general_eval as G
+from ivft.prompts import answer_ids, choice_candidates, render_prompt
+from ivft.tasks import Example, Task
+from toys import PAIRS, TOK, byte_tokenizer, naive_score, tiny_model
+
+
+def opposite_task():
+    ex = [Example("Say the opposite.", a, b) for a, b in PAIRS]
+    return Task(name="opp", kind="general", metric="choice", train=ex, test=ex)
+
+
+def test_choice_verdicts_are_a_naive_ranking_and_average_to_evaluate():
+    task = opposite_task()
+    for seed in range(3):
+        model = tiny_model(seed)
+        items, chance = G.choice_verdicts(model, TOK, task, batch_size=4)
+        want = []
+        for i, ex in enumerate(task.test):
+            prompt = render_prompt(TOK, ex)
+            cands = choice_candidates(task, ex, i, 0)
+            s = {c: naive_score(model, prompt, answer_ids(TOK, c)) for c in cands}
+            gold = ex.output
+            want.append(float(all(s[gold] > v for c, v in s.items() if c != gold)))
+        assert items == want
+        assert sum(items) / len(items) == pytest.approx(
+            E.evaluate_task(model, TOK, task, metrics=("choice_accuracy",), progress=False)["choice_accuracy"])
+        assert chance == [0.1] * len(PAIRS)            # gold + 9 distractors (prompts.N_DISTRACTORS)
+
+
+@pytest.fixture(scope="module")
+def byte_models():
+    tok = byte_tokenizer()
+    base = tiny_model(0, vocab=259)
+    torch.manual_seed(5)
+    tuned = tiny_model(0, vocab=259)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return tok, base, tuned
+
+
+def test_every_part_runs_and_endpoints_are_paired(byte_models, tmp_path, monkeypatch):
+    tok, base, tuned = byte_models
+    prompts = ["What is rain?", "Name a fruit.", "Say hi.", "Why?"]
+    monkeypatch.setattr(G.drift, "load_everyday", lambda n=None: prompts[:n or None])
+    kw = dict(n_if=5, n_drift=3, n_knowledge=3, cache_dir=tmp_path, if_tokens=6, drift_tokens=5, n_boot=50)
+    b = G.general_eval(base, tok, **kw)
+    t = G.general_eval(tuned, tok, original=base, **kw)
+    assert b["if"]["n"] == 5 and len(b["if"]["items"]) == 5 and 0 <= b["if"]["prompt_loose"]["value"] <= 1
+    assert b["if"]["prompt_strict"]["value"] <= b["if"]["prompt_loose"]["value"]
+    assert set(b["knowledge"]) == set(G.T.general_suite()) and all(k["n"] == 3 for k in b["knowledge"].values())
+    assert b["drift"]["kl_per_token"] == {"value": 0.0, "se": 0.0} and b["drift"]["n"] == 3
+    assert t["drift"]["kl_per_token"]["value"] > 0 and t["drift"]["reply_cache"] == b["drift"]["reply_cache"]
+    same = G.endpoints(b, b, n_boot=50)
+    kept = [v["retention"]["value"] for v in same["per_task"].values() if v["retention"]["value"] is not None]
+    assert kept and all(r == 1.0 for r in kept)
+    e = G.endpoints(b, t, n_boot=50)
+    assert e["per_task"]["ifeval"]["base"]["value"] == b["if"]["prompt_strict"]["value"]
+    assert e["per_task"]["ifeval"]["tuned"]["value"] == t["if"]["prompt_strict"]["value"]
+    assert e["drift_kl_per_token"] == t["drift"]["kl_per_token"]
+    assert set(e["endpoints"]) == {"median_retention", "mean_retention", "tasks_kept"}
+    assert "items" not in str(G.summary(b))
+
+
+def test_cli_bad_part_is_one_line(capsys):
+    assert G.main(["--parts", "if,vibes"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--parts" in err and "vibes" in err
