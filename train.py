@@ -47,9 +47,9 @@ from ivft import chat, lora, memplan
 from ivft.config import HelpFormatter, add_run_flags, check_flags, check_launch, lora_spec
 from ivft.data import (collate, encode_task, load_task_list, stage_pool, step_counts, step_micro_batches,
                        steps_for)
-from ivft.dist import (all_reduce_floats, all_reduce_sum, barrier, grad_shares, no_sync, resolve_amp,
+from ivft.dist import (all_reduce_floats, all_reduce_sum, barrier, grad_shares, no_sync,
                        setup_distributed, wrap_for_parallel)
-from ivft.engine import autocast, lm_head_fp32
+from ivft.engine import autocast, lm_head_fp32, resolve_amp
 from ivft.files import RunLock
 from ivft.interrupt import TaskGuard, deferred_stop
 from ivft.ivfile import model_tag, union_of_top_heads
@@ -204,7 +204,7 @@ def parse_flags(argv=None) -> dict:
     if (first.lora_r or 0) > 0 and "lr" not in regime:   # LoRA wants a larger lr than full fine-tuning
         p.set_defaults(lr=LORA_LR)
     cfg = check_flags(vars(p.parse_args(argv)))
-    if cfg["compile"] and Guidance.from_flags(cfg, train_iv=cfg["guided"] or cfg["iv_alpha0"] > 0).uses_iv():
+    if cfg["compile"] and Guidance.from_flags(cfg).uses_iv():
         raise TrainError("--compile is for the plain path; drop it with IV guidance")
     return cfg
 
@@ -271,6 +271,7 @@ class Guidance:
     @classmethod
     def from_flags(cls, cfg: dict, **given):
         flags = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg and f.name not in given}
+        given.setdefault("train_iv", cfg["guided"] or cfg["iv_alpha0"] > 0)    # the IV in the trained model
         return cls(**flags, **given)
 
     def needs_reference(self) -> bool:
@@ -460,7 +461,7 @@ def train(cfg: dict, step_callback=None) -> dict:
 def memory_shape(cfg: dict, d) -> memplan.RunShape:
     """What the memory plan (--dry_run) needs of the flags."""
     n_tasks = len(cfg["tasks"].split(",")) if cfg["tasks"] else len(default_sequence())
-    guidance = Guidance.from_flags(cfg, train_iv=cfg["guided"] or cfg["iv_alpha0"] > 0)
+    guidance = Guidance.from_flags(cfg)
     return memplan.RunShape(
         lora_r=cfg["lora_r"], lora_targets=tuple(cfg["lora_targets"].split(",")),
         lora_dropout=cfg["lora_dropout"],
@@ -476,7 +477,7 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
     # ---- data, model, IVs: everything is checked before anything is written ----------------------
     train_tasks = load_task_list(cfg["tasks"], "default_sequence", "training")
     general = load_task_list(cfg["general"], "general_suite", "general")
-    guidance = Guidance.from_flags(cfg, train_iv=cfg["guided"] or cfg["iv_alpha0"] > 0)
+    guidance = Guidance.from_flags(cfg)
     ckpt.check_before_load(cfg["model"], cfg["max_len"], train_tasks, general,   # from config.json alone
                            cfg["iv_dir"] if guidance.uses_iv() else None)
     amp_dtype = resolve_amp(cfg["dtype"], d.device)

@@ -35,7 +35,7 @@ import train
 from ivft import lora, tasks
 from ivft.checkpoint import frozen_copy
 from ivft.data import Item, collate, encode_example
-from ivft.dist import resolve_amp
+from ivft.engine import resolve_amp
 from ivft.ivsettings import default_layer
 from ivft.load import default_gguf_path, gguf_cache_path, load_model
 from ivft.tokenizer import Tokenizer

@@ -14,7 +14,7 @@ clean and corrupted prompts of an extraction) and ivft.reference (the KL's froze
     ivft.lora        LoRA adapters (add, finish a task, reference views, merge, save in PEFT layout)
 
     evaluation
-    ivft.engine      batched inference: shared-prefix scoring, continuous-batching greedy decoding
+    ivft.engine      batched inference: shared-prefix scoring, continuous-batching greedy decoding, the autocast dtype
                      (with its pooled KV cache, PoolCache)
     ivft.report      JSON reports on disk, tables and plots
 
@@ -27,7 +27,7 @@ clean and corrupted prompts of an extraction) and ivft.reference (the KL's froze
     training (around train.py)
     ivft.config      flag presets, their help text, checks and derived facts
     ivft.data        encoded examples, replay pools, batch order, micro-batches
-    ivft.dist        torchrun setup, collectives, DDP / FSDP2 wrapping, autocast dtype
+    ivft.dist        torchrun setup, collectives, DDP / FSDP2 wrapping, gradient shares
     ivft.checkpoint  checkpoints, resume, RNG state
     ivft.reference   method: which frozen model the KL keeps the trained one close to
     ivft.optim       AdamW with fp32 master weights for bf16 full fine-tuning

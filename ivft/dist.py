@@ -1,5 +1,4 @@
-"""Devices and processes: torchrun setup, the collectives the loop needs, DDP / FSDP2 wrapping, and
-the autocast dtype. Without torchrun everything here is a one-process no-op."""
+"""Devices and processes: torchrun setup, the collectives the loop needs, DDP / FSDP2 wrapping. Without torchrun everything here is a one-process no-op."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ivft.errors import TrainError
+from ivft.engine import autocast
 
 
 @dataclass
@@ -101,26 +100,6 @@ def full_state_dict(model, fsdp: bool) -> dict:
     return model.state_dict()
 
 
-def resolve_amp(dtype: str, device):
-    """The autocast dtype, or None for plain fp32. auto = bf16 where the hardware has it: CUDA with
-    bf16 support, or a CPU with native bf16 matmuls (AVX512-BF16 / AMX, what oneDNN reports). An
-    AVX2-only CPU emulates bf16 matmuls, which is much slower than fp32, not faster."""
-    if dtype == "fp32":
-        return None
-    if device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-    else:
-        try:
-            ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            ok = False
-    if dtype == "bf16" and not ok and device.type == "cuda":
-        raise TrainError("this GPU does not support bf16; use --dtype fp32")
-    if dtype == "bf16":
-        return torch.bfloat16   # asked for explicitly: honoured on a CPU too, slow or not
-    return torch.bfloat16 if ok else None
-
-
 def no_sync(wrapped, last: bool):
     """Around one micro-batch's forward and backward: DDP all-reduces the gradients in every backward
     unless told not to, so all but the last micro-batch of a step run under its no_sync()."""
@@ -134,8 +113,7 @@ def grad_shares(loss_module, batch, norms, params, amp_dtype=None) -> dict:
     same numbers with or without it. amp_dtype: the backward runs under the same autocast as the
     forward (which is how train.py has always measured them, so the shares of runs compare)."""
     devices = [batch["idx"].device] if batch["idx"].device.type == "cuda" else []
-    amp = torch.autocast(batch["idx"].device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    with torch.random.fork_rng(devices=devices), amp:
+    with torch.random.fork_rng(devices=devices), autocast(amp_dtype, batch["idx"].device.type):
         _, parts = loss_module(batch, norms, keep_graph=True)
         norm = {}
         for k, v in parts.items():

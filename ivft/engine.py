@@ -31,9 +31,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from ivft.dist import resolve_amp
 from ivft.prompts import reply_budgets, reply_verdicts, verdict_open
-from ivft.runtime import TrainError
+from ivft.errors import TrainError
 from model import Intervention, KVCache
 
 
@@ -49,6 +48,26 @@ def autocast(dtype, device_type: str = "cpu"):
             raise ValueError(f"bf16 autocast is not available on device {device_type!r}; use fp32")
         return torch.autocast(device_type, dtype=torch.bfloat16)
     raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+
+
+def resolve_amp(dtype: str, device):
+    """The autocast dtype, or None for plain fp32. auto = bf16 where the hardware has it: CUDA with
+    bf16 support, or a CPU with native bf16 matmuls (AVX512-BF16 / AMX, what oneDNN reports). An
+    AVX2-only CPU emulates bf16 matmuls, which is much slower than fp32, not faster."""
+    if dtype == "fp32":
+        return None
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+    else:
+        try:
+            ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            ok = False
+    if dtype == "bf16" and not ok and device.type == "cuda":
+        raise TrainError("this GPU does not support bf16; use --dtype fp32")
+    if dtype == "bf16":
+        return torch.bfloat16   # asked for explicitly: honoured on a CPU too, slow or not
+    return torch.bfloat16 if ok else None
 
 
 def lm_head_fp32(model, h):
@@ -107,7 +126,7 @@ def add_device_flags(g):
 
 def resolve_precision(args, error=ValueError) -> tuple[torch.device, torch.dtype | None, torch.dtype]:
     """(device, autocast dtype or None, weight dtype) from add_device_flags' flags; a bad one raises
-    `error` (the script's one-line error class). The autocast choice is train.py's (dist.resolve_amp)."""
+    `error` (the script's one-line error class). The autocast choice is train.py's (resolve_amp)."""
     try:
         dev = resolve_device(args.device)
         amp = resolve_amp(args.dtype, dev)
