@@ -45,7 +45,7 @@ import extract_iv
 from ivft import checkpoint as ckpt
 from ivft import chat, lora, memplan
 from ivft.config import HelpFormatter, add_run_flags, check_flags, check_launch, lora_spec
-from ivft.data import (collate, encode_task, load_task_list, stage_pool, step_counts, step_micro_batches,
+from ivft.data import (collate, encode_task, load_task_list, other_prompts, other_tasks, stage_pool, step_counts, step_micro_batches,
                        steps_for)
 from ivft.dist import (all_reduce_floats, all_reduce_sum, barrier, grad_shares, no_sync,
                        setup_distributed, wrap_for_parallel)
@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     g("--head_mse_min", type=float, default=0.0, help="count a head's MSE only when above this")
     g("--free_kl_weight", type=float, default=0.0, help="weight of KL(P_θ ‖ P_ref) at the last token of "
       "the batch's prompts without the instruction (beyond the paper: where it is absent, behave as before)")
+    g("--other_kl_weight", type=float, default=0.0, help="weight of KL(P_θ ‖ P_ref) at the last token of "
+      "prompts that carry *other* instructions, one per row from --other_kl_tasks (beyond the paper: where "
+      "another instruction is given, follow it as before)")
+    g("--other_kl_tasks", default="category,sentiment,spell,name_swap,time_12h", help="tasks whose training "
+      "prompts --other_kl_weight reads (comma-separated names or files): the registry's tasks that are "
+      "neither trained nor evaluated; one that is also a training or general task is refused")
 
     g = p.add_argument_group("instruction vectors (extracted and cached by extract_iv.py)").add_argument
     g("--iv_layer", type=int, default=None, help="add the IVs after this block (0-based); default: each IV's "
@@ -267,6 +273,7 @@ class Guidance:
     head_mse_min: float = 0.0              # a head's MSE counts only above this
     heads: dict | None = None              # {layer: LongTensor of head indices} for the MSE term
     free_kl_weight: float = field(default=0.0, metadata=REF)     # the KL on prompts without the instruction
+    other_kl_weight: float = field(default=0.0, metadata=REF)    # the KL on prompts with other instructions
 
     @classmethod
     def from_flags(cls, cfg: dict, **given):
@@ -332,7 +339,9 @@ class LossModule(nn.Module):
             parts["kl"] = g.kl_weight * self.kl_term(batch, h, logits, ref_h, norms)
         # beyond the paper, and the sibling code's terms: named functions below
         if g.free_kl_weight > 0:
-            parts["free_kl"] = g.free_kl_weight * self.instruction_free_kl(batch, n_rows)
+            parts["free_kl"] = g.free_kl_weight * self.prompt_kl(batch, "free", n_rows)
+        if g.other_kl_weight > 0:
+            parts["other_kl"] = g.other_kl_weight * self.prompt_kl(batch, "other", n_rows)
         if g.kl_all_weight > 0:
             parts["kl_all"] = g.kl_all_weight * self.kl_all_positions(batch, h, ref_h, n_rows)
         if g.head_mse_weight > 0:
@@ -390,14 +399,16 @@ class LossModule(nn.Module):
                 z = z.z
         return h, z
 
-    def instruction_free_kl(self, batch, n_rows):
-        """Beyond the paper: KL(P_θ ‖ P_ref) at the last token of the same rows' prompts without the
-        task's instruction (the input alone), the reference without the IV. The KL on the task's own
-        prompts cannot see the new format leaking into prompts with other instructions; this one does."""
-        at = torch.arange(len(batch["idx"]), device=batch["idx"].device), batch["free_last"]
-        h = self.model(batch["free"], pad_mask=batch["free_mask"], return_hidden=True)[at]         # (B, C)
+    def prompt_kl(self, batch, key, n_rows):
+        """Beyond the paper: KL(P_θ ‖ P_ref) at the last token of other prompts than the batch's, the
+        reference without the IV. key "free": the same rows' prompts without the task's instruction (the
+        input alone); "other": one prompt per row carrying another task's instruction (--other_kl_tasks).
+        The KL on the task's own prompts cannot see the new format leaking into prompts where its
+        instruction is absent, or where another one is given; these do."""
+        at = torch.arange(len(batch["idx"]), device=batch["idx"].device), batch[f"{key}_last"]
+        h = self.model(batch[key], pad_mask=batch[f"{key}_mask"], return_hidden=True)[at]         # (B, C)
         with self.frozen() as ref:
-            ref_h = ref(batch["free"], pad_mask=batch["free_mask"], return_hidden=True)[at]
+            ref_h = ref(batch[key], pad_mask=batch[f"{key}_mask"], return_hidden=True)[at]
         kl = kl_per_row(lm_head_fp32(self.model, h), self.ref_head(ref_h), self.guidance.kl_temp)
         return kl.sum() / n_rows
 
@@ -477,6 +488,7 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
     # ---- data, model, IVs: everything is checked before anything is written ----------------------
     train_tasks = load_task_list(cfg["tasks"], "default_sequence", "training")
     general = load_task_list(cfg["general"], "general_suite", "general")
+    others = other_tasks(cfg["other_kl_tasks"], train_tasks + general) if cfg["other_kl_weight"] > 0 else []
     guidance = Guidance.from_flags(cfg)
     ckpt.check_before_load(cfg["model"], cfg["max_len"], train_tasks, general,   # from config.json alone
                            cfg["iv_dir"] if guidance.uses_iv() else None)
@@ -492,8 +504,9 @@ def run_sequence(cfg: dict, d, step_callback) -> dict:
     model.grad_checkpointing = cfg["grad_checkpointing"]     # recompute each block in the backward
     ckpt.check_after_load(run, model, tok, cfg["max_len"], train_tasks, general, start["ckpt"],
                           cfg["accept_changed_inputs"])
-    encoded = [encode_task(tok, t, i, cfg["max_len"], cfg["max_train"], free=cfg["free_kl_weight"] > 0)
-               for i, t in enumerate(train_tasks)]
+    other = other_prompts(tok, others, cfg["max_len"]) if others else None
+    encoded = [encode_task(tok, t, i, cfg["max_len"], cfg["max_train"], free=cfg["free_kl_weight"] > 0,
+                           other=other, seed=cfg["seed"]) for i, t in enumerate(train_tasks)]
     # IVs come from the model before any training: extracted (or loaded) before a resumed run's weights
     ivs = add_ivs(cfg, guidance, model, tok, train_tasks, d.device) if guidance.uses_iv() else {}
     original = keep_original(guidance, model, cfg["kl_ref"], spec, len(train_tasks))

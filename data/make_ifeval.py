@@ -10,7 +10,11 @@
 - everyday.jsonl: plain requests with no constraint, the prompts of the drift measure (ivft/drift.py):
   {"id", "prompt"}. Built from other requests than ifeval.jsonl's, so the two sets share no prompt.
 
-Both are pure functions of --seed (random.Random(f"{seed}/ifeval") and (f"{seed}/everyday")), lists
+- ifeval_dev.jsonl, everyday_dev.jsonl: 60 prompts each, built the same way from other requests
+  (DEV_REQUESTS) and subjects (EVERYDAY_DEV_SUBJECTS): the dev split that settings are chosen on
+  (experiments/forgetting.py), so that no choice reads a test prompt.
+
+All four are pure functions of --seed (random.Random(f"{seed}/ifeval") and (f"{seed}/everyday")), lists
 iterated in their written order, JSON written with a fixed key order. The first constraint of prompt i
 cycles through KINDS, so any first n prompts (the per-stage subset) cover the kinds evenly.
 """
@@ -21,6 +25,7 @@ import random
 
 N_IFEVAL = 240
 N_EVERYDAY = 240
+N_DEV = 60        # each dev file: prompts for choosing settings (experiments/forgetting.py), never scored as results
 
 # (request, a word the reply is asked to include, a word it is asked to avoid). The avoided word is
 # one a reply to the request would naturally use, so avoiding it takes attention; the included one
@@ -147,13 +152,33 @@ def draw_args(rng, kind, request):
     return {}
 
 
-def make_ifeval(seed: int, n: int = N_IFEVAL) -> list:
-    rng = random.Random(f"{seed}/ifeval")
-    order = list(range(len(REQUESTS)))
+# The dev split's requests: other topics than REQUESTS, so no dev prompt shares a request with a test one.
+DEV_REQUESTS = [
+    ("Explain how to fold a fitted sheet.", "corners", "sheet"),
+    ("Give tips for keeping a sourdough starter alive.", "flour", "starter"),
+    ("Describe a quiet evening at a lake.", "reflection", "water"),
+    ("Write a short note asking a friend to water your plants.", "watering", "plants"),
+    ("Suggest ways to keep warm in a cold flat.", "blanket", "cold"),
+    ("Explain why bread goes stale.", "moisture", "bread"),
+    ("Give advice for a first night of camping.", "torch", "tent"),
+    ("Describe the view from the top of a hill.", "valley", "view"),
+    ("Explain how to sharpen a pencil without a sharpener.", "knife", "pencil"),
+    ("Write a short message congratulating a cousin on a new baby.", "family", "baby"),
+    ("Suggest some games to play on a long car journey.", "license", "car"),
+    ("Explain why owls are active at night.", "hunting", "night"),
+    ("Give tips for choosing a good umbrella.", "frame", "rain"),
+    ("Describe a market stall selling fresh fruit.", "baskets", "fruit"),
+    ("Explain how to wrap a present neatly.", "tape", "paper"),
+]
+
+
+def make_ifeval(seed: int, n: int = N_IFEVAL, requests=REQUESTS, stream: str = "ifeval", prefix: str = "if") -> list:
+    rng = random.Random(f"{seed}/{stream}")
+    order = list(range(len(requests)))
     rng.shuffle(order)
     records = []
     for i in range(n):
-        request = REQUESTS[order[i % len(order)]]
+        request = requests[order[i % len(order)]]
         # each pass over the requests shifts the kinds by one: no request meets the same first kind twice
         kinds = [KINDS[(i + i // len(order)) % len(KINDS)]]
         second = [k for k in KINDS if k != kinds[0] and frozenset((k, kinds[0])) not in CONFLICTS]
@@ -161,7 +186,7 @@ def make_ifeval(seed: int, n: int = N_IFEVAL) -> list:
             kinds.append(rng.choice(second))
         constraints = [{"kind": k, "args": draw_args(rng, k, request)} for k in kinds]
         wording = " ".join(INSTRUCTIONS[c["kind"]].format(**c["args"]) for c in constraints)
-        records.append({"id": f"if{i:03d}", "prompt": f"{request[0]} {wording}", "request": request[0],
+        records.append({"id": f"{prefix}{i:03d}", "prompt": f"{request[0]} {wording}", "request": request[0],
                         "constraints": constraints})
     return records
 
@@ -188,11 +213,20 @@ EVERYDAY_SUBJECTS = [
 ]
 
 
-def make_everyday(seed: int, n: int = N_EVERYDAY) -> list:
-    rng = random.Random(f"{seed}/everyday")
-    pairs = [(t, s) for s in EVERYDAY_SUBJECTS for t in EVERYDAY_TEMPLATES]
+# The dev split's subjects (10 x 6 templates = 60 prompts), none of them a test subject.
+EVERYDAY_DEV_SUBJECTS = [
+    "iron a shirt", "plan a surprise party", "keep a houseplant alive in winter", "sort laundry",
+    "choose a board game for a family", "start learning to draw", "pack a school lunch",
+    "organise digital photos", "make a cup of hot chocolate", "prepare a bike for winter",
+]
+
+
+def make_everyday(seed: int, n: int = N_EVERYDAY, subjects=EVERYDAY_SUBJECTS, stream: str = "everyday",
+                  prefix: str = "ev") -> list:
+    rng = random.Random(f"{seed}/{stream}")
+    pairs = [(t, s) for s in subjects for t in EVERYDAY_TEMPLATES]
     rng.shuffle(pairs)
-    return [{"id": f"ev{i:03d}", "prompt": t.format(s)} for i, (t, s) in enumerate(pairs[:n])]
+    return [{"id": f"{prefix}{i:03d}", "prompt": t.format(s)} for i, (t, s) in enumerate(pairs[:n])]
 
 
 def write_jsonl(path, records):
@@ -209,7 +243,13 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     write_jsonl(os.path.join(args.out_dir, "ifeval.jsonl"), make_ifeval(args.seed))
     write_jsonl(os.path.join(args.out_dir, "everyday.jsonl"), make_everyday(args.seed))
-    print(f"wrote ifeval.jsonl ({N_IFEVAL}) and everyday.jsonl ({N_EVERYDAY}) to {args.out_dir}")
+    # the dev split: other requests and subjects, other random streams; the test files above are unchanged by it
+    write_jsonl(os.path.join(args.out_dir, "ifeval_dev.jsonl"),
+                make_ifeval(args.seed, N_DEV, DEV_REQUESTS, "ifeval_dev", "ifdev"))
+    write_jsonl(os.path.join(args.out_dir, "everyday_dev.jsonl"),
+                make_everyday(args.seed, N_DEV, EVERYDAY_DEV_SUBJECTS, "everyday_dev", "evdev"))
+    print(f"wrote ifeval.jsonl ({N_IFEVAL}), everyday.jsonl ({N_EVERYDAY}) and their dev files ({N_DEV} each) "
+          f"to {args.out_dir}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 IF_TOKENS = 192       # reply budget of the IF prompts: room for the longest asked length (80 words)
 IF_ENDPOINT = "prompt_strict"   # the per-prompt IF verdict the retention endpoints use (IFEval's headline)
 STAGE_N = 60          # the per-stage subset (--n_if, --n_drift): every IF kind 4 times
+# split -> (IF prompts, everyday prompts); the knowledge part reads the general tasks' test items for
+# "test" and their training items (never trained on) for "dev"
+SPLITS = {"test": (ifeval.IFEVAL_FILE, drift.EVERYDAY_FILE),
+          "dev": (ROOT / "data" / "ifeval_dev.jsonl", ROOT / "data" / "everyday_dev.jsonl")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,11 +71,12 @@ def if_part(model, tok, records, *, max_new_tokens=IF_TOKENS, batch_size=32, n_b
     return out
 
 
-def choice_verdicts(model, tok, task, n=None, seed=0, batch_size=E.BATCH_SIZE) -> tuple[list, list]:
-    """Per test item of the task (the first n): 1.0 when the gold is strictly first among its choices
-    by summed log-prob, as evaluate.py's choice_accuracy scores it (its mean), and 1 / (choices),
-    the item's chance level."""
-    test = list(task.test)[:n] if n else list(task.test)
+def choice_verdicts(model, tok, task, n=None, seed=0, batch_size=E.BATCH_SIZE, split="test") -> tuple[list, list]:
+    """Per test item of the task (the first n; its training items for split "dev": a general task is
+    never trained on): 1.0 when the gold is strictly first among its choices by summed log-prob, as
+    evaluate.py's choice_accuracy scores it (its mean), and 1 / (choices), the item's chance level."""
+    items = task.test if split == "test" else task.train
+    test = list(items)[:n] if n else list(items)
     golds = E._golds(tok, task, test)              # evaluate's own gold and distractor ids: one scoring
     conts = E._choice_conts(tok, task, test, golds, seed, distinct_outputs(task))
     with eval_mode(model):
@@ -82,10 +87,10 @@ def choice_verdicts(model, tok, task, n=None, seed=0, batch_size=E.BATCH_SIZE) -
     return [float(all(s[0] > x for x in s[1:])) for s in scores], chance
 
 
-def knowledge_part(model, tok, tasks, *, n=None, seed=0, batch_size=E.BATCH_SIZE, n_boot=R.N_BOOT):
+def knowledge_part(model, tok, tasks, *, n=None, seed=0, batch_size=E.BATCH_SIZE, n_boot=R.N_BOOT, split="test"):
     out = {}
     for task in tasks:
-        items, chance = choice_verdicts(model, tok, task, n, seed, batch_size)
+        items, chance = choice_verdicts(model, tok, task, n, seed, batch_size, split)
         out[task.name] = {"n": len(items), "chance": sum(chance) / len(chance),
                           "choice_accuracy": R.mean_se(items, n_boot, seed, f"knowledge/{task.name}"),
                           "items": items}
@@ -115,23 +120,28 @@ def drift_part(original, model, tok, prompts, cache_dir, *, n=None, max_new_toke
 
 def general_eval(model, tok, *, original=None, parts=("if", "knowledge", "drift"), n_if=None, n_drift=None,
                  n_knowledge=None, cache_dir=None, if_tokens=IF_TOKENS, drift_tokens=drift.REPLY_TOKENS,
-                 batch_size=64, n_boot=R.N_BOOT, seed=0, dtype="float32") -> dict:
+                 batch_size=64, n_boot=R.N_BOOT, seed=0, dtype="float32", split="test") -> dict:
     """Every part for one model -> {part: summary with SEs and per-item results, "seconds": {part: s}}.
     original: the model drift is measured from (None = this model, i.e. the base run); n_*: the first
-    n items of each part (None = all); *_tokens: the reply budgets."""
+    n items of each part (None = all); *_tokens: the reply budgets; split: "test" (the results) or
+    "dev" (SPLITS: other prompts, and the general tasks' training items, for choosing settings)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    if_file, everyday_file = SPLITS[split]
     original = model if original is None else original
     out, seconds = {}, {}
     with autocast(dtype):
         for part in parts:
             t0 = time.perf_counter()
             if part == "if":
-                out["if"] = if_part(model, tok, ifeval.load_ifeval(n=n_if), max_new_tokens=if_tokens,
+                out["if"] = if_part(model, tok, ifeval.load_ifeval(if_file, n=n_if), max_new_tokens=if_tokens,
                                     batch_size=batch_size, n_boot=n_boot, seed=seed)
             elif part == "knowledge":
                 tasks = [T.load_task(name) for name in T.general_suite()]
-                out["knowledge"] = knowledge_part(model, tok, tasks, n=n_knowledge, seed=seed, n_boot=n_boot)
+                out["knowledge"] = knowledge_part(model, tok, tasks, n=n_knowledge, seed=seed, n_boot=n_boot,
+                                                  split=split)
             elif part == "drift":
-                out["drift"] = drift_part(original, model, tok, drift.load_everyday(),
+                out["drift"] = drift_part(original, model, tok, drift.load_everyday(everyday_file),
                                           cache_dir or ROOT / "runs" / "drift_replies", n=n_drift,
                                           max_new_tokens=drift_tokens, batch_size=batch_size, n_boot=n_boot,
                                           seed=seed)
@@ -185,6 +195,8 @@ def build_parser():
     g.add_argument("--cache_dir", default=str(ROOT / "runs" / "drift_replies"), help="the original's replies")
     g = p.add_argument_group("data")
     g.add_argument("--parts", default="if,knowledge,drift", help="comma-separated parts: if, knowledge, drift")
+    g.add_argument("--split", default="test", choices=list(SPLITS), help="test: the results' items; dev: other "
+                   "prompts and the general tasks' training items, for choosing settings")
     g.add_argument("--n_if", type=int, default=0, help=f"first n IF prompts (0 = all; {STAGE_N} per stage)")
     g.add_argument("--n_drift", type=int, default=0, help=f"first n everyday prompts (0 = all; {STAGE_N} per stage)")
     g.add_argument("--n_knowledge", type=int, default=0, help="first n test items per general task (0 = all)")
@@ -209,8 +221,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     print("config: " + json.dumps(vars(args)))
     report = {"model": args.model or "SmolLM2-135M-Instruct (embedded)", "original": args.original or "embedded",
-              "settings": {k: getattr(args, k) for k in ("n_if", "n_drift", "n_knowledge", "n_boot", "seed", "dtype",
-                                                          "batch_size")}
+              "settings": {k: getattr(args, k) for k in ("split", "n_if", "n_drift", "n_knowledge", "n_boot", "seed",
+                                                          "dtype", "batch_size")}
               | {"if_tokens": IF_TOKENS, "drift_tokens": drift.REPLY_TOKENS, "threads": torch.get_num_threads()},
               "code": code_version(), "seconds": {}}
     try:
@@ -221,7 +233,7 @@ def main(argv=None) -> int:
             r = general_eval(model, tok, original=original, parts=(part,), n_if=args.n_if or None,
                              n_drift=args.n_drift or None, n_knowledge=args.n_knowledge or None,
                              cache_dir=args.cache_dir, batch_size=args.batch_size, n_boot=args.n_boot,
-                             seed=args.seed, dtype=args.dtype)
+                             seed=args.seed, dtype=args.dtype, split=args.split)
             report["seconds"].update(r.pop("seconds"))
             report.update(r)
             write_json_atomic(args.out, report)

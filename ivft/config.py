@@ -109,6 +109,7 @@ def check_flags(cfg: dict) -> dict:
         (cfg["iv_alpha0"] >= 0 and cfg["kl_min"] >= 0, "--iv_alpha0 and --kl_min must be >= 0"),
         (cfg["kl_all_weight"] >= 0 and cfg["head_mse_min"] >= 0, "--kl_all_weight and --head_mse_min must be >= 0"),
         (cfg["free_kl_weight"] >= 0, f"--free_kl_weight {cfg['free_kl_weight']}: must be >= 0"),
+        (cfg["other_kl_weight"] >= 0, f"--other_kl_weight {cfg['other_kl_weight']}: must be >= 0"),
         (cfg["iv_norm_ratio"] >= 0, f"--iv_norm_ratio {cfg['iv_norm_ratio']}: must be >= 0"),
         (all(cfg[k] is None or cfg[k] >= 1 for k in ("iv_n_clean", "iv_n_corrupt", "iv_top_k")),
          "--iv_n_clean, --iv_n_corrupt and --iv_top_k must be >= 1"),

@@ -58,12 +58,31 @@ class Item:
     prompt_len: int
     task: int       # index into the training sequence (for replay rows and their IV)
     free: list | None = None   # the prompt without the task's instruction (the input alone), if asked for
+    other: list | None = None  # a prompt carrying another task's instruction, if asked for
+
+
+def other_tasks(spec: str, taken: list) -> list:
+    """The tasks of --other_kl_tasks; one that is also trained or evaluated (by name) is refused: the KL
+    would hold the model to the very prompts it is trained or scored on."""
+    out = load_task_list(spec, "default_sequence", "--other_kl_tasks")
+    if clash := sorted({t.name for t in out} & {t.name for t in taken}):
+        raise TrainError(f"--other_kl_tasks: {', '.join(clash)} also trained or evaluated in this run; name "
+                         "tasks that are neither (default: category, sentiment, spell, name_swap, time_12h)")
+    return out
+
+
+def other_prompts(tok, tasks: list, max_len: int) -> list[list]:
+    """Every training example's prompt of the tasks, with its instruction, as token ids (cut to max_len
+    from the start): the pool the rows' other-instruction prompts are drawn from."""
+    return [list(render_prompt(tok, ex, with_instruction=True))[-max_len:] for t in tasks for ex in t.train]
 
 
 def encode_task(tok, task, index: int, max_len: int, max_train: int | None = None,
-                free: bool = False) -> list[Item]:
+                free: bool = False, other: list | None = None, seed: int = 0) -> list[Item]:
     """The task's training examples as Items; free: also each prompt without the instruction (the
-    query alone, cut to max_len from its start), for a KL on prompts the new instruction is absent from."""
+    query alone, cut to max_len from its start), for a KL on prompts the new instruction is absent from;
+    other: a pool of prompts with other instructions (other_prompts), one drawn for each row by a
+    generator seeded by (seed, index), for a KL on prompts where another instruction is given."""
     examples = list(task.train)[:max_train] if max_train else list(task.train)
     if not examples:
         raise TrainError(f"training task {task.name!r} has no training examples")
@@ -71,6 +90,10 @@ def encode_task(tok, task, index: int, max_len: int, max_train: int | None = Non
     if free:
         for ex, it in zip(examples, items):
             it.free = list(render_prompt(tok, ex, with_instruction=False))[-max_len:]
+    if other:
+        draw = torch.Generator().manual_seed(seed * 1000 + index)
+        for it, j in zip(items, torch.randint(len(other), (len(items),), generator=draw).tolist()):
+            it.other = other[j]
     # encode_example keeps a too-long prompt's end; say how many lost their start, once per task. Only
     # a row that fills max_len can have been cut, so only those are rendered again to tell.
     n_cut = sum(len(render_prompt(tok, ex, with_instruction=True)) > it.prompt_len
@@ -138,15 +161,18 @@ def collate(items: list[Item], pad_id: int, device) -> dict:
     out = {"idx": idx.to(device), "targets": targets.to(device),
            "pad_mask": None if pad_mask.all() else pad_mask.to(device),
            "last": last.to(device), "task": task.to(device), "n_tokens": int(pad_mask.sum())}
-    if items[0].free is not None:     # the same rows' prompts without the instruction: free (B, T'), ...
-        Tf = max(len(it.free) for it in items)
-        free = torch.full((B, Tf), pad_id, dtype=torch.long)
-        free_mask = torch.zeros(B, Tf, dtype=torch.bool)
-        for b, it in enumerate(items):
-            free[b, :len(it.free)] = torch.tensor(it.free, dtype=torch.long)
-            free_mask[b, :len(it.free)] = True
-        out.update(free=free.to(device), free_mask=None if free_mask.all() else free_mask.to(device),
-                   free_last=torch.tensor([len(it.free) - 1 for it in items], dtype=torch.long).to(device))
+    for key in ("free", "other"):     # the rows' extra prompts, if any: free (B, T'), free_mask, free_last
+        if getattr(items[0], key) is None:
+            continue
+        rows = [getattr(it, key) for it in items]
+        Tf = max(len(r) for r in rows)
+        ids = torch.full((B, Tf), pad_id, dtype=torch.long)
+        mask = torch.zeros(B, Tf, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[b, :len(r)] = True
+        out.update({key: ids.to(device), f"{key}_mask": None if mask.all() else mask.to(device),
+                    f"{key}_last": torch.tensor([len(r) - 1 for r in rows], dtype=torch.long).to(device)})
     return out
 
 

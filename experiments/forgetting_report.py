@@ -1,0 +1,317 @@
+"""
+The registered rules of amendment 3 (experiments/study_protocol.md) and the report of
+experiments/forgetting.py: each record's endpoints against the base model, each method's chosen point
+(choose), the off-floor regime (choose_regime), the confirmation's arms (plan), the table over seeds
+and the decision (decide); results/forgetting.json, forgetting.md and the curves' PNG (write).
+
+Endpoints of a model (experiments/general_eval.endpoints, against the base model on the same items):
+median retention over the seven general tasks (IF prompt-level strict and the six knowledge tasks'
+choice accuracy, each chance-corrected), tasks keeping >= 50%, mean retention, drift KL per token, IF
+prompt-level strict; each with its bootstrap SE.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import general_eval as GE  # a sibling: on the script's path
+from common import stat
+from ivft.files import write_atomic
+from ivft.report import save_report
+
+ROOT = Path(__file__).resolve().parent.parent
+QUALIFY = 0.9          # a strength qualifies at >= 0.9 x the reference's new-task dev score
+TIE = 0.02             # median retentions closer than this are a tie (about one knowledge item of 50)
+BAND = (0.2, 0.6)      # the off-floor regime: plain keeps this much (median retention) after the sequence
+MARGIN = 0.02          # the goal's "new task within 2 points of plain's"
+NON_IV = ("plain", "lora", "lwf", "free_kl", "other_kl")      # plain's chosen point is "plain-less"
+PROMPT_KL = ("free_kl", "other_kl")                             # regularisers that combine with guided's KL
+
+# method -> [(label, strength, train.py flags)] on stage 1 of the dev split, seed 0. strength orders a
+# method's points (more training for plain and LoRA, the regulariser's weight for the others); all but
+# plain's and LoRA's own grids train at regime A's defaults (lr 1e-4, one epoch, cosine, batch 8).
+GRID = {
+    "plain": [(f"lr={lr:g}" + ("" if ep == 1 else f",ep={ep:g}"), lr * ep, ["--lr", str(lr), "--epochs", str(ep)])
+              for lr, ep in ((1e-5, 1), (3e-5, 1), (1e-4, 0.5), (1e-4, 1))],
+    "lora": [(f"r=8,lr={lr:g}", lr, ["--regime", "lora", "--lr", str(lr), "--epochs", "1"]) for lr in (3e-4, 1e-3)],
+    "lwf": [(f"λ={w:g}", w, ["--preset", "lwf", "--kl_weight", str(w)]) for w in (1, 10)],
+    "guided": [("λ=1,as extracted", 0.0, ["--preset", "guided"])]
+              + [(f"λ={w:g},r={r:g}", w + r, ["--preset", "guided", "--kl_weight", str(w), "--iv_norm_ratio", str(r)])
+                 for w, r in ((1, 0.5), (10, 0.5), (10, 0.25))],
+    "free_kl": [(f"λ_free={w:g}", w, ["--free_kl_weight", str(w)]) for w in (1, 10, 30)],
+    "other_kl": [(f"λ_other={w:g}", w, ["--other_kl_weight", str(w)]) for w in (1, 10, 30)],
+}
+REFERENCE = ("plain", "lr=0.0001")        # plain at regime A's defaults: the reference point of the sweep
+WISE = [(f"α={a:g}", a) for a in (0.25, 0.5, 0.75)]   # θ = (1 - α)·θ_original + α·θ_tuned, on REFERENCE's model
+HARSH_LR = 1e-4                           # regime A's lr: today's harsh regime
+REGIME_LRS = (HARSH_LR, 3e-5, 1e-5)           # plain over the whole dev sequence: the off-floor regime's candidates
+
+
+def endpoints(base: dict, general: dict) -> dict:
+    """The model's endpoints, each {"value", "se"}, and per-task retention."""
+    e = GE.endpoints(base, general)
+    out = {k: e["endpoints"][k] for k in ("median_retention", "tasks_kept", "mean_retention")}
+    out["drift_kl"] = e["drift_kl_per_token"]
+    out["if_strict"] = general["if"]["prompt_strict"]
+    out["per_task"] = {t: v["retention"]["value"] for t, v in e["per_task"].items()}
+    return out
+
+
+def new_task_of(rec: dict) -> float:
+    """The new task's dev score right after stage 1 (a WiSE-FT point: its mixed model's)."""
+    return rec["tasks"]["uppercase"] if "tasks" in rec else rec["cl"]["R"][1][0]
+
+
+def sweep_rows(sweep: list[dict], base: dict) -> list[dict]:
+    rows = [{"method": r["method"], "label": r["label"], "strength": r["strength"], "settings": r["settings"],
+             "new_task": new_task_of(r), **endpoints(base, r["general"]),
+             "grad_share": {k: v for t in r.get("training") or [] for k, v in (t.get("grad_share") or {}).items()},
+             "seconds": r.get("seconds")} for r in sweep]
+    return sorted(rows, key=lambda r: (r["method"], r["strength"]))
+
+
+def better(a: dict, b: dict) -> bool:
+    """a beats b: a higher median retention, or a tie (within TIE) and a lower drift KL, or a tie in
+    both and a higher new-task score."""
+    ma, mb = a["median_retention"]["value"], b["median_retention"]["value"]
+    if abs(ma - mb) >= TIE:
+        return ma > mb
+    da, db = a["drift_kl"]["value"], b["drift_kl"]["value"]
+    return da < db if da != db else a["new_task"] > b["new_task"]
+
+
+def best_of(rows: list[dict]) -> dict:
+    out = rows[0]
+    for r in rows[1:]:
+        out = r if better(r, out) else out
+    return out
+
+
+def choose(rows: list[dict], method: str, reference: dict) -> dict | None:
+    """The registered rule: among the method's points with new task >= QUALIFY x the reference's, the
+    best (better()); none qualifies -> the highest new task, marked. None while the method has no point."""
+    mine = [r for r in rows if r["method"] == method]
+    if not mine:
+        return None
+    ok = [r for r in mine if r["new_task"] >= QUALIFY * reference["new_task"] - 1e-9]
+    pick = best_of(ok) if ok else max(mine, key=lambda r: r["new_task"])
+    return {**pick, "qualified": bool(ok)}
+
+
+def choose_regime(regime: list[dict], base: dict) -> dict | None:
+    """The highest lr at which plain's median retention after the dev sequence is within BAND; none ->
+    the one closest to the band's middle. None until every candidate ran."""
+    if len(regime) < len(REGIME_LRS):
+        return None
+    rows = [{"lr": r["lr"], "new_task": sum(r["cl"]["R"][i + 1][i] for i in range(4)) / 4,
+             **endpoints(base, r["general"])} for r in regime]
+    inside = [r for r in rows if BAND[0] <= r["median_retention"]["value"] <= BAND[1]]
+    mid = sum(BAND) / 2
+    pick = max(inside, key=lambda r: r["lr"]) if inside else \
+        min(rows, key=lambda r: abs(r["median_retention"]["value"] - mid))
+    return {"lr": pick["lr"], "in_band": bool(inside), "rows": rows}
+
+
+def plan(sweep: list[dict], regime: list[dict], base: dict) -> dict | None:
+    """The confirmation's arms per regime ({"arms": {regime: {label: train.py settings}}, "wise_alpha",
+    "chosen", "regime"}), or None until the sweep and the regime runs are complete."""
+    rows = sweep_rows(sweep, base)
+    need = {(m, lab) for m, pts in GRID.items() for lab, _, _ in pts} | {("wise", lab) for lab, _ in WISE}
+    if not need <= {(r["method"], r["label"]) for r in rows}:
+        return None
+    reg = choose_regime(regime, base)
+    if reg is None:
+        return None
+    ref = next(r for r in rows if (r["method"], r["label"]) == REFERENCE)
+    chosen = {m: choose(rows, m, ref) for m in [*GRID, "wise"]}
+    best_non_iv = best_of([chosen[m] for m in NON_IV if m != "plain"] + [chosen["plain"]])
+    best_prompt_kl = best_of([chosen[m] for m in PROMPT_KL])
+    best_any = best_of([chosen[m] for m in chosen if m not in ("plain", "wise")])
+    lr = {"lr": reg["lr"]}
+    # an arm trains at the regime's lr unless its point sets its own (plain's "do less", LoRA)
+    at = lambda pt: {**lr, **pt["settings"]} if "lr" not in pt["settings"] else dict(pt["settings"])  # noqa: E731
+    off = {"plain": dict(lr), "plain-less": at(chosen["plain"]), "best-non-iv": at(best_non_iv),
+           "guided-paper": {**lr, "preset": "guided"}, "guided-chosen": at(chosen["guided"]),
+           "free_kl": at(chosen["free_kl"]), "guided+prompt-kl": {**at(chosen["guided"]), **best_prompt_kl["settings"]}}
+    harsh = {"plain": {}, "guided-paper": {"preset": "guided"}, "best": dict(best_any["settings"])}
+    # the harsh regime itself off the floor: one regime, every arm in it
+    arms = {"off-floor": off, "harsh": harsh} if reg["lr"] != HARSH_LR else {"harsh": {**off, **harsh}}
+    names = {"best-non-iv": f"{best_non_iv['method']} {best_non_iv['label']}",
+             "guided+prompt-kl": f"guided {chosen['guided']['label']} + {best_prompt_kl['method']} "
+                                 f"{best_prompt_kl['label']}", "best": f"{best_any['method']} {best_any['label']}"}
+    return {"arms": arms, "wise_alpha": chosen["wise"]["settings"]["alpha"], "regime": reg, "names": names,
+            "chosen": {m: {k: c[k] for k in ("label", "settings", "qualified", "new_task")}
+                       | {"median_retention": c["median_retention"]["value"], "drift_kl": c["drift_kl"]["value"]}
+                       for m, c in chosen.items()}}
+
+
+# ---- the confirmation -----------------------------------------------------------------------------------
+
+ENDPOINTS = ("median_retention", "tasks_kept", "mean_retention", "drift_kl", "if_strict")
+
+
+def run_endpoints(rec: dict, base: dict) -> dict:
+    """One confirmatory run's endpoints (values) and per-task retentions."""
+    e = endpoints(base, rec["general"])
+    out = {k: e[k]["value"] for k in ENDPOINTS} | {"per_task": e["per_task"]}
+    if "cl" in rec:
+        R, n = rec["cl"]["R"], len(rec["cl"]["train_tasks"])
+        out |= {"new_task": sum(R[i + 1][i] for i in range(n)) / n, "AP": sum(R[n]) / n}
+    else:     # WiSE-FT on a final model: the training tasks' scores of the mixed model
+        out |= {"AP": sum(rec["tasks"].values()) / len(rec["tasks"])}
+    return out
+
+
+def confirm_table(confirm: list[dict], base: dict) -> dict:
+    """{regime: {label: {endpoint: {"mean", "std", "n"}, "per_task": {task: mean}, "seeds"}}}."""
+    runs = {}
+    for r in confirm:
+        runs.setdefault(r["regime"], {}).setdefault(r["label"], {})[r["seed"]] = run_endpoints(r, base)
+    out = {}
+    for regime, labels in runs.items():
+        for label, per in labels.items():
+            keys = [k for k in next(iter(per.values())) if k != "per_task"]
+            tasks = next(iter(per.values()))["per_task"]
+            out.setdefault(regime, {})[label] = {
+                "seeds": sorted(per), **{k: stat([e.get(k) for e in per.values()]) for k in keys},
+                "per_task": {t: stat([e["per_task"][t] for e in per.values()])["mean"] for t in tasks}}
+    return out
+
+
+def decide(table: dict, plan_: dict | None, n_seeds: int = 3) -> dict:
+    """The goal, per regime and method: new task within MARGIN of plain's, median retention >= 2 x
+    plain's (plain's <= 0: >= 0.5), drift KL <= 0.5 x plain's; means over n_seeds seeds."""
+    if plain_missing := [g for g in (plan_ or {}).get("arms", {}) if table.get(g, {}).get("plain", {}).get(
+            "median_retention", {}).get("n", 0) < n_seeds]:
+        done = sum(len(v["seeds"]) for g in table.values() for v in g.values())
+        return {"holds": None, "text": f"not yet decided: {done} confirmatory runs recorded; plain has fewer "
+                                       f"than {n_seeds} seeds in {', '.join(plain_missing)}"}
+    verdicts, lines = {}, []
+    for regime, arms in table.items():
+        m = lambda label, k: arms[label][k]["mean"]  # noqa: E731
+        for label in arms:
+            if label == "plain" or arms[label]["median_retention"]["n"] < n_seeds or "new_task" not in arms[label]:
+                continue
+            keep_ok = m(label, "new_task") >= m("plain", "new_task") - MARGIN - 1e-9
+            need = 2 * m("plain", "median_retention") if m("plain", "median_retention") > 0 else 0.5
+            ret_ok = m(label, "median_retention") >= need - 1e-9
+            drift_ok = m(label, "drift_kl") <= 0.5 * m("plain", "drift_kl") + 1e-12
+            verdicts[f"{regime}/{label}"] = keep_ok and ret_ok and drift_ok
+            lines.append(f"{regime}/{label}: new task {100 * m(label, 'new_task'):.1f} vs plain "
+                         f"{100 * m('plain', 'new_task'):.1f} (kept: {keep_ok}); median retention "
+                         f"{m(label, 'median_retention'):.2f} vs plain {m('plain', 'median_retention'):.2f} "
+                         f"(doubled: {ret_ok}); drift {m(label, 'drift_kl'):.4f} vs plain "
+                         f"{m('plain', 'drift_kl'):.4f} (halved: {drift_ok})")
+    guided = [v for k, v in verdicts.items() if k.split("/")[1].startswith("guided")]
+    return {"holds": any(guided) if guided else None, "per_arm": verdicts, "text": "; ".join(lines)}
+
+
+# ---- the report ------------------------------------------------------------------------------------------
+
+def write(sweep: list[dict], regime: list[dict], confirm: list[dict], base_dev: dict | None,
+          base_test: dict | None) -> str:
+    if base_dev is None:
+        return "no report yet: the base model's dev evaluation is missing"
+    rows = sweep_rows(sweep, base_dev)
+    p = plan(sweep, regime, base_dev)
+    table = confirm_table(confirm, base_test) if base_test and confirm else {}
+    d = {"sweep": rows, "regime": choose_regime(regime, base_dev), "plan": p, "confirm": table,
+         "per_task": {g: {lab: v["per_task"] for lab, v in arms.items()} for g, arms in table.items()},
+         "decision": decide(table, p)}
+    out = ROOT / "results"
+    save_report(d, out / "forgetting.json")
+    plots = plot_curves(rows, out / "forgetting.png")
+    md = markdown(d, plots)
+    write_atomic(out / "forgetting.md", lambda tmp: Path(tmp).write_text(md))
+    return f"wrote results/forgetting.json ({len(rows)} sweep points, {len(confirm)} confirmatory runs), " \
+           "results/forgetting.md"
+
+
+def pareto(rows: list[dict], y: str, higher: bool = True) -> list[dict]:
+    """The points no other point beats in both new task (higher) and y (higher, or lower)."""
+    s = 1 if higher else -1
+    return [r for r in rows if not any(o is not r and o["new_task"] >= r["new_task"] and s * o[y]["value"] >= s * r[y]["value"]
+                                       and (o["new_task"] > r["new_task"] or s * o[y]["value"] > s * r[y]["value"])
+                                       for o in rows)]
+
+
+def plot_curves(rows: list[dict], path: Path) -> list[str]:
+    """New task vs each general endpoint, one curve per method over its strength, the Pareto front
+    ringed -> the PNG's name (none without matplotlib or points)."""
+    try:
+        import matplotlib  # optional: a report without plots is still a report
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    if not rows:
+        return []
+    ys = (("median_retention", "median retention (7 tasks)", True), ("drift_kl", "drift KL per token", False),
+          ("if_strict", "IF prompt-level strict", True))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (y, name, higher) in zip(axes, ys):
+        for m in dict.fromkeys(r["method"] for r in rows):
+            pts = [r for r in rows if r["method"] == m]
+            ax.plot([r["new_task"] for r in pts], [r[y]["value"] for r in pts], "o-", label=m)
+        front = pareto(rows, y, higher)
+        ax.scatter([r["new_task"] for r in front], [r[y]["value"] for r in front], s=160, facecolors="none",
+                   edgecolors="k", label="Pareto front")
+        ax.set_xlabel("new task (uppercase, dev, after stage 1)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path.name]
+
+
+def fmt(e: dict | None, scale: float = 1.0, digits: int = 2) -> str:
+    if not e or e.get("value", e.get("mean")) is None:
+        return "—"
+    v = e.get("value", e.get("mean"))
+    sd = e.get("se", e.get("std"))
+    return f"{scale * v:.{digits}f}" + (f" ± {scale * sd:.{digits}f}" if sd is not None else "")
+
+
+def markdown(d: dict, plots: list[str]) -> str:
+    L = ["# Forgetting measured where it can be seen (amendment 3)", "",
+         "Generated by `python experiments/forgetting.py --report` from the records in results/forgetting/; "
+         "the protocol is experiments/study_protocol.md, amendment 3. Retention = the fraction of the base "
+         "model's above-chance score kept; median over 7 tasks (IF prompt-level strict, antonym, capital, "
+         "plural, past_tense, comparative, language by choice accuracy). ± = bootstrap SE over items (sweep) "
+         "or std over seeds (confirmation).", "",
+         "## Dev sweep (stage 1: uppercase, seed 0, fp32)", "",
+         "| method | point | new task | median retention | tasks kept | drift KL | IF strict |", "|---|---|---|---|---|---|---|"]
+    for r in d["sweep"]:
+        L.append(f"| {r['method']} | {r['label']} | {100 * r['new_task']:.1f} | {fmt(r['median_retention'])} | "
+                 f"{fmt(r['tasks_kept'], digits=1)} | {fmt(r['drift_kl'], digits=4)} | {fmt(r['if_strict'], 100, 1)} |")
+    L += [""] + [f"![curves]({p})" for p in plots] + [""]
+    reg = d.get("regime")
+    if reg:
+        L += ["## The off-floor regime (dev, the whole sequence, plain)", "",
+              "| lr | mean new task | median retention | drift KL |", "|---|---|---|---|"]
+        L += [f"| {r['lr']:g} | {100 * r['new_task']:.1f} | {fmt(r['median_retention'])} | {fmt(r['drift_kl'], digits=4)} |"
+              for r in reg["rows"]]
+        L += ["", f"Chosen: lr {reg['lr']:g} ({'in' if reg['in_band'] else 'none in'} the band {BAND}).", ""]
+    if d.get("plan"):
+        L += ["## Chosen points (registered rule)", "", "| method | chosen | qualifies | new task | median retention |",
+              "|---|---|---|---|---|"]
+        L += [f"| {m} | {c['label']} | {'yes' if c['qualified'] else 'no: the best learner'} | "
+              f"{100 * c['new_task']:.1f} | {c['median_retention']:.2f} |" for m, c in d["plan"]["chosen"].items()]
+        L += ["", "Arms: " + json.dumps(d["plan"]["arms"]) + "; " + json.dumps(d["plan"]["names"]), ""]
+    for regime, arms in d["confirm"].items():
+        L += [f"## Confirmation, {regime} regime (test split, mean ± std over seeds)", "",
+              "| arm | seeds | new task | AP | median retention | tasks kept | drift KL | IF strict |",
+              "|---|---|---|---|---|---|---|---|"]
+        for lab, v in arms.items():
+            L.append(f"| {lab} | {len(v['seeds'])} | {fmt(v.get('new_task'), 100, 1)} | {fmt(v['AP'], 100, 1)} | "
+                     f"{fmt(v['median_retention'])} | {fmt(v['tasks_kept'], digits=1)} | {fmt(v['drift_kl'], digits=4)} | "
+                     f"{fmt(v['if_strict'], 100, 1)} |")
+        tasks = list(next(iter(arms.values()))["per_task"])
+        L += ["", "Per-task retention (mean over seeds):", "", "| arm | " + " | ".join(tasks) + " |",
+              "|---|" + "---|" * len(tasks)]
+        L += [f"| {lab} | " + " | ".join(f"{v['per_task'][t]:.2f}" for t in tasks) + " |" for lab, v in arms.items()]
+        L.append("")
+    L += ["## Decision", "", d["decision"]["text"], ""]
+    return "\n".join(L)
