@@ -50,7 +50,7 @@ def byte_models():
 def test_every_part_runs_and_endpoints_are_paired(byte_models, tmp_path, monkeypatch):
     tok, base, tuned = byte_models
     prompts = ["What is rain?", "Name a fruit.", "Say hi.", "Why?"]
-    monkeypatch.setattr(G.drift, "load_everyday", lambda n=None: prompts[:n or None])
+    monkeypatch.setattr(G.drift, "load_everyday", lambda path=None, n=None: prompts[:n or None])
     kw = dict(n_if=5, n_drift=3, n_knowledge=3, cache_dir=tmp_path, if_tokens=6, drift_tokens=5, n_boot=50)
     b = G.general_eval(base, tok, **kw)
     t = G.general_eval(tuned, tok, original=base, **kw)
@@ -68,6 +68,23 @@ def test_every_part_runs_and_endpoints_are_paired(byte_models, tmp_path, monkeyp
     assert e["drift_kl_per_token"] == t["drift"]["kl_per_token"]
     assert set(e["endpoints"]) == {"median_retention", "mean_retention", "tasks_kept"}
     assert "items" not in str(G.summary(b))
+
+
+def test_dev_split_reads_other_items(byte_models, tmp_path, monkeypatch):
+    # the dev split (choosing settings) reads the general tasks' training items and the dev prompt files
+    tok, base, _ = byte_models
+    ex = [Example("Say the opposite.", a, b) for a, b in PAIRS]
+    task = Task(name="opp", kind="general", metric="choice", train=ex[:4], test=ex[4:])
+    assert len(G.choice_verdicts(base, TOK, task, split="dev")[0]) == 4
+    assert len(G.choice_verdicts(base, TOK, task)[0]) == len(ex) - 4
+    seen = []
+    monkeypatch.setattr(G.drift, "load_everyday", lambda path=None, n=None: seen.append(path) or ["Hi?", "Why?"])
+    r = G.general_eval(base, tok, split="dev", n_if=2, n_knowledge=2, cache_dir=tmp_path, if_tokens=4,
+                       drift_tokens=3, n_boot=20)
+    assert [i["id"] for i in r["if"]["items"]] == ["ifdev000", "ifdev001"]
+    assert seen == [G.SPLITS["dev"][1]] and seen[0].name == "everyday_dev.jsonl"
+    with pytest.raises(ValueError, match="split"):
+        G.general_eval(base, tok, split="train")
 
 
 def test_cli_bad_part_is_one_line(capsys):

@@ -110,7 +110,7 @@ def test_committed_files_are_current_and_deterministic(tmp_path):
     for out in ("a", "b"):
         subprocess.run([sys.executable, str(ROOT / "data" / "make_ifeval.py"), "--out_dir", str(tmp_path / out)],
                        check=True, capture_output=True)
-    for name in ("ifeval.jsonl", "everyday.jsonl"):
+    for name in ("ifeval.jsonl", "everyday.jsonl", "ifeval_dev.jsonl", "everyday_dev.jsonl"):
         assert filecmp.cmp(tmp_path / "a" / name, tmp_path / "b" / name, shallow=False)
         assert filecmp.cmp(tmp_path / "a" / name, ROOT / "data" / name, shallow=False), \
             f"data/{name} is stale: run python data/make_ifeval.py"
@@ -138,3 +138,20 @@ def test_everyday_prompts_are_held_out():
             r = json.loads(line)
             seen.add("\n".join(s for s in (r["instruction"], r["input"]) if s))
     assert not set(everyday) & seen
+
+
+def test_dev_files_share_no_request_or_subject_with_the_test_files():
+    # settings are chosen on the dev files (experiments/forgetting.py): no dev prompt may be a test one,
+    # nor share its request (IF) or its subject (everyday)
+    test, dev = ifeval.load_ifeval(), ifeval.load_ifeval(ROOT / "data" / "ifeval_dev.jsonl")
+    assert len(dev) == 60 and {r["constraints"][0]["kind"] for r in dev} == set(ifeval.CHECKERS)
+    assert not {r["request"] for r in dev} & {r["request"] for r in test}
+    assert not {r["id"] for r in dev} & {r["id"] for r in test}
+    read = lambda name: [json.loads(x)["prompt"] for x in (ROOT / "data" / name).read_text().splitlines()]  # noqa: E731
+    ev_test, ev_dev = read("everyday.jsonl"), read("everyday_dev.jsonl")
+    assert len(ev_dev) == len(set(ev_dev)) == 60
+    sys.path.insert(0, str(ROOT / "data"))
+    import make_ifeval as M    # the generator's own lists: the dev subjects are none of the test ones
+    assert not set(M.EVERYDAY_DEV_SUBJECTS) & set(M.EVERYDAY_SUBJECTS)
+    assert all(any(s in p for s in M.EVERYDAY_DEV_SUBJECTS) for p in ev_dev)
+    assert not set(ev_dev) & set(ev_test) and not set(ev_dev) & {r["prompt"] for r in test + dev}

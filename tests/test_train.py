@@ -848,6 +848,49 @@ def free_batch(tok):
     return collate(encode_task(tok, task, 0, 256, free=True), tok.pad_id, "cpu")
 
 
+def test_other_instruction_kl_reads_other_tasks_prompts_and_vanishes_at_the_original():
+    from ivft.data import encode_task, other_prompts
+    from ivft.tasks import Example, Task
+    tok = byte_tokenizer()
+    ex = [Example("Answer in capitals.", w, w.upper()) for w in ["cat", "doggo", "owl", "emu"]]
+    task = Task(name="caps", kind="generate", metric="exact_match", train=ex, test=[])
+    others = [Task(name=n, kind="generate", metric="exact_match", test=[],
+                   train=[Example(f"Do {n} now.", w, w) for w in ["x", "yy", "zzz"]]) for n in ("o1", "o2")]
+    pool = other_prompts(tok, others, 256)
+    assert len(pool) == 6
+    items = encode_task(tok, task, 0, 256, other=pool, seed=3)
+    assert [it.other for it in items] == [it.other for it in encode_task(tok, task, 0, 256, other=pool, seed=3)]
+    assert [it.other for it in items] != [it.other for it in encode_task(tok, task, 0, 256, other=pool, seed=4)]
+    batch = collate(items, tok.pad_id, "cpu")
+    for row, last in zip(batch["other"], batch["other_last"]):
+        text = tok.decode(row[: last + 1].tolist())
+        assert ("Do o1 now." in text or "Do o2 now." in text) and "capitals" not in text
+        assert text.rstrip().endswith("assistant")
+    model = tiny_model()
+    lm = train.LossModule(model, guidance=train.Guidance(other_kl_weight=2.0))
+    lm.reference = train.Reference(ckpt.frozen_copy(model))
+    assert abs(float(lm(batch, norms_of(batch))[1]["other_kl"])) < 1e-6    # the model is the original
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(0.5)
+    kl = float(lm(batch, norms_of(batch))[1]["other_kl"])
+    assert kl > 1e-4
+    lm.guidance.other_kl_weight = 1.0
+    assert float(lm(batch, norms_of(batch))[1]["other_kl"]) == pytest.approx(kl / 2)
+    assert train.Guidance(other_kl_weight=1.0).needs_reference()    # declared: never compared with itself
+
+
+def test_other_instruction_kl_refuses_a_trained_or_evaluated_task(env, tmp_path, capsys):
+    out = tmp_path / "other"
+    a = env["tasks"].split(",")[0]
+    msg = expect_exit(base_args(env, out, "--other_kl_weight", "1", "--other_kl_tasks", a), capsys)
+    assert "--other_kl_tasks" in msg and "also trained or evaluated" in msg
+    msg = expect_exit(base_args(env, out, "--other_kl_weight", "-1"), capsys)
+    assert "--other_kl_weight" in msg
+    assert not out.exists()
+    res = run_main(base_args(env, out, "--other_kl_weight", "0.5", "--other_kl_tasks", env["general"]))
+    assert all(set(t["terms"]) == {"ce", "other_kl"} and t["terms"]["other_kl"] > 0 for t in res["training"])
+
+
 def test_instruction_free_kl_prompts_carry_no_instruction_and_vanish_at_the_original():
     tok = byte_tokenizer()
     batch = free_batch(tok)
