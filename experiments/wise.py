@@ -26,10 +26,12 @@ from ivft.runtime import code_version
 
 @torch.no_grad()
 def mix_into(tuned, original, alpha: float):
-    """tuned's parameters and buffers <- (1 - alpha)·original's + alpha·tuned's, in place."""
-    theirs = original.state_dict()
+    """tuned's parameters and buffers <- (1 - alpha)·original's + alpha·tuned's, in place. A tensor
+    state_dict() names twice (tied embeddings and lm_head) is mixed once."""
+    theirs, done = original.state_dict(), set()
     for name, t in tuned.state_dict().items():
-        if t.is_floating_point():
+        if t.is_floating_point() and t.data_ptr() not in done:
+            done.add(t.data_ptr())
             t.mul_(alpha).add_(theirs[name].to(t.dtype), alpha=1 - alpha)
 
 
