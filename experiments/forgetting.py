@@ -38,6 +38,7 @@ from tradeoff import flags_of, key_of, machine, run_all, settings_of, train_run,
 from ivft import tasks as T
 from ivft.files import FolderInUse, RunLock
 from ivft.report import save_report
+from train import parse_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "forgetting"
@@ -201,27 +202,50 @@ def confirm_run(regime: str, label: str, settings: dict, seed: int, threads: int
     return f"{raw.name}: done ({r['seconds']} s)"
 
 
+RUN_ONLY = ("out_dir", "num_threads", "code", "resume", "overwrite")   # where and how fast, not what is trained
+
+
+def config_key(settings: dict) -> str:
+    """The train.py configuration a confirmatory arm's settings resolve to (presets and defaults filled,
+    as train.py does; not where or how fast it runs), as a key: two labels with one key are one run."""
+    cfg = parse_flags(confirm_flags(settings, 0))
+    return json.dumps({k: v for k, v in cfg.items() if k not in RUN_ONLY}, sort_keys=True, default=str)
+
+
+def twins(plan: dict) -> dict[str, dict[str, str]]:
+    """{regime: {label: the earlier label of the regime that trains the very same run}}."""
+    out = {}
+    for regime, arms in plan["arms"].items():
+        seen = {}
+        for label, settings in arms.items():
+            key = config_key(settings)
+            if key in seen:
+                out.setdefault(regime, {})[label] = seen[key]
+            seen.setdefault(key, label)
+    return out
+
+
 def confirm_jobs(plan: dict) -> list:
     """(regime, label, settings, seed, wise α) in the order they start: seed by seed, the off-floor
-    regime's arms first; a label whose settings repeat an earlier one's in the regime runs once."""
-    jobs = []
-    for seed in SEEDS:
-        for regime, arms in plan["arms"].items():
-            seen = set()
-            for label, settings in arms.items():
-                key = json.dumps(settings, sort_keys=True)
-                if key in seen:
-                    continue
-                seen.add(key)
-                wise = plan["wise_alpha"] if label == "plain" else None
-                jobs.append((regime, label, settings, seed, wise))
-    return jobs
+    regime's arms first; a label that trains the same run as an earlier one of its regime (twins) is
+    not run again: the report shows the earlier label's records under it too."""
+    tw = twins(plan)
+    return [(regime, label, settings, seed, plan["wise_alpha"] if label == "plain" else None)
+            for seed in SEEDS for regime, arms in plan["arms"].items() for label, settings in arms.items()
+            if label not in tw.get(regime, {})]
 
 
 # ---- main -----------------------------------------------------------------------------------------------
 
 def records(part: str) -> list[dict]:
     return [r for p in sorted((RAW / part).glob("*.json")) if (r := read_json(p))]
+
+
+def write_report() -> str:
+    base_dev = base_report("dev")
+    p = report.plan(records("sweep"), records("regime"), base_dev) if base_dev else None
+    return report.write(records("sweep"), records("regime"), records("confirm"), base_dev, base_report("test"),
+                        twins(p) if p else {})
 
 
 def main(argv=None) -> int:
@@ -237,9 +261,10 @@ def main(argv=None) -> int:
     p.add_argument("--dry_run", action="store_true", help="print the commands only")
     args = p.parse_args(argv)
     if not (args.sweep or args.regime or args.confirm or args.all):
-        print(report.write(records("sweep"), records("regime"), records("confirm"), base_report("dev"),
-                           base_report("test")))
+        print(write_report())
         return 0
+    if args.dry_run:       # prints only: no lock, nothing written
+        return run_parts(args)
     RUNS.mkdir(parents=True, exist_ok=True)
     (RUNS / "logs").mkdir(exist_ok=True)
     try:
@@ -248,15 +273,13 @@ def main(argv=None) -> int:
     except FolderInUse as e:
         print(e, file=sys.stderr)
         return 1
-    if not args.dry_run:
-        print(report.write(records("sweep"), records("regime"), records("confirm"), base_report("dev"),
-                           base_report("test")))
+    print(write_report())
     return 1 if failed else 0
 
 
 def run_parts(args) -> int:
     failed, go = 0, lambda jobs, fn: run_all(jobs, 1 if args.dry_run else args.workers, fn)
-    if args.dry_run is False and base_report("dev", args.threads) is None:
+    if not args.dry_run and base_report("dev", args.threads) is None:
         print("the base model's dev evaluation FAILED (see runs/forgetting/logs)", file=sys.stderr)
         return 1
     if args.sweep or args.all or args.regime:

@@ -162,18 +162,26 @@ def run_endpoints(rec: dict, base: dict) -> dict:
     return out
 
 
-def confirm_table(confirm: list[dict], base: dict) -> dict:
-    """{regime: {label: {endpoint: {"mean", "std", "n"}, "per_task": {task: mean}, "seeds"}}}."""
+def confirm_table(confirm: list[dict], base: dict, twins: dict | None = None) -> dict:
+    """{regime: {label: {endpoint: {"mean", "std", "n"}, "per_task": {task: mean}, "seeds"}}}; twins
+    ({regime: {label: earlier label}}, forgetting.twins): a label that is the same run as an earlier
+    one shows that one's records, marked "same_as"."""
     runs = {}
     for r in confirm:
         runs.setdefault(r["regime"], {}).setdefault(r["label"], {})[r["seed"]] = run_endpoints(r, base)
+    for regime, pairs in (twins or {}).items():
+        for label, first in pairs.items():
+            if first in runs.get(regime, {}):
+                runs[regime][label] = runs[regime][first]
     out = {}
     for regime, labels in runs.items():
         for label, per in labels.items():
             keys = [k for k in next(iter(per.values())) if k != "per_task"]
             tasks = next(iter(per.values()))["per_task"]
+            same = (twins or {}).get(regime, {}).get(label)
             out.setdefault(regime, {})[label] = {
-                "seeds": sorted(per), **{k: stat([e.get(k) for e in per.values()]) for k in keys},
+                "seeds": sorted(per), **({"same_as": same} if same else {}),
+                **{k: stat([e.get(k) for e in per.values()]) for k in keys},
                 "per_task": {t: stat([e["per_task"][t] for e in per.values()])["mean"] for t in tasks}}
     return out
 
@@ -181,7 +189,9 @@ def confirm_table(confirm: list[dict], base: dict) -> dict:
 def decide(table: dict, plan_: dict | None, n_seeds: int = 3) -> dict:
     """The goal, per regime and method: new task within MARGIN of plain's, median retention >= 2 x
     plain's (plain's <= 0: >= 0.5), drift KL <= 0.5 x plain's; means over n_seeds seeds."""
-    if plain_missing := [g for g in (plan_ or {}).get("arms", {}) if table.get(g, {}).get("plain", {}).get(
+    if plan_ is None:
+        return {"holds": None, "text": "not yet decided: the dev sweep or the regime runs are not complete"}
+    if plain_missing := [g for g in plan_["arms"] if table.get(g, {}).get("plain", {}).get(
             "median_retention", {}).get("n", 0) < n_seeds]:
         done = sum(len(v["seeds"]) for g in table.values() for v in g.values())
         return {"holds": None, "text": f"not yet decided: {done} confirmatory runs recorded; plain has fewer "
@@ -209,12 +219,12 @@ def decide(table: dict, plan_: dict | None, n_seeds: int = 3) -> dict:
 # ---- the report ------------------------------------------------------------------------------------------
 
 def write(sweep: list[dict], regime: list[dict], confirm: list[dict], base_dev: dict | None,
-          base_test: dict | None) -> str:
+          base_test: dict | None, twins: dict | None = None) -> str:
     if base_dev is None:
         return "no report yet: the base model's dev evaluation is missing"
     rows = sweep_rows(sweep, base_dev)
     p = plan(sweep, regime, base_dev)
-    table = confirm_table(confirm, base_test) if base_test and confirm else {}
+    table = confirm_table(confirm, base_test, twins) if base_test and confirm else {}
     d = {"sweep": rows, "regime": choose_regime(regime, base_dev), "plan": p, "confirm": table,
          "per_task": {g: {lab: v["per_task"] for lab, v in arms.items()} for g, arms in table.items()},
          "decision": decide(table, p)}

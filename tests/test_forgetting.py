@@ -355,3 +355,16 @@ def test_write_leaves_forgetting_json_and_md_with_the_amendment_keys(tmp_path, m
     assert "| guided | λ=10,r=0.5 | 50.0 | 1.00 ± 0.00 | 7.0 ± 0.0 | 0.0500 ± 0.0000 | 100.0 ± 0.0 |" in md
     assert "Chosen: lr 3e-05 (in the band (0.2, 0.6))." in md
     assert "| plain | 3 |" in md and "not yet decided" in md
+
+
+def test_twins_are_labels_that_resolve_to_the_same_train_py_run():
+    # resolved as train.py resolves flags: an explicit default or another key order is the same run
+    plan = {"arms": {"off-floor": {"plain": {"lr": 3e-5}, "plain-less": {"epochs": 1.0, "lr": 3e-5},
+                                   "guided-paper": {"lr": 3e-5, "preset": "guided"},
+                                   "guided-chosen": {"preset": "guided", "lr": 3e-5, "kl_weight": 1.0}},
+                     "harsh": {"plain": {}, "guided-paper": {"preset": "guided"}, "best": {"free_kl_weight": 10.0}}},
+            "wise_alpha": 0.5}
+    assert F.twins(plan) == {"off-floor": {"plain-less": "plain", "guided-chosen": "guided-paper"}}
+    labels = {(j[0], j[1]) for j in F.confirm_jobs(plan)}
+    assert labels == {("off-floor", "plain"), ("off-floor", "guided-paper"), ("harsh", "plain"),
+                      ("harsh", "guided-paper"), ("harsh", "best")}
