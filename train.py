@@ -133,6 +133,29 @@ def build_parser() -> argparse.ArgumentParser:
     g("--grad_clip", type=float, default=1.0, help="clip the gradient norm; 0 = off")
     g("--seed", type=int, default=0, help="seed of data order, replay sampling and LoRA init")
 
+    add_guidance_flags(p)     # the loss's terms and their weights: below
+
+    g = p.add_argument_group("instruction vectors (extracted and cached by extract_iv.py)").add_argument
+    g("--iv_layer", type=int, default=None, help="add the IVs after this block (0-based); default: each IV's "
+      "own (extract_iv.py's); any layer reuses the cached IV")
+    g("--iv_dir", default="ivs", help="IV cache: <iv_dir>/<model tag>/<task>.safetensors (<name>-<data "
+      "hash> for a task file), the layout extract_iv.py writes")
+    g("--iv_method", default="exact", choices=["exact", "attribution"], help="AIE computation")
+    g("--iv_n_clean", type=int, default=50, help="clean prompts averaged into the heads' mean z")
+    g("--iv_n_corrupt", type=int, default=25, help="corrupted prompts averaged into the AIE")
+    g("--iv_top_k", type=int, default=None, help="heads in the IV (default: extract_iv.py's)")
+    g("--iv_file", action="append", default=[], metavar="TASK=PATH",
+      help="use this IV file for TASK instead of extracting one (repeatable)")
+
+    evaluate.add_stage_flags(p)    # --eval_n, --eval_k_shot, ...: how each stage is evaluated
+    add_run_flags(p)     # the model and LoRA, I/O (out_dir, resume, log), system (device, dtype, DDP/FSDP)
+    for action in p._actions:     # what each preset sets, from PRESETS itself (so the help cannot drift)
+        if note := preset_note(action.dest):
+            action.help += f" (presets: {note})"
+    return p
+
+
+def add_guidance_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("guidance (docs/method.md §4)").add_argument
     g("--iv_alpha0", type=float, default=0.0, help="starting scale α_0 of the IV in the trained model")
     g("--iv_norm_ratio", type=float, default=0.0, help="rescale each IV to this fraction of the mean hidden-"
@@ -163,25 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     g("--other_kl_tasks", default="category,sentiment,spell,name_swap,time_12h", help="tasks whose training "
       "prompts --other_kl_weight reads (comma-separated names or files): the registry's tasks that are "
       "neither trained nor evaluated; one that is also a training or general task is refused")
-
-    g = p.add_argument_group("instruction vectors (extracted and cached by extract_iv.py)").add_argument
-    g("--iv_layer", type=int, default=None, help="add the IVs after this block (0-based); default: each IV's "
-      "own (extract_iv.py's); any layer reuses the cached IV")
-    g("--iv_dir", default="ivs", help="IV cache: <iv_dir>/<model tag>/<task>.safetensors (<name>-<data "
-      "hash> for a task file), the layout extract_iv.py writes")
-    g("--iv_method", default="exact", choices=["exact", "attribution"], help="AIE computation")
-    g("--iv_n_clean", type=int, default=50, help="clean prompts averaged into the heads' mean z")
-    g("--iv_n_corrupt", type=int, default=25, help="corrupted prompts averaged into the AIE")
-    g("--iv_top_k", type=int, default=None, help="heads in the IV (default: extract_iv.py's)")
-    g("--iv_file", action="append", default=[], metavar="TASK=PATH",
-      help="use this IV file for TASK instead of extracting one (repeatable)")
-
-    evaluate.add_stage_flags(p)    # --eval_n, --eval_k_shot, ...: how each stage is evaluated
-    add_run_flags(p)     # the model and LoRA, I/O (out_dir, resume, log), system (device, dtype, DDP/FSDP)
-    for action in p._actions:     # what each preset sets, from PRESETS itself (so the help cannot drift)
-        if note := preset_note(action.dest):
-            action.help += f" (presets: {note})"
-    return p
 
 
 def preset_note(dest: str) -> str:

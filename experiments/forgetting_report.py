@@ -251,7 +251,7 @@ def plot_curves(rows: list[dict], path: Path) -> list[str]:
     try:
         import matplotlib  # optional: a report without plots is still a report
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # after use("Agg"): no display needed
     except ImportError:
         return []
     if not rows:

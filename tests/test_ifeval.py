@@ -2,6 +2,7 @@
 the four scores by hand) and data/make_ifeval.py (the committed files are current, big enough, and
 share no prompt with each other or with the task suite). Fast: no model."""
 import filecmp
+import importlib.util
 import json
 import subprocess
 import sys
@@ -150,8 +151,10 @@ def test_dev_files_share_no_request_or_subject_with_the_test_files():
     read = lambda name: [json.loads(x)["prompt"] for x in (ROOT / "data" / name).read_text().splitlines()]  # noqa: E731
     ev_test, ev_dev = read("everyday.jsonl"), read("everyday_dev.jsonl")
     assert len(ev_dev) == len(set(ev_dev)) == 60
-    sys.path.insert(0, str(ROOT / "data"))
-    import make_ifeval as M    # the generator's own lists: the dev subjects are none of the test ones
+    # the generator's own lists (data/ is not a package): the dev subjects are none of the test ones
+    spec = importlib.util.spec_from_file_location("make_ifeval", ROOT / "data" / "make_ifeval.py")
+    M = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(M)
     assert not set(M.EVERYDAY_DEV_SUBJECTS) & set(M.EVERYDAY_SUBJECTS)
     assert all(any(s in p for s in M.EVERYDAY_DEV_SUBJECTS) for p in ev_dev)
     assert not set(ev_dev) & set(ev_test) and not set(ev_dev) & {r["prompt"] for r in test + dev}
