@@ -162,8 +162,14 @@ def run_endpoints(rec: dict, base: dict) -> dict:
     return out
 
 
+def stat_se(xs) -> dict:
+    """{"mean", "std", "n", "se"} over seeds (se = std / sqrt(n); None under two seeds)."""
+    st = stat(xs)
+    return {**st, "se": st["std"] / st["n"] ** 0.5 if st["n"] >= 2 and st["std"] is not None else None}
+
+
 def confirm_table(confirm: list[dict], base: dict, twins: dict | None = None) -> dict:
-    """{regime: {label: {endpoint: {"mean", "std", "n"}, "per_task": {task: mean}, "seeds"}}}; twins
+    """{regime: {label: {endpoint: {"mean", "std", "n", "se"}, "per_task": {task: mean}, "seeds"}}}; twins
     ({regime: {label: earlier label}}, forgetting.twins): a label that is the same run as an earlier
     one shows that one's records, marked "same_as"."""
     runs = {}
@@ -181,7 +187,7 @@ def confirm_table(confirm: list[dict], base: dict, twins: dict | None = None) ->
             same = (twins or {}).get(regime, {}).get(label)
             out.setdefault(regime, {})[label] = {
                 "seeds": sorted(per), **({"same_as": same} if same else {}),
-                **{k: stat([e.get(k) for e in per.values()]) for k in keys},
+                **{k: stat_se([e.get(k) for e in per.values()]) for k in keys},
                 "per_task": {t: stat([e["per_task"][t] for e in per.values()])["mean"] for t in tasks}}
     return out
 

@@ -266,12 +266,17 @@ def test_run_endpoints_and_confirm_table_average_over_seeds():
     assert plain["seeds"] == [0, 1, 2]
     assert plain["median_retention"]["mean"] == pytest.approx(0.4) and plain["median_retention"]["std"] == pytest.approx(0.2)
     assert plain["drift_kl"]["mean"] == pytest.approx(0.2) and plain["drift_kl"]["std"] == pytest.approx(0.1)
+    assert plain["drift_kl"]["se"] == pytest.approx(0.1 / 3 ** 0.5)       # the SE over seeds
     assert plain["new_task"]["mean"] == pytest.approx((0.5 + 0.55 + 0.5) / 3) and plain["new_task"]["n"] == 3
     assert plain["AP"]["mean"] == pytest.approx((0.125 + 0.125 + 0.175) / 3)
     assert plain["per_task"]["capital"] == pytest.approx(0.4) and plain["per_task"]["ifeval"] == pytest.approx(1.0)
     assert wise["seeds"] == [0, 1] and "new_task" not in wise
     assert wise["AP"]["mean"] == pytest.approx((0.25 + 0.275) / 2)
     assert wise["median_retention"]["mean"] == pytest.approx((0.8 + 1.0) / 2)
+    # a label that is the same run as an earlier one shows its records, marked
+    t = FR.confirm_table(confirm_records(), BASE, {"off-floor": {"plain-less": "plain"}})
+    assert t["off-floor"]["plain-less"]["same_as"] == "plain" and "same_as" not in t["off-floor"]["plain"]
+    assert t["off-floor"]["plain-less"]["drift_kl"] == t["off-floor"]["plain"]["drift_kl"]
 
 
 def test_confirm_jobs_go_seed_by_seed_run_repeated_settings_once_and_mix_only_plain():
