@@ -227,3 +227,25 @@ def test_tradeoff_tables_match_the_results():
         assert cells == want, f"README confirmation, {name}: {cells} but the results say {want}"
         seen.add(label)
     assert seen == set(labels.values()), f"README's confirmation table lacks {set(labels.values()) - seen}"
+
+
+def test_readme_names_the_one_task_that_carries_the_lead():
+    """The README's per-task sentence about the instruction-free KL's lead recomputes from the
+    confirmation's records (final general-task scores, mean of the 3 seeds)."""
+    import json
+    def final(label):
+        out = {}
+        for s in range(3):
+            r = json.loads((ROOT / "results" / "tradeoff" / "confirm" / f"{label}-s{s}.json").read_text())
+            last = r["stages"][-1]
+            for g in r["cl"]["general_tasks"]:
+                out.setdefault(g, []).append(last["tasks"][g][last["primary"][g]])
+        return {g: 100 * sum(v) / len(v) for g, v in out.items()}
+    text = " ".join((ROOT / "README.md").read_text().split())
+    m = re.search(r"scores ([\d.]+) on `(\w+)` \(plain ([\d.]+)\) and ([\d.]+) on the other five", text)
+    assert m, "README: the per-task sentence about the instruction-free KL's lead is gone"
+    free, plain = final("free_kl"), final("plain")
+    task = m.group(2)
+    assert (f"{free[task]:.1f}", f"{plain[task]:.1f}") == (m.group(1), m.group(3))
+    assert max(free, key=free.get) == task
+    assert all(f"{free[g]:.1f}" == m.group(4) == f"{plain[g]:.1f}" for g in free if g != task)
