@@ -72,7 +72,7 @@ def base_report(split: str, threads: int = 1) -> dict | None:
     """The original model's general evaluation on the split (made once; the test one is
     results/general_eval.json, every item)."""
     path = RAW / "base-dev.json" if split == "dev" else ROOT / "results" / "general_eval.json"
-    return read_json(path) or general_record(None, split, path, threads)
+    return rescored(read_json(path) or general_record(None, split, path, threads))
 
 
 # ---- one run: train.py, then the general evaluation of its last stage --------------------------------
@@ -237,8 +237,15 @@ def confirm_jobs(plan: dict) -> list:
 
 # ---- main -----------------------------------------------------------------------------------------------
 
+def rescored(report: dict | None) -> dict | None:
+    """A general-eval report with its IF part scored from its stored replies by the current checkers
+    (amendment 3a's answer rule applies to the records made before it; a newer one is unchanged)."""
+    return GE.rescore_if(report) if report else report
+
+
 def records(part: str) -> list[dict]:
-    return [r for p in sorted((RAW / part).glob("*.json")) if (r := read_json(p))]
+    out = [r for p in sorted((RAW / part).glob("*.json")) if (r := read_json(p))]
+    return [{**r, "general": rescored(r["general"])} for r in out]
 
 
 def write_report() -> str:

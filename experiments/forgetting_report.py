@@ -21,8 +21,7 @@ from ivft.report import save_report
 
 ROOT = Path(__file__).resolve().parent.parent
 QUALIFY = 0.9          # a strength qualifies at >= 0.9 x the reference's new-task dev score
-TIE = 0.02             # median retentions closer than this are a tie (about one knowledge item of 50)
-BAND = (0.2, 0.6)      # the off-floor regime: plain keeps this much (median retention) after the sequence
+BAND = (0.2, 0.6)      # the off-floor regime: plain keeps this much (IF retention) after the sequence
 MARGIN = 0.02          # the goal's "new task within 2 points of plain's"
 NON_IV = ("plain", "lora", "lwf", "free_kl", "other_kl")      # plain's chosen point is "plain-less"
 PROMPT_KL = ("free_kl", "other_kl")                             # regularisers that combine with guided's KL
@@ -48,11 +47,14 @@ REGIME_LRS = (HARSH_LR, 3e-5, 1e-5)           # plain over the whole dev sequenc
 
 
 def endpoints(base: dict, general: dict) -> dict:
-    """The model's endpoints, each {"value", "se"}, and per-task retention."""
+    """The model's endpoints, each {"value", "se"}, and per-task retention (the IF parts as
+    forgetting.py loads them: scored from their stored replies by the current checkers)."""
     e = GE.endpoints(base, general)
     out = {k: e["endpoints"][k] for k in ("median_retention", "tasks_kept", "mean_retention")}
     out["drift_kl"] = e["drift_kl_per_token"]
     out["if_strict"] = general["if"]["prompt_strict"]
+    out["if_retention"] = e["per_task"]["ifeval"]["retention"]
+    out["answers"] = general["if"].get("answers")
     out["per_task"] = {t: v["retention"]["value"] for t, v in e["per_task"].items()}
     return out
 
@@ -71,13 +73,13 @@ def sweep_rows(sweep: list[dict], base: dict) -> list[dict]:
 
 
 def better(a: dict, b: dict) -> bool:
-    """a beats b: a higher median retention, or a tie (within TIE) and a lower drift KL, or a tie in
-    both and a higher new-task score."""
-    ma, mb = a["median_retention"]["value"], b["median_retention"]["value"]
-    if abs(ma - mb) >= TIE:
-        return ma > mb
+    """a beats b (amendment 3a): a lower drift KL; equal drift: a higher median retention, then a
+    higher new-task score."""
     da, db = a["drift_kl"]["value"], b["drift_kl"]["value"]
-    return da < db if da != db else a["new_task"] > b["new_task"]
+    if da != db:
+        return da < db
+    ma, mb = a["median_retention"]["value"], b["median_retention"]["value"]
+    return ma > mb if ma != mb else a["new_task"] > b["new_task"]
 
 
 def best_of(rows: list[dict]) -> dict:
@@ -99,16 +101,16 @@ def choose(rows: list[dict], method: str, reference: dict) -> dict | None:
 
 
 def choose_regime(regime: list[dict], base: dict) -> dict | None:
-    """The highest lr at which plain's median retention after the dev sequence is within BAND; none ->
-    the one closest to the band's middle. None until every candidate ran."""
+    """The highest lr at which plain's IF retention (amendment 3a) after the dev sequence is within
+    BAND; none -> the one closest to the band's middle. None until every candidate ran."""
     if len(regime) < len(REGIME_LRS):
         return None
     rows = [{"lr": r["lr"], "new_task": sum(r["cl"]["R"][i + 1][i] for i in range(4)) / 4,
              **endpoints(base, r["general"])} for r in regime]
-    inside = [r for r in rows if BAND[0] <= r["median_retention"]["value"] <= BAND[1]]
+    inside = [r for r in rows if BAND[0] <= r["if_retention"]["value"] <= BAND[1]]
     mid = sum(BAND) / 2
     pick = max(inside, key=lambda r: r["lr"]) if inside else \
-        min(rows, key=lambda r: abs(r["median_retention"]["value"] - mid))
+        min(rows, key=lambda r: abs(r["if_retention"]["value"] - mid))
     return {"lr": pick["lr"], "in_band": bool(inside), "rows": rows}
 
 
@@ -147,7 +149,7 @@ def plan(sweep: list[dict], regime: list[dict], base: dict) -> dict | None:
 
 # ---- the confirmation -----------------------------------------------------------------------------------
 
-ENDPOINTS = ("median_retention", "tasks_kept", "mean_retention", "drift_kl", "if_strict")
+ENDPOINTS = ("median_retention", "tasks_kept", "mean_retention", "drift_kl", "if_strict", "if_retention", "answers")
 
 
 def run_endpoints(rec: dict, base: dict) -> dict:
@@ -298,32 +300,35 @@ def markdown(d: dict, plots: list[str]) -> str:
          "plural, past_tense, comparative, language by choice accuracy). ± = bootstrap SE over items (sweep) "
          "or std over seeds (confirmation).", "",
          "## Dev sweep (stage 1: uppercase, seed 0, fp32)", "",
-         "| method | point | new task | median retention | tasks kept | drift KL | IF strict |", "|---|---|---|---|---|---|---|"]
+         "| method | point | new task | drift KL | IF retention | IF strict | answers | median retention | tasks kept |",
+         "|---|---|---|---|---|---|---|---|---|"]
     for r in d["sweep"]:
-        L.append(f"| {r['method']} | {r['label']} | {100 * r['new_task']:.1f} | {fmt(r['median_retention'])} | "
-                 f"{fmt(r['tasks_kept'], digits=1)} | {fmt(r['drift_kl'], digits=4)} | {fmt(r['if_strict'], 100, 1)} |")
+        L.append(f"| {r['method']} | {r['label']} | {100 * r['new_task']:.1f} | {fmt(r['drift_kl'], digits=4)} | "
+                 f"{fmt(r['if_retention'])} | {fmt(r['if_strict'], 100, 1)} | {fmt(r['answers'], 100, 1)} | "
+                 f"{fmt(r['median_retention'])} | {fmt(r['tasks_kept'], digits=1)} |")
     L += [""] + [f"![curves]({p})" for p in plots] + [""]
     reg = d.get("regime")
     if reg:
         L += ["## The off-floor regime (dev, the whole sequence, plain)", "",
-              "| lr | mean new task | median retention | drift KL |", "|---|---|---|---|"]
-        L += [f"| {r['lr']:g} | {100 * r['new_task']:.1f} | {fmt(r['median_retention'])} | {fmt(r['drift_kl'], digits=4)} |"
-              for r in reg["rows"]]
+              "| lr | mean new task | IF retention | drift KL | median retention |", "|---|---|---|---|---|"]
+        L += [f"| {r['lr']:g} | {100 * r['new_task']:.1f} | {fmt(r['if_retention'])} | {fmt(r['drift_kl'], digits=4)} | "
+              f"{fmt(r['median_retention'])} |" for r in reg["rows"]]
         L += ["", f"Chosen: lr {reg['lr']:g} ({'in' if reg['in_band'] else 'none in'} the band {BAND}).", ""]
     if d.get("plan"):
-        L += ["## Chosen points (registered rule)", "", "| method | chosen | qualifies | new task | median retention |",
-              "|---|---|---|---|---|"]
+        L += ["## Chosen points (registered rule)", "", "| method | chosen | qualifies | new task | drift KL | median retention |",
+              "|---|---|---|---|---|---|"]
         L += [f"| {m} | {c['label']} | {'yes' if c['qualified'] else 'no: the best learner'} | "
-              f"{100 * c['new_task']:.1f} | {c['median_retention']:.2f} |" for m, c in d["plan"]["chosen"].items()]
+              f"{100 * c['new_task']:.1f} | {c['drift_kl']:.4f} | {c['median_retention']:.2f} |"
+              for m, c in d["plan"]["chosen"].items()]
         L += ["", "Arms: " + json.dumps(d["plan"]["arms"]) + "; " + json.dumps(d["plan"]["names"]), ""]
     for regime, arms in d["confirm"].items():
         L += [f"## Confirmation, {regime} regime (test split, mean ± std over seeds)", "",
-              "| arm | seeds | new task | AP | median retention | tasks kept | drift KL | IF strict |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| arm | seeds | new task | AP | median retention | tasks kept | drift KL | IF retention | answers |",
+              "|---|---|---|---|---|---|---|---|---|"]
         for lab, v in arms.items():
             L.append(f"| {lab} | {len(v['seeds'])} | {fmt(v.get('new_task'), 100, 1)} | {fmt(v['AP'], 100, 1)} | "
                      f"{fmt(v['median_retention'])} | {fmt(v['tasks_kept'], digits=1)} | {fmt(v['drift_kl'], digits=4)} | "
-                     f"{fmt(v['if_strict'], 100, 1)} |")
+                     f"{fmt(v['if_retention'])} | {fmt(v['answers'], 100, 1)} |")
         tasks = list(next(iter(arms.values()))["per_task"])
         L += ["", "Per-task retention (mean over seeds):", "", "| arm | " + " | ".join(tasks) + " |",
               "|---|" + "---|" * len(tasks)]

@@ -12,6 +12,7 @@ retention, tasks keeping >= 50%, drift) with paired SEs.
     python experiments/general_eval.py --threads 1                       # the embedded model, every item
     python experiments/general_eval.py --n_if 60 --n_drift 60 --threads 1 # the per-stage subset
     python experiments/general_eval.py --model runs/x/stage-1 --out results/x_general.json
+    python experiments/general_eval.py --rescore results/general_eval.json   # the IF part, from its stored replies
 
 Files: reads the model and data/; writes --out (JSON, atomically) and the original's replies under
 --cache_dir (named by weights, prompts and budget; reused when they match).
@@ -50,12 +51,21 @@ SPLITS = {"test": (ifeval.IFEVAL_FILE, drift.EVERYDAY_FILE),
 # The three parts, each -> a summary with SEs and the per-item results it came from
 
 def if_part(model, tok, records, *, max_new_tokens=IF_TOKENS, batch_size=32, n_boot=R.N_BOOT, seed=0):
-    """IFEval's scores of the model's greedy replies to the IF prompts, each with its SE, per kind,
-    and per prompt (id, strict and loose verdicts per constraint, the reply)."""
+    """IFEval's scores of the model's greedy replies to the IF prompts (if_summary), and the share of
+    replies that hit the token budget."""
     stop = tok.stop_ids()
     with eval_mode(model):
         _, replies = drift.chat_replies(model, tok, [r["prompt"] for r in records], max_new_tokens, batch_size)
     text = [tok.decode([t for t in r if t not in stop]) for r in replies]
+    out = if_summary(records, text, n_boot, seed)
+    out["unfinished"] = sum(not r or r[-1] not in stop for r in replies) / len(replies)   # hit the budget
+    return out
+
+
+def if_summary(records, text, n_boot=R.N_BOOT, seed=0) -> dict:
+    """IFEval's four scores of the replies `text`, each with its SE, the share of replies that answer
+    at all (ifeval.is_answer), per kind, and per prompt (id, strict and loose verdicts per
+    constraint, the reply)."""
     v = ifeval.verdicts(records, text)
     s = ifeval.scores(records, v)
     out = {"n": len(records)}
@@ -64,11 +74,22 @@ def if_part(model, tok, records, *, max_new_tokens=IF_TOKENS, batch_size=32, n_b
         out[f"inst_{mode}"] = R.ratio_se([sum(x) for x in v[mode]], [len(x) for x in v[mode]], n_boot, seed,
                                          f"if/inst_{mode}")
         assert abs(out[f"prompt_{mode}"]["value"] - s[f"prompt_{mode}"]) < 1e-12   # one definition
+    out["answers"] = R.mean_se([float(ifeval.is_answer(t)) for t in text], n_boot, seed, "if/answers")
     out["per_kind"] = s["per_kind"]
-    out["unfinished"] = sum(not r or r[-1] not in stop for r in replies) / len(replies)   # hit the budget
     out["items"] = [{"id": r["id"], "strict": a, "loose": b, "reply": t}
                     for r, a, b, t in zip(records, v["strict"], v["loose"], text)]
     return out
+
+
+def rescore_if(report: dict) -> dict:
+    """The report with its IF part scored again from its stored replies by the current checkers (the
+    same numbers a new run gives: the replies are greedy), on the IF file of its split."""
+    st = report.get("settings", {})
+    records = {r["id"]: r for r in ifeval.load_ifeval(SPLITS[st.get("split", "test")][0])}
+    items = report["if"]["items"]
+    new = if_summary([records[i["id"]] for i in items], [i["reply"] for i in items], st.get("n_boot", R.N_BOOT),
+                     st.get("seed", 0))
+    return {**report, "if": {**new, "unfinished": report["if"].get("unfinished")}, "if_scored_by": code_version()}
 
 
 def choice_verdicts(model, tok, task, n=None, seed=0, batch_size=E.BATCH_SIZE, split="test") -> tuple[list, list]:
@@ -193,6 +214,8 @@ def build_parser():
                    "model (the base run measures itself: KL 0, and caches its replies)")
     g.add_argument("--out", default=str(ROOT / "results" / "general_eval.json"), help="JSON report")
     g.add_argument("--cache_dir", default=str(ROOT / "runs" / "drift_replies"), help="the original's replies")
+    g.add_argument("--rescore", metavar="REPORT", default=None, help="score a report's stored IF replies again "
+                   "with the current checkers and rewrite it (no model is run)")
     g = p.add_argument_group("data")
     g.add_argument("--parts", default="if,knowledge,drift", help="comma-separated parts: if, knowledge, drift")
     g.add_argument("--split", default="test", choices=list(SPLITS), help="test: the results' items; dev: other "
@@ -217,6 +240,15 @@ def main(argv=None) -> int:
     if bad := [s for s in parts if s not in ("if", "knowledge", "drift")]:
         print(f"general_eval.py: error: --parts: unknown part(s) {bad}; known: if, knowledge, drift", file=sys.stderr)
         return 2
+    if args.rescore:
+        try:
+            report = rescore_if(json.loads(Path(args.rescore).read_text()))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"general_eval.py: error: --rescore {args.rescore}: {e}", file=sys.stderr)
+            return 2
+        write_json_atomic(args.rescore, report)
+        print(json.dumps(summary({"if": report["if"]}), indent=1))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     print("config: " + json.dumps(vars(args)))

@@ -23,6 +23,7 @@ WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
 SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)|\n")
 BULLET = re.compile(r"^\s*(?:[*-]|\u2022)\s+\S", re.M)   # "* x", "- x", "• x"; "**bold**" is no bullet
 TITLE = re.compile(r"<<[^<>\n]+>>")
+MIN_ANSWER_WORDS = 10   # a reply shorter than this answers nothing (is_answer)
 
 
 class IFEvalError(ValueError):
@@ -102,13 +103,24 @@ def check_loose(reply: str, constraint: dict) -> bool:
     return any(check(v, constraint) for v in loose_variants(reply))
 
 
+def is_answer(reply: str) -> bool:
+    """The reply answers at all: at least MIN_ANSWER_WORDS words. Every constraint of the set can be
+    followed by an answer that long (the tightest asks for at most 15 words), while a reply of a few
+    words ("TOO LOWER CHAIR", after training on uppercase) would follow the length, case and
+    no-comma constraints without answering the request."""
+    return count_words(reply) >= MIN_ANSWER_WORDS
+
+
 def verdicts(records: list, replies: list[str]) -> dict:
     """Per prompt, the per-constraint verdicts {"strict": [[bool, ...], ...], "loose": [...]}, in
-    the order of each record's constraints."""
+    the order of each record's constraints; a constraint counts as followed only in a reply that
+    answers (is_answer)."""
     if len(records) != len(replies):
         raise ValueError(f"{len(records)} ifeval records but {len(replies)} replies")
-    return {"strict": [[check(r, c) for c in rec["constraints"]] for rec, r in zip(records, replies)],
-            "loose": [[check_loose(r, c) for c in rec["constraints"]] for rec, r in zip(records, replies)]}
+    ok = [is_answer(r) for r in replies]
+    return {"strict": [[a and check(r, c) for c in rec["constraints"]] for rec, r, a in zip(records, replies, ok)],
+            "loose": [[a and check_loose(r, c) for c in rec["constraints"]]
+                      for rec, r, a in zip(records, replies, ok)]}
 
 
 def prompt_level(v: list) -> list[float]:

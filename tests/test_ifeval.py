@@ -81,7 +81,8 @@ def test_loose_forgives_an_opener_a_closer_and_markdown():
 def test_scores_by_hand():
     records = [{"constraints": [C("no_commas"), C("title")]}, {"constraints": [C("uppercase")]},
                {"constraints": [C("lowercase")]}]
-    replies = ["<<T>>\nno commas here", "YES.", "Sure:\nok"]
+    pad = " and then some more words to make it an answer"      # 9 words: every reply answers (is_answer)
+    replies = ["<<T>>\nno commas here" + pad, "YES." + pad.upper(), "Sure:\nok" + pad]
     v = ifeval.verdicts(records, replies)
     assert v["strict"] == [[True, True], [True], [False]]
     assert v["loose"] == [[True, True], [True], [True]]
@@ -89,6 +90,12 @@ def test_scores_by_hand():
     assert s["prompt_strict"] == pytest.approx(2 / 3) and s["inst_strict"] == pytest.approx(3 / 4)
     assert s["prompt_loose"] == 1.0 and s["inst_loose"] == 1.0
     assert s["per_kind"]["lowercase"] == {"n": 1, "strict": 0.0, "loose": 1.0}
+    # a reply of a few words answers nothing: it follows no constraint, however easy (amendment 3a)
+    short = ifeval.verdicts(records, ["<<T>>\nno commas", "YES.", "ok"])
+    assert short["strict"] == [[False, False], [False], [False]] and short["loose"] == short["strict"]
+    assert ifeval.check("YES.", C("uppercase")) and not ifeval.is_answer("TOO LOWER CHAIR")
+    assert ifeval.is_answer(" ".join(["word"] * ifeval.MIN_ANSWER_WORDS))
+    assert not ifeval.is_answer(" ".join(["word"] * (ifeval.MIN_ANSWER_WORDS - 1)))
     with pytest.raises(ValueError, match="2 replies"):
         ifeval.verdicts(records, replies[:2])
 
