@@ -155,7 +155,7 @@ ENDPOINTS = ("median_retention", "tasks_kept", "mean_retention", "drift_kl", "if
 def run_endpoints(rec: dict, base: dict) -> dict:
     """One confirmatory run's endpoints (values) and per-task retentions."""
     e = endpoints(base, rec["general"])
-    out = {k: e[k]["value"] for k in ENDPOINTS} | {"per_task": e["per_task"]}
+    out = {k: (e[k] or {}).get("value") for k in ENDPOINTS} | {"per_task": e["per_task"]}
     if "cl" in rec:
         R, n = rec["cl"]["R"], len(rec["cl"]["train_tasks"])
         out |= {"new_task": sum(R[i + 1][i] for i in range(n)) / n, "AP": sum(R[n]) / n}
@@ -288,7 +288,7 @@ def fmt(e: dict | None, scale: float = 1.0, digits: int = 2) -> str:
     if not e or e.get("value", e.get("mean")) is None:
         return "—"
     v = e.get("value", e.get("mean"))
-    sd = e.get("se", e.get("std"))
+    sd = e.get("std", e.get("se"))      # over seeds: the std (as the tables say); one run: the bootstrap SE
     return f"{scale * v:.{digits}f}" + (f" ± {scale * sd:.{digits}f}" if sd is not None else "")
 
 

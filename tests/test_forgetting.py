@@ -1,6 +1,7 @@
-"""experiments/forgetting_report.py, forgetting.py and wise.py: amendment 3's registered rules by hand
-(endpoints, choice, regime, plan, decision), the confirmation's table and jobs, WiSE-FT's mixing, and
-the keys of results/forgetting.json, on synthetic general-eval reports (no model)."""
+"""experiments/forgetting_report.py, forgetting.py and wise.py: amendment 3's registered rules, as
+amendment 3a changed them, by hand (endpoints, choice, regime, plan, decision), the confirmation's table
+and jobs, WiSE-FT's mixing, the IF part scored again from stored replies, and the keys of
+results/forgetting.json, on synthetic general-eval reports (no model)."""
 import json
 
 import pytest
@@ -9,26 +10,35 @@ from torch import nn
 
 import forgetting as F
 import forgetting_report as FR
+import general_eval as GE
 import wise as W
+from ivft import ifeval
 from tradeoff import settings_of
 
 KNOW = ("antonym", "capital", "plural", "past_tense", "comparative", "language")
 N = 20
+N_IF = 10          # IF prompts of general(): IF retention (chance 0) moves in steps of 0.1
 
 
-def report(knowledge, if_items, kl=0.0, kl_se=0.0):
-    # what general_eval.general_eval writes, as far as general_eval.endpoints and forgetting_report read it
+def report(knowledge, if_items, kl=0.0, kl_se=0.0, answers=(1.0, 0.0)):
+    # what general_eval.general_eval writes, as far as general_eval.endpoints and forgetting_report read it;
+    # answers=None: a report from before amendment 3a (no "answers" in its IF part)
     per = [float(all(s)) for s in if_items]
-    return {"if": {"prompt_strict": {"value": sum(per) / len(per), "se": 0.0},
-                   "items": [{"strict": s, "loose": s} for s in if_items]},
-            "knowledge": {t: {"chance": c, "items": list(items)} for t, (c, items) in knowledge.items()},
-            "drift": {"kl_per_token": {"value": kl, "se": kl_se}}}
+    out = {"if": {"prompt_strict": {"value": sum(per) / len(per), "se": 0.0},
+                  "items": [{"strict": s, "loose": s} for s in if_items]},
+           "knowledge": {t: {"chance": c, "items": list(items)} for t, (c, items) in knowledge.items()},
+           "drift": {"kl_per_token": {"value": kl, "se": kl_se}}}
+    if answers is not None:
+        out["if"]["answers"] = {"value": answers[0], "se": answers[1]}
+    return out
 
 
-def general(k, kl=0.05):
-    # every knowledge task k of N right against a base of N of N at chance 0.25: retention (k - 5) / 15,
-    # which is also the median (six of the seven tasks share it); IF kept whole
-    return report({t: (0.25, [1] * k + [0] * (N - k)) for t in KNOW}, [[True]] * 4, kl)
+def general(k, kl=0.05, if_ok=N_IF, answers=(1.0, 0.0)):
+    # every knowledge task k of N right against a base of N of N at chance 0.25: retention (k - 5) / 15;
+    # if_ok of N_IF IF prompts followed against a base of all: IF retention if_ok / N_IF. The median over
+    # the seven tasks is (k - 5) / 15 whatever IF keeps (six of the seven share it)
+    return report({t: (0.25, [1] * k + [0] * (N - k)) for t in KNOW},
+                  [[True]] * if_ok + [[True, False]] * (N_IF - if_ok), kl, answers=answers)
 
 
 BASE = general(N, 0.0)
@@ -45,7 +55,8 @@ def test_endpoints_are_chance_corrected_retentions_and_their_median_by_hand():
     def know(ks):
         return {t: (0.5 if t == "language" else 0.25, [1] * k + [0] * (8 - k)) for t, k in zip(KNOW, ks)}
     base = report(know([6, 6, 6, 6, 6, 8]), [[True, True], [True], [True, False], [True]])
-    tuned = report(know([6, 4, 3, 2, 1, 7]), [[True, False], [True], [False], [True, True]], kl=0.031, kl_se=0.002)
+    tuned = report(know([6, 4, 3, 2, 1, 7]), [[True, False], [True], [False], [True, True]], kl=0.031, kl_se=0.002,
+                   answers=(0.75, 0.2))
     e = FR.endpoints(base, tuned)
     # (k/8 - 0.25) / (0.75 - 0.25) = (k - 2) / 4; language (7/8 - 0.5) / 0.5 = 0.75 (uncorrected: 0.875);
     # IF (chance 0) 0.5 / 0.75
@@ -61,6 +72,11 @@ def test_endpoints_are_chance_corrected_retentions_and_their_median_by_hand():
     assert e["drift_kl"] == {"value": 0.031, "se": 0.002}
     assert e["if_strict"]["value"] == pytest.approx(0.5)
     assert e["median_retention"]["se"] > 0        # the tuned items vary: the bootstrap sees it
+    # IF retention: the per-prompt strict verdicts (all of a prompt's constraints), chance 0: 0.5 / 0.75
+    assert e["if_retention"]["value"] == pytest.approx(2 / 3) and e["if_retention"]["se"] > 0
+    assert e["answers"] == {"value": 0.75, "se": 0.2}            # the tuned report's own, passed on
+    tuned["if"].pop("answers")
+    assert FR.endpoints(base, tuned)["answers"] is None            # a report from before amendment 3a
 
 
 # ---- the choice rule -----------------------------------------------------------------------------------------
@@ -70,28 +86,38 @@ def row(med, kl, new, label="", method="m"):
             "new_task": new}
 
 
-def test_better_prefers_retention_then_lower_drift_within_a_tie_then_new_task():
-    assert FR.better(row(0.50, 0.9, 0.1), row(0.47, 0.01, 0.9))          # 0.03 apart: retention decides
-    assert not FR.better(row(0.47, 0.01, 0.9), row(0.50, 0.9, 0.1))
-    a, b = row(0.50, 0.02, 0.5), row(0.51, 0.03, 0.9)                   # 0.01 apart: a tie, drift decides
+def test_better_prefers_lower_drift_then_retention_then_new_task():
+    # a lower drift wins outright, however much more the other keeps and learns
+    a, b = row(0.10, 0.01, 0.1), row(0.90, 0.02, 0.9)
     assert FR.better(a, b) and not FR.better(b, a)
-    c, d = row(0.50, 0.02, 0.6), row(0.505, 0.02, 0.5)                  # tie in both: new task decides
+    a, b = row(0.10, 0.0300, 0.1), row(0.90, 0.0301, 0.9)               # no tie margin on drift
+    assert FR.better(a, b) and not FR.better(b, a)
+    # drift exactly equal: the higher median retention, however small the gap (no tie margin)
+    c, d = row(0.505, 0.02, 0.5), row(0.50, 0.02, 0.9)
     assert FR.better(c, d) and not FR.better(d, c)
-    pts = [row(0.3, 0.01, 0.9, "x"), row(0.6, 0.05, 0.7, "y"), row(0.61, 0.04, 0.6, "z"), row(0.45, 0.0, 1.0, "w")]
-    assert FR.best_of(pts)["label"] == "z" and FR.best_of(pts[::-1])["label"] == "z"
+    # drift and retention exactly equal: the higher new task
+    e, f = row(0.50, 0.02, 0.6), row(0.50, 0.02, 0.5)
+    assert FR.better(e, f) and not FR.better(f, e)
+    assert not FR.better(e, dict(e)), "a point does not beat its equal"
+    # lowest drift 0.01 is shared by x and v: v keeps more; w (drift 0.0) would beat both
+    pts = [row(0.3, 0.01, 0.9, "x"), row(0.9, 0.05, 1.0, "y"), row(0.35, 0.01, 0.2, "v"), row(0.8, 0.02, 0.9, "z")]
+    assert FR.best_of(pts)["label"] == "v" and FR.best_of(pts[::-1])["label"] == "v"
+    assert FR.best_of(pts + [row(0.0, 0.0, 0.0, "w")])["label"] == "w"
 
 
 def test_choose_qualifies_at_point_nine_of_the_reference_and_marks_a_fallback():
     ref = {"new_task": 0.8}                                     # the bar: 0.72
-    rows = [row(0.9, 0.0, 0.7199, "below"), row(0.5, 0.1, 0.72, "at"), row(0.3, 0.0, 0.9, "high"),
-            row(1.0, 0.0, 0.5, "other", method="o")]
+    rows = [row(0.9, 0.0, 0.7199, "below"), row(0.5, 0.01, 0.72, "at"), row(0.95, 0.02, 0.8, "keeps"),
+            row(0.3, 0.03, 0.9, "high"), row(1.0, 0.0, 0.9, "other", method="o")]
     c = FR.choose(rows, "m", ref)
-    assert c["label"] == "at" and c["qualified"] is True, "just below the bar keeps more but does not qualify"
+    assert c["label"] == "at" and c["qualified"] is True, "just below the bar drifts least but does not qualify"
     c = FR.choose([r for r in rows if r["label"] != "at"], "m", ref)
+    assert c["label"] == "keeps" and c["qualified"] is True      # drift 0.02 < 0.03: not the best learner
+    c = FR.choose([r for r in rows if r["label"] not in ("at", "keeps")], "m", ref)
     assert c["label"] == "high" and c["qualified"] is True
-    low = [row(0.9, 0.0, 0.5, "a"), row(0.1, 0.0, 0.6, "b"), row(0.8, 0.0, 0.55, "c")]
+    low = [row(0.9, 0.0, 0.5, "a"), row(0.1, 0.5, 0.6, "b"), row(0.8, 0.01, 0.55, "c")]
     c = FR.choose(low, "m", ref)
-    assert c["label"] == "b" and c["qualified"] is False        # none qualifies: the best learner
+    assert c["label"] == "b" and c["qualified"] is False        # none qualifies: the best learner, drift aside
     assert FR.choose(rows, "nobody", ref) is None
 
 
@@ -100,42 +126,55 @@ def test_choose_qualifies_at_point_nine_of_the_reference_and_marks_a_fallback():
 DIAG = [[0.0] * 4, [0.8, 0, 0, 0], [0.1, 0.6, 0, 0], [0.1, 0.1, 0.4, 0], [0.1, 0.1, 0.1, 0.2]]
 
 
-def regime_rec(lr, k, kl=0.1):
-    return {"method": "plain", "lr": lr, "split": "dev", "cl": {"R": DIAG}, "general": general(k, kl)}
+def regime_rec(lr, if_ok, k=N, kl=0.1):
+    # IF retention if_ok / N_IF (what choose_regime reads); median retention (k - 5) / 15 (not read)
+    return {"method": "plain", "lr": lr, "split": "dev", "cl": {"R": DIAG}, "general": general(k, kl, if_ok)}
 
 
-def test_choose_regime_takes_the_highest_lr_in_the_band_else_the_closest_to_its_middle():
-    # retentions 1e-4: 0.133 (below), 3e-5: 0.267, 1e-5: 0.533 (both in [0.2, 0.6])
-    r = FR.choose_regime([regime_rec(1e-4, 7), regime_rec(3e-5, 9), regime_rec(1e-5, 13)], BASE)
+def test_choose_regime_takes_the_highest_lr_whose_if_retention_is_in_the_band_else_the_closest_to_its_middle():
+    # IF retentions 1e-4: 0.1 (below), 3e-5: 0.3, 1e-5: 0.5 (both in [0.2, 0.6]); by the median
+    # retentions (0.0, 0.0, 0.4) only 1e-5 would be in the band
+    r = FR.choose_regime([regime_rec(1e-4, 1, k=5), regime_rec(3e-5, 3, k=5), regime_rec(1e-5, 5, k=11)], BASE)
     assert r["lr"] == 3e-5 and r["in_band"] is True
     assert [x["lr"] for x in r["rows"]] == [1e-4, 3e-5, 1e-5]
     assert r["rows"][0]["new_task"] == pytest.approx(0.5)              # (0.8 + 0.6 + 0.4 + 0.2) / 4
-    assert r["rows"][1]["median_retention"]["value"] == pytest.approx(ret(9))
-    # none in the band: 0.0, 0.067, 0.667 -> distances to 0.4: 0.4, 0.333, 0.267
-    r = FR.choose_regime([regime_rec(1e-4, 5), regime_rec(3e-5, 6), regime_rec(1e-5, 15)], BASE)
-    assert r["lr"] == 1e-5 and r["in_band"] is False
-    assert FR.choose_regime([regime_rec(1e-4, 9), regime_rec(3e-5, 9)], BASE) is None
+    assert [x["if_retention"]["value"] for x in r["rows"]] == pytest.approx([0.1, 0.3, 0.5])
+    assert r["rows"][1]["median_retention"]["value"] == pytest.approx(0.0)   # (5 - 5) / 15: out of the band
+    # the band's edge 0.6 is inside; the median retention (1e-4 keeps all its knowledge: 1.0) is not read
+    r = FR.choose_regime([regime_rec(1e-4, 6), regime_rec(3e-5, 7, k=11), regime_rec(1e-5, 8, k=11)], BASE)
+    assert r["lr"] == 1e-4 and r["in_band"] is True
+    # IF 0.7 (median 0.4, inside the band: not read) is outside
+    r = FR.choose_regime([regime_rec(1e-4, 7, k=11), regime_rec(3e-5, 8, k=11), regime_rec(1e-5, 5)], BASE)
+    assert r["lr"] == 1e-5
+    # none in the band: IF 0.0, 0.1, 0.8 -> distances to 0.4: 0.4, 0.3, 0.4; the medians (0.4, 1.0, 0.4)
+    # would have chosen 1e-4
+    r = FR.choose_regime([regime_rec(1e-4, 0, k=11), regime_rec(3e-5, 1), regime_rec(1e-5, 8, k=11)], BASE)
+    assert r["lr"] == 3e-5 and r["in_band"] is False
+    assert FR.choose_regime([regime_rec(1e-4, 3), regime_rec(3e-5, 3)], BASE) is None
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------------
 
-# (method, label) -> (new task, k of N, drift KL); every other point learns 0.8 and keeps 0.2 (k 8)
+# (method, label) -> (new task, k of N[, drift KL[, IF prompts followed of N_IF, answers (value, se)]]);
+# every other point learns 0.8, keeps 0.2 (k 8) and drifts 0.05. The bar: 0.9 x plain lr=1e-4's 0.8 = 0.72
 POINTS = {
     ("plain", "lr=1e-05"): (0.3, 20), ("plain", "lr=3e-05"): (0.7, 20),    # keeps all, misses the bar 0.72
-    ("plain", "lr=0.0001,ep=0.5"): (0.75, 14), ("plain", "lr=0.0001"): (0.8, 8),
+    ("plain", "lr=0.0001,ep=0.5"): (0.75, 14), ("plain", "lr=0.0001"): (0.8, 8),   # equal drift: retention
     ("lora", "r=8,lr=0.0003"): (0.5, 20), ("lora", "r=8,lr=0.001"): (0.6, 8),          # none qualifies
-    ("lwf", "λ=1"): (0.8, 11, 0.05), ("lwf", "λ=10"): (0.78, 11, 0.04),                 # a tie: drift decides
-    ("guided", "λ=1,as extracted"): (0.8, 8), ("guided", "λ=1,r=0.5"): (0.79, 17),
-    ("guided", "λ=10,r=0.5"): (0.5, 20), ("guided", "λ=10,r=0.25"): (0.75, 11),
+    ("lwf", "λ=1"): (0.8, 14, 0.05), ("lwf", "λ=10"): (0.78, 11, 0.04),  # keeps 0.4 < 0.6, drifts less: wins
+    ("guided", "λ=1,as extracted"): (0.8, 8), ("guided", "λ=1,r=0.5"): (0.79, 17),   # keeps 0.8, drift 0.05
+    ("guided", "λ=10,r=0.5"): (0.5, 20, 0.05, 0, (0.3, 0.05)),                       # misses the bar
+    ("guided", "λ=10,r=0.25"): (0.75, 11, 0.03),                                      # keeps 0.4, drifts least
     ("free_kl", "λ_free=30"): (0.74, 14),
-    ("other_kl", "λ_other=10"): (0.76, 15), ("other_kl", "λ_other=30"): (0.6, 20),
-    ("wise", "α=0.25"): (0.3, 20), ("wise", "α=0.5"): (0.73, 14), ("wise", "α=0.75"): (0.78, 11),
+    ("other_kl", "λ_other=10"): (0.76, 15),
+    ("other_kl", "λ_other=30"): (0.6, 20, 0.0),               # drifts least of all but misses the bar
+    ("wise", "α=0.25"): (0.3, 20, 0.0), ("wise", "α=0.5"): (0.73, 14), ("wise", "α=0.75"): (0.78, 11),
 }
 
 
-def sweep_rec(method, label, strength, settings, new, k, kl=0.05):
-    rec = {"method": method, "label": label, "strength": strength, "settings": settings, "general": general(k, kl),
-           "split": "dev", "task": "uppercase"}
+def sweep_rec(method, label, strength, settings, new, k, kl=0.05, if_ok=N_IF, answers=(1.0, 0.0)):
+    rec = {"method": method, "label": label, "strength": strength, "settings": settings,
+           "general": general(k, kl, if_ok, answers), "split": "dev", "task": "uppercase"}
     if method == "wise":
         rec["tasks"] = {"uppercase": new}
     else:
@@ -150,7 +189,8 @@ def full_sweep():
 
 
 def off_floor_regime():
-    return [regime_rec(1e-4, 5), regime_rec(3e-5, 11), regime_rec(1e-5, 17)]       # only 3e-5 in the band
+    # IF retention 0.1, 0.4, 0.8: only 3e-5 in the band (by the median retentions 0.0, 1.0, 0.4: only 1e-5)
+    return [regime_rec(1e-4, 1, k=5), regime_rec(3e-5, 4), regime_rec(1e-5, 8, k=11)]
 
 
 def test_plan_waits_for_every_grid_and_wise_point_and_the_regime_runs():
@@ -161,32 +201,38 @@ def test_plan_waits_for_every_grid_and_wise_point_and_the_regime_runs():
     assert FR.plan(s, reg[:2], BASE) is None
 
 
-def test_plan_arms_follow_amendment_3():
+def test_plan_arms_follow_amendment_3a():
     p = FR.plan(full_sweep(), off_floor_regime(), BASE)
-    assert p["regime"]["lr"] == 3e-5 and p["wise_alpha"] == 0.5
+    assert p["regime"]["lr"] == 3e-5 and p["wise_alpha"] == 0.5     # wise: equal drift, α=0.5 keeps 0.6 > 0.4
     ch = p["chosen"]
     assert ch["plain"]["label"] == "lr=0.0001,ep=0.5" and ch["plain"]["qualified"]
     assert ch["lora"]["label"] == "r=8,lr=0.001" and ch["lora"]["qualified"] is False
-    assert ch["lwf"]["label"] == "λ=10" and ch["guided"]["label"] == "λ=1,r=0.5"
+    assert ch["lwf"]["label"] == "λ=10" and ch["guided"]["label"] == "λ=10,r=0.25"
     assert ch["free_kl"]["label"] == "λ_free=30" and ch["other_kl"]["label"] == "λ_other=10"
-    assert ch["guided"]["median_retention"] == pytest.approx(ret(17)) and ch["guided"]["new_task"] == 0.79
-    guided = {"preset": "guided", "kl_weight": 1.0, "iv_norm_ratio": 0.5}
+    assert ch["guided"]["median_retention"] == pytest.approx(ret(11)) and ch["guided"]["new_task"] == 0.75
+    assert ch["guided"]["drift_kl"] == 0.03 and ch["lwf"]["drift_kl"] == 0.04
+    guided = {"preset": "guided", "kl_weight": 10.0, "iv_norm_ratio": 0.25}
     assert list(p["arms"]) == ["off-floor", "harsh"]
     assert p["arms"]["off-floor"] == {
         "plain": {"lr": 3e-5},
         "plain-less": {"lr": 1e-4, "epochs": 0.5},          # the point sets its own lr: kept
-        "best-non-iv": {"lr": 3e-5, "other_kl_weight": 10.0},   # other_kl 0.667 beats plain's and free_kl's 0.6
+        # lwf λ=10 drifts 0.04, the other chosen non-IV points 0.05 (other_kl keeps the most: 0.667)
+        "best-non-iv": {"lr": 3e-5, "preset": "lwf", "kl_weight": 10.0},
         "guided-paper": {"lr": 3e-5, "preset": "guided"},
         "guided-chosen": {"lr": 3e-5, **guided},
         "free_kl": {"lr": 3e-5, "free_kl_weight": 30.0},
+        # the prompt KLs drift alike (0.05): other_kl's 0.667 beats free_kl's 0.6
         "guided+prompt-kl": {"lr": 3e-5, **guided, "other_kl_weight": 10.0}}
+    # the best method: guided λ=10,r=0.25 drifts least (0.03) of the chosen points but plain's and wise's
     assert p["arms"]["harsh"] == {"plain": {}, "guided-paper": {"preset": "guided"}, "best": guided}
-    assert p["names"] == {"best-non-iv": "other_kl λ_other=10", "guided+prompt-kl": "guided λ=1,r=0.5 + other_kl "
-                          "λ_other=10", "best": "guided λ=1,r=0.5"}
+    assert p["names"] == {"best-non-iv": "lwf λ=10", "guided+prompt-kl": "guided λ=10,r=0.25 + other_kl "
+                          "λ_other=10", "best": "guided λ=10,r=0.25"}
 
 
 def test_plan_with_the_harsh_lr_off_the_floor_is_one_regime_holding_every_arm():
-    reg = [regime_rec(1e-4, 11), regime_rec(3e-5, 14), regime_rec(1e-5, 17)]        # 1e-4 keeps 0.4: in the band
+    # IF retention 0.4, 0.5, 0.9: 1e-4 (and 3e-5) in the band; by the median retentions (1.0, 0.4, 0.4)
+    # it would be 3e-5
+    reg = [regime_rec(1e-4, 4), regime_rec(3e-5, 5, k=11), regime_rec(1e-5, 9, k=11)]
     p = FR.plan(full_sweep(), reg, BASE)
     assert p["regime"]["lr"] == FR.HARSH_LR and list(p["arms"]) == ["harsh"]
     arms = p["arms"]["harsh"]
@@ -237,21 +283,27 @@ def test_decide_holds_none_until_plain_has_three_seeds_in_every_regime():
     assert "10 confirmatory runs" in d["text"]
 
 
-def confirm_rec(label, seed, k, kl, new=(0.8, 0.6, 0.4, 0.2), final=(0.1, 0.1, 0.1, 0.2), regime="off-floor"):
+def confirm_rec(label, seed, k, kl, new=(0.8, 0.6, 0.4, 0.2), final=(0.1, 0.1, 0.1, 0.2), regime="off-floor",
+                if_ok=N_IF, answers=(1.0, 0.0)):
     R = [[0.0] * 4, [new[0], 0, 0, 0], [0, new[1], 0, 0], [0, 0, new[2], 0], list(final)]
     R[4][3] = new[3]
     return {"label": label, "regime": regime, "seed": seed, "settings": {},
-            "cl": {"R": R, "train_tasks": list(F.SEQUENCE)}, "general": general(k, kl)}
+            "cl": {"R": R, "train_tasks": list(F.SEQUENCE)}, "general": general(k, kl, if_ok, answers)}
 
 
-def wise_rec(seed, k, kl, regime="off-floor"):
-    return {"label": "wise", "regime": regime, "seed": seed, "settings": {"alpha": 0.5}, "general": general(k, kl),
-            "tasks": {"uppercase": 0.5, "date_iso": 0.3, "reverse_words": 0.2, "acronym": 0.0 + 0.1 * seed}}
+def wise_rec(seed, k, kl, regime="off-floor", answers=(1.0, 0.0)):
+    # AP: (0.5 + 0.3 + 0.2 + 0.4 seed) / 4 = 0.25 + 0.1 seed
+    return {"label": "wise", "regime": regime, "seed": seed, "settings": {"alpha": 0.5},
+            "general": general(k, kl, answers=answers),
+            "tasks": {"uppercase": 0.5, "date_iso": 0.3, "reverse_words": 0.2, "acronym": 0.0 + 0.4 * seed}}
 
 
 def confirm_records():
-    return [confirm_rec("plain", 0, 8, 0.1), confirm_rec("plain", 1, 11, 0.2, new=(1.0, 0.6, 0.4, 0.2)),
-            confirm_rec("plain", 2, 14, 0.3, final=(0.3, 0.1, 0.1, 0.2)), wise_rec(0, 17, 0.01), wise_rec(1, 20, 0.03)]
+    # plain: IF retention 1.0, 0.8, 0.6 and answers 0.9, 0.8, 0.7 over its seeds; wise: answers 0.6, 0.8
+    return [confirm_rec("plain", 0, 8, 0.1, answers=(0.9, 0.01)),
+            confirm_rec("plain", 1, 11, 0.2, new=(1.0, 0.6, 0.4, 0.2), if_ok=8, answers=(0.8, 0.01)),
+            confirm_rec("plain", 2, 14, 0.3, final=(0.3, 0.1, 0.1, 0.2), if_ok=6, answers=(0.7, 0.01)),
+            wise_rec(0, 17, 0.01, answers=(0.6, 0.02)), wise_rec(1, 20, 0.03, answers=(0.8, 0.02))]
 
 
 def test_run_endpoints_and_confirm_table_average_over_seeds():
@@ -259,6 +311,11 @@ def test_run_endpoints_and_confirm_table_average_over_seeds():
     # new task: the diagonal (0.8 + 0.6 + 0.4 + 0.2) / 4; AP: the last row (0.1 + 0.1 + 0.1 + 0.2) / 4
     assert e["new_task"] == pytest.approx(0.5) and e["AP"] == pytest.approx(0.125)
     assert e["median_retention"] == pytest.approx(0.2) and e["drift_kl"] == 0.1 and e["tasks_kept"] == 1
+    assert e["if_retention"] == pytest.approx(1.0) and e["answers"] == 1.0
+    assert set(FR.ENDPOINTS) == {"median_retention", "tasks_kept", "mean_retention", "drift_kl", "if_strict",
+                                 "if_retention", "answers"} and set(FR.ENDPOINTS) <= set(e)
+    e = FR.run_endpoints(confirm_rec("plain", 0, 8, 0.1, if_ok=3, answers=(0.4, 0.1)), BASE)
+    assert e["if_retention"] == pytest.approx(0.3) and e["if_strict"] == pytest.approx(0.3) and e["answers"] == 0.4
     w = FR.run_endpoints(wise_rec(0, 17, 0.01), BASE)
     assert "new_task" not in w and w["AP"] == pytest.approx(0.25)
     t = FR.confirm_table(confirm_records(), BASE)
@@ -269,10 +326,17 @@ def test_run_endpoints_and_confirm_table_average_over_seeds():
     assert plain["drift_kl"]["se"] == pytest.approx(0.1 / 3 ** 0.5)       # the SE over seeds
     assert plain["new_task"]["mean"] == pytest.approx((0.5 + 0.55 + 0.5) / 3) and plain["new_task"]["n"] == 3
     assert plain["AP"]["mean"] == pytest.approx((0.125 + 0.125 + 0.175) / 3)
-    assert plain["per_task"]["capital"] == pytest.approx(0.4) and plain["per_task"]["ifeval"] == pytest.approx(1.0)
+    assert plain["per_task"]["capital"] == pytest.approx(0.4) and plain["per_task"]["ifeval"] == pytest.approx(0.8)
+    assert plain["if_retention"]["mean"] == pytest.approx(0.8) and plain["if_retention"]["std"] == pytest.approx(0.2)
+    assert plain["answers"]["mean"] == pytest.approx(0.8) and plain["answers"]["std"] == pytest.approx(0.1)
+    assert plain["answers"]["n"] == 3 and plain["answers"]["se"] == pytest.approx(0.1 / 3 ** 0.5)
     assert wise["seeds"] == [0, 1] and "new_task" not in wise
-    assert wise["AP"]["mean"] == pytest.approx((0.25 + 0.275) / 2)
+    assert wise["AP"]["mean"] == pytest.approx((0.25 + 0.35) / 2)
     assert wise["median_retention"]["mean"] == pytest.approx((0.8 + 1.0) / 2)
+    assert wise["answers"]["mean"] == pytest.approx(0.7) and wise["if_retention"]["mean"] == pytest.approx(1.0)
+    # stat over seeds skips None (a report without "answers"): none left -> no mean, no SE, shown as a dash
+    none = FR.stat_se([None, None])
+    assert none == {"mean": None, "std": None, "n": 0, "se": None} and FR.fmt(none) == "—"
     # a label that is the same run as an earlier one shows its records, marked
     t = FR.confirm_table(confirm_records(), BASE, {"off-floor": {"plain-less": "plain"}})
     assert t["off-floor"]["plain-less"]["same_as"] == "plain" and "same_as" not in t["off-floor"]["plain"]
@@ -356,10 +420,32 @@ def test_write_leaves_forgetting_json_and_md_with_the_amendment_keys(tmp_path, m
     assert d["per_task"]["off-floor"]["plain"]["capital"] == pytest.approx(0.4)
     assert d["decision"]["holds"] is None and "harsh" in d["decision"]["text"]     # harsh has no runs yet
     md = (tmp_path / "results" / "forgetting.md").read_text()
-    # guided λ=10,r=0.5: new task 0.5, every item kept (SE 0), drift 0.05, IF 100%
-    assert "| guided | λ=10,r=0.5 | 50.0 | 1.00 ± 0.00 | 7.0 ± 0.0 | 0.0500 ± 0.0000 | 100.0 ± 0.0 |" in md
+    lines = md.splitlines()
+    assert "| method | point | new task | drift KL | IF retention | IF strict | answers | median retention | " \
+           "tasks kept |" in lines
+    # guided λ=10,r=0.5: new task 0.5, drift 0.05, no IF prompt followed (retention 0, strict 0%, SE 0),
+    # answers 30% ± 5%, every knowledge item kept (median 1.00, SE 0), six of seven tasks kept
+    assert "| guided | λ=10,r=0.5 | 50.0 | 0.0500 ± 0.0000 | 0.00 ± 0.00 | 0.0 ± 0.0 | 30.0 ± 5.0 | 1.00 ± 0.00 | " \
+           "6.0 ± 0.0 |" in lines
+    assert "| lr | mean new task | IF retention | drift KL | median retention |" in lines
+    # 3e-5: new task (0.8 + 0.6 + 0.4 + 0.2) / 4, IF 4 of 10 (its SE from the bootstrap), drift 0.1, k 20
+    reg = next(x for x in lines if x.startswith("| 3e-05 |"))
+    assert reg.startswith("| 3e-05 | 50.0 | 0.40 ± ") and reg.endswith(" | 0.1000 ± 0.0000 | 1.00 ± 0.00 |")
     assert "Chosen: lr 3e-05 (in the band (0.2, 0.6))." in md
-    assert "| plain | 3 |" in md and "not yet decided" in md
+    assert "| method | chosen | qualifies | new task | drift KL | median retention |" in lines
+    assert "| lwf | λ=10 | yes | 78.0 | 0.0400 | 0.40 |" in lines
+    assert "| guided | λ=10,r=0.25 | yes | 75.0 | 0.0300 | 0.40 |" in lines
+    assert "| lora | r=8,lr=0.001 | no: the best learner | 60.0 | 0.0500 | 0.20 |" in lines
+    assert "| arm | seeds | new task | AP | median retention | tasks kept | drift KL | IF retention | answers |" in lines
+    # mean ± std over seeds (n - 1). plain: new task 0.5, 0.55, 0.5; AP 0.125, 0.125, 0.175 (std 0.05 /
+    # sqrt 3); median 0.2, 0.4, 0.6 (std 0.2); tasks kept 1, 1, 7 (std sqrt 12); drift 0.1, 0.2, 0.3;
+    # IF retention 1.0, 0.8, 0.6; answers 0.9, 0.8, 0.7 (std 0.1)
+    assert "| plain | 3 | 51.7 ± 2.9 | 14.2 ± 2.9 | 0.40 ± 0.20 | 3.0 ± 3.5 | 0.2000 ± 0.1000 | 0.80 ± 0.20 | " \
+           "80.0 ± 10.0 |" in lines
+    # wise: no new task; AP 0.25, 0.35; median 0.8, 1.0; all 7 kept; drift 0.01, 0.03; IF whole; answers 0.6, 0.8
+    # (std of two values a, b: |a - b| / sqrt 2)
+    assert "| wise | 2 | — | 30.0 ± 7.1 | 0.90 ± 0.14 | 7.0 ± 0.0 | 0.0200 ± 0.0141 | 1.00 ± 0.00 | 70.0 ± 14.1 |" in lines
+    assert "not yet decided" in md
 
 
 def test_twins_are_labels_that_resolve_to_the_same_train_py_run():
@@ -373,3 +459,51 @@ def test_twins_are_labels_that_resolve_to_the_same_train_py_run():
     labels = {(j[0], j[1]) for j in F.confirm_jobs(plan)}
     assert labels == {("off-floor", "plain"), ("off-floor", "guided-paper"), ("harsh", "plain"),
                       ("harsh", "guided-paper"), ("harsh", "best")}
+
+
+# ---- the IF part scored again from its stored replies (amendment 3a) -------------------------------------------
+
+SHORT = "green hills below."                   # 3 words, lowercase, one sentence: ifdev000's constraints alone pass
+UPPER = "PACK A WARM SLEEPING BAG, A TORCH AND PLENTY OF WATER FOR THE NIGHT."           # 14 words, no "tent"
+LONG = ("Play i spy, twenty questions, the alphabet game, the number plate game, would you rather, name that "
+        "tune, counting cows and horses, and a long story where everyone adds one sentence.")   # 31 words > 25
+
+
+def stored_if(replies, strict):
+    # an IF part as a run before amendment 3a stored it: its verdicts are stale, the replies are what count
+    items = [{"id": f"ifdev{i:03d}", "strict": s, "loose": s, "reply": t}
+             for i, (t, s) in enumerate(zip(replies, strict))]
+    return {"n": len(items), "prompt_strict": {"value": 1.0, "se": 0.0}, "items": items, "unfinished": 0.25}
+
+
+def test_rescored_scores_the_stored_replies_on_the_dev_file_and_a_short_reply_follows_nothing():
+    recs = {r["id"]: r for r in ifeval.load_ifeval(GE.SPLITS["dev"][0])}
+    assert [recs[f"ifdev{i:03d}"]["constraints"] for i in range(3)] == [
+        [{"kind": "lowercase", "args": {}}, {"kind": "max_sentences", "args": {"n": 3}}],
+        [{"kind": "uppercase", "args": {}}, {"kind": "avoid_word", "args": {"word": "tent"}}],
+        [{"kind": "max_words", "args": {"n": 25}}]]
+    assert all(ifeval.check(SHORT, c) for c in recs["ifdev000"]["constraints"]), "alone, the short reply passes"
+    assert [ifeval.count_words(t) for t in (SHORT, UPPER, LONG)] == [3, 14, 31]
+    tuned = {**general(N), "settings": {"split": "dev"},
+             "if": stored_if([SHORT, UPPER, LONG], [[True, True], [True, True], [True]])}
+    new = F.rescored(tuned)
+    assert new == GE.rescore_if(tuned) and F.rescored(None) is None
+    got = new["if"]
+    # ifdev000: too short to answer -> neither constraint; ifdev001: both; ifdev002: 31 words > 25
+    assert [i["strict"] for i in got["items"]] == [[False, False], [True, True], [False]]
+    assert [i["loose"] for i in got["items"]] == [[False, False], [True, True], [False]]
+    assert [i["reply"] for i in got["items"]] == [SHORT, UPPER, LONG] and got["n"] == 3
+    assert got["prompt_strict"]["value"] == pytest.approx(1 / 3)
+    assert got["prompt_loose"]["value"] == pytest.approx(1 / 3)
+    assert got["inst_strict"]["value"] == pytest.approx(2 / 5)          # 2 of the 5 constraints
+    assert got["answers"]["value"] == pytest.approx(2 / 3)               # 2 of 3 replies have >= 10 words
+    assert got["unfinished"] == 0.25 and "if_scored_by" in new
+    assert new["knowledge"] == tuned["knowledge"] and new["drift"] == tuned["drift"]   # only the IF part changes
+    # against a base that follows all three (13 and 15 words, within their constraints): IF retention 1/3
+    base_replies = ["the fields roll away below in green and gold under a wide sky.", UPPER,
+                    "Try i spy, twenty questions, the alphabet game and counting red cars along the way."]
+    base = F.rescored({**general(N), "settings": {"split": "dev"},
+                       "if": stored_if(base_replies, [[False, False], [False, False], [False]])})
+    assert base["if"]["prompt_strict"]["value"] == 1.0 and base["if"]["answers"]["value"] == 1.0
+    e = FR.endpoints(base, new)
+    assert e["if_retention"]["value"] == pytest.approx(1 / 3) and e["answers"]["value"] == pytest.approx(2 / 3)
