@@ -507,3 +507,10 @@ def test_rescored_scores_the_stored_replies_on_the_dev_file_and_a_short_reply_fo
     assert base["if"]["prompt_strict"]["value"] == 1.0 and base["if"]["answers"]["value"] == 1.0
     e = FR.endpoints(base, new)
     assert e["if_retention"]["value"] == pytest.approx(1 / 3) and e["answers"]["value"] == pytest.approx(2 / 3)
+
+
+def test_wise_cli_refuses_a_bad_alpha_in_one_line(tmp_path, capsys):
+    assert W.main(["--tuned", str(tmp_path), "--alpha", "1.5", "--tasks", "uppercase", "--out",
+                   str(tmp_path / "w.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--alpha 1.5" in err and not (tmp_path / "w.json").exists()
