@@ -105,8 +105,8 @@ def choose_regime(regime: list[dict], base: dict) -> dict | None:
     BAND; none -> the one closest to the band's middle. None until every candidate ran."""
     if len(regime) < len(REGIME_LRS):
         return None
-    rows = [{"lr": r["lr"], "new_task": sum(r["cl"]["R"][i + 1][i] for i in range(4)) / 4,
-             **endpoints(base, r["general"])} for r in regime]
+    rows = sorted(({"lr": r["lr"], "new_task": sum(r["cl"]["R"][i + 1][i] for i in range(4)) / 4,
+                    **endpoints(base, r["general"])} for r in regime), key=lambda r: -r["lr"])
     inside = [r for r in rows if BAND[0] <= r["if_retention"]["value"] <= BAND[1]]
     mid = sum(BAND) / 2
     pick = max(inside, key=lambda r: r["lr"]) if inside else \
