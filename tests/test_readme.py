@@ -249,3 +249,26 @@ def test_readme_names_the_one_task_that_carries_the_lead():
     assert (f"{free[task]:.1f}", f"{plain[task]:.1f}") == (m.group(1), m.group(3))
     assert max(free, key=free.get) == task
     assert all(f"{free[g]:.1f}" == m.group(4) == f"{plain[g]:.1f}" for g in free if g != task)
+
+
+def test_forgetting_tables_match_the_results():
+    """results/README.md's table of the regime runs shows results/forgetting.json's rows, and
+    results/forgetting.md is what the report renders from that JSON: neither can drift from the runs."""
+    import json
+    import forgetting_report as FR
+    d = json.loads((ROOT / "results" / "forgetting.json").read_text())
+    assert (ROOT / "results" / "forgetting.md").read_text() == FR.markdown(d, ["forgetting.png"])
+    rows = {r["lr"]: r for r in d["regime"]["rows"]}
+    table = re.search(r"^\| lr \| new task \| IF retention \| drift KL \| median retention \|\n\|[-|]+\n((?:\|.*\n)+)",
+                      (ROOT / "results" / "README.md").read_text(), re.M)
+    assert table, "results/README.md shows no table of the regime runs"
+    f = lambda e, d=2: f"{e['value']:.{d}f} ± {e['se']:.{d}f}"  # noqa: E731
+    seen = set()
+    for row in table.group(1).strip().splitlines():
+        lr, *cells = [c.strip() for c in row.strip(" |").split("|")]
+        r = rows[float(lr)]
+        assert cells == [f"{100 * r['new_task']:.1f}", f(r["if_retention"]), f(r["drift_kl"], 3),
+                         f(r["median_retention"])], f"results/README.md regime row {lr}: {cells}"
+        seen.add(float(lr))
+    assert seen == set(rows)
+    assert f"off-floor regime is lr {d['regime']['lr']:.0e}".replace("e-0", "e-") in " ".join((ROOT / "results" / "README.md").read_text().split())
