@@ -271,4 +271,9 @@ def test_forgetting_tables_match_the_results():
                          f(r["median_retention"])], f"results/README.md regime row {lr}: {cells}"
         seen.add(float(lr))
     assert seen == set(rows)
+    # the README's sentence about plain at lr 1e-4 after the dev sequence
+    harsh, readme = rows[1e-4], " ".join((ROOT / "README.md").read_text().split())
+    assert f"drifting {harsh['drift_kl']['value']:.2f} nats/token" in readme
+    assert f"at a median {harsh['median_retention']['value']:.2f} of its base" in readme
+    assert harsh["answers"]["value"] == 0 and "answering no IF prompt" in readme
     assert f"off-floor regime is lr {d['regime']['lr']:.0e}".replace("e-0", "e-") in " ".join((ROOT / "results" / "README.md").read_text().split())
