@@ -64,7 +64,7 @@ def general_record(model_dir, split: str, out: Path, threads: int) -> dict | Non
     cmd = [sys.executable, str(ROOT / "experiments" / "general_eval.py"), "--split", split, "--out", str(out),
            "--threads", str(threads), *(["--model", str(model_dir)] if model_dir else []),
            *(["--n_knowledge", str(N_KNOWLEDGE_DEV)] if split == "dev" else [])]
-    rc = run_child(cmd, RUNS / "logs" / f"general-{out.stem}.txt")
+    rc = run_child(cmd, RUNS / "logs" / f"general-{out.parent.name}-{out.stem}.txt")
     return read_json(out) if rc == 0 else None
 
 
@@ -78,11 +78,12 @@ def base_report(split: str, threads: int = 1) -> dict | None:
 # ---- one run: train.py, then the general evaluation of its last stage --------------------------------
 
 def trained_record(raw: Path, flags: list[str], n_stages: int, split: str, threads: int, dry_run: bool,
-                   keep: bool = False, extra=None) -> tuple[dict | None, str]:
+                   labels: dict, keep: bool = False, extra=None) -> tuple[dict | None, str]:
     """train.py FLAGS, then general_eval.py on its last stage -> (record, "") once both ran, else (None,
-    what happened). The record: train.py's results.json (scores per stage), "general" (the report),
-    "seconds", "machine". keep: the checkpoints outlive the record (WiSE-FT mixes them later);
-    extra(out_dir, record): more measures made on the run's models before they are removed."""
+    what happened). The record, written once: train.py's results.json (scores per stage), "general"
+    (the report), "seconds", "machine" and labels. keep: the checkpoints outlive the record (WiSE-FT
+    mixes them later); extra(out_dir, record): more measures made on the run's models before they are
+    removed. A rerun after a kill resumes train.py and reuses a general evaluation that finished."""
     if raw.is_file():
         return None, f"{raw.relative_to(RAW)}: done"
     out = RUNS / raw.parent.name / raw.stem
@@ -92,11 +93,13 @@ def trained_record(raw: Path, flags: list[str], n_stages: int, split: str, threa
     r = train_run(out, flags, threads, log)
     if r is None:
         return None, f"{raw.relative_to(RAW)}: FAILED or stopped (see {log})"
-    gen = general_record(out / f"stage-{n_stages}", split, RUNS / raw.parent.name / f"{raw.stem}.general.json",
-                         threads)
+    gen_path = RUNS / raw.parent.name / f"{raw.stem}.general.json"
+    gen = read_json(gen_path)      # general_eval.py writes after each part: a cut one lacks some
+    if not (gen and all(k in gen for k in ("if", "knowledge", "drift"))):
+        gen = general_record(out / f"stage-{n_stages}", split, gen_path, threads)
     if gen is None:
         return None, f"{raw.relative_to(RAW)}: general evaluation FAILED (see {RUNS / 'logs'})"
-    r.update(general=gen, seconds=round(time.time() - t0), machine=machine())
+    r.update(general=gen, seconds=round(time.time() - t0), machine=machine(), **labels)
     if extra and (msg := extra(out, r)):
         return None, msg
     save_report(r, raw)
@@ -105,14 +108,21 @@ def trained_record(raw: Path, flags: list[str], n_stages: int, split: str, threa
     return r, ""
 
 
-def wise_record(src: Path, alpha: float, tasks: str, n: int, split: str, out: Path, threads: int) -> dict | None:
+def wise_record(src: Path, alpha: float, tasks: str, n: int, split: str, raw: Path, threads: int,
+                labels: dict) -> str:
     """WiSE-FT (Wortsman et al. 2022) post hoc: the original and src's weights mixed at alpha, scored on
-    the training tasks (first n test items) and by the general evaluation -> the report, or None."""
+    the training tasks (first n test items) and by the general evaluation -> "" once raw (the report
+    with labels) is written, else what failed. wise.py writes under runs/; raw is written once."""
+    out = RUNS / "wise" / f"{raw.parent.name}-{raw.stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(ROOT / "experiments" / "wise.py"), "--tuned", str(src), "--alpha", str(alpha),
            "--tasks", tasks, "--n", str(n), "--split", split, "--out", str(out), "--threads", str(threads),
            *(["--n_knowledge", str(N_KNOWLEDGE_DEV)] if split == "dev" else [])]
-    rc = run_child(cmd, RUNS / "logs" / f"wise-{out.stem}.txt")
-    return read_json(out) if rc == 0 else None
+    rc = run_child(cmd, RUNS / "logs" / f"wise-{raw.parent.name}-{raw.stem}.txt")
+    if rc != 0 or (r := read_json(out)) is None:
+        return f"{raw.name}: FAILED (see {RUNS / 'logs'})"
+    save_report({**r, **labels}, raw)
+    return ""
 
 
 # ---- the sweep (dev, stage 1) -------------------------------------------------------------------------
@@ -126,11 +136,11 @@ def sweep_point(method: str, label: str, strength: float, flags: list[str], thre
     raw = RAW / "sweep" / f"{method}.{key_of(label)}.json"
     keep = (method, label) == REFERENCE
     extra = (lambda out, r: wise_points(out, threads)) if keep else None
-    r, msg = trained_record(raw, sweep_flags(flags), 1, "dev", threads, dry_run, keep=keep, extra=extra)
+    labels = {"method": method, "label": label, "strength": strength, "settings": settings_of(flags),
+              "split": "dev", "task": "uppercase"}
+    r, msg = trained_record(raw, sweep_flags(flags), 1, "dev", threads, dry_run, labels, keep=keep, extra=extra)
     if r is None:
         return msg
-    r.update(method=method, label=label, strength=strength, settings=settings_of(flags), split="dev", task="uppercase")
-    save_report(r, raw)
     if keep:
         shutil.rmtree(RUNS / "sweep" / raw.stem, ignore_errors=True)
     return f"{raw.name}: new task {r['cl']['R'][1][0]:.2f} ({r['seconds']} s)"
@@ -140,13 +150,11 @@ def wise_points(out: Path, threads: int) -> str:
     """The WiSE-FT points on the reference run's stage-1 model -> "" or what failed."""
     for label, a in WISE:
         raw = RAW / "sweep" / f"wise.{key_of(label)}.json"
-        if raw.is_file():
-            continue
-        r = wise_record(out / "stage-1", a, dev_task_files()["uppercase"], N_DEV, "dev", raw, threads)
-        if r is None:
-            return f"{raw.name}: FAILED (see {RUNS / 'logs'})"
-        save_report({**r, "method": "wise", "label": label, "strength": a, "settings": {"alpha": a},
-                     "split": "dev", "task": "uppercase"}, raw)
+        if not raw.is_file() and (msg := wise_record(
+                out / "stage-1", a, dev_task_files()["uppercase"], N_DEV, "dev", raw, threads,
+                {"method": "wise", "label": label, "strength": a, "settings": {"alpha": a}, "split": "dev",
+                 "task": "uppercase"})):
+            return msg
     return ""
 
 
@@ -164,12 +172,9 @@ def regime_run(lr: float, threads: int, dry_run=False) -> str:
     files = dev_task_files()
     flags = ["--tasks", ",".join(files[n] for n in SEQUENCE), "--eval_n", str(N_DEV), "--seed", "0", "--lr", str(lr),
              "--stage0_cache", str(RUNS / "dev" / "stage0-sequence.json"), *BASE]
-    r, msg = trained_record(raw, flags, len(SEQUENCE), "dev", threads, dry_run)
-    if r is None:
-        return msg
-    r.update(method="plain", lr=lr, split="dev")
-    save_report(r, raw)
-    return f"{raw.name}: done ({r['seconds']} s)"
+    r, msg = trained_record(raw, flags, len(SEQUENCE), "dev", threads, dry_run,
+                            {"method": "plain", "lr": lr, "split": "dev"})
+    return msg if r is None else f"{raw.name}: done ({r['seconds']} s)"
 
 
 # ---- the confirmation (test split) ---------------------------------------------------------------------
@@ -186,20 +191,12 @@ def confirm_run(regime: str, label: str, settings: dict, seed: int, threads: int
     if wise_alpha is not None:      # plain's final model, mixed with the original (post hoc, WiSE-FT)
         def extra(out, r):
             w = RAW / "confirm" / f"{regime}.wise-s{seed}.json"
-            if not w.is_file():
-                tasks = ",".join(SEQUENCE)
-                rec = wise_record(out / f"stage-{len(SEQUENCE)}", wise_alpha, tasks, 50, "test", w, threads)
-                if rec is None:
-                    return f"{w.name}: FAILED (see {RUNS / 'logs'})"
-                save_report({**rec, "label": "wise", "settings": {"alpha": wise_alpha}, "regime": regime,
-                             "seed": seed}, w)
-            return ""
-    r, msg = trained_record(raw, confirm_flags(settings, seed), len(SEQUENCE), "test", threads, dry_run, extra=extra)
-    if r is None:
-        return msg
-    r.update(label=label, settings=settings, regime=regime, seed=seed)
-    save_report(r, raw)
-    return f"{raw.name}: done ({r['seconds']} s)"
+            return "" if w.is_file() else wise_record(
+                out / f"stage-{len(SEQUENCE)}", wise_alpha, ",".join(SEQUENCE), 50, "test", w, threads,
+                {"label": "wise", "settings": {"alpha": wise_alpha}, "regime": regime, "seed": seed})
+    r, msg = trained_record(raw, confirm_flags(settings, seed), len(SEQUENCE), "test", threads, dry_run,
+                            {"label": label, "settings": settings, "regime": regime, "seed": seed}, extra=extra)
+    return msg if r is None else f"{raw.name}: done ({r['seconds']} s)"
 
 
 RUN_ONLY = ("out_dir", "num_threads", "code", "resume", "overwrite")   # where and how fast, not what is trained
@@ -212,23 +209,22 @@ def config_key(settings: dict) -> str:
     return json.dumps({k: v for k, v in cfg.items() if k not in RUN_ONLY}, sort_keys=True, default=str)
 
 
-def twins(plan: dict) -> dict[str, dict[str, str]]:
-    """{regime: {label: the earlier label of the regime that trains the very same run}}."""
-    out = {}
+def twins(plan: dict) -> dict[str, dict[str, list]]:
+    """{regime: {label: [regime, label] of an earlier arm, in any regime, that trains the very same run}}."""
+    out, seen = {}, {}
     for regime, arms in plan["arms"].items():
-        seen = {}
         for label, settings in arms.items():
             key = config_key(settings)
             if key in seen:
-                out.setdefault(regime, {})[label] = seen[key]
-            seen.setdefault(key, label)
+                out.setdefault(regime, {})[label] = list(seen[key])
+            seen.setdefault(key, (regime, label))
     return out
 
 
 def confirm_jobs(plan: dict) -> list:
     """(regime, label, settings, seed, wise α) in the order they start: seed by seed, the off-floor
-    regime's arms first; a label that trains the same run as an earlier one of its regime (twins) is
-    not run again: the report shows the earlier label's records under it too."""
+    regime's arms first; an arm that trains the same run as an earlier one (twins) is not run again:
+    the report shows the earlier arm's records under it too."""
     tw = twins(plan)
     return [(regime, label, settings, seed, plan["wise_alpha"] if label == "plain" else None)
             for seed in SEEDS for regime, arms in plan["arms"].items() for label, settings in arms.items()
@@ -290,10 +286,9 @@ def run_parts(args) -> int:
         print("the base model's dev evaluation FAILED (see runs/forgetting/logs)", file=sys.stderr)
         return 1
     if args.sweep or args.all or args.regime:
-        jobs = [j for j in sweep_jobs() if args.only in (None, j[0])] if (args.sweep or args.all) else []
-        # the regime runs are interleaved after the reference point, so that both finish early
-        jobs += [("regime", lr) for lr in REGIME_LRS] if (args.regime or args.all) and args.only is None else []
-        jobs = jobs[:1] + [j for j in jobs if j[0] == "regime"] + [j for j in jobs[1:] if j[0] != "regime"]
+        sweep = [j for j in sweep_jobs() if args.only in (None, j[0])] if (args.sweep or args.all) else []
+        regime = [("regime", lr) for lr in REGIME_LRS] if (args.regime or args.all) and args.only is None else []
+        jobs = sweep[:1] + regime + sweep[1:]     # right after the reference point, so that both finish early
         failed += go(jobs, lambda *j: regime_run(j[1], args.threads, args.dry_run) if j[0] == "regime"
                      else sweep_point(*j, args.threads, dry_run=args.dry_run))
     if (args.confirm or args.all) and not STOPPING.is_set():

@@ -89,6 +89,13 @@ def best_of(rows: list[dict]) -> dict:
     return out
 
 
+def best_chosen(chosen: list[dict]) -> dict:
+    """The best of methods' chosen points (amendment 3b): among those that qualified (learned the new
+    task at matched cost) by better(); none qualified: the one that learned most."""
+    ok = [c for c in chosen if c["qualified"]]
+    return best_of(ok) if ok else max(chosen, key=lambda c: c["new_task"])
+
+
 def choose(rows: list[dict], method: str, reference: dict) -> dict | None:
     """The registered rule: among the method's points with new task >= QUALIFY x the reference's, the
     best (better()); none qualifies -> the highest new task, marked. None while the method has no point."""
@@ -126,9 +133,9 @@ def plan(sweep: list[dict], regime: list[dict], base: dict) -> dict | None:
         return None
     ref = next(r for r in rows if (r["method"], r["label"]) == REFERENCE)
     chosen = {m: choose(rows, m, ref) for m in [*GRID, "wise"]}
-    best_non_iv = best_of([chosen[m] for m in NON_IV if m != "plain"] + [chosen["plain"]])
-    best_prompt_kl = best_of([chosen[m] for m in PROMPT_KL])
-    best_any = best_of([chosen[m] for m in chosen if m not in ("plain", "wise")])
+    best_non_iv = best_chosen([chosen[m] for m in NON_IV if m != "plain"] + [chosen["plain"]])
+    best_prompt_kl = best_chosen([chosen[m] for m in PROMPT_KL])
+    best_any = best_chosen([chosen[m] for m in chosen if m not in ("plain", "wise")])
     lr = {"lr": reg["lr"]}
     # an arm trains at the regime's lr unless its point sets its own (plain's "do less", LoRA)
     at = lambda pt: {**lr, **pt["settings"]} if "lr" not in pt["settings"] else dict(pt["settings"])  # noqa: E731
@@ -170,17 +177,22 @@ def stat_se(xs) -> dict:
     return {**st, "se": st["std"] / st["n"] ** 0.5 if st["n"] >= 2 and st["std"] is not None else None}
 
 
-def confirm_table(confirm: list[dict], base: dict, twins: dict | None = None) -> dict:
-    """{regime: {label: {endpoint: {"mean", "std", "n", "se"}, "per_task": {task: mean}, "seeds"}}}; twins
-    ({regime: {label: earlier label}}, forgetting.twins): a label that is the same run as an earlier
-    one shows that one's records, marked "same_as"."""
+def confirm_table(confirm: list[dict], base: dict, twins: dict | None = None, arms: dict | None = None) -> dict:
+    """{regime: {label: {endpoint: {"mean", "std", "n", "se"}, "per_task": {task: mean}, "seeds"}}}.
+    twins ({regime: {label: [regime, label]}}, forgetting.twins): an arm that is the same run as an
+    earlier one shows that one's records, marked "same_as". arms (the plan's {regime: {label:
+    settings}}): a record whose settings differ from its arm's is refused (a stale record)."""
     runs = {}
     for r in confirm:
+        want = (arms or {}).get(r["regime"], {}).get(r["label"])
+        if arms is not None and r["label"] != "wise" and want != r["settings"]:
+            raise ValueError(f"confirmatory record {r['regime']}/{r['label']} seed {r['seed']}: settings "
+                             f"{r['settings']} but the plan's arm is {want}: move the stale record away")
         runs.setdefault(r["regime"], {}).setdefault(r["label"], {})[r["seed"]] = run_endpoints(r, base)
     for regime, pairs in (twins or {}).items():
-        for label, first in pairs.items():
-            if first in runs.get(regime, {}):
-                runs[regime][label] = runs[regime][first]
+        for label, (g, first) in pairs.items():
+            if first in runs.get(g, {}):
+                runs.setdefault(regime, {})[label] = runs[g][first]
     out = {}
     for regime, labels in runs.items():
         for label, per in labels.items():
@@ -188,7 +200,7 @@ def confirm_table(confirm: list[dict], base: dict, twins: dict | None = None) ->
             tasks = next(iter(per.values()))["per_task"]
             same = (twins or {}).get(regime, {}).get(label)
             out.setdefault(regime, {})[label] = {
-                "seeds": sorted(per), **({"same_as": same} if same else {}),
+                "seeds": sorted(per), **({"same_as": "/".join(same)} if same else {}),
                 **{k: stat_se([e.get(k) for e in per.values()]) for k in keys},
                 "per_task": {t: stat([e["per_task"][t] for e in per.values()])["mean"] for t in tasks}}
     return out
@@ -199,11 +211,12 @@ def decide(table: dict, plan_: dict | None, n_seeds: int = 3) -> dict:
     plain's (plain's <= 0: >= 0.5), drift KL <= 0.5 x plain's; means over n_seeds seeds."""
     if plan_ is None:
         return {"holds": None, "text": "not yet decided: the dev sweep or the regime runs are not complete"}
-    if plain_missing := [g for g in plan_["arms"] if table.get(g, {}).get("plain", {}).get(
-            "median_retention", {}).get("n", 0) < n_seeds]:
-        done = sum(len(v["seeds"]) for g in table.values() for v in g.values())
-        return {"holds": None, "text": f"not yet decided: {done} confirmatory runs recorded; plain has fewer "
-                                       f"than {n_seeds} seeds in {', '.join(plain_missing)}"}
+    missing = [f"{g}/{label}" for g, arms in plan_["arms"].items() for label in arms
+               if table.get(g, {}).get(label, {}).get("median_retention", {}).get("n", 0) < n_seeds]
+    if missing:
+        done = sum(len(v["seeds"]) for g in table.values() for v in g.values() if "same_as" not in v)
+        return {"holds": None, "text": f"not yet decided: {done} confirmatory runs recorded; fewer than "
+                                       f"{n_seeds} seeds in {', '.join(missing)}"}
     verdicts, lines = {}, []
     for regime, arms in table.items():
         m = lambda label, k: arms[label][k]["mean"]  # noqa: E731
@@ -220,7 +233,9 @@ def decide(table: dict, plan_: dict | None, n_seeds: int = 3) -> dict:
                          f"{m(label, 'median_retention'):.2f} vs plain {m('plain', 'median_retention'):.2f} "
                          f"(doubled: {ret_ok}); drift {m(label, 'drift_kl'):.4f} vs plain "
                          f"{m('plain', 'drift_kl'):.4f} (halved: {drift_ok})")
-    guided = [v for k, v in verdicts.items() if k.split("/")[1].startswith("guided")]
+    # an arm is guided by its label or, for "best" / "best-non-iv", by the method its point belongs to
+    is_guided = lambda label: label.startswith("guided") or plan_["names"].get(label, "").startswith("guided")  # noqa: E731
+    guided = [v for k, v in verdicts.items() if is_guided(k.split("/")[1])]
     return {"holds": any(guided) if guided else None, "per_arm": verdicts, "text": "; ".join(lines)}
 
 
@@ -232,7 +247,7 @@ def write(sweep: list[dict], regime: list[dict], confirm: list[dict], base_dev: 
         return "no report yet: the base model's dev evaluation is missing"
     rows = sweep_rows(sweep, base_dev)
     p = plan(sweep, regime, base_dev)
-    table = confirm_table(confirm, base_test, twins) if base_test and confirm else {}
+    table = confirm_table(confirm, base_test, twins, p["arms"] if p else None) if base_test and confirm else {}
     d = {"sweep": rows, "regime": choose_regime(regime, base_dev), "plan": p, "confirm": table,
          "per_task": {g: {lab: v["per_task"] for lab, v in arms.items()} for g, arms in table.items()},
          "decision": decide(table, p)}
@@ -289,6 +304,7 @@ def fmt(e: dict | None, scale: float = 1.0, digits: int = 2) -> str:
         return "—"
     v = e.get("value", e.get("mean"))
     sd = e.get("std", e.get("se"))      # over seeds: the std (as the tables say); one run: the bootstrap SE
+    sd = None if e.get("n", 2) < 2 else sd      # one seed has no spread to show
     return f"{scale * v:.{digits}f}" + (f" ± {scale * sd:.{digits}f}" if sd is not None else "")
 
 
@@ -326,7 +342,8 @@ def markdown(d: dict, plots: list[str]) -> str:
               "| arm | seeds | new task | AP | median retention | tasks kept | drift KL | IF retention | answers |",
               "|---|---|---|---|---|---|---|---|---|"]
         for lab, v in arms.items():
-            L.append(f"| {lab} | {len(v['seeds'])} | {fmt(v.get('new_task'), 100, 1)} | {fmt(v['AP'], 100, 1)} | "
+            name = lab + (f" (= {v['same_as']})" if "same_as" in v else "")     # the same run as that arm
+            L.append(f"| {name} | {len(v['seeds'])} | {fmt(v.get('new_task'), 100, 1)} | {fmt(v['AP'], 100, 1)} | "
                      f"{fmt(v['median_retention'])} | {fmt(v['tasks_kept'], digits=1)} | {fmt(v['drift_kl'], digits=4)} | "
                      f"{fmt(v['if_retention'])} | {fmt(v['answers'], 100, 1)} |")
         tasks = list(next(iter(arms.values()))["per_task"])

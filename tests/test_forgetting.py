@@ -121,6 +121,21 @@ def test_choose_qualifies_at_point_nine_of_the_reference_and_marks_a_fallback():
     assert FR.choose(rows, "nobody", ref) is None
 
 
+def test_best_chosen_takes_the_best_qualified_point_else_the_best_learner():
+    def pt(med, kl, new, label, qualified):
+        return {**row(med, kl, new, label), "qualified": qualified}
+    # amendment 3b: "fallback" drifts least (0.01) and keeps most but did not qualify; of the qualified,
+    # "lwf" drifts less (0.03) than "other" (0.04), though "other" keeps and learns more
+    pts = [pt(0.9, 0.01, 0.6, "fallback", False), pt(0.4, 0.03, 0.75, "lwf", True), pt(0.6, 0.04, 0.8, "other", True)]
+    assert FR.best_of(pts)["label"] == "fallback", "better() alone would take the point that did not qualify"
+    assert FR.best_chosen(pts)["label"] == "lwf" and FR.best_chosen(pts[::-1])["label"] == "lwf"
+    # the only qualified point wins whatever it drifts
+    assert FR.best_chosen([pts[0], pt(0.1, 0.5, 0.72, "only", True)])["label"] == "only"
+    # none qualified: the one that learned most (0.65), not the one that drifts least
+    low = [pt(0.9, 0.0, 0.5, "a", False), pt(0.1, 0.5, 0.65, "b", False), pt(0.8, 0.01, 0.6, "c", False)]
+    assert FR.best_chosen(low)["label"] == "b" and FR.best_chosen(low[::-1])["label"] == "b"
+
+
 # ---- the off-floor regime ----------------------------------------------------------------------------------------
 
 DIAG = [[0.0] * 4, [0.8, 0, 0, 0], [0.1, 0.6, 0, 0], [0.1, 0.1, 0.4, 0], [0.1, 0.1, 0.1, 0.2]]
@@ -160,7 +175,8 @@ def test_choose_regime_takes_the_highest_lr_whose_if_retention_is_in_the_band_el
 POINTS = {
     ("plain", "lr=1e-05"): (0.3, 20), ("plain", "lr=3e-05"): (0.7, 20),    # keeps all, misses the bar 0.72
     ("plain", "lr=0.0001,ep=0.5"): (0.75, 14), ("plain", "lr=0.0001"): (0.8, 8),   # equal drift: retention
-    ("lora", "r=8,lr=0.0003"): (0.5, 20), ("lora", "r=8,lr=0.001"): (0.6, 8),          # none qualifies
+    # none qualifies; the chosen (the best learner) drifts least of the chosen points but does not qualify
+    ("lora", "r=8,lr=0.0003"): (0.5, 20), ("lora", "r=8,lr=0.001"): (0.6, 8, 0.02),
     ("lwf", "λ=1"): (0.8, 14, 0.05), ("lwf", "λ=10"): (0.78, 11, 0.04),  # keeps 0.4 < 0.6, drifts less: wins
     ("guided", "λ=1,as extracted"): (0.8, 8), ("guided", "λ=1,r=0.5"): (0.79, 17),   # keeps 0.8, drift 0.05
     ("guided", "λ=10,r=0.5"): (0.5, 20, 0.05, 0, (0.3, 0.05)),                       # misses the bar
@@ -210,20 +226,22 @@ def test_plan_arms_follow_amendment_3a():
     assert ch["lwf"]["label"] == "λ=10" and ch["guided"]["label"] == "λ=10,r=0.25"
     assert ch["free_kl"]["label"] == "λ_free=30" and ch["other_kl"]["label"] == "λ_other=10"
     assert ch["guided"]["median_retention"] == pytest.approx(ret(11)) and ch["guided"]["new_task"] == 0.75
-    assert ch["guided"]["drift_kl"] == 0.03 and ch["lwf"]["drift_kl"] == 0.04
+    assert ch["guided"]["drift_kl"] == 0.03 and ch["lwf"]["drift_kl"] == 0.04 and ch["lora"]["drift_kl"] == 0.02
     guided = {"preset": "guided", "kl_weight": 10.0, "iv_norm_ratio": 0.25}
     assert list(p["arms"]) == ["off-floor", "harsh"]
     assert p["arms"]["off-floor"] == {
         "plain": {"lr": 3e-5},
         "plain-less": {"lr": 1e-4, "epochs": 0.5},          # the point sets its own lr: kept
-        # lwf λ=10 drifts 0.04, the other chosen non-IV points 0.05 (other_kl keeps the most: 0.667)
+        # amendment 3b: among the qualified chosen points lwf λ=10 drifts least (0.04; the others 0.05, other_kl
+        # keeps the most: 0.667); lora's chosen point drifts 0.02 but did not qualify (by drift alone: lora)
         "best-non-iv": {"lr": 3e-5, "preset": "lwf", "kl_weight": 10.0},
         "guided-paper": {"lr": 3e-5, "preset": "guided"},
         "guided-chosen": {"lr": 3e-5, **guided},
         "free_kl": {"lr": 3e-5, "free_kl_weight": 30.0},
         # the prompt KLs drift alike (0.05): other_kl's 0.667 beats free_kl's 0.6
         "guided+prompt-kl": {"lr": 3e-5, **guided, "other_kl_weight": 10.0}}
-    # the best method: guided λ=10,r=0.25 drifts least (0.03) of the chosen points but plain's and wise's
+    # the best method: guided λ=10,r=0.25 drifts least (0.03) of the qualified chosen points but plain's and
+    # wise's (lora's 0.02 did not qualify)
     assert p["arms"]["harsh"] == {"plain": {}, "guided-paper": {"preset": "guided"}, "best": guided}
     assert p["names"] == {"best-non-iv": "lwf λ=10", "guided+prompt-kl": "guided λ=10,r=0.25 + other_kl "
                           "λ_other=10", "best": "guided λ=10,r=0.25"}
@@ -253,41 +271,83 @@ def arm(new, med, kl, n=3):
     return out | ({"new_task": stat(new, n)} if new is not None else {})
 
 
+NAMES = {"best-non-iv": "lwf λ=10", "guided+prompt-kl": "guided λ=10,r=0.25 + other_kl λ_other=10",
+         "best": "guided λ=10,r=0.25"}
+
+
+def plan_of(table, names=NAMES):
+    # the plan whose arms are the table's (wise is no arm of the plan: plain's records carry it)
+    return {"arms": {g: {lab: {} for lab in arms if lab != "wise"} for g, arms in table.items()}, "names": names}
+
+
 def test_decide_needs_all_three_conditions_over_three_seeds():
-    plan = {"arms": {"off-floor": {}}}
     table = {"off-floor": {"plain": arm(0.90, 0.2, 0.1),
                            "guided-chosen": arm(0.885, 0.4, 0.05),      # each condition met at its edge
                            "free_kl": arm(0.90, 0.5, 0.06),             # drift not halved
                            "guided-paper": arm(0.87, 0.6, 0.01),        # learns 3 points less
                            "best-non-iv": arm(0.90, 0.39, 0.01),        # retention not doubled
                            "wise": arm(None, 0.9, 0.0)}}                # post hoc: no new task, not judged
-    d = FR.decide(table, plan)
+    d = FR.decide(table, plan_of(table))
     assert d["per_arm"] == {"off-floor/guided-chosen": True, "off-floor/free_kl": False,
                             "off-floor/guided-paper": False, "off-floor/best-non-iv": False}
     assert d["holds"] is True and "halved: False" in d["text"]
     # only a non-guided arm meets it: the goal does not hold
     t2 = {"off-floor": {"plain": arm(0.9, 0.2, 0.1), "free_kl": arm(0.9, 0.5, 0.04), "guided-paper": arm(0.8, 0.5, 0.04)}}
-    assert FR.decide(t2, plan)["holds"] is False
+    assert FR.decide(t2, plan_of(t2))["holds"] is False
     # plain keeps nothing: the bar is 0.5 retention
     t3 = {"off-floor": {"plain": arm(0.9, -0.1, 0.1), "guided-chosen": arm(0.9, 0.45, 0.01),
                         "guided-paper": arm(0.9, 0.5, 0.01)}}
-    assert FR.decide(t3, plan)["per_arm"] == {"off-floor/guided-chosen": False, "off-floor/guided-paper": True}
+    assert FR.decide(t3, plan_of(t3))["per_arm"] == {"off-floor/guided-chosen": False, "off-floor/guided-paper": True}
 
 
-def test_decide_holds_none_until_plain_has_three_seeds_in_every_regime():
-    plan = {"arms": {"off-floor": {}, "harsh": {}}}
+def test_decide_counts_best_as_guided_when_its_point_is_guided():
+    # harsh: only "best" meets the goal; guided-paper learns 10 points less, best-non-iv keeps too little
+    table = {"harsh": {"plain": arm(0.9, 0.2, 0.1), "guided-paper": arm(0.8, 0.5, 0.01),
+                       "best-non-iv": arm(0.9, 0.3, 0.01), "best": arm(0.9, 0.5, 0.04)}}
+    d = FR.decide(table, plan_of(table))                       # best: "guided λ=10,r=0.25"
+    assert d["per_arm"] == {"harsh/guided-paper": False, "harsh/best-non-iv": False, "harsh/best": True}
+    assert d["holds"] is True
+    # the same verdicts with "best" a prompt KL's point: no guided arm meets the goal
+    d = FR.decide(table, plan_of(table, {**NAMES, "best": "free_kl λ_free=30"}))
+    assert d["per_arm"]["harsh/best"] is True and d["holds"] is False
+    # best-non-iv meeting it instead (a non-IV method's point) does not make the goal hold either
+    t2 = {"harsh": {**table["harsh"], "best-non-iv": arm(0.9, 0.5, 0.04), "best": arm(0.9, 0.3, 0.01)}}
+    d = FR.decide(t2, plan_of(t2))
+    assert d["per_arm"]["harsh/best-non-iv"] is True and d["holds"] is False
+
+
+def test_decide_holds_none_until_every_arm_of_the_plan_has_three_seeds():
     table = {"off-floor": {"plain": arm(0.9, 0.2, 0.1), "guided-chosen": arm(0.9, 0.5, 0.01)},
              "harsh": {"plain": arm(0.9, 0.2, 0.1, n=2), "guided-paper": arm(0.9, 0.5, 0.01, n=2)}}
-    d = FR.decide(table, plan)
-    assert d["holds"] is None and "not yet decided" in d["text"] and "harsh" in d["text"]
-    assert "10 confirmatory runs" in d["text"]
+    d = FR.decide(table, plan_of(table))
+    assert d["holds"] is None and "not yet decided" in d["text"]
+    assert "10 confirmatory runs" in d["text"] and "seeds in harsh/plain, harsh/guided-paper" in d["text"]
+    # plain has three seeds everywhere; an arm that is not plain has two: still not decided
+    table["harsh"] = {"plain": arm(0.9, 0.2, 0.1), "guided-paper": arm(0.9, 0.5, 0.01, n=2)}
+    d = FR.decide(table, plan_of(table))
+    assert d["holds"] is None and d["text"].endswith("fewer than 3 seeds in harsh/guided-paper")
+    # an arm of the plan with no records at all
+    table["harsh"]["guided-paper"] = arm(0.9, 0.5, 0.01)
+    arms = plan_of(table)
+    arms["arms"]["off-floor"]["free_kl"] = {}
+    d = FR.decide(table, arms)
+    assert d["holds"] is None and d["text"].endswith("seeds in off-floor/free_kl")
+    # a twin shows its first arm's runs: it has their seeds but adds no runs to the count
+    table["harsh"]["best"] = arm(0.9, 0.5, 0.01) | {"same_as": "off-floor/guided-chosen"}
+    arms = plan_of(table)
+    arms["arms"]["harsh"]["free_kl"] = {}
+    d = FR.decide(table, arms)
+    assert d["text"] == "not yet decided: 12 confirmatory runs recorded; fewer than 3 seeds in harsh/free_kl"
+    d = FR.decide(table, plan_of(table))
+    assert d["holds"] is True and set(d["per_arm"]) == {"off-floor/guided-chosen", "harsh/guided-paper", "harsh/best"}
 
 
 def confirm_rec(label, seed, k, kl, new=(0.8, 0.6, 0.4, 0.2), final=(0.1, 0.1, 0.1, 0.2), regime="off-floor",
-                if_ok=N_IF, answers=(1.0, 0.0)):
+                if_ok=N_IF, answers=(1.0, 0.0), settings=None):
+    # settings: the arm's (default: plain's in the off-floor regime of full_sweep()'s plan, lr 3e-5)
     R = [[0.0] * 4, [new[0], 0, 0, 0], [0, new[1], 0, 0], [0, 0, new[2], 0], list(final)]
     R[4][3] = new[3]
-    return {"label": label, "regime": regime, "seed": seed, "settings": {},
+    return {"label": label, "regime": regime, "seed": seed, "settings": {"lr": 3e-5} if settings is None else settings,
             "cl": {"R": R, "train_tasks": list(F.SEQUENCE)}, "general": general(k, kl, if_ok, answers)}
 
 
@@ -337,10 +397,34 @@ def test_run_endpoints_and_confirm_table_average_over_seeds():
     # stat over seeds skips None (a report without "answers"): none left -> no mean, no SE, shown as a dash
     none = FR.stat_se([None, None])
     assert none == {"mean": None, "std": None, "n": 0, "se": None} and FR.fmt(none) == "—"
-    # a label that is the same run as an earlier one shows its records, marked
-    t = FR.confirm_table(confirm_records(), BASE, {"off-floor": {"plain-less": "plain"}})
-    assert t["off-floor"]["plain-less"]["same_as"] == "plain" and "same_as" not in t["off-floor"]["plain"]
+    # one seed has no spread: no "±" (common.stat gives its std as 0); two seeds and a sweep's SE show one
+    one = FR.stat_se([0.5])
+    assert one["n"] == 1 and FR.fmt(one) == "0.50" and FR.fmt({"mean": 0.5, "std": 0.1, "n": 1}) == "0.50"
+    assert FR.fmt(FR.stat_se([0.4, 0.6]), 100, 1) == "50.0 ± 14.1"
+    assert FR.fmt({"value": 0.5, "se": 0.25}) == "0.50 ± 0.25"
+    # an arm that is the same run as an earlier one, of its regime or another, shows its records, marked
+    t = FR.confirm_table(confirm_records(), BASE, {"off-floor": {"plain-less": ["off-floor", "plain"]},
+                                                   "harsh": {"best": ["off-floor", "plain"]}})
+    assert t["off-floor"]["plain-less"]["same_as"] == "off-floor/plain" and "same_as" not in t["off-floor"]["plain"]
     assert t["off-floor"]["plain-less"]["drift_kl"] == t["off-floor"]["plain"]["drift_kl"]
+    assert list(t["harsh"]) == ["best"] and t["harsh"]["best"]["same_as"] == "off-floor/plain"
+    assert t["harsh"]["best"]["seeds"] == [0, 1, 2] and t["harsh"]["best"]["drift_kl"]["mean"] == pytest.approx(0.2)
+    # a twin of an arm with no records yet is left out
+    assert "harsh" not in FR.confirm_table(confirm_records(), BASE, {"harsh": {"best": ["off-floor", "plain-less"]}})
+    # with the plan's arms: a record trained with other settings than its arm's is refused, naming the arm;
+    # WiSE-FT's records (settings {"alpha"}, no arm of their own) are not checked
+    arms = {"off-floor": {"plain": {"lr": 3e-5}}}
+    assert FR.confirm_table(confirm_records(), BASE, arms=arms) == FR.confirm_table(confirm_records(), BASE)
+    stale = confirm_records() + [confirm_rec("guided-chosen", 0, 8, 0.1, settings={"lr": 3e-5, "kl_weight": 1.0})]
+    arms["off-floor"]["guided-chosen"] = {"lr": 3e-5, "kl_weight": 10.0}
+    with pytest.raises(ValueError, match="off-floor/guided-chosen seed 0.*stale record"):
+        FR.confirm_table(stale, BASE, arms=arms)
+    with pytest.raises(ValueError, match="off-floor/plain seed 0"):
+        FR.confirm_table(confirm_records(), BASE, arms={"off-floor": {"plain": {"lr": 1e-5}}})
+    # a record of an arm the plan no longer has is stale too
+    with pytest.raises(ValueError, match="harsh/plain seed 0"):
+        FR.confirm_table(confirm_records() + [confirm_rec("plain", 0, 8, 0.1, regime="harsh", settings={})], BASE,
+                         arms={"off-floor": {"plain": {"lr": 3e-5}}})
 
 
 def test_confirm_jobs_go_seed_by_seed_run_repeated_settings_once_and_mix_only_plain():
@@ -349,8 +433,9 @@ def test_confirm_jobs_go_seed_by_seed_run_repeated_settings_once_and_mix_only_pl
                      "harsh": {"plain": {}, "guided-paper": {"preset": "guided"}}},
             "wise_alpha": 0.5}
     jobs = F.confirm_jobs(plan)
+    # plain-less is off-floor's plain again; harsh's guided-paper is off-floor's (both at the default lr)
     one_seed = [("off-floor", "plain", {"lr": 3e-5, "epochs": 1.0}, 0.5), ("off-floor", "guided-paper", {"preset": "guided"}, None),
-                ("harsh", "plain", {}, 0.5), ("harsh", "guided-paper", {"preset": "guided"}, None)]
+                ("harsh", "plain", {}, 0.5)]
     assert jobs == [(g, lab, s, seed, w) for seed in F.SEEDS for g, lab, s, w in one_seed]
 
 
@@ -412,13 +497,26 @@ def test_write_leaves_forgetting_json_and_md_with_the_amendment_keys(tmp_path, m
     (tmp_path / "results").mkdir()
     monkeypatch.setattr(FR, "plot_curves", lambda rows, path: [])   # matplotlib's import: seconds, not the point
     assert "missing" in FR.write(full_sweep(), off_floor_regime(), confirm_records(), None, BASE)
-    msg = FR.write(full_sweep(), off_floor_regime(), confirm_records(), BASE, BASE)
-    assert "21 sweep points, 5 confirmatory runs" in msg
+    # the records must be the plan's arms: plain's from before the plan (lr 1e-4, the default) is refused
+    with pytest.raises(ValueError, match="off-floor/plain seed 1"):
+        FR.write(full_sweep(), off_floor_regime(), confirm_records() + [confirm_rec("plain", 1, 8, 0.1, settings={})],
+                 BASE, BASE)
+    # guided-paper has one seed; harsh's best shown as off-floor's plain (as if it were the same run)
+    one = confirm_rec("guided-paper", 0, 11, 0.05, settings={"lr": 3e-5, "preset": "guided"})
+    msg = FR.write(full_sweep(), off_floor_regime(), confirm_records() + [one], BASE, BASE,
+                   {"harsh": {"best": ["off-floor", "plain"]}})
+    assert "21 sweep points, 6 confirmatory runs" in msg
     d = json.loads((tmp_path / "results" / "forgetting.json").read_text())
     assert {"sweep", "regime", "plan", "confirm", "per_task", "decision"} <= set(d)
     assert len(d["sweep"]) == 21 and d["regime"]["lr"] == 3e-5 and d["plan"]["wise_alpha"] == 0.5
     assert d["per_task"]["off-floor"]["plain"]["capital"] == pytest.approx(0.4)
-    assert d["decision"]["holds"] is None and "harsh" in d["decision"]["text"]     # harsh has no runs yet
+    # every arm but off-floor's plain (3 seeds) and harsh's best (its twin's 3) has fewer than 3 seeds; the
+    # twin's runs are not counted again (3 plain + 2 wise + 1 guided-paper)
+    assert d["decision"]["holds"] is None and d["decision"]["text"] == (
+        "not yet decided: 6 confirmatory runs recorded; fewer than 3 seeds in off-floor/plain-less, "
+        "off-floor/best-non-iv, off-floor/guided-paper, off-floor/guided-chosen, off-floor/free_kl, "
+        "off-floor/guided+prompt-kl, harsh/plain, harsh/guided-paper")
+    assert d["confirm"]["harsh"]["best"]["same_as"] == "off-floor/plain"
     md = (tmp_path / "results" / "forgetting.md").read_text()
     lines = md.splitlines()
     assert "| method | point | new task | drift KL | IF retention | IF strict | answers | median retention | " \
@@ -435,7 +533,7 @@ def test_write_leaves_forgetting_json_and_md_with_the_amendment_keys(tmp_path, m
     assert "| method | chosen | qualifies | new task | drift KL | median retention |" in lines
     assert "| lwf | λ=10 | yes | 78.0 | 0.0400 | 0.40 |" in lines
     assert "| guided | λ=10,r=0.25 | yes | 75.0 | 0.0300 | 0.40 |" in lines
-    assert "| lora | r=8,lr=0.001 | no: the best learner | 60.0 | 0.0500 | 0.20 |" in lines
+    assert "| lora | r=8,lr=0.001 | no: the best learner | 60.0 | 0.0200 | 0.20 |" in lines
     assert "| arm | seeds | new task | AP | median retention | tasks kept | drift KL | IF retention | answers |" in lines
     # mean ± std over seeds (n - 1). plain: new task 0.5, 0.55, 0.5; AP 0.125, 0.125, 0.175 (std 0.05 /
     # sqrt 3); median 0.2, 0.4, 0.6 (std 0.2); tasks kept 1, 1, 7 (std sqrt 12); drift 0.1, 0.2, 0.3;
@@ -445,20 +543,35 @@ def test_write_leaves_forgetting_json_and_md_with_the_amendment_keys(tmp_path, m
     # wise: no new task; AP 0.25, 0.35; median 0.8, 1.0; all 7 kept; drift 0.01, 0.03; IF whole; answers 0.6, 0.8
     # (std of two values a, b: |a - b| / sqrt 2)
     assert "| wise | 2 | — | 30.0 ± 7.1 | 0.90 ± 0.14 | 7.0 ± 0.0 | 0.0200 ± 0.0141 | 1.00 ± 0.00 | 70.0 ± 14.1 |" in lines
+    # one seed: no spread shown. new task 0.5, AP 0.125, median (11 - 5) / 15, only IF kept, drift 0.05
+    assert "| guided-paper | 1 | 50.0 | 12.5 | 0.40 | 1.0 | 0.0500 | 1.00 | 100.0 |" in lines
+    # the twin, in the harsh regime's table: plain's row under its own label, marked
+    harsh = lines[lines.index("## Confirmation, harsh regime (test split, mean ± std over seeds)"):]
+    assert "| best (= off-floor/plain) | 3 | 51.7 ± 2.9 | 14.2 ± 2.9 | 0.40 ± 0.20 | 3.0 ± 3.5 | 0.2000 ± 0.1000 | " \
+           "0.80 ± 0.20 | 80.0 ± 10.0 |" in harsh
     assert "not yet decided" in md
 
 
 def test_twins_are_labels_that_resolve_to_the_same_train_py_run():
     # resolved as train.py resolves flags: an explicit default or another key order is the same run
-    plan = {"arms": {"off-floor": {"plain": {"lr": 3e-5}, "plain-less": {"epochs": 1.0, "lr": 3e-5},
+    # across regimes too: harsh's best is LoRA at its own lr, as off-floor's best-non-iv (the first of the two);
+    # harsh's plain and guided-paper train at the default lr 1e-4, off-floor's at 3e-5: not twins
+    lora = {"regime": "lora", "lr": 1e-3, "epochs": 1.0}
+    plan = {"arms": {"off-floor": {"plain": {"lr": 3e-5}, "plain-less": {"epochs": 1.0, "lr": 3e-5}, "best-non-iv": lora,
                                    "guided-paper": {"lr": 3e-5, "preset": "guided"},
                                    "guided-chosen": {"preset": "guided", "lr": 3e-5, "kl_weight": 1.0}},
-                     "harsh": {"plain": {}, "guided-paper": {"preset": "guided"}, "best": {"free_kl_weight": 10.0}}},
+                     "harsh": {"plain": {}, "guided-paper": {"preset": "guided"}, "free_kl": {"free_kl_weight": 10.0},
+                               "best": {"epochs": 1.0, "lr": 1e-3, "regime": "lora"}}},
             "wise_alpha": 0.5}
-    assert F.twins(plan) == {"off-floor": {"plain-less": "plain", "guided-chosen": "guided-paper"}}
-    labels = {(j[0], j[1]) for j in F.confirm_jobs(plan)}
-    assert labels == {("off-floor", "plain"), ("off-floor", "guided-paper"), ("harsh", "plain"),
-                      ("harsh", "guided-paper"), ("harsh", "best")}
+    # [regime, label] lists (as JSON keeps them)
+    assert F.twins(plan) == {"off-floor": {"plain-less": ["off-floor", "plain"], "guided-chosen": ["off-floor", "guided-paper"]},
+                             "harsh": {"best": ["off-floor", "best-non-iv"]}}
+    labels = [(j[0], j[1]) for j in F.confirm_jobs(plan) if j[3] == 0]
+    assert labels == [("off-floor", "plain"), ("off-floor", "best-non-iv"), ("off-floor", "guided-paper"),
+                      ("harsh", "plain"), ("harsh", "guided-paper"), ("harsh", "free_kl")]
+    # a third arm of the same run points at the first, not at the second
+    plan["arms"]["harsh"]["plain-less"] = {"lr": 3e-5}
+    assert F.twins(plan)["harsh"]["plain-less"] == ["off-floor", "plain"]
 
 
 # ---- the IF part scored again from its stored replies (amendment 3a) -------------------------------------------
