@@ -848,6 +848,22 @@ def free_batch(tok):
     return collate(encode_task(tok, task, 0, 256, free=True), tok.pad_id, "cpu")
 
 
+def check_prompt_kl(batch, term):
+    """A prompt KL term (free_kl, other_kl): 0 at the original, > 0 once the model moves, its weight
+    applied once, and declared as needing the frozen reference (never compared with itself)."""
+    model = tiny_model()
+    lm = train.LossModule(model, guidance=train.Guidance(**{f"{term}_weight": 2.0}))
+    lm.reference = train.Reference(ckpt.frozen_copy(model))
+    assert abs(float(lm(batch, norms_of(batch))[1][term])) < 1e-6    # the model is the original
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(0.5)
+    kl = float(lm(batch, norms_of(batch))[1][term])
+    assert kl > 1e-4
+    setattr(lm.guidance, f"{term}_weight", 1.0)
+    assert float(lm(batch, norms_of(batch))[1][term]) == pytest.approx(kl / 2)   # the weight, once
+    assert train.Guidance(**{f"{term}_weight": 1.0}).needs_reference()
+
+
 def test_other_instruction_kl_reads_other_tasks_prompts_and_vanishes_at_the_original():
     from ivft.data import encode_task, other_prompts
     from ivft.tasks import Example, Task
@@ -866,17 +882,7 @@ def test_other_instruction_kl_reads_other_tasks_prompts_and_vanishes_at_the_orig
         text = tok.decode(row[: last + 1].tolist())
         assert ("Do o1 now." in text or "Do o2 now." in text) and "capitals" not in text
         assert text.rstrip().endswith("assistant")
-    model = tiny_model()
-    lm = train.LossModule(model, guidance=train.Guidance(other_kl_weight=2.0))
-    lm.reference = train.Reference(ckpt.frozen_copy(model))
-    assert abs(float(lm(batch, norms_of(batch))[1]["other_kl"])) < 1e-6    # the model is the original
-    with torch.no_grad():
-        model.model.layers[0].mlp.up_proj.weight.add_(0.5)
-    kl = float(lm(batch, norms_of(batch))[1]["other_kl"])
-    assert kl > 1e-4
-    lm.guidance.other_kl_weight = 1.0
-    assert float(lm(batch, norms_of(batch))[1]["other_kl"]) == pytest.approx(kl / 2)
-    assert train.Guidance(other_kl_weight=1.0).needs_reference()    # declared: never compared with itself
+    check_prompt_kl(batch, "other_kl")
 
 
 def test_other_instruction_kl_refuses_a_trained_or_evaluated_task(env, tmp_path, capsys):
@@ -899,16 +905,7 @@ def test_instruction_free_kl_prompts_carry_no_instruction_and_vanish_at_the_orig
         text = tok.decode(row[: last + 1].tolist())
         assert "Answer in capitals" not in text and text.rstrip().endswith("assistant")
     assert "Answer in capitals" in tok.decode(batch["idx"][0].tolist())
-    model = tiny_model()
-    lm = train.LossModule(model, guidance=train.Guidance(free_kl_weight=2.0))
-    lm.reference = train.Reference(ckpt.frozen_copy(model))
-    assert abs(float(lm(batch, norms_of(batch))[1]["free_kl"])) < 1e-6    # the model is the original
-    with torch.no_grad():
-        model.model.layers[0].mlp.up_proj.weight.add_(0.5)
-    kl = float(lm(batch, norms_of(batch))[1]["free_kl"])
-    assert kl > 1e-4
-    lm.guidance.free_kl_weight = 1.0
-    assert float(lm(batch, norms_of(batch))[1]["free_kl"]) == pytest.approx(kl / 2)   # the weight, once
+    check_prompt_kl(batch, "free_kl")
 
 
 def test_grad_shares_equal_a_hand_computation():
