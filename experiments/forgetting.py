@@ -8,6 +8,7 @@ results/forgetting/, and a rerun skips it.
     python experiments/forgetting.py --sweep --workers 2     # dev split, stage 1 (uppercase): every method x strength
     python experiments/forgetting.py --regime --workers 2    # dev split, the whole sequence: plain at three lrs
     python experiments/forgetting.py --confirm --workers 2   # the registered confirmation (needs both above)
+    python experiments/forgetting.py --replay --workers 2    # dev split, stages 1-2: replay over its share (3c)
     python experiments/forgetting.py --all --workers 2       # all three, in that order
     python experiments/forgetting.py --report                # results/forgetting.json, forgetting.md, PNGs
     python experiments/forgetting.py --sweep --dry_run       # print what would run
@@ -18,7 +19,7 @@ data/everyday_dev.jsonl and the general tasks' first 50 training examples (gener
 The test split: the tasks' test examples, data/ifeval.jsonl, data/everyday.jsonl.
 
 Files: runs/forgetting/ (train.py's out_dirs, dev task files, logs; not in git);
-results/forgetting/{base-dev,sweep/*,regime/*,confirm/*}.json (each run's record, in git);
+results/forgetting/{base-dev,sweep/*,replay/*,regime/*,confirm/*}.json (each run's record, in git);
 results/forgetting.json, results/forgetting.md, results/forgetting*.png (the report).
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from common import STOPPING, read_json, run_child, stat, stop_signals_to_children  # a sibling: on the path
 import forgetting_report as report
-from forgetting_report import GRID, REFERENCE, REGIME_LRS, WISE
+from forgetting_report import GRID, REFERENCE, REGIME_LRS, REPLAY, WISE
 import general_eval as GE
 from tradeoff import flags_of, key_of, machine, run_all, settings_of, train_run, write_split
 from ivft import tasks as T
@@ -165,6 +166,19 @@ def sweep_jobs():
     return sorted(order, key=lambda j: (j[0], j[1]) != REFERENCE)
 
 
+def replay_point(label: str, strength: float, flags: list[str], threads: int, dry_run=False) -> str:
+    """Replay over its share on stages 1-2 of the dev sequence (amendment 3c: in stage 1 it has nothing
+    to replay), at regime A's defaults, seed 0; the general evaluation on the stage-2 model."""
+    raw = RAW / "replay" / f"{key_of(label)}.json"
+    files = dev_task_files()
+    run_flags = ["--tasks", ",".join(files[n] for n in SEQUENCE[:2]), "--eval_n", str(N_DEV), "--seed", "0",
+                 "--stage0_cache", str(RUNS / "dev" / "stage0-stages12.json"), *BASE, *flags]
+    labels = {"method": "replay", "label": label, "strength": strength, "settings": settings_of(flags),
+              "split": "dev", "tasks": list(SEQUENCE[:2])}
+    r, msg = trained_record(raw, run_flags, 2, "dev", threads, dry_run, labels)
+    return msg if r is None else f"{raw.name}: date_iso {r['cl']['R'][2][1]:.2f} ({r['seconds']} s)"
+
+
 # ---- the regime off the floor (dev, the whole sequence) ----------------------------------------------
 
 def regime_run(lr: float, threads: int, dry_run=False) -> str:
@@ -248,7 +262,7 @@ def write_report() -> str:
     base_dev = base_report("dev")
     p = report.plan(records("sweep"), records("regime"), base_dev) if base_dev else None
     return report.write(records("sweep"), records("regime"), records("confirm"), base_dev, base_report("test"),
-                        twins(p) if p else {})
+                        twins(p) if p else {}, records("replay"))
 
 
 def main(argv=None) -> int:
@@ -256,6 +270,7 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="run the dev sweep's missing points")
     p.add_argument("--regime", action="store_true", help="run the dev sequence runs that choose the off-floor regime")
     p.add_argument("--confirm", action="store_true", help="run the missing confirmatory runs (seed by seed)")
+    p.add_argument("--replay", action="store_true", help="run replay's missing points (stages 1-2; amendment 3c)")
     p.add_argument("--all", action="store_true", help="--sweep, --regime, then --confirm")
     p.add_argument("--report", action="store_true", help="only rebuild the report from the records")
     p.add_argument("--only", default=None, help="only points or arms of this method / label")
@@ -263,7 +278,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--dry_run", action="store_true", help="print the commands only")
     args = p.parse_args(argv)
-    if not (args.sweep or args.regime or args.confirm or args.all):
+    if not (args.sweep or args.regime or args.confirm or args.replay or args.all):
         print(write_report())
         return 0
     if args.dry_run:       # prints only: no lock, nothing written
@@ -291,6 +306,8 @@ def run_parts(args) -> int:
         jobs = sweep[:1] + regime + sweep[1:]     # right after the reference point, so that both finish early
         failed += go(jobs, lambda *j: regime_run(j[1], args.threads, args.dry_run) if j[0] == "regime"
                      else sweep_point(*j, args.threads, dry_run=args.dry_run))
+    if args.replay:
+        failed += go(REPLAY, lambda *j: replay_point(*j, args.threads, args.dry_run))
     if (args.confirm or args.all) and not STOPPING.is_set():
         plan = report.plan(records("sweep"), records("regime"), base_report("dev"))
         if plan is None:

@@ -44,6 +44,9 @@ REFERENCE = ("plain", "lr=0.0001")        # plain at regime A's defaults: the re
 WISE = [(f"α={a:g}", a) for a in (0.25, 0.5, 0.75)]   # θ = (1 - α)·θ_original + α·θ_tuned, on REFERENCE's model
 HARSH_LR = 1e-4                           # regime A's lr: today's harsh regime
 REGIME_LRS = (HARSH_LR, 3e-5, 1e-5)           # plain over the whole dev sequence: the off-floor regime's candidates
+# replay has nothing to replay in stage 1 (amendment 3c): its curve is stages 1-2 of the dev sequence
+# (uppercase, then date_iso) at regime A's defaults, over the share of earlier examples mixed in (0: plain)
+REPLAY = [(f"replay={f:g}", f, ["--replay", str(f)]) for f in (0.0, 0.1, 0.25, 0.5)]
 
 
 def endpoints(base: dict, general: dict) -> dict:
@@ -70,6 +73,16 @@ def sweep_rows(sweep: list[dict], base: dict) -> list[dict]:
              "grad_share": {k: v for t in r.get("training") or [] for k, v in (t.get("grad_share") or {}).items()},
              "seconds": r.get("seconds")} for r in sweep]
     return sorted(rows, key=lambda r: (r["method"], r["strength"]))
+
+
+def replay_rows(recs: list[dict], base: dict) -> list[dict]:
+    """Replay's points (stages 1-2): the new task is date_iso right after stage 2; "earlier" is
+    uppercase right after its own stage and after stage 2, the task replay protects; the general
+    endpoints are the stage-2 model's."""
+    rows = [{"method": "replay", "label": r["label"], "strength": r["strength"], "settings": r["settings"],
+             "new_task": r["cl"]["R"][2][1], "earlier_before": r["cl"]["R"][1][0], "earlier_after": r["cl"]["R"][2][0],
+             **endpoints(base, r["general"]), "seconds": r.get("seconds")} for r in recs]
+    return sorted(rows, key=lambda r: r["strength"])
 
 
 def better(a: dict, b: dict) -> bool:
@@ -242,13 +255,14 @@ def decide(table: dict, plan_: dict | None, n_seeds: int = 3) -> dict:
 # ---- the report ------------------------------------------------------------------------------------------
 
 def write(sweep: list[dict], regime: list[dict], confirm: list[dict], base_dev: dict | None,
-          base_test: dict | None, twins: dict | None = None) -> str:
+          base_test: dict | None, twins: dict | None = None, replay: list[dict] = ()) -> str:
     if base_dev is None:
         return "no report yet: the base model's dev evaluation is missing"
     rows = sweep_rows(sweep, base_dev)
     p = plan(sweep, regime, base_dev)
     table = confirm_table(confirm, base_test, twins, p["arms"] if p else None) if base_test and confirm else {}
-    d = {"sweep": rows, "regime": choose_regime(regime, base_dev), "plan": p, "confirm": table,
+    d = {"sweep": rows, "replay": replay_rows(list(replay), base_dev), "regime": choose_regime(regime, base_dev),
+         "plan": p, "confirm": table,
          "per_task": {g: {lab: v["per_task"] for lab, v in arms.items()} for g, arms in table.items()},
          "decision": decide(table, p)}
     out = ROOT / "results"
@@ -323,6 +337,14 @@ def markdown(d: dict, plots: list[str]) -> str:
                  f"{fmt(r['if_retention'])} | {fmt(r['if_strict'], 100, 1)} | {fmt(r['answers'], 100, 1)} | "
                  f"{fmt(r['median_retention'])} | {fmt(r['tasks_kept'], digits=1)} |")
     L += [""] + [f"![curves]({p})" for p in plots] + [""]
+    if d.get("replay"):
+        L += ["## Replay (dev, stages 1-2: uppercase, then date_iso; seed 0, fp32; amendment 3c)", "",
+              "| point | new task (date_iso) | uppercase after its stage → after stage 2 | drift KL | IF retention | "
+              "answers | median retention |", "|---|---|---|---|---|---|---|"]
+        L += [f"| {r['label']} | {100 * r['new_task']:.1f} | {100 * r['earlier_before']:.1f} → "
+              f"{100 * r['earlier_after']:.1f} | {fmt(r['drift_kl'], digits=4)} | {fmt(r['if_retention'])} | "
+              f"{fmt(r['answers'], 100, 1)} | {fmt(r['median_retention'])} |" for r in d["replay"]]
+        L.append("")
     reg = d.get("regime")
     if reg:
         L += ["## The off-floor regime (dev, the whole sequence, plain)", "",

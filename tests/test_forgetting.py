@@ -507,7 +507,7 @@ def test_write_leaves_forgetting_json_and_md_with_the_amendment_keys(tmp_path, m
                    {"harsh": {"best": ["off-floor", "plain"]}})
     assert "21 sweep points, 6 confirmatory runs" in msg
     d = json.loads((tmp_path / "results" / "forgetting.json").read_text())
-    assert {"sweep", "regime", "plan", "confirm", "per_task", "decision"} <= set(d)
+    assert {"sweep", "replay", "regime", "plan", "confirm", "per_task", "decision"} <= set(d)
     assert len(d["sweep"]) == 21 and d["regime"]["lr"] == 3e-5 and d["plan"]["wise_alpha"] == 0.5
     assert d["per_task"]["off-floor"]["plain"]["capital"] == pytest.approx(0.4)
     # every arm but off-floor's plain (3 seeds) and harsh's best (its twin's 3) has fewer than 3 seeds; the
@@ -550,6 +550,23 @@ def test_write_leaves_forgetting_json_and_md_with_the_amendment_keys(tmp_path, m
     assert "| best (= off-floor/plain) | 3 | 51.7 ± 2.9 | 14.2 ± 2.9 | 0.40 ± 0.20 | 3.0 ± 3.5 | 0.2000 ± 0.1000 | " \
            "0.80 ± 0.20 | 80.0 ± 10.0 |" in harsh
     assert "not yet decided" in md
+
+
+def test_replay_rows_read_stage_2_and_the_earlier_task_and_render_as_their_own_table():
+    # R[i][j]: task j after stage i (0: before). replay 0.25: uppercase 0.9 after its stage, 0.6 after
+    # date_iso (0.95 right after its own stage); replay 0: 0.85 -> 0.1, date_iso 1.0
+    def rec(label, f, up, up2, di, k, kl):
+        return {"method": "replay", "label": label, "strength": f, "settings": {"replay": f},
+                "cl": {"R": [[0.0, 0.0], [up, 0.0], [up2, di]]}, "general": general(k, kl)}
+    rows = FR.replay_rows([rec("replay=0.25", 0.25, 0.9, 0.6, 0.95, 17, 0.03), rec("replay=0", 0.0, 0.85, 0.1, 1.0, 11, 0.2)],
+                          BASE)
+    assert [r["label"] for r in rows] == ["replay=0", "replay=0.25"]           # by strength
+    assert [(r["new_task"], r["earlier_before"], r["earlier_after"]) for r in rows] == [(1.0, 0.85, 0.1), (0.95, 0.9, 0.6)]
+    assert rows[1]["median_retention"]["value"] == pytest.approx(ret(17)) and rows[1]["drift_kl"]["value"] == 0.03
+    md = FR.markdown({"sweep": [], "replay": rows, "confirm": {}, "decision": {"text": "x"}}, []).splitlines()
+    line = next(x for x in md if x.startswith("| replay=0.25 |"))     # the median's SE: the bootstrap's
+    assert line.startswith("| replay=0.25 | 95.0 | 90.0 → 60.0 | 0.0300 ± 0.0000 | 1.00 ± 0.00 | 100.0 ± 0.0 | 0.80 ± ")
+    assert not any(x.startswith("## Replay") for x in FR.markdown({"sweep": [], "confirm": {}, "decision": {"text": "x"}}, []).splitlines())
 
 
 def test_twins_are_labels_that_resolve_to_the_same_train_py_run():
