@@ -12,16 +12,20 @@ here): that is printed apart; each evaluation reads them. Besides wall time
 it prints CPU seconds / threads, which approximates an idle machine when others share the cores.
 """
 import argparse
-import sys
+import importlib.util
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import general_eval as G  # noqa: E402  (a script beside this one, not a package)
-from ivft.load import load_model  # noqa: E402
+from ivft.load import load_model
+
+# experiments/general_eval.py is a script, not an installed module: loaded from its file
+_spec = importlib.util.spec_from_file_location(
+    "general_eval", Path(__file__).resolve().parents[1] / "experiments" / "general_eval.py")
+G = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(G)
 
 GOAL_S = 180
 
