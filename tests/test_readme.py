@@ -212,8 +212,8 @@ def test_tradeoff_tables_match_the_results():
     labels = {"plain,": "plain", "instruction-free KL": "free_kl", "replay": "replay", "guided,": "guided",
               "guided + replay": "guided+replay", "fvg": "fvg", "lwf": "lwf"}
     table = re.search(r"^\| method \| new task \| GP drop ↓ \| general, mean over stages \| IP drop ↓ \| BWT \| "
-                      r"instruction log P \|\n\|[-|]+\n((?:\|.*\n)+)", (ROOT / "README.md").read_text(), re.M)
-    assert table, "README shows no table of the confirmation"
+                      r"instruction log P \|\n\|[-|]+\n((?:\|.*\n)+)", (ROOT / "results" / "README.md").read_text(), re.M)
+    assert table, "results/README.md shows no table of amendment 2's confirmation"
     pts = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
     seen = set()
     for row in table.group(1).strip().splitlines():
@@ -224,14 +224,14 @@ def test_tradeoff_tables_match_the_results():
         lp = c["instruction_logprob"]
         want = [pts(c[k]) for k in ("new_task", "GP_drop", "general_stage_mean", "IP_drop", "BWT")]
         want.append(f"{lp['mean']:.2f} ± {lp['std']:.2f}")
-        assert cells == want, f"README confirmation, {name}: {cells} but the results say {want}"
+        assert cells == want, f"results/README.md confirmation, {name}: {cells} but the results say {want}"
         seen.add(label)
-    assert seen == set(labels.values()), f"README's confirmation table lacks {set(labels.values()) - seen}"
+    assert seen == set(labels.values()), f"results/README.md's confirmation table lacks {set(labels.values()) - seen}"
 
 
-def test_readme_names_the_one_task_that_carries_the_lead():
-    """The README's per-task sentence about the instruction-free KL's lead recomputes from the
-    confirmation's records (final general-task scores, mean of the 3 seeds)."""
+def test_amendment_2s_lead_is_one_task():
+    """results/README.md's per-task sentence about the instruction-free KL's lead in amendment 2's
+    confirmation recomputes from its records (final general-task scores, mean of the 3 seeds)."""
     import json
     def final(label):
         out = {}
@@ -241,9 +241,9 @@ def test_readme_names_the_one_task_that_carries_the_lead():
             for g in r["cl"]["general_tasks"]:
                 out.setdefault(g, []).append(last["tasks"][g][last["primary"][g]])
         return {g: 100 * sum(v) / len(v) for g, v in out.items()}
-    text = " ".join((ROOT / "README.md").read_text().split())
+    text = " ".join((ROOT / "results" / "README.md").read_text().split())
     m = re.search(r"scores ([\d.]+) on `(\w+)` \(plain ([\d.]+)\) and ([\d.]+) on the other five", text)
-    assert m, "README: the per-task sentence about the instruction-free KL's lead is gone"
+    assert m, "results/README.md: the per-task sentence about the instruction-free KL's lead is gone"
     free, plain = final("free_kl"), final("plain")
     task = m.group(2)
     assert (f"{free[task]:.1f}", f"{plain[task]:.1f}") == (m.group(1), m.group(3))
@@ -271,9 +271,46 @@ def test_forgetting_tables_match_the_results():
                          f(r["median_retention"])], f"results/README.md regime row {lr}: {cells}"
         seen.add(float(lr))
     assert seen == set(rows)
-    # the README's sentence about plain at lr 1e-4 after the dev sequence
-    harsh, readme = rows[1e-4], " ".join((ROOT / "README.md").read_text().split())
-    assert f"drifting {harsh['drift_kl']['value']:.2f} nats/token" in readme
-    assert f"at a median {harsh['median_retention']['value']:.2f} of its base" in readme
-    assert harsh["answers"]["value"] == 0 and "answering no IF prompt" in readme
-    assert f"off-floor regime is lr {d['regime']['lr']:.0e}".replace("e-0", "e-") in " ".join((ROOT / "results" / "README.md").read_text().split())
+    # results/README.md's sentence about plain at lr 1e-4 after the dev sequence
+    harsh, text = rows[1e-4], " ".join((ROOT / "results" / "README.md").read_text().split())
+    assert f"drifts {harsh['drift_kl']['value']:.2f} nats per token" in text
+    assert f"keeps a median {harsh['median_retention']['value']:.2f} of" in text
+    assert harsh["answers"]["value"] == 0 and "no reply of 10 words or more to any IF prompt" in text
+    assert f"off-floor regime is lr {d['regime']['lr']:.0e}".replace("e-0", "e-") in text
+
+
+def test_readme_shows_amendment_3s_confirmation():
+    """The README's results table is results/forgetting.json's confirmation, every arm of both regimes
+    with its 3 seeds (mean ± std), and its verdict sentence is the registered decision's."""
+    import json
+    d = json.loads((ROOT / "results" / "forgetting.json").read_text())
+    text = (ROOT / "README.md").read_text()
+    table = re.search(r"^\| regime \| arm \| seeds \| new task \| IF retention \| answers \| drift KL ↓ \| "
+                      r"median retention \|\n\|[-|]+\n((?:\|.*\n)+)", text, re.M)
+    assert table, "README shows no table of amendment 3's confirmation"
+    pm = lambda e, k, f: f"{k * e['mean']:{f}} ± {k * e['std']:{f}}"  # noqa: E731
+    seen = set()
+    for row in table.group(1).strip().splitlines():
+        regime, name, *cells = [c.strip().replace("**", "") for c in row.strip(" |").split("|")]
+        labels = re.findall(r"`([\w+-]+)`", name)
+        assert labels, f"README confirmation row {row!r} names no arm"
+        for label in labels:
+            a = d["confirm"][regime][label]
+            assert a["median_retention"]["n"] == 3, f"README: {regime}/{label} has {a['median_retention']['n']} seeds"
+            want = [str(a["median_retention"]["n"]), pm(a["new_task"], 100, ".1f") if "new_task" in a else "—",
+                    pm(a["if_retention"], 1, ".2f"), pm(a["answers"], 100, ".1f"), pm(a["drift_kl"], 1, ".3f"),
+                    pm(a["median_retention"], 1, ".2f")]
+            assert cells == want, f"README confirmation, {regime}/{label}: {cells} but the results say {want}"
+            seen.add((regime, label))
+    assert seen == {(g, lab) for g, arms in d["confirm"].items() for lab in arms}, "README lacks arms"
+    verdicts = d["decision"]["per_arm"]
+    flat = " ".join(text.split())
+    met = sorted(k for k, v in verdicts.items() if v)
+    assert (f"meets the registered goal: {', '.join(met)}" if met else "no arm meets the registered goal") in flat
+    # the prose's ratios and medians recompute from the same means
+    r = lambda g, lab: d["confirm"][g][lab]["drift_kl"]["mean"] / d["confirm"][g]["plain"]["drift_kl"]["mean"]  # noqa: E731
+    med = lambda g: d["confirm"][g]["plain"]["median_retention"]["mean"]  # noqa: E731
+    assert f"plain keeps a median {med('off-floor'):.2f} (off-floor) and {med('harsh'):.2f} (harsh)" in flat
+    assert f"off the floor it drifts {r('off-floor', 'free_kl'):.2f}× as much as plain" in flat
+    assert f"in the harsh regime it drifts {r('harsh', 'best'):.2f}× as much" in flat
+    assert f"drifts {r('off-floor', 'guided-paper'):.2f}× and {r('harsh', 'guided-paper'):.2f}× as much" in flat
