@@ -277,6 +277,14 @@ def test_forgetting_tables_match_the_results():
     assert f"keeps a median {harsh['median_retention']['value']:.2f} of" in text
     assert harsh["answers"]["value"] == 0 and "no reply of 10 words or more to any IF prompt" in text
     assert f"off-floor regime is lr {d['regime']['lr']:.0e}".replace("e-0", "e-") in text
+    # ... and its sentence about replay's curve (amendment 3c)
+    plain, rest = d["replay"][0], d["replay"][1:]
+    assert plain["settings"]["replay"] == 0 and rest
+    span = lambda xs, f: f"{f(min(xs))}-{f(max(xs))}"  # noqa: E731
+    assert f"keeps uppercase at {span([100 * r['earlier_after'] for r in rest], lambda x: f'{x:.1f}')}" in text
+    assert f"(plain: {100 * plain['earlier_before']:.1f} → {100 * plain['earlier_after']:.1f})" in text
+    assert (f"({span([r['drift_kl']['value'] for r in rest], lambda x: f'{x:.3f}')} against plain's "
+            f"{plain['drift_kl']['value']:.3f})") in text
 
 
 def test_readme_shows_amendment_3s_confirmation():
