@@ -12,6 +12,7 @@ here): that is printed apart; each evaluation reads them. Besides wall time
 it prints CPU seconds / threads, which approximates an idle machine when others share the cores.
 """
 import argparse
+import copy
 import importlib.util
 import tempfile
 import time
@@ -47,7 +48,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     original, tok = load_model(None)
-    model = original if args.model is None else load_model(args.model)[0]
+    # no --model: a second copy of the original, so that drift runs its forward passes as for a tuned
+    # model (the original itself scores 0 without one); its IF replies are the base's, the longest
+    model = copy.deepcopy(original) if args.model is None else load_model(args.model)[0]
     print(f"{args.threads} threads, {args.stage_n} prompts per stage, model {args.model or 'embedded'}")
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
