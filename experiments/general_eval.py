@@ -12,9 +12,10 @@ retention, tasks keeping >= 50%, drift) with paired SEs.
     python experiments/general_eval.py --threads 1                       # the embedded model, every item
     python experiments/general_eval.py --n_if 60 --n_drift 60 --threads 1 # the per-stage subset
     python experiments/general_eval.py --model runs/x/stage-1 --out results/x_general.json
+    python experiments/general_eval.py --run runs/x --threads 1          # each stage: runs/x/general_stages.json
     python experiments/general_eval.py --rescore results/general_eval.json   # the IF part, from its stored replies
 
-Files: reads the model and data/; writes --out (JSON, atomically) and the original's replies under
+Files: reads the model(s) and data/; writes --out (JSON, atomically) and the original's replies under
 --cache_dir (named by weights, prompts and budget; reused when they match).
 """
 from __future__ import annotations
@@ -202,6 +203,96 @@ def summary(report: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# A run's stages: the per-stage subset after each stage, every item after the last
+
+def first_items(report: dict, n_if=None, n_drift=None, n_knowledge=None) -> dict:
+    """The report's per-item results cut to the first n IF prompts, everyday prompts and items per
+    knowledge task (None = all): the base a stage's subset is paired with (endpoints() reads items)."""
+    out = dict(report)
+    if "if" in report:
+        out["if"] = {**report["if"], "items": report["if"]["items"][:n_if or None]}
+    if "knowledge" in report:
+        out["knowledge"] = {name: {**k, "items": k["items"][:n_knowledge or None]}
+                            for name, k in report["knowledge"].items()}
+    if "drift" in report:
+        out["drift"] = {**report["drift"], "items": {key: v[:n_drift or None]
+                                                     for key, v in report["drift"]["items"].items()}}
+    return out
+
+
+def stage_dirs(run_dir) -> list[tuple[int, Path]]:
+    """[(k, run_dir/stage-k)] in stage order: the checkpoints train.py keeps after each task."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ValueError(f"--run {run}: not a folder (a train.py --out_dir)")
+    dirs = sorted((int(p.name[6:]), p) for p in run.glob("stage-*") if p.name[6:].isdigit() and p.is_dir())
+    if not dirs:
+        raise ValueError(f"--run {run}: no stage-<k> folders (train.py writes one after each task)")
+    return dirs
+
+
+def check_base(base: dict, path, parts, split: str, n_knowledge) -> None:
+    """The base report a run is compared with must be of the same split, hold every part asked for,
+    and every IF and everyday prompt (the last stage is scored on all of them)."""
+    st = base.get("settings", {})
+    if st.get("split", "test") != split:
+        raise ValueError(f"--base {path}: its split is {st.get('split')!r}, the run's evaluation is {split!r}")
+    if missing := [q for q in parts if q not in base]:
+        raise ValueError(f"--base {path}: lacks the part(s) {missing} (general_eval.py --parts)")
+    for key, want in (("n_if", 0), ("n_drift", 0), ("n_knowledge", n_knowledge or 0)):
+        if st.get(key, 0) != want:
+            raise ValueError(f"--base {path}: settings.{key} is {st.get(key)}, needs {want} (every item)")
+
+
+def stage_curve(dirs, base: dict, original, *, out, parts=("if", "knowledge", "drift"), n_stage=STAGE_N,
+                n_knowledge=None, split="test", load=None, header=None, **kw) -> dict:
+    """Every stage of a run against the base report: the first n_stage IF and everyday prompts after
+    each stage but the last, every one after the last (issue 38's per-stage budget: bench_general_eval.py).
+    dirs: [(k, checkpoint)] (stage_dirs); original: the model drift is measured from; load(path) ->
+    (model, tok). The report is written to `out` after each stage, and a rerun keeps the stages it
+    holds under the same header (what the CLI ran: run, base, settings). kw: general_eval()'s budgets and batch size."""
+    load = load or (lambda path: load_model(path))
+    header = header or {}
+    prior = _read(out)
+    done = {s["stage"]: s for s in prior.get("stages", [])} if {k: prior.get(k) for k in header} == header else {}
+    report = {**header, "code": code_version(), "stages": []}
+    for k, path in dirs:
+        last = k == dirs[-1][0]
+        n = None if last else n_stage
+        if k in done and done[k]["subset"] == (not last):
+            report["stages"].append(done[k])
+            continue
+        model, tok = load(path)
+        r = general_eval(model, tok, original=original, parts=parts, n_if=n, n_drift=n,
+                         n_knowledge=n_knowledge, split=split, **kw)
+        e = endpoints(first_items(base, n, n, n_knowledge), r, n_boot=kw.get("n_boot", R.N_BOOT),
+                      seed=kw.get("seed", 0))
+        report["stages"].append({"stage": k, "model": str(path), "subset": not last, "endpoints": summary(e),
+                                 "scores": summary({q: r[q] for q in parts}), "seconds": r["seconds"]})
+        write_json_atomic(out, report)
+        print(stage_line(report["stages"][-1]), flush=True)
+        del model
+    return report
+
+
+def stage_line(s: dict) -> str:
+    """One log line per stage: IF retention, median retention, tasks kept, drift."""
+    e, per = s["endpoints"], s["endpoints"].get("per_task", {})
+    fmt = lambda x: "-" if x is None or x.get("value") is None else f"{x['value']:.3f}"   # noqa: E731
+    return (f"stage {s['stage']} ({'subset' if s['subset'] else 'every item'}): IF retention "
+            f"{fmt(per.get('ifeval', {}).get('retention'))} | median retention "
+            f"{fmt(e['endpoints']['median_retention'])} | tasks kept {fmt(e['endpoints']['tasks_kept'])} | "
+            f"drift {fmt(e.get('drift_kl_per_token'))} | {sum(s['seconds'].values()):.0f} s")
+
+
+def _read(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 
 def build_parser():
@@ -212,7 +303,12 @@ def build_parser():
                    "SmolLM2-135M-Instruct")
     g.add_argument("--original", default=None, help="the model drift is measured from; none = the embedded "
                    "model (the base run measures itself: KL 0, and caches its replies)")
-    g.add_argument("--out", default=str(ROOT / "results" / "general_eval.json"), help="JSON report")
+    g.add_argument("--out", default=None, help="JSON report (default: results/general_eval.json; with --run, "
+                   "RUN/general_stages.json)")
+    g.add_argument("--run", default=None, help="a train.py --out_dir: every stage-k in it against --base, the "
+                   f"first --n_if / --n_drift prompts ({STAGE_N} if 0) after each stage, every one after the last")
+    g.add_argument("--base", default=str(ROOT / "results" / "general_eval.json"), help="with --run: the "
+                   "original model's report on every item of the split (this script without --model)")
     g.add_argument("--cache_dir", default=str(ROOT / "runs" / "drift_replies"), help="the original's replies")
     g.add_argument("--rescore", metavar="REPORT", default=None, help="score a report's stored IF replies again "
                    "with the current checkers and rewrite it (no model is run)")
@@ -252,6 +348,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print("config: " + json.dumps(vars(args)))
+    if args.run:
+        return main_run(args, parts)
+    args.out = args.out or str(ROOT / "results" / "general_eval.json")
     report = {"model": args.model or "SmolLM2-135M-Instruct (embedded)", "original": args.original or "embedded",
               "settings": {k: getattr(args, k) for k in ("split", "n_if", "n_drift", "n_knowledge", "n_boot", "seed",
                                                           "dtype", "batch_size")}
@@ -274,6 +373,36 @@ def main(argv=None) -> int:
         print(f"general_eval.py: error: {e}", file=sys.stderr)
         return 2
     print(f"report written to {args.out}")
+    return 0
+
+
+def main_run(args, parts) -> int:
+    """--run: the run's stage curve (stage_curve), checked before anything is loaded or written."""
+    try:
+        dirs = stage_dirs(args.run)
+        try:
+            base = json.loads(Path(args.base).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--base {args.base}: not a readable JSON report ({e})") from None
+        check_base(base, args.base, parts, args.split, args.n_knowledge)
+        out = Path(args.out or Path(args.run) / "general_stages.json")
+        check_writable(out.resolve().parent)
+        header = {"run": str(Path(args.run).resolve()), "base": str(Path(args.base).resolve()),
+                  "original": args.original or "embedded",
+                  "settings": {"split": args.split, "parts": list(parts), "n_stage": args.n_if or STAGE_N,
+                               "n_knowledge": args.n_knowledge,
+                               "n_boot": args.n_boot, "seed": args.seed, "dtype": args.dtype}}
+        if (args.n_if or STAGE_N) != (args.n_drift or STAGE_N):
+            raise ValueError(f"--n_if {args.n_if} and --n_drift {args.n_drift}: a stage's subset takes one size")
+        original = load_model(args.original, device=args.device)[0]
+        stage_curve(dirs, base, original, out=out, parts=parts, n_stage=args.n_if or STAGE_N,
+                    n_knowledge=args.n_knowledge or None, split=args.split, header=header,
+                    load=lambda path: load_model(path, device=args.device), batch_size=args.batch_size,
+                    n_boot=args.n_boot, seed=args.seed, dtype=args.dtype)
+    except (ValueError, OSError) as e:
+        print(f"general_eval.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"report written to {out}")
     return 0
 
 
