@@ -285,6 +285,13 @@ def stage_line(s: dict) -> str:
             f"drift {fmt(e.get('drift_kl_per_token'))} | {sum(s['seconds'].values()):.0f} s")
 
 
+def repo_path(path) -> str:
+    """The path relative to the repository where it lies inside it (a report stays true when the
+    clone moves), else absolute."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 def _read(path) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -387,7 +394,7 @@ def main_run(args, parts) -> int:
         check_base(base, args.base, parts, args.split, args.n_knowledge)
         out = Path(args.out or Path(args.run) / "general_stages.json")
         check_writable(out.resolve().parent)
-        header = {"run": str(Path(args.run).resolve()), "base": str(Path(args.base).resolve()),
+        header = {"run": repo_path(args.run), "base": repo_path(args.base),
                   "original": args.original or "embedded",
                   "settings": {"split": args.split, "parts": list(parts), "n_stage": args.n_if or STAGE_N,
                                "n_knowledge": args.n_knowledge,

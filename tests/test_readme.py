@@ -322,3 +322,23 @@ def test_readme_shows_amendment_3s_confirmation():
     assert f"off the floor it drifts {r('off-floor', 'free_kl'):.2f}× as much as plain" in flat
     assert f"in the harsh regime it drifts {r('harsh', 'best'):.2f}× as much" in flat
     assert f"drifts {r('off-floor', 'guided-paper'):.2f}× and {r('harsh', 'guided-paper'):.2f}× as much" in flat
+
+
+def test_stage_curve_paragraph_matches_its_run():
+    """results/README.md's stage-by-stage sentence shows the committed stage curve's own numbers, and its
+    last stage is the confirmation record it claims to reproduce."""
+    import json
+    import general_eval as G
+    curve = json.loads((ROOT / "results" / "forgetting" / "stages" / "off-floor.plain-s0.json").read_text())
+    record = json.loads((ROOT / "results" / "forgetting" / "confirm" / "off-floor.plain-s0.json").read_text())
+    base = json.loads((ROOT / "results" / "general_eval.json").read_text())
+    stages, text = curve["stages"], " ".join((ROOT / "results" / "README.md").read_text().split())
+    assert [s["subset"] for s in stages] == [True, True, True, False]
+    assert G.summary(G.endpoints(base, record["general"])) == stages[-1]["endpoints"]     # to the last digit
+    drift = [s["endpoints"]["drift_kl_per_token"]["value"] for s in stages]
+    assert drift == sorted(drift) and f"({', '.join(f'{x:.3f}' for x in drift)} nats per token)" in text
+    ans = [f"{s['scores']['if']['answers']['value']:.2f}" for s in stages]
+    assert f"({', '.join(ans[:-1])}, then {ans[-1]} on every prompt)" in text
+    ret = [s["endpoints"]["per_task"]["ifeval"]["retention"] for s in stages]
+    f = lambda e: f"{e['value']:.2f} ± {e['se']:.2f}"  # noqa: E731
+    assert f"({', '.join(f(r) for r in ret[:-1])}; {f(ret[-1])} on every prompt" in text
