@@ -334,6 +334,7 @@ def test_stage_curve_paragraph_matches_its_run():
     base = json.loads((ROOT / "results" / "general_eval.json").read_text())
     stages, text = curve["stages"], " ".join((ROOT / "results" / "README.md").read_text().split())
     assert [s["subset"] for s in stages] == [True, True, True, False]
+    assert curve["base"] == "results/general_eval.json"          # repo-relative: true in any clone
     assert G.summary(G.endpoints(base, record["general"])) == stages[-1]["endpoints"]     # to the last digit
     drift = [s["endpoints"]["drift_kl_per_token"]["value"] for s in stages]
     assert drift == sorted(drift) and f"({', '.join(f'{x:.3f}' for x in drift)} nats per token)" in text
