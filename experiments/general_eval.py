@@ -250,7 +250,8 @@ def stage_curve(dirs, base: dict, original, *, out, parts=("if", "knowledge", "d
     each stage but the last, every one after the last (issue 38's per-stage budget: bench_general_eval.py).
     dirs: [(k, checkpoint)] (stage_dirs); original: the model drift is measured from; load(path) ->
     (model, tok). The report is written to `out` after each stage, and a rerun keeps the stages it
-    holds under the same header (what the CLI ran: run, base, settings). kw: general_eval()'s budgets and batch size."""
+    holds under the same header (what the CLI ran: run, base, settings). kw: general_eval()'s budgets,
+    batch size, n_boot and seed."""
     load = load or (lambda path: load_model(path))
     header = header or {}
     prior = _read(out)
@@ -267,7 +268,7 @@ def stage_curve(dirs, base: dict, original, *, out, parts=("if", "knowledge", "d
                          n_knowledge=n_knowledge, split=split, **kw)
         e = endpoints(first_items(base, n, n, n_knowledge), r, n_boot=kw.get("n_boot", R.N_BOOT),
                       seed=kw.get("seed", 0))
-        report["stages"].append({"stage": k, "model": str(path), "subset": not last, "endpoints": summary(e),
+        report["stages"].append({"stage": k, "model": repo_path(path), "subset": not last, "endpoints": summary(e),
                                  "scores": summary({q: r[q] for q in parts}), "seconds": r["seconds"]})
         write_json_atomic(out, report)
         print(stage_line(report["stages"][-1]), flush=True)
