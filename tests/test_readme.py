@@ -4,6 +4,8 @@ numbers are the files' own, and the README stays short."""
 import os
 import re
 
+import pytest
+
 from conftest import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "results" / "README.md"]
@@ -324,13 +326,16 @@ def test_readme_shows_amendment_3s_confirmation():
     assert f"drifts {r('off-floor', 'guided-paper'):.2f}× and {r('harsh', 'guided-paper'):.2f}× as much" in flat
 
 
-def test_stage_curve_paragraph_matches_its_run():
-    """results/README.md's stage-by-stage sentence shows the committed stage curve's own numbers, and its
-    last stage is the confirmation record it claims to reproduce."""
+@pytest.mark.parametrize("run,record,name", [("plain", "plain", "plain"),
+                                             ("free_kl", "best-non-iv", "the KL")])
+def test_stage_curve_paragraph_matches_its_run(run, record, name):
+    """results/README.md's stage-by-stage sentences show the committed stage curves' own numbers, and
+    each curve's last stage is the confirmation record it claims to reproduce."""
     import json
     import general_eval as G
-    curve = json.loads((ROOT / "results" / "forgetting" / "stages" / "off-floor.plain-s0.json").read_text())
-    record = json.loads((ROOT / "results" / "forgetting" / "confirm" / "off-floor.plain-s0.json").read_text())
+    stages_dir, confirm = ROOT / "results" / "forgetting" / "stages", ROOT / "results" / "forgetting" / "confirm"
+    curve = json.loads((stages_dir / f"off-floor.{run}-s0.json").read_text())
+    record = json.loads((confirm / f"off-floor.{record}-s0.json").read_text())
     base = json.loads((ROOT / "results" / "general_eval.json").read_text())
     stages, text = curve["stages"], " ".join((ROOT / "results" / "README.md").read_text().split())
     assert [s["subset"] for s in stages] == [True, True, True, False]
@@ -339,7 +344,19 @@ def test_stage_curve_paragraph_matches_its_run():
     drift = [s["endpoints"]["drift_kl_per_token"]["value"] for s in stages]
     assert drift == sorted(drift) and f"({', '.join(f'{x:.3f}' for x in drift)} nats per token)" in text
     ans = [f"{s['scores']['if']['answers']['value']:.2f}" for s in stages]
-    assert f"({', '.join(ans[:-1])}, then {ans[-1]} on every prompt)" in text
+    assert f"{name}: {', '.join(ans[:-1])}, then {ans[-1]} on every prompt" in text
     ret = [s["endpoints"]["per_task"]["ifeval"]["retention"] for s in stages]
     f = lambda e: f"{e['value']:.2f} ± {e['se']:.2f}"  # noqa: E731
-    assert f"({', '.join(f(r) for r in ret[:-1])}; {f(ret[-1])} on every prompt" in text
+    assert f"{name}: {', '.join(f(r) for r in ret[:-1])}; {f(ret[-1])} on every prompt after the last" in text
+
+
+def test_stage_curves_drift_ratio():
+    """The KL's drift over plain's, stage by stage, is the range results/README.md states."""
+    import json
+    stages_dir = ROOT / "results" / "forgetting" / "stages"
+    drift = {run: [s["endpoints"]["drift_kl_per_token"]["value"]
+                   for s in json.loads((stages_dir / f"off-floor.{run}-s0.json").read_text())["stages"]]
+             for run in ("plain", "free_kl")}
+    ratio = [k / p for k, p in zip(drift["free_kl"], drift["plain"])]
+    text = " ".join((ROOT / "results" / "README.md").read_text().split())
+    assert f"stays at {min(ratio):.2f}-{max(ratio):.2f}× plain's throughout" in text
