@@ -128,9 +128,12 @@ def wise_record(src: Path, alpha: float, tasks: str, n: int, split: str, raw: Pa
 
 # ---- the sweep (dev, stage 1) -------------------------------------------------------------------------
 
-def sweep_flags(flags: list[str]) -> list[str]:
-    return ["--tasks", dev_task_files()["uppercase"], "--eval_n", str(N_DEV), "--seed", "0",
-            "--stage0_cache", str(RUNS / "dev" / "stage0-uppercase.json"), *BASE, *flags]
+def dev_flags(n_tasks: int, cache: str, flags=()) -> list[str]:
+    """train.py on the first n_tasks of the dev sequence, seed 0, with BASE, then FLAGS; its stage-0
+    evaluation cached as runs/forgetting/dev/stage0-CACHE.json (one per task list)."""
+    files = dev_task_files()
+    return ["--tasks", ",".join(files[n] for n in SEQUENCE[:n_tasks]), "--eval_n", str(N_DEV), "--seed", "0",
+            "--stage0_cache", str(RUNS / "dev" / f"stage0-{cache}.json"), *BASE, *flags]
 
 
 def sweep_point(method: str, label: str, strength: float, flags: list[str], threads: int, dry_run=False) -> str:
@@ -139,7 +142,7 @@ def sweep_point(method: str, label: str, strength: float, flags: list[str], thre
     extra = (lambda out, r: wise_points(out, threads)) if keep else None
     labels = {"method": method, "label": label, "strength": strength, "settings": settings_of(flags),
               "split": "dev", "task": "uppercase"}
-    r, msg = trained_record(raw, sweep_flags(flags), 1, "dev", threads, dry_run, labels, keep=keep, extra=extra)
+    r, msg = trained_record(raw, dev_flags(1, "uppercase", flags), 1, "dev", threads, dry_run, labels, keep=keep, extra=extra)
     if r is None:
         return msg
     if keep:
@@ -170,12 +173,9 @@ def replay_point(label: str, strength: float, flags: list[str], threads: int, dr
     """Replay over its share on stages 1-2 of the dev sequence (amendment 3c: in stage 1 it has nothing
     to replay), at regime A's defaults, seed 0; the general evaluation on the stage-2 model."""
     raw = RAW / "replay" / f"{key_of(label)}.json"
-    files = dev_task_files()
-    run_flags = ["--tasks", ",".join(files[n] for n in SEQUENCE[:2]), "--eval_n", str(N_DEV), "--seed", "0",
-                 "--stage0_cache", str(RUNS / "dev" / "stage0-stages12.json"), *BASE, *flags]
     labels = {"method": "replay", "label": label, "strength": strength, "settings": settings_of(flags),
               "split": "dev", "tasks": list(SEQUENCE[:2])}
-    r, msg = trained_record(raw, run_flags, 2, "dev", threads, dry_run, labels)
+    r, msg = trained_record(raw, dev_flags(2, "stages12", flags), 2, "dev", threads, dry_run, labels)
     return msg if r is None else f"{raw.name}: date_iso {r['cl']['R'][2][1]:.2f} ({r['seconds']} s)"
 
 
@@ -183,10 +183,7 @@ def replay_point(label: str, strength: float, flags: list[str], threads: int, dr
 
 def regime_run(lr: float, threads: int, dry_run=False) -> str:
     raw = RAW / "regime" / f"plain.lr_{lr:g}.json"
-    files = dev_task_files()
-    flags = ["--tasks", ",".join(files[n] for n in SEQUENCE), "--eval_n", str(N_DEV), "--seed", "0", "--lr", str(lr),
-             "--stage0_cache", str(RUNS / "dev" / "stage0-sequence.json"), *BASE]
-    r, msg = trained_record(raw, flags, len(SEQUENCE), "dev", threads, dry_run,
+    r, msg = trained_record(raw, dev_flags(len(SEQUENCE), "sequence", ["--lr", str(lr)]), len(SEQUENCE), "dev", threads, dry_run,
                             {"method": "plain", "lr": lr, "split": "dev"})
     return msg if r is None else f"{raw.name}: done ({r['seconds']} s)"
 

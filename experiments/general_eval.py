@@ -252,7 +252,7 @@ def stage_curve(dirs, base: dict, original, *, out, parts=("if", "knowledge", "d
     (model, tok). The report is written to `out` after each stage, and a rerun keeps the stages it
     holds under the same header (what the CLI ran: run, base, settings). kw: general_eval()'s budgets,
     batch size, n_boot and seed."""
-    load = load or (lambda path: load_model(path))
+    load = load or load_model
     header = header or {}
     prior = _read(out)
     done = {s["stage"]: s for s in prior.get("stages", [])} if {k: prior.get(k) for k in header} == header else {}
@@ -272,7 +272,7 @@ def stage_curve(dirs, base: dict, original, *, out, parts=("if", "knowledge", "d
                                  "scores": summary({q: r[q] for q in parts}), "seconds": r["seconds"]})
         write_json_atomic(out, report)
         print(stage_line(report["stages"][-1]), flush=True)
-        del model
+        del model          # before the next stage's load: one tuned model in memory at a time
     return report
 
 
@@ -393,6 +393,8 @@ def main_run(args, parts) -> int:
         except (OSError, ValueError) as e:
             raise ValueError(f"--base {args.base}: not a readable JSON report ({e})") from None
         check_base(base, args.base, parts, args.split, args.n_knowledge)
+        if (args.n_if or STAGE_N) != (args.n_drift or STAGE_N):
+            raise ValueError(f"--n_if {args.n_if} and --n_drift {args.n_drift}: a stage's subset takes one size")
         out = Path(args.out or Path(args.run) / "general_stages.json")
         check_writable(out.resolve().parent)
         header = {"run": repo_path(args.run), "base": repo_path(args.base),
@@ -400,8 +402,6 @@ def main_run(args, parts) -> int:
                   "settings": {"split": args.split, "parts": list(parts), "n_stage": args.n_if or STAGE_N,
                                "n_knowledge": args.n_knowledge,
                                "n_boot": args.n_boot, "seed": args.seed, "dtype": args.dtype}}
-        if (args.n_if or STAGE_N) != (args.n_drift or STAGE_N):
-            raise ValueError(f"--n_if {args.n_if} and --n_drift {args.n_drift}: a stage's subset takes one size")
         original = load_model(args.original, device=args.device)[0]
         stage_curve(dirs, base, original, out=out, parts=parts, n_stage=args.n_if or STAGE_N,
                     n_knowledge=args.n_knowledge or None, split=args.split, header=header,
